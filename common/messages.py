@@ -1,0 +1,44 @@
+"""Typed messages passed between stages (and, in the service, through Ray's object store).
+
+The thinker → talker hand-off is sent in pieces so the talker can start before the thinker is done:
+one `TalkerPrompt` after the thinker's prefill, then `ThinkerTokens` chunks until one has `finished=True`.
+Shapes: T prompt length (one row, no padding), H thinker hidden size, n tokens in a chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class TalkerPrompt:
+    request_id: str
+    prompt_ids: torch.Tensor  # [T] int64, the thinker's prompt (unpadded)
+    prompt_embeds: torch.Tensor  # [T, H] thinker input embeddings (multimodal features scattered in)
+    prompt_accept_hidden: torch.Tensor  # [T, H] output of thinker layer `accept_hidden_layer - 1`
+    # For the talker's own MRoPE over the user turns (§6 of the reference): the same grids and audio lengths
+    # the thinker saw.
+    image_grid_thw: torch.Tensor | None = None  # [n_images, 3]
+    video_grid_thw: torch.Tensor | None = None  # [n_videos, 3]
+    video_second_per_grid: torch.Tensor | None = None  # [n_videos]
+    audio_feature_lengths: torch.Tensor | None = None  # [n_audios] valid mel frames
+    use_audio_in_video: bool = False
+
+
+@dataclass
+class ThinkerTokens:
+    request_id: str
+    token_ids: list[int]  # newly generated ids, in order (the stop token included when it ends the reply)
+    token_embeds: torch.Tensor  # [n, H] thinker input embeddings of those ids
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" when finished
+
+
+@dataclass
+class CodecFrames:
+    request_id: str
+    codes: torch.Tensor  # [Q, F] int64: F new frames of Q codebook codes
+    finished: bool = False
+    meta: dict = field(default_factory=dict)
