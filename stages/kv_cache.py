@@ -1,0 +1,69 @@
+"""Preallocated key/value cache for a stack of `stages.layers.Attention` layers.
+
+Shapes: L layers, B rows, S_max slots per row, D head dim.
+
+Each row of the batch owns a line of `S_max` slots. New tokens of a row are written at its next free slots
+(`lengths[b]`, `lengths[b] + 1`, ...), so rows can hold sequences of different lengths (left-padded prompts now,
+continuously batched requests later). `valid [B, S_max]` marks the slots that hold real tokens: padding slots of
+a left-padded prompt are written but stay invalid, so no query ever attends to them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stages.layers import attention_mask
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # [B, S_max]
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B] next free slot per row
+        self.max_len = max_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (keys, values) buffers of one layer, each `[B, kv_heads, S_max, D]`."""
+        return self.keys[index], self.values[index]
+
+    def append(self, num_new: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Reserve `num_new` slots per row and return where to write them, `[B, num_new]`.
+
+        `valid [B, num_new]` (default all True) marks which of the new tokens are real (False for left padding).
+        """
+        if int(self.lengths.max()) + num_new > self.max_len:
+            raise ValueError(
+                f"KV cache overflow: {int(self.lengths.max())} + {num_new} tokens > {self.max_len} slots"
+            )
+        offsets = torch.arange(num_new, device=self.lengths.device)
+        write_slots = self.lengths[:, None] + offsets  # [B, T]
+        rows = torch.arange(self.batch_size, device=self.lengths.device)[:, None]
+        self.valid[rows, write_slots] = True if valid is None else valid.to(torch.bool)
+        self.lengths += num_new
+        return write_slots
+
+    def mask(self, write_slots: torch.Tensor, causal: bool = True, sliding_window: int | None = None) -> torch.Tensor:
+        """Attention mask `[B, 1, T, S]` for queries at `write_slots` over the slots filled so far (S = longest row)."""
+        span = int(self.lengths.max())
+        return attention_mask(write_slots, self.valid[:, :span], causal=causal, sliding_window=sliding_window)
+
+    def reset_rows(self, rows: torch.Tensor | list[int]) -> None:
+        """Free rows for new sequences (stale keys stay in memory but are invalid)."""
+        self.valid[rows] = False
+        self.lengths[rows] = 0

@@ -1,0 +1,332 @@
+"""Layers shared by the thinker, the talker, the code predictor and code2wav.
+
+Shapes: B batch, T query length, S key length (cache slots), H hidden, D head dim, N flattened tokens,
+E experts, I expert intermediate size, K experts per token.
+
+The modules hold weights only. Positions (as cos/sin), attention masks and KV caches are passed in, so one
+module serves prefill, decode and (later) continuously batched rows without knowing which.
+Parameter names follow the hub checkpoint (`q_proj`, `k_norm`, `gate_up_proj`, ...).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) · weight, computed in float32 and cast back before the weight (as the checkpoint was trained)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rotary position embedding
+# --------------------------------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(head_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
+    """Inverse frequencies theta^(-2j/D), j = 0..D/2-1, in float32."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
+    return 1.0 / (theta**exponents)  # [D/2]
+
+
+def mrope_axis_of_frequency(num_freqs: int, mrope_section: tuple[int, ...]) -> torch.Tensor:
+    """Which position row (0 = T, 1 = H, 2 = W) drives each frequency in interleaved MRoPE.
+
+    Frequency j uses H when j % 3 == 1 and j < 3·section[1], W when j % 3 == 2 and j < 3·section[2], else T
+    (so T also owns the tail above the interleaved part).
+    """
+    axis = torch.zeros(num_freqs, dtype=torch.long)
+    for row in (1, 2):
+        axis[row : 3 * mrope_section[row] : 3] = row
+    return axis  # [D/2]
+
+
+def rotary_cos_sin(
+    position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_section: tuple[int, ...] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables `[B, T, D]` (float32) for 1-D positions `[B, T]` or MRoPE positions `[3, B, T]`.
+
+    Positions may be fractional (video time stamps). With `mrope_section`, each frequency takes its angle from
+    one of the three position rows, interleaved (see `mrope_axis_of_frequency`); 1-D positions given to an
+    MRoPE model act as T = H = W.
+    """
+    inv_freq = inv_freq.float()
+    if mrope_section is None:
+        if position_ids.dim() != 2:
+            raise ValueError(f"1-D rotary expects positions [B, T], got {tuple(position_ids.shape)}")
+        angles = position_ids.float()[..., None] * inv_freq  # [B, T, D/2]
+    else:
+        if position_ids.dim() == 2:
+            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+        axis = mrope_axis_of_frequency(inv_freq.shape[0], mrope_section).to(inv_freq.device)
+        # Pick, per frequency, the position row that drives it, then scale: same float32 products as computing
+        # all three rows and selecting afterwards.
+        positions = position_ids.float().permute(1, 2, 0)[..., axis]  # [B, T, D/2]
+        angles = positions * inv_freq  # [B, T, D/2]
+    angles = torch.cat((angles, angles), dim=-1)  # [B, T, D]
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on `x [B, heads, T, D]` with cos/sin `[B, T, D]` (cast to x's dtype first)."""
+    cos = cos.to(x.dtype).unsqueeze(1)  # [B, 1, T, D]
+    sin = sin.to(x.dtype).unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+class Rotary(nn.Module):
+    """Holds the (non-persistent) inverse frequencies and turns positions into cos/sin tables."""
+
+    def __init__(self, head_dim: int, theta: float, mrope_section: tuple[int, ...] | None = None):
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        self.mrope_section = mrope_section
+        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta), persistent=False)
+
+    def reset_buffers(self) -> None:
+        """Recompute `inv_freq` (it is not in the checkpoint; needed after building on the meta device)."""
+        self.inv_freq = rope_inv_freq(self.head_dim, self.theta, device=self.inv_freq.device)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rotary_cos_sin(position_ids, self.inv_freq, self.mrope_section)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------------------
+
+
+def attention_mask(
+    query_slots: torch.Tensor,
+    key_valid: torch.Tensor,
+    causal: bool = True,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Boolean mask `[B, 1, T, S]` (True = attend) for queries at `query_slots [B, T]` over keys `key_valid [B, S]`.
+
+    A key is visible when it holds a real token (`key_valid`), and, if causal, sits at or before the query;
+    with a sliding window it must also be less than `sliding_window` slots back (q - window < k <= q).
+    Every query may always see its own slot, so padding queries get a finite (unused) output instead of NaN,
+    which would otherwise leak into later layers through 0·NaN in the attention product.
+    """
+    key_slots = torch.arange(key_valid.shape[1], device=key_valid.device)  # [S]
+    q = query_slots[:, :, None]  # [B, T, 1]
+    allowed = key_valid[:, None, :].expand(-1, query_slots.shape[1], -1)  # [B, T, S]
+    if causal:
+        allowed = allowed & (key_slots <= q)
+    if sliding_window is not None:
+        allowed = allowed & (q - key_slots < sliding_window)
+    allowed = allowed | (key_slots == q)
+    return allowed[:, None]  # [B, 1, T, S]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads, optional q/k RMSNorm over head_dim, rotary, and a KV cache.
+
+    `forward(x, cos, sin, mask, cache=None, write_slots=None)`:
+      * without a cache the keys are this call's tokens and `mask` is `[B, 1, T, T]`;
+      * with a cache `(k_cache, v_cache)` (each `[B, kv_heads, S_max, D]`, see `stages/kv_cache.py`) the new
+        keys/values are written at `write_slots [B, T]` first and attention runs over the first `mask.shape[-1]`
+        slots. The caller owns the cache bookkeeping (which slots are valid, where to write).
+    Causality, padding and sliding windows all live in `mask` (see `attention_mask`).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        bias: bool = False,
+        qk_norm_eps: float | None = None,
+        scale: float | None = None,
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5 if scale is None else scale
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(head_dim, qk_norm_eps)
+            self.k_norm = RMSNorm(head_dim, qk_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        write_slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q = apply_rotary(q.transpose(1, 2), cos, sin)  # [B, heads, T, D]
+        k = apply_rotary(k.transpose(1, 2), cos, sin)  # [B, kv_heads, T, D]
+        v = v.transpose(1, 2)  # [B, kv_heads, T, D]
+
+        if cache is not None:
+            k_cache, v_cache = cache
+            rows = torch.arange(B, device=x.device)[:, None].expand(B, T)  # [B, T]
+            # Advanced indices around a slice put the indexed dims first: the target view is [B, T, kv_heads, D].
+            k_cache[rows, :, write_slots] = k.transpose(1, 2).to(k_cache.dtype)
+            v_cache[rows, :, write_slots] = v.transpose(1, 2).to(v_cache.dtype)
+            S = mask.shape[-1]
+            k, v = k_cache[:, :, :S], v_cache[:, :, :S]  # [B, kv_heads, S, D]
+
+        out = F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )  # [B, heads, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Feed-forward blocks
+# --------------------------------------------------------------------------------------------------------------
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) · up(x)), no biases."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored stacked: `gate_up_proj [E, 2I, H]` (gate rows first), `down_proj [E, H, I]`."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x `[N, H]`, expert_ids / weights `[N, K]` → Σ_k weights·expert_k(x) `[N, H]`.
+
+        Token-expert pairs are sorted by expert so each expert runs one matmul over all its tokens; outputs are
+        accumulated expert by expert (ascending id), the same summation order as the reference.
+        """
+        N, K = expert_ids.shape
+        flat_experts = expert_ids.reshape(-1)  # [N·K]
+        order = torch.argsort(flat_experts, stable=True)  # [N·K]
+        token_of_pair = order // K  # [N·K] token index of each sorted pair
+        pair_weights = weights.reshape(-1)[order]  # [N·K]
+        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()  # one host sync per block
+
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            tokens = token_of_pair[start : start + count]  # [n]
+            gate, up = F.linear(x[tokens], self.gate_up_proj[expert]).chunk(2, dim=-1)  # [n, I] each
+            y = F.linear(F.silu(gate) * up, self.down_proj[expert])  # [n, H]
+            out.index_add_(0, tokens, y * pair_weights[start : start + count, None])
+            start += count
+        return out
+
+
+class MoE(nn.Module):
+    """Sparse MoE block: float32 softmax router → top-k (optionally renormalised) → experts, plus an optional
+    sigmoid-gated shared expert (the talker's)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        moe_intermediate_size: int,
+        num_experts: int,
+        top_k: int,
+        norm_topk_prob: bool,
+        shared_expert_intermediate_size: int | None = None,
+    ):
+        super().__init__()
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)  # router, weight [E, H]
+        self.experts = Experts(num_experts, hidden_size, moe_intermediate_size)
+        if shared_expert_intermediate_size is not None:
+            self.shared_expert = SwiGLU(hidden_size, shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+        else:
+            self.shared_expert = self.shared_expert_gate = None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x `[N, H]` → (expert ids `[N, K]`, weights `[N, K]` in x's dtype)."""
+        logits = self.gate(x)  # [N, E]
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)  # [N, K]
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return expert_ids, weights.to(logits.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [N, H]
+        expert_ids, weights = self.route(flat)
+        out = self.experts(flat, expert_ids, weights)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        return out.reshape(shape)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer layer: `h = x + attn(norm(x))`, `out = h + mlp(norm(h))` (thinker, talker, code
+    predictor; the MLP is a `SwiGLU` or an `MoE`)."""
+
+    def __init__(self, self_attn: Attention, mlp: nn.Module, hidden_size: int, eps: float):
+        super().__init__()
+        self.self_attn = self_attn
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        write_slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, write_slots)
+        return h + self.mlp(self.post_attention_layernorm(h))
