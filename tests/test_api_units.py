@@ -21,9 +21,9 @@ from common.errors import (
     UnsupportedMediaError,
 )
 from deployments.audio_out import encode_audio, to_pcm16
-from deployments.auth import AuthenticationError, check_api_key
+from deployments.auth import check_api_key
 from deployments.fetch import FetchConfig, check_address, decode_base64, fetch_media
-from deployments.http_errors import error_for
+from deployments.http_errors import AuthenticationError, ModelNotFoundError, error_for
 from deployments.protocol import ChatCompletionRequest
 from deployments.sse import DONE, ChunkWriter
 
@@ -126,6 +126,7 @@ def test_invalid_values_are_400_naming_the_field(patch, param):
         (MediaDecodeError("corrupt"), 422, "media_decode"),
         (MediaFetchError("unreachable"), 400, "media_fetch"),
         (AuthenticationError("key"), 401, "authentication"),
+        (ModelNotFoundError("which model?", param="model"), 404, "model_not_found"),
     ],
 )
 def test_typed_errors_map_to_openai_bodies(exc, status, code):

@@ -1,0 +1,75 @@
+"""The service's settings: the `args` of `serve run deployments.app:build_app key=value ...` or of an application
+in a serve config file, validated once and handed to every deployment."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from deployments.fetch import FetchConfig
+
+TINY_MODEL_NAME = "omniray-tiny"
+
+
+class ServiceSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = ""  # local folder or hub id; empty: the embedded tiny checkpoint
+    served_model_name: str | None = None  # the id clients send as `model`; default: `model` (or omniray-tiny)
+    api_key: str | None = None
+    device: Literal["cpu", "cuda"] | None = None  # None: cuda when the replica was given a GPU, else cpu
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: float32 on CPU, bfloat16 on GPU
+    torch_threads: int | None = Field(default=None, ge=1)  # CPU threads per replica (CPU machines run 6 replicas)
+    default_modalities: tuple[Literal["text", "audio"], ...] = ("text",)
+    default_max_tokens: int = Field(default=512, ge=1)  # thinker tokens when the request names none
+    max_tokens_limit: int = Field(default=8192, ge=1)
+    default_talker_max_tokens: int = Field(default=4096, ge=1)  # codec frames (12.5 per second of speech)
+    # media
+    max_media_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    media_fetch_timeout_s: float = Field(default=10.0, gt=0)
+    allow_private_media_urls: bool = False
+    allowed_local_media_dirs: tuple[str, ...] = ()
+
+    def model_id(self) -> str:
+        return self.served_model_name or self.model or TINY_MODEL_NAME
+
+    def fetch_config(self) -> FetchConfig:
+        return FetchConfig(
+            max_bytes=self.max_media_bytes,
+            timeout_s=self.media_fetch_timeout_s,
+            allow_private_addresses=self.allow_private_media_urls,
+            allowed_local_dirs=self.allowed_local_media_dirs,
+        )
+
+    def checkpoint_dir(self, allow_patterns: list[str] | None = None) -> Path:
+        """The checkpoint folder on this node (downloading only `allow_patterns` from the hub when needed)."""
+        if not self.model:
+            return embedded_tiny_checkpoint()
+        from common.checkpoint import resolve_checkpoint
+
+        return resolve_checkpoint(self.model, allow_patterns=allow_patterns)
+
+
+def embedded_tiny_checkpoint() -> Path:
+    """The tiny random checkpoint, written once per node (deterministic: seed 0), so `omniray serve` works
+    with nothing downloaded. Written to a temporary folder and renamed, so concurrent replicas never see half a
+    checkpoint."""
+    from common.tiny import write_tiny_checkpoint
+
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "omniray"
+    target = root / "tiny-default-seed0"
+    if (target / "config.json").exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".tiny-"))
+    write_tiny_checkpoint(staging, seed=0, variant="default")
+    try:
+        staging.rename(target)
+    except OSError:  # another replica won the race; its copy is identical
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
