@@ -16,6 +16,7 @@ from torch import nn
 from common.config import VisionEncoderConfig
 from common.errors import ConfigError, InvalidRequestError
 from stages.encoder_layers import PackedSegments, activation, packed_attention
+from stages.layers import rope_inv_freq, rotate_half
 
 
 def patch_coordinates(grid_thw: torch.Tensor, merge: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -50,13 +51,9 @@ def bilinear_taps(index: torch.Tensor, size: torch.Tensor, side: int) -> tuple[t
     return taps, weights
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [N, H, Dh], cos/sin [N, Dh] float32 -> x rotated (computed in float32, returned in x's dtype)."""
+def apply_rotary_fp32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, H, Dh], cos/sin [N, Dh] float32 -> x rotated (computed in float32, unlike the decoders' rotary,
+    and returned in x's dtype)."""
     xf = x.float()
     cos, sin = cos[:, None, :], sin[:, None, :]
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
@@ -86,7 +83,7 @@ class VisionAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, frames: PackedSegments) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # [N, H, Dh] each
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary_fp32(q, cos, sin), apply_rotary_fp32(k, cos, sin)
         out = packed_attention(q, k, v, frames, scale=self.head_dim**-0.5)  # [N, H, Dh]
         return self.proj(out.reshape(n, -1))
 
@@ -205,8 +202,7 @@ class VisionEncoder(nn.Module):
 
         Computed here (not a buffer): it is tiny and this keeps the module free of state to restore after loading.
         """
-        quarter = torch.arange(0, self.head_dim // 2, 2, device=row.device, dtype=torch.float32)
-        inv_freq = 1.0 / (self.cfg.rope_theta ** (quarter / (self.head_dim // 2)))  # [Dh/4]
+        inv_freq = rope_inv_freq(self.head_dim // 2, self.cfg.rope_theta, device=row.device)  # [Dh/4]
         angles = torch.cat([row.float()[:, None] * inv_freq, col.float()[:, None] * inv_freq], dim=1)  # [N, Dh/2]
         angles = torch.cat([angles, angles], dim=1)  # [N, Dh], rotate-half layout
         return angles.cos(), angles.sin()

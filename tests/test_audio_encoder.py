@@ -166,3 +166,30 @@ def test_bad_inputs_raise_typed_errors():
         ours(feats, torch.tensor([100]))
     with pytest.raises(InvalidRequestError, match="feature_lens"):
         ours(feats, torch.tensor([100, feats.shape[2] + 1]))
+
+
+# ---- on the tiny checkpoints, loaded through common/checkpoint.py with only the audio tower's prefix ----
+
+
+def load_audio_encoder(ckpt) -> AudioEncoder:
+    from common.checkpoint import STAGE_PREFIXES, load_stage_weights
+    from common.config import load_config
+
+    with torch.device("meta"):
+        encoder = AudioEncoder(load_config(ckpt).thinker_config.audio_config)
+    return load_stage_weights(encoder, ckpt, STAGE_PREFIXES["audio_encoder"], torch.float32, "cpu").eval()
+
+
+@torch.no_grad()
+def test_tiny_checkpoint_matches_transformers(any_tiny_ckpt, hf_model):
+    ours = load_audio_encoder(any_tiny_ckpt)
+    cfg = ours.cfg
+    hf = hf_model(any_tiny_ckpt).thinker.model.audio_tower
+    window_frames = cfg.n_window_infer
+    # < one chunk, one chunk, two windows plus a partial chunk, one frame
+    lengths = [37, 2 * cfg.n_window, 2 * window_frames + 3 * cfg.n_window + 1, 1]
+    feats, lens = padded_batch(lengths, cfg.num_mel_bins)
+    got = ours(feats, lens)
+    want = hf_encode(hf, feats, lens)
+    assert want.abs().mean() > 0.1
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

@@ -119,3 +119,29 @@ def test_bad_inputs_raise_typed_errors():
         ours(pixels, torch.tensor([[1, 3, 8]]))  # h not divisible by the merge size
     with pytest.raises(InvalidRequestError, match="grid_thw"):
         ours(pixels, torch.tensor([1, 4, 6]))
+
+
+# ---- on the tiny checkpoints, loaded through common/checkpoint.py with only the vision tower's prefix ----
+
+
+def load_vision_encoder(ckpt) -> VisionEncoder:
+    from common.checkpoint import STAGE_PREFIXES, load_stage_weights
+    from common.config import load_config
+
+    with torch.device("meta"):
+        encoder = VisionEncoder(load_config(ckpt).thinker_config.vision_config)
+    return load_stage_weights(encoder, ckpt, STAGE_PREFIXES["vision_encoder"], torch.float32, "cpu").eval()
+
+
+@torch.no_grad()
+def test_tiny_checkpoint_matches_transformers(any_tiny_ckpt, hf_model):
+    ours = load_vision_encoder(any_tiny_ckpt)
+    hf = hf_model(any_tiny_ckpt).thinker.model.visual
+    pixels, grid_thw = random_patches(GRIDS, ours.cfg)
+    merged, deepstack = ours(pixels, grid_thw)
+    want = hf(pixels, grid_thw=grid_thw)
+    assert len(deepstack) == len(want.deepstack_features) == len(ours.cfg.deepstack_visual_indexes)
+    assert want.pooler_output.abs().mean() > 0.1
+    torch.testing.assert_close(merged, want.pooler_output, rtol=0, atol=1e-5)
+    for got_level, want_level in zip(deepstack, want.deepstack_features):
+        torch.testing.assert_close(got_level, want_level, rtol=0, atol=1e-5)
