@@ -55,8 +55,6 @@ from deployments.sse import DONE, ChunkWriter
 
 logger = logging.getLogger("omniray.ingress")
 
-# Files the ingress reads from a checkpoint: config, tokenizer, chat template, preprocessor; never weights.
-CONFIG_FILES = ["*.json", "*.jinja", "*.txt", "merges.txt", "vocab.json"]
 HEALTH_TIMEOUT_S = 10.0
 
 app = FastAPI(title="omniray", description="Qwen3-Omni on Ray Serve, OpenAI-compatible")
@@ -104,7 +102,7 @@ class Reply:
     first_audio_at: float | None = None
 
 
-@serve.deployment
+@serve.deployment(name="ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 @serve.ingress(app)
 class OmniIngress:
     def __init__(
@@ -117,7 +115,7 @@ class OmniIngress:
         code2wav: DeploymentHandle | None = None,
     ):
         self.settings = ServiceSettings.model_validate(settings)
-        ckpt = self.settings.checkpoint_dir(allow_patterns=CONFIG_FILES)
+        ckpt = self.settings.checkpoint_dir(prefixes=[])  # config, tokenizer, processor files; no weights
         self.config: OmniConfig = load_config(ckpt)
         self.processor = OmniProcessor.from_pretrained(ckpt)
         generation_config = load_generation_config(ckpt)

@@ -4,14 +4,24 @@ own weights, and describe what it holds (for `/health` and the tests)."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import ray
 import torch
 from torch import nn
 
+from common.checkpoint import STAGE_PREFIXES, load_stage_weights
+from common.config import OmniConfig, load_config
 from deployments.settings import ServiceSettings
 
 logger = logging.getLogger("omniray.stage")
+
+# Deployment options in code are the CPU defaults (a laptop, the tests): a fraction of a core per replica, since
+# Serve reserves one CPU per replica otherwise and six replicas would not fit on two cores. Serve config files
+# override them (num_gpus: 1 per stage, autoscaling).
+STAGE_DEFAULTS = {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 16}
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -35,10 +45,30 @@ def configure_torch(settings: ServiceSettings) -> None:
     torch.set_grad_enabled(False)
 
 
-def describe(stage: str, modules: dict[str, nn.Module], hub_prefixes: tuple[str, ...]) -> dict:
-    """What a replica holds: its hub prefixes and the number of weight elements (parameters and persistent
-    buffers) of each module, so a test can check them against the checkpoint's index."""
-    elements = 0
-    for module in modules.values():
-        elements += sum(t.numel() for t in module.state_dict().values())
-    return {"stage": stage, "hub_prefixes": list(hub_prefixes), "weight_elements": elements}
+def describe(stage: str, module: nn.Module) -> dict:
+    """What a replica holds: its hub prefixes and its number of weight elements (parameters and persistent
+    buffers), so a test can check them against the checkpoint's tensors under those prefixes."""
+    elements = sum(t.numel() for t in module.state_dict().values())
+    return {"stage": stage, "hub_prefixes": list(STAGE_PREFIXES[stage]), "weight_elements": elements}
+
+
+@dataclass
+class LoadedStage:
+    config: OmniConfig
+    checkpoint: Path
+    module: nn.Module
+    device: torch.device
+
+
+def load_stage(settings: ServiceSettings, stage: str, build: Callable[[OmniConfig], nn.Module]) -> LoadedStage:
+    """Build the stage's module on the meta device and load only its own tensors (`STAGE_PREFIXES[stage]`)."""
+    configure_torch(settings)
+    device = stage_device(settings)
+    prefix_map = STAGE_PREFIXES[stage]
+    ckpt = settings.checkpoint_dir(prefixes=list(prefix_map))
+    config = load_config(ckpt)
+    with torch.device("meta"):
+        module = build(config)
+    load_stage_weights(module, ckpt, prefix_map, stage_dtype(settings, device), device)
+    logger.info("%s: loaded %s from %s on %s", stage, type(module).__name__, ckpt, device)
+    return LoadedStage(config, ckpt, module.eval(), device)

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployments.fetch import FetchConfig
 
@@ -29,11 +29,20 @@ class ServiceSettings(BaseModel):
     default_max_tokens: int = Field(default=512, ge=1)  # thinker tokens when the request names none
     max_tokens_limit: int = Field(default=8192, ge=1)
     default_talker_max_tokens: int = Field(default=4096, ge=1)  # codec frames (12.5 per second of speech)
+    # Code2Wav decodes a small first chunk (time to first audio), then larger ones (fewer, fuller calls)
+    codec_initial_chunk_frames: int = Field(default=4, ge=1)
+    codec_chunk_frames: int = Field(default=25, ge=1)
     # media
     max_media_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
     media_fetch_timeout_s: float = Field(default=10.0, gt=0)
     allow_private_media_urls: bool = False
     allowed_local_media_dirs: tuple[str, ...] = ()
+
+    @field_validator("default_modalities", "allowed_local_media_dirs", mode="before")
+    @classmethod
+    def _comma_list(cls, value):
+        """`serve run ... default_modalities=text,audio` passes one string."""
+        return tuple(v for v in value.split(",") if v) if isinstance(value, str) else value
 
     def model_id(self) -> str:
         return self.served_model_name or self.model or TINY_MODEL_NAME
@@ -46,13 +55,14 @@ class ServiceSettings(BaseModel):
             allowed_local_dirs=self.allowed_local_media_dirs,
         )
 
-    def checkpoint_dir(self, allow_patterns: list[str] | None = None) -> Path:
-        """The checkpoint folder on this node (downloading only `allow_patterns` from the hub when needed)."""
+    def checkpoint_dir(self, prefixes: list[str]) -> Path:
+        """The checkpoint folder on this node; from the hub, only the metadata files and the shards holding
+        tensors under `prefixes` are downloaded (none for the ingress)."""
         if not self.model:
             return embedded_tiny_checkpoint()
         from common.checkpoint import resolve_checkpoint
 
-        return resolve_checkpoint(self.model, allow_patterns=allow_patterns)
+        return resolve_checkpoint(self.model, prefixes=prefixes)
 
 
 def embedded_tiny_checkpoint() -> Path:
