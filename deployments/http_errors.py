@@ -1,0 +1,81 @@
+"""The one place where errors become HTTP responses with OpenAI's error body.
+
+`{"error": {"message", "type", "param", "code"}}`. Typed errors (`common.errors.OmniError`) carry their status;
+request validation errors (pydantic, malformed JSON) are 400s naming the field; anything else is a bug, reported
+as a 500 without internals. Errors raised inside a stage replica come back through Ray as an exception that is
+still an instance of the original class, so the same mapping applies to them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from common.errors import OmniError
+
+logger = logging.getLogger("omniray.http")
+
+
+def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name.removesuffix("Error")).lower()
+
+
+_TYPE_LABELS = {"str", "int", "float", "bool", "none"}
+
+
+def _param(loc: tuple) -> str:
+    """pydantic location → OpenAI's `param` form: ("body", "messages", 0, "content") → messages[0].content.
+
+    Union members show up in pydantic's locations (our tags start with "~", untagged unions use type labels
+    such as "str" or "list[str]"); they are not fields, so they are dropped.
+    """
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part == "body" or part.startswith("~") or "[" in part or part in _TYPE_LABELS:
+            continue
+        else:
+            text += f".{part}" if text else part
+    return text
+
+
+def validation_error(errors: list[dict]) -> tuple[int, dict]:
+    """pydantic/FastAPI errors → one 400 that names every unknown field and every invalid one."""
+    unknown = [_param(tuple(e["loc"])) for e in errors if e["type"] == "extra_forbidden"]
+    if any(e["type"] == "json_invalid" for e in errors):
+        return 400, error_body("request body is not valid JSON", "invalid_request_error", None, "invalid_json")
+    if unknown:
+        names = ", ".join(unknown)
+        return 400, error_body(f"unknown field(s): {names}", "invalid_request_error", unknown[0], "unknown_field")
+    lines = dict.fromkeys(f"{_param(tuple(e['loc'])) or 'body'}: {e['msg']}" for e in errors)  # ordered, unique
+    param = _param(tuple(errors[0]["loc"])) or None
+    return 400, error_body("; ".join(list(lines)[:5]), "invalid_request_error", param, "invalid_value")
+
+
+def error_for(exc: BaseException) -> tuple[int, dict]:
+    """Any exception → (HTTP status, OpenAI error body)."""
+    if isinstance(exc, OmniError):
+        return exc.status_code, error_body(exc.message, exc.error_type, exc.param, _snake(type(exc).__name__))
+    if isinstance(exc, (RequestValidationError, ValidationError)):
+        return validation_error(list(exc.errors()))
+    if isinstance(exc, HTTPException):
+        error_type = "authentication_error" if exc.status_code == 401 else "invalid_request_error"
+        return exc.status_code, error_body(str(exc.detail), error_type)
+    logger.exception("unexpected error", exc_info=exc)
+    return 500, error_body("internal server error", "server_error", None, "internal_error")
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    status, body = error_for(exc)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(body, status_code=status, headers=headers)

@@ -1,0 +1,66 @@
+"""Service metrics, exported through Ray's Prometheus endpoint (names get Ray's `ray_` prefix there).
+
+Serve adds `deployment`, `replica` and `application` tags to each; ours add `stage`, `kind` or `status`.
+Created once per replica process (Ray registers a metric by name, so each is made once).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from ray.serve.metrics import Counter, Histogram
+
+_LATENCY_BOUNDARIES = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+_RTF_BOUNDARIES = [0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0]
+
+
+class ServiceMetrics:
+    def __init__(self):
+        self.requests = Counter(
+            "omniray_requests_total",
+            description="Chat completion requests received, by output modalities and streaming.",
+            tag_keys=("modalities", "stream"),
+        )
+        self.errors = Counter(
+            "omniray_errors_total",
+            description="Requests answered with an error, by error class and HTTP status.",
+            tag_keys=("kind", "status"),
+        )
+        self.ttft = Histogram(
+            "omniray_time_to_first_token_seconds",
+            description="From request arrival to the first generated text token.",
+            boundaries=_LATENCY_BOUNDARIES,
+        )
+        self.ttfa = Histogram(
+            "omniray_time_to_first_audio_seconds",
+            description="From request arrival to the first PCM chunk of the reply's speech.",
+            boundaries=_LATENCY_BOUNDARIES,
+        )
+        self.audio_rtf = Histogram(
+            "omniray_audio_real_time_factor",
+            description="Wall time from request arrival to the last PCM chunk, divided by the speech's duration.",
+            boundaries=_RTF_BOUNDARIES,
+        )
+        self.tokens = Counter(
+            "omniray_stage_tokens_total",
+            description="Tokens produced per stage (thinker: text tokens; talker: codec frames; code2wav: frames "
+            "decoded).",
+            tag_keys=("stage",),
+        )
+        self.stage_requests = Counter(
+            "omniray_stage_requests_total",
+            description="Requests handled per stage.",
+            tag_keys=("stage",),
+        )
+
+    def error(self, kind: str, status: int) -> None:
+        self.errors.inc(1, tags={"kind": kind, "status": str(status)})
+
+    def stage_tokens(self, stage: str, count: int) -> None:
+        if count:
+            self.tokens.inc(count, tags={"stage": stage})
+
+
+@lru_cache(maxsize=1)
+def service_metrics() -> ServiceMetrics:
+    return ServiceMetrics()

@@ -1,0 +1,278 @@
+"""The OpenAI chat-completions wire format: request validation and response bodies.
+
+Requests are validated strictly: a field we do not know is a 400 that names it (so a typo never silently changes
+the reply). Beyond OpenAI's fields we accept vLLM-Omni's extensions, so clients written for it work unchanged:
+`speaker`, `sampling_params_list` (one dict per stage: thinker, talker, code2wav), `mm_processor_kwargs`
+(`use_audio_in_video`), plus our own flat `use_audio_in_video` and `talker_*` sampling fields.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+
+AUDIO_FORMATS = ("wav", "pcm16", "flac", "mp3", "opus")
+AudioFormat = Literal["wav", "pcm16", "flac", "mp3", "opus"]
+Modality = Literal["text", "audio"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- content parts of a message ----------------------------------------------------------------------------------
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None  # accepted for compatibility; the model has one resolution
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class InputAudio(_Strict):
+    data: str  # base64 file bytes
+    format: str  # "wav", "mp3", ...: a hint; the decoder sniffs the bytes and answers 415 for what it cannot read
+
+
+class InputAudioPart(_Strict):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+class MediaURL(_Strict):
+    url: str
+
+
+class AudioURLPart(_Strict):
+    type: Literal["audio_url"]
+    audio_url: MediaURL
+
+
+class VideoURLPart(_Strict):
+    type: Literal["video_url"]
+    video_url: MediaURL
+
+
+# Unions are tagged by callables so a bad part reports only its own errors. Tags start with "~" so the error
+# mapper can drop them from the field path it reports (http_errors._param).
+_PARTS = {"text": TextPart, "image_url": ImagePart, "input_audio": InputAudioPart, "audio_url": AudioURLPart,
+          "video_url": VideoURLPart}
+
+
+def _part_tag(value) -> str | None:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return f"~{kind}" if kind in _PARTS else None
+
+
+def _content_tag(value) -> str | None:
+    if isinstance(value, str):
+        return "~str"
+    return "~parts" if isinstance(value, list) else None
+
+
+ContentPart = Annotated[
+    Union[tuple(Annotated[cls, Tag(f"~{kind}")] for kind, cls in _PARTS.items())],
+    Discriminator(
+        _part_tag,
+        custom_error_type="invalid_content_part",
+        custom_error_message=f"content part `type` must be one of {', '.join(_PARTS)}",
+    ),
+]
+Content = Annotated[
+    Union[Annotated[str, Tag("~str")], Annotated[list[ContentPart], Tag("~parts")]],
+    Discriminator(
+        _content_tag,
+        custom_error_type="invalid_content",
+        custom_error_message="content must be a string or a list of content parts",
+    ),
+]
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Content | None = None
+    name: str | None = None
+
+
+# --- request -----------------------------------------------------------------------------------------------------
+
+
+class AudioOutput(_Strict):
+    voice: str | None = None  # a speaker of the checkpoint, case-insensitive (OpenAI's voices are not ours)
+    format: AudioFormat = "wav"
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class MMProcessorKwargs(_Strict):
+    use_audio_in_video: bool | None = None
+
+
+class StageSampling(_Strict):
+    """One entry of vLLM-Omni's `sampling_params_list`, with the vLLM `SamplingParams` keys its clients send.
+
+    `detokenize` only tells vLLM whether to turn ids into text; replies here are always detokenized, so it is
+    accepted and has no effect. The third entry (code2wav) is accepted for the same reason: the vocoder is
+    deterministic and samples nothing.
+    """
+
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)  # -1 and 0 mean "no top-k", as in vLLM
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    seed: int | None = None
+    stop_token_ids: list[int] | None = None
+    detokenize: bool | None = None
+
+
+class ChatCompletionRequest(_Strict):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    modalities: list[Modality] | None = None  # None: the service's default (["text"], as in OpenAI's API)
+    audio: AudioOutput | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # extensions
+    use_audio_in_video: bool | None = None
+    talker_temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    talker_top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    talker_top_k: int | None = Field(default=None, ge=-1)
+    talker_repetition_penalty: float | None = Field(default=None, gt=0.0)
+    talker_max_tokens: int | None = Field(default=None, ge=1)
+    # vLLM-Omni extensions
+    speaker: str | None = None
+    sampling_params_list: list[StageSampling] | None = Field(default=None, max_length=3)
+    mm_processor_kwargs: MMProcessorKwargs | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError("only n=1 is supported")
+        return n
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities(cls, modalities: list[str] | None) -> list[str] | None:
+        if modalities is not None and (not modalities or len(set(modalities)) != len(modalities)):
+            raise ValueError('must be ["text"], ["audio"] or ["text", "audio"]')
+        return modalities
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return stop
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ChatCompletionRequest":
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream=true")
+        voice = self.audio.voice if self.audio is not None else None
+        if voice is not None and self.speaker is not None and voice.lower() != self.speaker.lower():
+            raise ValueError(f"audio.voice ({voice!r}) and speaker ({self.speaker!r}) disagree")
+        flat, nested = self.use_audio_in_video, self.mm_processor_kwargs
+        if flat is not None and nested is not None and nested.use_audio_in_video not in (None, flat):
+            raise ValueError("use_audio_in_video and mm_processor_kwargs.use_audio_in_video disagree")
+        return self
+
+    # --- resolved views (what the pipeline reads) ---
+
+    def output_modalities(self, default: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(self.modalities) if self.modalities is not None else default
+
+    def voice(self) -> str | None:
+        if self.audio is not None and self.audio.voice is not None:
+            return self.audio.voice
+        return self.speaker
+
+    def audio_in_video(self) -> bool:
+        if self.use_audio_in_video is not None:
+            return self.use_audio_in_video
+        if self.mm_processor_kwargs is not None and self.mm_processor_kwargs.use_audio_in_video is not None:
+            return self.mm_processor_kwargs.use_audio_in_video
+        return False
+
+    def stage_sampling(self, stage: int) -> StageSampling:
+        """The entry of `sampling_params_list` for stage 0 (thinker) or 1 (talker); empty when not given."""
+        if self.sampling_params_list is not None and stage < len(self.sampling_params_list):
+            return self.sampling_params_list[stage]
+        return StageSampling()
+
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+# --- responses ---------------------------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AudioReply(BaseModel):
+    id: str
+    data: str  # base64 of the whole file in the requested format
+    transcript: str
+    expires_at: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    audio: AudioReply | None = None
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "omniray"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

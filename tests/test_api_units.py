@@ -1,0 +1,319 @@
+"""The HTTP layer's parts that need no model and no Ray: request validation, the error mapping, API keys,
+media fetching limits, audio encoding and SSE chunks."""
+
+import asyncio
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+from aiohttp import web
+from pydantic import ValidationError
+
+from common.errors import (
+    InvalidRequestError,
+    MediaDecodeError,
+    MediaFetchError,
+    MediaTooLargeError,
+    UnknownVoiceError,
+    UnsupportedMediaError,
+)
+from deployments.audio_out import encode_audio, to_pcm16
+from deployments.auth import AuthenticationError, check_api_key
+from deployments.fetch import FetchConfig, check_address, decode_base64, fetch_media
+from deployments.http_errors import error_for
+from deployments.protocol import ChatCompletionRequest
+from deployments.sse import DONE, ChunkWriter
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def _rejected(body: dict) -> tuple[int, dict]:
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate(body)
+    return error_for(info.value)
+
+
+# --- request validation ------------------------------------------------------------------------------------------
+
+
+def test_full_request_with_vllm_omni_extensions():
+    # the sampling lists vLLM-Omni's example client sends, verbatim in shape
+    thinker = {"temperature": 0.4, "top_p": 0.9, "top_k": 1, "max_tokens": 16384, "repetition_penalty": 1.05,
+               "stop_token_ids": [151645], "seed": 42}
+    talker = {"temperature": 0.9, "top_k": 50, "max_tokens": 4096, "seed": 42, "detokenize": False,
+              "repetition_penalty": 1.05, "stop_token_ids": [2150]}
+    code2wav = {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "max_tokens": 65536, "seed": 42, "detokenize": True,
+                "repetition_penalty": 1.1}
+    req = ChatCompletionRequest.model_validate({
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": [{"type": "text", "text": "be brief"}]},
+            {"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+                {"type": "audio_url", "audio_url": {"url": "https://example.com/a.wav"}},
+                {"type": "video_url", "video_url": {"url": "file:///media/v.mp4"}},
+                {"type": "text", "text": "what is this?"},
+            ]},
+        ],
+        "modalities": ["text", "audio"],
+        "audio": {"voice": "Ethan", "format": "flac"},
+        "max_completion_tokens": 7, "temperature": 0.5, "top_p": 0.8, "seed": 3, "stop": ["\n\n"],
+        "stream": True, "stream_options": {"include_usage": True},
+        "speaker": "ethan", "sampling_params_list": [thinker, talker, code2wav],
+        "mm_processor_kwargs": {"use_audio_in_video": True}, "talker_temperature": 0.7,
+    })
+    assert req.output_modalities(("text",)) == ("text", "audio")
+    assert req.voice() == "Ethan" and req.audio_in_video() is True
+    assert req.stage_sampling(1).top_k == 50 and req.stage_sampling(1).stop_token_ids == [2150]
+    assert req.stop_strings() == ["\n\n"]
+    assert ChatCompletionRequest.model_validate({"messages": USER}).output_modalities(("text",)) == ("text",)
+
+
+def test_unknown_fields_are_named():
+    status, body = _rejected({
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x", "foo": 1}}]}],
+        "bogus": 1,
+    })
+    assert status == 400
+    assert body["error"]["code"] == "unknown_field" and body["error"]["type"] == "invalid_request_error"
+    assert "bogus" in body["error"]["message"]
+    assert "messages[0].content[0].image_url.foo" in body["error"]["message"]
+    status, body = _rejected({"messages": USER, "sampling_params_list": [{"temprature": 1.0}]})
+    assert status == 400 and "sampling_params_list[0].temprature" in body["error"]["message"]
+    status, body = _rejected({"messages": USER, "mm_processor_kwargs": {"fps": 2}})
+    assert status == 400 and "mm_processor_kwargs.fps" in body["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "patch, param",
+    [
+        ({"n": 2}, "n"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": 3.0}, "temperature"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"modalities": ["video"]}, "modalities[0]"),
+        ({"modalities": []}, "modalities"),
+        ({"audio": {"voice": "ethan", "format": "ogg"}}, "audio.format"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": [{"type": "pdf", "pdf": {}}]}]}, "messages[0].content[0]"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stream_options": {"include_usage": True}}, None),
+        ({"speaker": "aiden", "audio": {"voice": "ethan"}}, None),
+    ],
+)
+def test_invalid_values_are_400_naming_the_field(patch, param):
+    status, body = _rejected({"messages": USER, **patch})
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["param"] == param, body
+
+
+# --- error mapping -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "exc, status, code",
+    [
+        (InvalidRequestError("bad", param="x"), 400, "invalid_request"),
+        (UnknownVoiceError("no such voice", param="audio.voice"), 400, "unknown_voice"),
+        (MediaTooLargeError("big"), 413, "media_too_large"),
+        (UnsupportedMediaError("pdf"), 415, "unsupported_media"),
+        (MediaDecodeError("corrupt"), 422, "media_decode"),
+        (MediaFetchError("unreachable"), 400, "media_fetch"),
+        (AuthenticationError("key"), 401, "authentication"),
+    ],
+)
+def test_typed_errors_map_to_openai_bodies(exc, status, code):
+    got_status, body = error_for(exc)
+    assert got_status == status
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["code"] == code and body["error"]["message"] == exc.message
+    assert body["error"]["param"] == exc.param
+
+
+def test_unexpected_errors_hide_internals():
+    status, body = error_for(RuntimeError("secret path /x/y"))
+    assert status == 500 and "secret" not in body["error"]["message"]
+
+
+def test_api_key():
+    check_api_key(None, None)
+    check_api_key("anything", None)
+    check_api_key("Bearer k1", "k1")
+    check_api_key("bearer  k1", "k1")
+    for header in (None, "", "Bearer k2", "Basic k1", "k1"):
+        with pytest.raises(AuthenticationError):
+            check_api_key(header, "k1")
+
+
+# --- media fetching ----------------------------------------------------------------------------------------------
+
+
+def test_address_policy():
+    cfg = FetchConfig()
+    for refused in ("127.0.0.1", "10.1.2.3", "192.168.0.1", "172.16.0.1", "169.254.169.254", "::1", "fe80::1",
+                    "::ffff:127.0.0.1", "0.0.0.0", "100.64.0.1", "224.0.0.1"):
+        with pytest.raises(MediaFetchError):
+            check_address(refused, cfg, "h", "p")
+    check_address("93.184.216.34", cfg, "h", "p")
+    check_address("2606:2800:220:1:248:1893:25c8:1946", cfg, "h", "p")
+    check_address("127.0.0.1", FetchConfig(allow_private_addresses=True), "h", "p")
+
+
+@pytest.fixture(scope="module")
+def media_server():
+    """A real HTTP server on loopback in its own thread: /ok (bytes), /big, /chunked, /slow, /redirect, /404."""
+    import threading
+
+    payload = b"x" * 1000
+    loop = asyncio.new_event_loop()
+
+    async def ok(_):
+        return web.Response(body=payload)
+
+    async def big(_):
+        return web.Response(body=b"y" * 5000)
+
+    async def chunked(request):
+        resp = web.StreamResponse()  # no Content-Length: the cap must hold while reading
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for _ in range(10):
+            await resp.write(b"z" * 1000)
+        return resp
+
+    async def slow(_):
+        await asyncio.sleep(3)
+        return web.Response(body=payload)
+
+    async def redirect(_):
+        raise web.HTTPFound("/ok")
+
+    async def loop_redirect(_):
+        raise web.HTTPFound("/loop")
+
+    app = web.Application()
+    app.add_routes([web.get("/ok", ok), web.get("/big", big), web.get("/chunked", chunked), web.get("/slow", slow),
+                    web.get("/redirect", redirect), web.get("/loop", loop_redirect)])
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = site._server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{port}", f"http://localhost:{port}", payload
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+def _fetch(url, cfg):
+    return asyncio.run(fetch_media(url, cfg, "messages[0].content[0].image_url.url"))
+
+
+def test_fetch_refuses_loopback_unless_allowed(media_server):
+    ip_base, name_base, payload = media_server
+    for base in (ip_base, name_base):  # an IP literal, and a name that resolves to loopback
+        with pytest.raises(MediaFetchError, match="private, loopback") as info:
+            _fetch(f"{base}/ok", FetchConfig())
+        assert info.value.param == "messages[0].content[0].image_url.url"
+    allowed = FetchConfig(allow_private_addresses=True, max_bytes=2000, timeout_s=1.0)
+    assert _fetch(f"{name_base}/ok", allowed) == payload
+    assert _fetch(f"{ip_base}/redirect", allowed) == payload
+
+
+def test_fetch_limits(media_server):
+    base, _, _ = media_server
+    cfg = FetchConfig(allow_private_addresses=True, max_bytes=2000, timeout_s=1.0, max_redirects=2)
+    with pytest.raises(MediaTooLargeError):
+        _fetch(f"{base}/big", cfg)
+    with pytest.raises(MediaTooLargeError):
+        _fetch(f"{base}/chunked", cfg)
+    with pytest.raises(MediaFetchError, match="timed out"):
+        _fetch(f"{base}/slow", cfg)
+    with pytest.raises(MediaFetchError, match="redirects"):
+        _fetch(f"{base}/loop", cfg)
+    with pytest.raises(MediaFetchError, match="HTTP 404"):
+        _fetch(f"{base}/missing", cfg)
+    with pytest.raises(MediaFetchError):
+        _fetch("http://127.0.0.1:1/unreachable", cfg)
+    with pytest.raises(MediaFetchError, match="scheme"):
+        _fetch("ftp://example.com/a.png", cfg)
+
+
+def test_data_uris_and_base64():
+    cfg = FetchConfig(max_bytes=10)
+    assert _fetch("data:image/png;base64," + base64.b64encode(b"12345").decode(), cfg) == b"12345"
+    with pytest.raises(MediaTooLargeError):
+        _fetch("data:image/png;base64," + base64.b64encode(b"x" * 100).decode(), cfg)
+    with pytest.raises(InvalidRequestError):
+        _fetch("data:image/png;base64,@@@@", cfg)
+    with pytest.raises(InvalidRequestError):
+        _fetch("data:image/png,rawtext", cfg)
+    with pytest.raises(InvalidRequestError):
+        decode_base64("not base64!", cfg, "p")
+
+
+def test_local_files_only_under_allowed_dirs(tmp_path):
+    allowed, other = tmp_path / "media", tmp_path / "secret"
+    allowed.mkdir()
+    other.mkdir()
+    (allowed / "a.bin").write_bytes(b"abc")
+    (other / "s.bin").write_bytes(b"nope")
+    (allowed / "link.bin").symlink_to(other / "s.bin")  # a symlink must not lead out of the directory
+    cfg = FetchConfig(allowed_local_dirs=(str(allowed),))
+    assert _fetch(f"file://{allowed}/a.bin", cfg) == b"abc"
+    assert _fetch(f"{allowed}/a.bin", cfg) == b"abc"
+    for url in (f"file://{other}/s.bin", f"file://{allowed}/link.bin", f"file://{allowed}/../secret/s.bin"):
+        with pytest.raises(MediaFetchError):
+            _fetch(url, cfg)
+    with pytest.raises(MediaFetchError):
+        _fetch(f"file://{allowed}/a.bin", FetchConfig())  # no directory configured: no local files
+    with pytest.raises(MediaTooLargeError):
+        _fetch(f"file://{allowed}/a.bin", FetchConfig(allowed_local_dirs=(str(allowed),), max_bytes=2))
+
+
+# --- audio out and SSE -------------------------------------------------------------------------------------------
+
+
+def _tone(n=4800, sr=24000):
+    return (0.5 * np.sin(2 * np.pi * 440 * np.arange(n) / sr)).astype(np.float32)
+
+
+def test_pcm16_is_the_concatenation_of_chunks():
+    x = _tone()
+    x[10], x[11] = 1.7, -3.0  # clipped
+    chunks = [x[:1], x[1:1000], x[1000:]]
+    assert b"".join(to_pcm16(c) for c in chunks) == encode_audio(x, 24000, "pcm16")
+    pcm = np.frombuffer(encode_audio(x, 24000, "pcm16"), dtype="<i2")
+    assert pcm[10] == 32767 and pcm[11] == -32767 and len(pcm) == len(x)
+
+
+@pytest.mark.parametrize("fmt, lossless", [("wav", True), ("flac", True), ("mp3", False), ("opus", False)])
+def test_audio_formats_decode(fmt, lossless):
+    x = _tone()
+    data, sr = sf.read(io.BytesIO(encode_audio(x, 24000, fmt)), dtype="int16")
+    expected = np.frombuffer(to_pcm16(x), dtype="<i2")
+    if lossless:
+        assert sr == 24000 and np.array_equal(data, expected)
+    else:  # lossy codecs pad and resample; the length stays within a few codec frames
+        assert abs(len(data) / sr - len(x) / 24000) < 0.1
+
+
+def test_sse_chunks():
+    w = ChunkWriter("chatcmpl-1", "m", 123)
+    events = [w.role(), w.text("héllo"), w.audio("audio-1", "AAAA", "héllo"), w.finish("stop"),
+              w.usage({"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}), DONE]
+    assert all(e.startswith("data: ") and e.endswith("\n\n") and e.count("\n") == 2 for e in events)
+    payloads = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    assert payloads[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert payloads[1]["object"] == "chat.completion.chunk" and payloads[1]["choices"][0]["delta"]["content"] == "héllo"
+    assert payloads[2]["choices"][0]["delta"]["audio"] == {"id": "audio-1", "data": "AAAA", "transcript": "héllo"}
+    assert payloads[3]["choices"][0]["finish_reason"] == "stop"
+    assert payloads[4]["choices"] == [] and payloads[4]["usage"]["total_tokens"] == 3
