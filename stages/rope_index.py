@@ -251,3 +251,18 @@ def get_rope_index(
     for inputs in (images, videos, seconds, audios):
         inputs.check_all_used()
     return positions.to(input_ids.device), deltas.to(input_ids.device)
+
+
+def count_blocks(ids: torch.Tensor, spec: RopeIndexSpec, use_audio_in_video: bool = False) -> dict[str, int]:
+    """How many image, video and audio inputs one row of token ids consumes (a video with its audio counts
+    one video and one audio), to split batch-wide grids and audio lengths per row."""
+    ids_list = ids.tolist()
+    counts = {"image": 0, "video": 0, "audio": 0}
+    for i in range(len(ids_list)):
+        kind = _block_kind(ids_list, i, spec, use_audio_in_video)
+        if kind == "audio_in_video":
+            counts["video"] += 1
+            counts["audio"] += 1
+        elif kind is not None:
+            counts[kind] += 1
+    return counts
