@@ -54,9 +54,11 @@ def build_pair(shape: str | dict, seed: int = 0) -> tuple[AudioEncoder, nn.Modul
 
 
 def padded_batch(lengths: list[int], mels: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random log-mel [B, M, T] with garbage (not zeros) in the padding, and the lengths [B]."""
+    """Random log-mel [B, M, T] with NaN in the padding (it must never be read), and the lengths [B]."""
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(len(lengths), mels, max(lengths) + 7, generator=g)
+    for b, length in enumerate(lengths):
+        feats[b, :, length:] = float("nan")
     return feats, torch.tensor(lengths)
 
 
