@@ -188,8 +188,8 @@ def test_tiny_checkpoint_matches_transformers(any_tiny_ckpt, hf_model):
     cfg = ours.cfg
     hf = hf_model(any_tiny_ckpt).thinker.model.audio_tower
     window_frames = cfg.n_window_infer
-    # < one chunk, one chunk, two windows plus a partial chunk, one frame
-    lengths = [37, 2 * cfg.n_window, 2 * window_frames + 3 * cfg.n_window + 1, 1]
+    # < one chunk, one chunk, two windows plus a partial chunk, one frame, > 30 s (the feature extractor's clip)
+    lengths = [37, 2 * cfg.n_window, 2 * window_frames + 3 * cfg.n_window + 1, 1, 3217]
     feats, lens = padded_batch(lengths, cfg.num_mel_bins)
     got = ours(feats, lens)
     want = hf_encode(hf, feats, lens)
