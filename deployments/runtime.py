@@ -60,15 +60,30 @@ class LoadedStage:
     device: torch.device
 
 
-def load_stage(settings: ServiceSettings, stage: str, build: Callable[[OmniConfig], nn.Module]) -> LoadedStage:
-    """Build the stage's module on the meta device and load only its own tensors (`STAGE_PREFIXES[stage]`)."""
+def load_stage(
+    settings: ServiceSettings,
+    stage: str,
+    build: Callable[[OmniConfig], nn.Module] | None = None,
+    load: Callable[[Path, OmniConfig, torch.dtype, torch.device], nn.Module] | None = None,
+    extra_prefixes: tuple[str, ...] = (),
+) -> LoadedStage:
+    """Load one stage's module with only its own tensors (`STAGE_PREFIXES[stage]`).
+
+    Either `build` (the module on the meta device; its weights are then loaded here) or `load` (a stage's own
+    loader, for the talker which also copies three rows of the thinker's embedding table: `extra_prefixes`
+    names the hub tensors it reads beyond its prefix, so a hub download fetches their shards).
+    """
     configure_torch(settings)
     device = stage_device(settings)
+    dtype = stage_dtype(settings, device)
     prefix_map = STAGE_PREFIXES[stage]
-    ckpt = settings.checkpoint_dir(prefixes=list(prefix_map))
+    ckpt = settings.checkpoint_dir(prefixes=[*prefix_map, *extra_prefixes])
     config = load_config(ckpt)
-    with torch.device("meta"):
-        module = build(config)
-    load_stage_weights(module, ckpt, prefix_map, stage_dtype(settings, device), device)
+    if load is not None:
+        module = load(ckpt, config, dtype, device)
+    else:
+        with torch.device("meta"):
+            module = build(config)
+        load_stage_weights(module, ckpt, prefix_map, dtype, device)
     logger.info("%s: loaded %s from %s on %s", stage, type(module).__name__, ckpt, device)
     return LoadedStage(config, ckpt, module.eval(), device)

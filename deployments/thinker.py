@@ -58,7 +58,9 @@ class ThinkerStage:
                     if step.talker_prompts is not None:
                         yield step.talker_prompts[0]
                     tokens = step.talker_tokens[0]
-                    yield replace(tokens, finished=True, finish_reason=reason) if hit else tokens
+                    # a stop sequence ends the reply on an ordinary token, which is voiced (only a "stop"
+                    # finish drops its last token, the stop token)
+                    yield replace(tokens, finished=True, finish_reason="stop_sequence") if hit else tokens
                 self.metrics.stage_tokens("thinker", 1)
                 yield TextDelta(job.request_id, text, ids, prompt_tokens, reason)
                 if reason is not None:

@@ -1,0 +1,359 @@
+"""The service end to end: a real local Ray Serve, the tiny checkpoints, the real `openai` client.
+
+One Ray instance for the module with two applications: the full model at `/` (no API key) and a thinker-only
+checkpoint at `/thinker-only` (with an API key). Greedy replies through the service must equal
+`OmniModel.generate` on the same inputs, token for token and sample for sample.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+import requests
+import soundfile as sf
+import torch
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 420
+API_KEY = "test-key-123"
+STAGES = ["ingress", "vision_encoder", "audio_encoder", "thinker", "talker", "code2wav"]
+GREEDY = {"temperature": 0, "talker_temperature": 0}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_running(names: list[str]) -> None:
+    """Until every application runs; a deployment that cannot start fails the tests with Serve's message."""
+    from ray import serve
+
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        apps = serve.status().applications
+        for name in names:
+            if name in apps and apps[name].status == "DEPLOY_FAILED":
+                details = {d: s.message for d, s in apps[name].deployments.items() if s.message}
+                pytest.fail(f"application {name} failed to deploy: {apps[name].message} {details}")
+        if all(name in apps and apps[name].status == "RUNNING" for name in names):
+            return
+        time.sleep(1)
+    pytest.fail(f"applications {names} not running after {START_TIMEOUT_S} s: {serve.status().applications}")
+
+
+@pytest.fixture(scope="module")
+def service(tiny_ckpt, tiny_ckpt_thinker_only, tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    media_dir = tmp_path_factory.mktemp("media")
+    http_port, metrics_port = _free_port(), _free_port()
+    # Replica processes import our packages from the checkout (an installed omniray needs nothing).
+    ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=metrics_port,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        common = {"torch_threads": 1, "allowed_local_media_dirs": [str(media_dir)], "max_media_bytes": 2_000_000}
+        serve.run(build_app({"model": str(tiny_ckpt), **common}), name="omniray", route_prefix="/", _blocking=False)
+        serve.run(build_app({"model": str(tiny_ckpt_thinker_only), "api_key": API_KEY, **common}),
+                  name="thinker_only", route_prefix="/thinker-only", _blocking=False)
+        _wait_running(["omniray", "thinker_only"])
+        yield {"url": f"http://127.0.0.1:{http_port}", "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
+               "ckpt": tiny_ckpt, "thinker_only_ckpt": tiny_ckpt_thinker_only, "media_dir": media_dir}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    return openai.OpenAI(base_url=service["url"] + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def reference(service):
+    """`reference(messages, **generate_kwargs)`: OmniModel.generate on what the processor makes of `messages`."""
+    from common.processor import OmniProcessor
+    from stages.omni import OmniModel
+
+    model = OmniModel.from_pretrained(service["ckpt"], device="cpu", dtype=torch.float32)
+    processor = OmniProcessor.from_pretrained(service["ckpt"])
+
+    def run(messages, images=None, audio=None, **kwargs):
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(text=[prompt], images=images, audio=audio)
+        return model.generate(inputs, do_sample=False, **kwargs)[0]
+
+    return run
+
+
+def _tone(seconds=0.6, rate=16000) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32)
+
+
+def _wav_b64(samples: np.ndarray, rate=16000) -> str:
+    out = io.BytesIO()
+    sf.write(out, samples, rate, format="WAV", subtype="PCM_16")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def _png(width=40, height=28) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def _png_data_uri(image: Image.Image) -> str:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def _pcm16(samples: np.ndarray) -> np.ndarray:
+    from deployments.audio_out import to_pcm16
+
+    return np.frombuffer(to_pcm16(samples), dtype="<i2")
+
+
+HELLO = [{"role": "user", "content": "Hello there, who are you?"}]
+
+
+# --- replies equal OmniModel.generate ----------------------------------------------------------------------------
+
+
+def test_text_only_reply(client, reference):
+    reply = client.chat.completions.create(model=_model_id(client), messages=HELLO, max_tokens=12, **GREEDY)
+    expected = reference(HELLO, thinker_max_new_tokens=12, return_audio=False)
+    choice = reply.choices[0]
+    assert choice.token_ids == expected.token_ids
+    assert choice.message.content == expected.text and choice.message.audio is None
+    assert choice.finish_reason == ("length" if len(expected.token_ids) == 12 else "stop")
+    assert reply.usage.completion_tokens == len(expected.token_ids) and reply.usage.prompt_tokens > 0
+
+
+def _model_id(client) -> str:
+    return client.models.list().data[0].id
+
+
+def test_text_and_audio_reply(client, reference):
+    reply = client.chat.completions.create(
+        model=_model_id(client), messages=HELLO, max_tokens=10, modalities=["text", "audio"],
+        audio={"voice": "Ethan", "format": "wav"}, extra_body={"talker_max_tokens": 24, **GREEDY},
+    )
+    expected = reference(HELLO, speaker="ethan", thinker_max_new_tokens=10, talker_max_new_tokens=24)
+    choice = reply.choices[0]
+    assert choice.token_ids == expected.token_ids and choice.message.content == expected.text
+    audio = choice.message.audio
+    assert audio.transcript == expected.text
+    samples, rate = sf.read(io.BytesIO(base64.b64decode(audio.data)), dtype="int16")
+    assert rate == 24000 and len(samples) > 0
+    np.testing.assert_array_equal(samples, _pcm16(expected.waveform))
+
+
+def _stream(client, **kwargs) -> tuple[list[str], list[bytes], list[str], list]:
+    """(text deltas, PCM chunks, transcript deltas, raw chunks) of a streamed reply."""
+    texts, pcm, transcript, chunks = [], [], [], []
+    for chunk in client.chat.completions.create(model=_model_id(client), stream=True, **kwargs):
+        chunks.append(chunk)
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        if delta.content:
+            texts.append(delta.content)
+        audio = getattr(delta, "audio", None)
+        if audio:
+            if audio.get("data"):
+                pcm.append(base64.b64decode(audio["data"]))
+            if audio.get("transcript"):
+                transcript.append(audio["transcript"])
+    return texts, pcm, transcript, chunks
+
+
+def test_streamed_audio_equals_non_streamed(client):
+    kwargs = dict(messages=HELLO, max_tokens=10, modalities=["text", "audio"], audio={"voice": "chelsie", "format": "pcm16"},
+                  extra_body={"talker_max_tokens": 30, **GREEDY})
+    whole = client.chat.completions.create(model=_model_id(client), **kwargs).choices[0]
+    texts, pcm, transcript, chunks = _stream(client, stream_options={"include_usage": True}, **kwargs)
+    assert b"".join(pcm) == base64.b64decode(whole.message.audio.data)
+    assert len(pcm) >= 2  # a small first chunk, then the rest
+    assert "".join(texts) == whole.message.content == "".join(transcript)
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in finals] == [whole.finish_reason]
+    assert chunks[-1].usage.completion_tokens == len(whole.token_ids)
+
+
+def test_image_and_audio_input(client, reference, service):
+    image, tone = _png(), _tone()
+    path = service["media_dir"] / "tone.wav"
+    sf.write(path, tone, 16000)
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _png_data_uri(image)}},
+        {"type": "audio_url", "audio_url": {"url": f"file://{path}"}},
+        {"type": "text", "text": "What do you see and hear?"},
+    ]}]
+    reply = client.chat.completions.create(
+        model=_model_id(client), messages=messages, max_tokens=8, modalities=["text", "audio"],
+        audio={"voice": "aiden", "format": "flac"}, extra_body={"talker_max_tokens": 16, **GREEDY},
+    ).choices[0]
+    template = [{"role": "user", "content": [{"type": "image"}, {"type": "audio"},
+                                             {"type": "text", "text": "What do you see and hear?"}]}]
+    expected = reference(template, images=[image], audio=[tone], speaker="aiden", thinker_max_new_tokens=8,
+                         talker_max_new_tokens=16)
+    assert reply.token_ids == expected.token_ids
+    samples, _ = sf.read(io.BytesIO(base64.b64decode(reply.message.audio.data)), dtype="int16")
+    np.testing.assert_array_equal(samples, _pcm16(expected.waveform))
+
+
+def test_concurrent_requests(service, reference):
+    """8 requests at once (two prompts, text and speech): each reply equals the one-by-one result."""
+    prompts = [HELLO, [{"role": "user", "content": "Count to three, please."}]]
+    expected = [reference(p, speaker="ethan", thinker_max_new_tokens=6, talker_max_new_tokens=8) for p in prompts]
+    aclient = openai.AsyncOpenAI(base_url=service["url"] + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+    async def one(i):
+        return await aclient.chat.completions.create(
+            model="omniray", messages=prompts[i % 2], max_tokens=6, modalities=["text", "audio"] if i % 4 < 2 else ["text"],
+            extra_body={"talker_max_tokens": 8, **GREEDY},
+        )
+
+    async def all_of_them():
+        return await asyncio.gather(*(one(i) for i in range(8)))
+
+    replies = asyncio.run(all_of_them())
+    for i, reply in enumerate(replies):
+        want = expected[i % 2]
+        assert reply.choices[0].token_ids == want.token_ids, i
+        if i % 4 < 2:
+            samples, _ = sf.read(io.BytesIO(base64.b64decode(reply.choices[0].message.audio.data)), dtype="int16")
+            np.testing.assert_array_equal(samples, _pcm16(want.waveform))
+        else:
+            assert reply.choices[0].message.audio is None
+
+
+# --- the thinker-only checkpoint, API keys -----------------------------------------------------------------------
+
+
+def test_thinker_only_checkpoint_with_api_key(service):
+    base = service["url"] + "/thinker-only/v1"
+    keyed = openai.OpenAI(base_url=base, api_key=API_KEY, max_retries=0)
+    reply = keyed.chat.completions.create(model=keyed.models.list().data[0].id, messages=HELLO, max_tokens=5)
+    assert reply.choices[0].message.content is not None
+    with pytest.raises(openai.BadRequestError) as info:
+        keyed.chat.completions.create(model=reply.model, messages=HELLO, modalities=["text", "audio"])
+    assert info.value.body["param"] == "modalities"
+    for key in ("wrong-key", None):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        r = requests.post(base + "/chat/completions", json={"messages": HELLO}, headers=headers, timeout=60)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert requests.get(base + "/models", timeout=60).status_code == 401
+    from ray import serve
+
+    deployments = serve.status().applications["thinker_only"].deployments
+    assert set(deployments) == {"ingress", "vision_encoder", "audio_encoder", "thinker"}
+
+
+# --- bad input ---------------------------------------------------------------------------------------------------
+
+
+def _bad_inputs(service) -> list[tuple[str, object, int, str | None]]:
+    big = service["media_dir"] / "big.bin"
+    big.write_bytes(b"\0" * 2_100_000)
+    corrupt_png = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\nnot really").decode()
+    pdf = "data:application/pdf;base64," + base64.b64encode(b"%PDF-1.4 hello").decode()
+    user = lambda *parts: {"messages": [{"role": "user", "content": list(parts)}]}  # noqa: E731
+    return [
+        ("malformed json", "{not json", 400, None),
+        ("not an object", "[1, 2]", 400, None),
+        ("unknown field", {"messages": HELLO, "frobnicate": 1}, 400, "frobnicate"),
+        ("wrong type", {"messages": HELLO, "max_tokens": "many"}, 400, "max_tokens"),
+        ("n > 1", {"messages": HELLO, "n": 3}, 400, "n"),
+        ("unknown voice", {"messages": HELLO, "modalities": ["audio"], "audio": {"voice": "darth"}}, 400, "audio.voice"),
+        ("unsupported output format", {"messages": HELLO, "audio": {"voice": "ethan", "format": "aiff"}}, 400,
+         "audio.format"),
+        ("too many tokens", {"messages": HELLO, "max_tokens": 10**9}, 400, "max_tokens"),
+        ("unknown model", {"messages": HELLO, "model": "gpt-7"}, 404, "model"),
+        ("media too large", user({"type": "image_url", "image_url": {"url": f"file://{big}"}}), 413, None),
+        ("corrupt image", user({"type": "image_url", "image_url": {"url": corrupt_png}}), 422, None),
+        ("unsupported media", user({"type": "image_url", "image_url": {"url": pdf}}), 415, None),
+        ("corrupt audio", user({"type": "input_audio", "input_audio": {"data": base64.b64encode(b"RIFFxxxxWAVE").decode(),
+                                                                      "format": "wav"}}), 422, None),
+        ("bad base64", user({"type": "input_audio", "input_audio": {"data": "@@@", "format": "wav"}}), 400, None),
+        ("unreachable url", user({"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}), 400, None),
+        ("file outside allowed dirs", user({"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}), 400,
+         None),
+    ]
+
+
+def test_bad_inputs_get_openai_errors_and_service_stays_healthy(service):
+    url = service["url"] + "/v1/chat/completions"
+    failures = []
+    for name, body, status, param in _bad_inputs(service):
+        data = body if isinstance(body, str) else None
+        r = requests.post(url, data=data, json=None if data else body, timeout=120,
+                          headers={"Content-Type": "application/json"})
+        error = r.json().get("error", {}) if r.headers.get("content-type", "").startswith("application/json") else {}
+        if r.status_code != status or set(error) != {"message", "type", "param", "code"}:
+            failures.append(f"{name}: {r.status_code} {r.text[:200]}")
+        elif param is not None and param not in (error["param"] or "") + error["message"]:
+            failures.append(f"{name}: error does not name {param}: {error}")
+    assert not failures, "\n".join(failures)
+    assert requests.get(service["url"] + "/health", timeout=60).status_code == 200
+
+
+# --- the service's surface ---------------------------------------------------------------------------------------
+
+
+def test_models_health_and_metrics(service, client):
+    models = client.models.list().data
+    assert len(models) == 1 and models[0].object == "model"
+    health = requests.get(service["url"] + "/health", timeout=60)
+    assert health.status_code == 200 and set(health.json()["stages"]) == set(STAGES) - {"ingress"}
+    client.chat.completions.create(model=models[0].id, messages=HELLO, max_tokens=3, modalities=["text", "audio"],
+                                   extra_body={"talker_max_tokens": 6})
+    wanted = ["ray_omniray_time_to_first_token_seconds", "ray_omniray_time_to_first_audio_seconds",
+              "ray_omniray_audio_real_time_factor", "ray_omniray_stage_tokens_total", "ray_omniray_errors_total"]
+    deadline = time.monotonic() + 90
+    missing = wanted
+    while missing and time.monotonic() < deadline:
+        time.sleep(3)
+        text = urllib.request.urlopen(service["metrics"], timeout=30).read().decode()
+        missing = [m for m in wanted if m not in text]
+    assert not missing, f"metrics not exported: {missing}"
+    assert 'stage="talker"' in text and 'stage="thinker"' in text and 'stage="code2wav"' in text
+
+
+def test_each_stage_is_its_own_deployment_holding_its_own_weights(service):
+    from ray import serve
+
+    from common.checkpoint import weight_map
+    from safetensors import safe_open
+
+    app = serve.status().applications["omniray"]
+    assert set(app.deployments) == set(STAGES)
+    for name, status in app.deployments.items():
+        assert status.replica_states == {"RUNNING": 1}, (name, status.replica_states)
+    names_to_files = weight_map(service["ckpt"])
+    sizes = {}
+    for name, file in names_to_files.items():
+        with safe_open(Path(service["ckpt"]) / file, framework="pt") as f:
+            sizes[name] = int(np.prod(f.get_slice(name).get_shape()))
+    for stage in STAGES[1:]:
+        held = serve.get_deployment_handle(stage, "omniray").describe.remote().result()
+        expected = sum(n for key, n in sizes.items() if key.startswith(tuple(held["hub_prefixes"])))
+        assert held["weight_elements"] == expected, stage
