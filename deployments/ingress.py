@@ -34,6 +34,7 @@ from deployments.metrics import service_metrics
 from deployments.prepare import (
     MediaItem,
     check_prompt_length,
+    decode_item,
     fetch_item,
     resolve_voice,
     talker_sampling,
@@ -181,7 +182,7 @@ class OmniIngress:
         voice = resolve_voice(req, self.config, self.default_voice) if speech else None
 
         messages, media = template_messages(req)
-        images, audios, videos = await self._load_media(media)
+        images, audios, videos = await self._load_media(media, req.audio_in_video())
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         inputs = await asyncio.to_thread(
             self.processor, text=[prompt], images=images or None, audio=audios or None, videos=videos or None,
@@ -205,13 +206,14 @@ class OmniIngress:
             job = SpeechJob(job, voice, talker_sampling(req, self.talker_defaults, self.settings))
         return Prepared(req, job, modalities, prompt_tokens, int(time.time()))
 
-    async def _load_media(self, media: list[MediaItem]) -> tuple[list, list, list]:
+    async def _load_media(self, media: list[MediaItem], audio_in_video: bool) -> tuple[list, list, list]:
         """Fetch every item concurrently, then decode (CPU work, off the event loop)."""
-        fetch_cfg = self.settings.fetch_config()
+        fetch_cfg, limits = self.settings.fetch_config(), self.settings.media_limits()
         blobs = await asyncio.gather(*(fetch_item(item, fetch_cfg) for item in media))
         decoded = {"image": [], "audio": [], "video": []}
         for item, blob in zip(media, blobs):
-            decoded[item.kind].append(await asyncio.to_thread(decode_media, item, blob, self.processor))
+            value = await asyncio.to_thread(decode_item, item, blob, limits, self.settings.video_fps, audio_in_video)
+            decoded[item.kind].append(value)
         return decoded["image"], decoded["audio"], decoded["video"]
 
     async def _start_encoders(self, job: ThinkerJob, inputs: dict) -> None:

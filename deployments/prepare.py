@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from common.config import OmniConfig
-from common.errors import InvalidRequestError, TooManyTokensError, UnknownVoiceError
+from common.errors import InvalidRequestError, OmniError, TooManyTokensError, UnknownVoiceError
+from common.media import MediaLimits, decode_audio, decode_image, decode_video
 from common.sampling import SamplingParams
 from deployments.fetch import FetchConfig, decode_base64, fetch_media
 from deployments.protocol import (
@@ -67,6 +68,20 @@ async def fetch_item(item: MediaItem, cfg: FetchConfig) -> bytes:
     if item.inline_base64:
         return decode_base64(item.source, cfg, item.param)
     return await fetch_media(item.source, cfg, item.param)
+
+
+def decode_item(item: MediaItem, data: bytes, limits: MediaLimits, video_fps: float, audio_in_video: bool):
+    """Bytes → what the processor takes: a Pillow image, 16 kHz mono samples, or a decoded video (frames sampled
+    at `video_fps`, with its audio track when `audio_in_video`). Errors name the request field."""
+    try:
+        if item.kind == "image":
+            return decode_image(data, limits, what=item.param)
+        if item.kind == "audio":
+            return decode_audio(data, limits, what=item.param)
+        return decode_video(data, limits, fps=video_fps, load_audio=audio_in_video, what=item.param)
+    except OmniError as exc:
+        exc.param = exc.param or item.param
+        raise
 
 
 def _first(*values):

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from common.media import MediaLimits
 from deployments.fetch import FetchConfig
 
 TINY_MODEL_NAME = "omniray-tiny"
@@ -33,7 +34,12 @@ class ServiceSettings(BaseModel):
     codec_initial_chunk_frames: int = Field(default=4, ge=1)
     codec_chunk_frames: int = Field(default=25, ge=1)
     # media
-    max_media_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    max_media_bytes: int = Field(default=64 * 1024 * 1024, ge=1)  # one item, encoded
+    max_audio_seconds: float = Field(default=20 * 60.0, gt=0)  # one audio, or a video's audio track
+    max_image_pixels: int = Field(default=40_000_000, ge=1)  # one image or video frame, decoded
+    max_video_frames: int = Field(default=768, ge=1)  # frames kept from one video
+    max_video_seconds: float = Field(default=60 * 60.0, gt=0)
+    video_fps: float = Field(default=2.0, gt=0)  # frames sampled per second of video
     media_fetch_timeout_s: float = Field(default=10.0, gt=0)
     allow_private_media_urls: bool = False
     allowed_local_media_dirs: tuple[str, ...] = ()
@@ -53,6 +59,15 @@ class ServiceSettings(BaseModel):
             timeout_s=self.media_fetch_timeout_s,
             allow_private_addresses=self.allow_private_media_urls,
             allowed_local_dirs=self.allowed_local_media_dirs,
+        )
+
+    def media_limits(self) -> MediaLimits:
+        return MediaLimits(
+            max_bytes=self.max_media_bytes,
+            max_audio_seconds=self.max_audio_seconds,
+            max_pixels=self.max_image_pixels,
+            max_frames=self.max_video_frames,
+            max_video_seconds=self.max_video_seconds,
         )
 
     def checkpoint_dir(self, prefixes: list[str]) -> Path:
