@@ -20,8 +20,7 @@ from deployments.metrics import service_metrics
 from deployments.runtime import STAGE_DEFAULTS, describe, load_stage
 from deployments.settings import ServiceSettings
 from stages.code2wav import Code2Wav, Code2WavStream
-
-SAMPLE_RATE = 24000  # Code2Wav's output rate (the codec's 12.5 Hz frames × total_upsample 1920)
+from stages.omni import SAMPLE_RATE
 
 
 @serve.deployment(name="code2wav", **STAGE_DEFAULTS)

@@ -121,7 +121,6 @@ class OmniIngress:
         self.processor = OmniProcessor.from_pretrained(ckpt)
         generation_config = load_generation_config(ckpt)
         self.thinker_defaults = SamplingParams.from_generation_config(generation_config)
-        self.talker_defaults = talker_defaults(self.config)
         self.default_voice = next(iter(self.config.talker_config.speaker_id)) if self.config.has_talker else ""
         self.stages = {"vision_encoder": vision_encoder, "audio_encoder": audio_encoder, "thinker": thinker}
         if talker is not None and code2wav is not None:
@@ -185,8 +184,8 @@ class OmniIngress:
         images, audios, videos = await self._load_media(media, req.audio_in_video())
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         inputs = await asyncio.to_thread(
-            self.processor, text=[prompt], images=images or None, audio=audios or None, videos=videos or None,
-            use_audio_in_video=req.audio_in_video(),
+            self.processor, [prompt], images=images or None, audio=audios or None, videos=videos or None,
+            use_audio_in_video=req.audio_in_video(), fps=self.settings.video_fps if videos else None,
         )
         prompt_tokens = int(inputs["input_ids"].shape[1])
         sampling = thinker_sampling(req, self.thinker_defaults, self.settings)
@@ -203,7 +202,7 @@ class OmniIngress:
         )
         await self._start_encoders(job, inputs)
         if speech:
-            job = SpeechJob(job, voice, talker_sampling(req, self.talker_defaults, self.settings))
+            job = SpeechJob(job, voice, talker_sampling(req, sampling, self.settings))
         return Prepared(req, job, modalities, prompt_tokens, int(time.time()))
 
     async def _load_media(self, media: list[MediaItem], audio_in_video: bool) -> tuple[list, list, list]:

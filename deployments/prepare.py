@@ -23,6 +23,7 @@ from deployments.protocol import (
     VideoURLPart,
 )
 from deployments.settings import ServiceSettings
+from stages.omni import TALKER_DEFAULTS
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,12 @@ def thinker_sampling(req: ChatCompletionRequest, defaults: SamplingParams, setti
     )
 
 
-def talker_sampling(req: ChatCompletionRequest, defaults: SamplingParams, settings: ServiceSettings) -> SamplingParams:
+def talker_sampling(
+    req: ChatCompletionRequest, thinker: SamplingParams, settings: ServiceSettings
+) -> SamplingParams:
+    """The talker's sampling: transformers' talker defaults, sampling only when the thinker samples (as
+    `OmniModel.generate` does), then the request's talker fields and the talker entry of `sampling_params_list`."""
+    defaults = SamplingParams(do_sample=thinker.do_sample, **TALKER_DEFAULTS)
     stage: StageSampling = req.stage_sampling(1)
     return _sampling(
         defaults,
@@ -147,7 +153,7 @@ def talker_sampling(req: ChatCompletionRequest, defaults: SamplingParams, settin
         _first(req.talker_top_k, stage.top_k),
         _first(req.talker_repetition_penalty, stage.repetition_penalty),
         _first(req.seed, stage.seed),
-        stage.stop_token_ids,
+        None,  # the codec EOS is the talker's stop; vLLM-Omni clients send it in stop_token_ids too
     )
 
 

@@ -19,7 +19,7 @@ from deployments.jobs import SpeechJob, TextDelta
 from deployments.metrics import service_metrics
 from deployments.runtime import STAGE_DEFAULTS, describe, load_stage
 from deployments.settings import ServiceSettings
-from stages.talker import TalkerRequest, load_talker, speaker_codec_id, stream_frames, talker_sampling
+from stages.talker import Talker, TalkerRequest, speaker_codec_id, stream_frames, talker_sampling
 
 # hub tensor the talker reads beyond `talker.`: three rows (tts bos/eos/pad) of the thinker's embedding table
 THINKER_EMBEDDING = "thinker.model.embed_tokens."
@@ -30,7 +30,8 @@ _DONE = object()  # end of one producer's events
 class TalkerStage:
     def __init__(self, settings: dict, thinker: DeploymentHandle):
         self.stage = load_stage(
-            ServiceSettings.model_validate(settings), "talker", load=load_talker, extra_prefixes=(THINKER_EMBEDDING,)
+            ServiceSettings.model_validate(settings), "talker", extra_prefixes=(THINKER_EMBEDDING,),
+            load=lambda ckpt, cfg, dtype, device: Talker.from_pretrained(ckpt, cfg, dtype=dtype, device=device),
         )
         self.thinker = thinker
         self.metrics = service_metrics()

@@ -355,11 +355,16 @@ def test_stage_sampling_precedence():
     assert thinker.greedy and thinker.temperature == 0  # OpenAI's field wins over the stage list
     assert thinker.top_p == 0.5 and thinker.top_k == 0 and thinker.seed == 9
     assert thinker.max_new_tokens == 33 and thinker.stop_token_ids == (5, 6, 7)
-    talker = talker_sampling(req, defaults, settings)
+    talker = talker_sampling(req, thinker, settings)
     assert talker.do_sample and talker.temperature == 0.6 and talker.top_k == 50 and talker.max_new_tokens == 12
     plain = ChatCompletionRequest.model_validate({"messages": USER, "max_tokens": 4})
-    assert thinker_sampling(plain, defaults, settings).temperature == 0.7  # the checkpoint's defaults
-    assert talker_sampling(plain, defaults, settings).max_new_tokens == 77
+    sampled = thinker_sampling(plain, defaults, settings)
+    assert sampled.temperature == 0.7 and sampled.do_sample  # the checkpoint's defaults
+    talker = talker_sampling(plain, sampled, settings)
+    assert talker.max_new_tokens == 77 and talker.do_sample and talker.temperature == 0.9  # transformers' defaults
+    greedy = thinker_sampling(ChatCompletionRequest.model_validate({"messages": USER, "temperature": 0}), defaults,
+                              settings)
+    assert not talker_sampling(plain, greedy, settings).do_sample  # a greedy thinker, a greedy talker
     with pytest.raises(InvalidRequestError) as info:
         thinker_sampling(ChatCompletionRequest.model_validate({"messages": USER, "max_tokens": 101}), defaults,
                          settings)
