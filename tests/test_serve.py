@@ -59,6 +59,7 @@ def _wait_running(names: list[str]) -> None:
 def service(tiny_ckpt, tiny_ckpt_thinker_only, tmp_path_factory):
     import ray
     from ray import serve
+    from ray.serve.api import RunTarget
 
     from deployments.app import build_app
 
@@ -70,9 +71,13 @@ def service(tiny_ckpt, tiny_ckpt_thinker_only, tmp_path_factory):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
         common = {"torch_threads": 1, "allowed_local_media_dirs": [str(media_dir)], "max_media_bytes": 2_000_000}
-        serve.run(build_app({"model": str(tiny_ckpt), **common}), name="omniray", route_prefix="/", _blocking=False)
-        serve.run(build_app({"model": str(tiny_ckpt_thinker_only), "api_key": API_KEY, **common}),
-                  name="thinker_only", route_prefix="/thinker-only", _blocking=False)
+        apps = [
+            RunTarget(build_app({"model": str(tiny_ckpt), **common}), name="omniray", route_prefix="/"),
+            RunTarget(build_app({"model": str(tiny_ckpt_thinker_only), "api_key": API_KEY, **common}),
+                      name="thinker_only", route_prefix="/thinker-only"),
+        ]
+        # deploy without waiting, then wait with a deadline and Serve's own failure messages
+        serve.run_many(apps, wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
         _wait_running(["omniray", "thinker_only"])
         yield {"url": f"http://127.0.0.1:{http_port}", "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
                "ckpt": tiny_ckpt, "thinker_only_ckpt": tiny_ckpt_thinker_only, "media_dir": media_dir}
