@@ -5,7 +5,6 @@ It holds a handle to every stage but never an intermediate tensor: encoder outpu
 refs, the thinker's states go to the talker, and what comes back here is text and PCM.
 """
 
-
 import asyncio
 import base64
 import json

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 420
 API_KEY = "test-key-123"
 STAGES = ["ingress", "vision_encoder", "audio_encoder", "thinker", "talker", "code2wav"]
-GREEDY = {"temperature": 0, "talker_temperature": 0}
+GREEDY = {"temperature": 0, "talker_temperature": 0}  # sent as extra_body: both stages greedy
 
 
 def _free_port() -> int:
@@ -143,7 +143,7 @@ HELLO = [{"role": "user", "content": "Hello there, who are you?"}]
 
 
 def test_text_only_reply(client, reference):
-    reply = client.chat.completions.create(model=_model_id(client), messages=HELLO, max_tokens=12, **GREEDY)
+    reply = client.chat.completions.create(model=_model_id(client), messages=HELLO, max_tokens=12, extra_body=GREEDY)
     expected = reference(HELLO, thinker_max_new_tokens=12, return_audio=False)
     choice = reply.choices[0]
     assert choice.token_ids == expected.token_ids
