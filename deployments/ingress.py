@@ -13,6 +13,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import numpy as np
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -51,6 +53,7 @@ from deployments.protocol import (
 )
 from deployments.settings import ServiceSettings
 from deployments.sse import DONE, ChunkWriter
+from stages.omni import SAMPLE_RATE
 
 logger = logging.getLogger("omniray.ingress")
 
@@ -96,9 +99,36 @@ class Reply:
     token_ids: list[int] | None = None
     pcm: list | None = None
     finish_reason: str = "stop"
-    sample_rate: int = 24000
+    sample_rate: int = SAMPLE_RATE
     first_token_at: float | None = None
     first_audio_at: float | None = None
+
+
+# Module helpers stay above the deployment class: Serve ships the class to its replicas by value, and its
+# methods only see the names defined before it.
+# processor outputs consumed by the encoders (they go there, not to the thinker)
+ENCODER_INPUTS = ("pixel_values", "pixel_values_videos", "input_features")
+
+
+async def _json_body(request: Request):
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidRequestError(f"request body is not valid JSON: {e}") from None
+
+
+def _audio_format(req: ChatCompletionRequest) -> str:
+    return req.audio.format if req.audio is not None else "wav"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
+
+
+def _concat(chunks: list) -> np.ndarray:
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
 
 
 @serve.deployment(name="ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
@@ -317,30 +347,3 @@ class OmniIngress:
         response = error_response(exc)
         self.metrics.error(type(exc).__name__, response.status_code)
         return response
-
-
-# processor outputs consumed by the encoders (they go there, not to the thinker)
-ENCODER_INPUTS = ("pixel_values", "pixel_values_videos", "input_features")
-
-
-async def _json_body(request: Request):
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidRequestError(f"request body is not valid JSON: {e}") from None
-
-
-def _audio_format(req: ChatCompletionRequest) -> str:
-    return req.audio.format if req.audio is not None else "wav"
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens)
-
-
-def _concat(chunks: list):
-    import numpy as np
-
-    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
