@@ -77,6 +77,7 @@ class TalkerStage:
                 events.put_nowait(_DONE)
                 return
             params = talker_sampling(self.stage.config.talker_config, job.sampling)
+            groups = self.stage.config.talker_config.num_code_groups
             steps = stream_frames(self.stage.module, self.stage.config, [reply.request], [params])
             calls = 0
             while True:
@@ -87,7 +88,7 @@ class TalkerStage:
                 if step is None:
                     break
                 frame, reason = step.frames[0], step.finish_reasons[0]
-                codes = frame[:, None].cpu() if frame is not None else torch.zeros(0, 0, dtype=torch.long)
+                codes = frame[:, None].cpu() if frame is not None else torch.zeros(groups, 0, dtype=torch.long)
                 if frame is not None:
                     self.metrics.stage_tokens("talker", 1)
                 if frame is not None or reason is not None:
