@@ -91,21 +91,53 @@ def client(service):
     return openai.OpenAI(base_url=service["url"] + "/v1", api_key="unused", max_retries=0, timeout=300)
 
 
+class Reference:
+    """OmniModel.generate on what the processor makes of the same messages, in this process."""
+
+    def __init__(self, ckpt):
+        from common.processor import OmniProcessor
+        from stages.omni import OmniModel
+
+        self.model = OmniModel.from_pretrained(ckpt, device="cpu", dtype=torch.float32)
+        self.processor = OmniProcessor.from_pretrained(ckpt)
+
+    def __call__(self, messages, images=None, audio=None, **kwargs):
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = self.processor([prompt], images=images, audio=audio)
+        return self.model.generate(inputs, do_sample=False, **kwargs)[0]
+
+    def service_pcm(self, result) -> np.ndarray:
+        """The result's codes decoded the way the service decodes them: streamed in chunks of
+        codec_initial_chunk_frames then codec_chunk_frames, with one thread per replica (torch_threads=1)."""
+        from deployments.settings import ServiceSettings
+        from stages.code2wav import Code2WavStream
+
+        settings, frames = ServiceSettings(), result.codes.shape[1]
+        bounds = [0, min(settings.codec_initial_chunk_frames, frames)]
+        while bounds[-1] < frames:
+            bounds.append(min(bounds[-1] + settings.codec_chunk_frames, frames))
+        stream, threads = Code2WavStream(self.model.code2wav), torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            pieces = [stream.push(result.codes[None, :, a:b]) for a, b in zip(bounds, bounds[1:])]
+        finally:
+            torch.set_num_threads(threads)
+        return _pcm16(torch.cat(pieces, dim=-1)[0].numpy())
+
+
 @pytest.fixture(scope="module")
 def reference(service):
-    """`reference(messages, **generate_kwargs)`: OmniModel.generate on what the processor makes of `messages`."""
-    from common.processor import OmniProcessor
-    from stages.omni import OmniModel
+    return Reference(service["ckpt"])
 
-    model = OmniModel.from_pretrained(service["ckpt"], device="cpu", dtype=torch.float32)
-    processor = OmniProcessor.from_pretrained(service["ckpt"])
 
-    def run(messages, images=None, audio=None, **kwargs):
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = processor(text=[prompt], images=images, audio=audio)
-        return model.generate(inputs, do_sample=False, **kwargs)[0]
-
-    return run
+def _assert_speech(data: bytes, result, reference: Reference) -> None:
+    """The service's speech is the reference's codes decoded sample for sample (the same arithmetic as the
+    service's streamed decode), and within one PCM16 step of OmniModel's one-shot decode (float sums in another
+    order differ by ~1e-6)."""
+    samples, rate = sf.read(io.BytesIO(data), dtype="int16")
+    assert rate == 24000 and len(samples) == len(result.waveform) > 0
+    np.testing.assert_array_equal(samples, reference.service_pcm(result))
+    assert np.abs(samples.astype(int) - _pcm16(result.waveform).astype(int)).max() <= 1
 
 
 def _tone(seconds=0.6, rate=16000) -> np.ndarray:
@@ -137,6 +169,7 @@ def _pcm16(samples: np.ndarray) -> np.ndarray:
 
 
 HELLO = [{"role": "user", "content": "Hello there, who are you?"}]
+COUNT = [{"role": "user", "content": "Count to three, please."}]  # the tiny model's greedy reply is long
 
 
 # --- replies equal OmniModel.generate ----------------------------------------------------------------------------
@@ -164,16 +197,13 @@ def test_text_and_audio_reply(client, reference):
     expected = reference(HELLO, speaker="ethan", thinker_max_new_tokens=10, talker_max_new_tokens=24)
     choice = reply.choices[0]
     assert choice.token_ids == expected.token_ids and choice.message.content == expected.text
-    audio = choice.message.audio
-    assert audio.transcript == expected.text
-    samples, rate = sf.read(io.BytesIO(base64.b64decode(audio.data)), dtype="int16")
-    assert rate == 24000 and len(samples) > 0
-    np.testing.assert_array_equal(samples, _pcm16(expected.waveform))
+    assert choice.message.audio.transcript == expected.text
+    _assert_speech(base64.b64decode(choice.message.audio.data), expected, reference)
 
 
-def _stream(client, **kwargs) -> tuple[list[str], list[bytes], list[str], list]:
-    """(text deltas, PCM chunks, transcript deltas, raw chunks) of a streamed reply."""
-    texts, pcm, transcript, chunks = [], [], [], []
+def _stream(client, **kwargs) -> tuple[list[str], list[bytes], list[str], list, list[str]]:
+    """(text deltas, PCM chunks, transcript deltas, raw chunks, kinds in arrival order) of a streamed reply."""
+    texts, pcm, transcript, chunks, order = [], [], [], [], []
     for chunk in client.chat.completions.create(model=_model_id(client), stream=True, **kwargs):
         chunks.append(chunk)
         if not chunk.choices:
@@ -181,26 +211,31 @@ def _stream(client, **kwargs) -> tuple[list[str], list[bytes], list[str], list]:
         delta = chunk.choices[0].delta
         if delta.content:
             texts.append(delta.content)
+            order.append("text")
         audio = getattr(delta, "audio", None)
         if audio:
             if audio.get("data"):
                 pcm.append(base64.b64decode(audio["data"]))
+                order.append("audio")
             if audio.get("transcript"):
                 transcript.append(audio["transcript"])
-    return texts, pcm, transcript, chunks
+    return texts, pcm, transcript, chunks, order
 
 
 def test_streamed_audio_equals_non_streamed(client):
-    kwargs = dict(messages=HELLO, max_tokens=10, modalities=["text", "audio"], audio={"voice": "chelsie", "format": "pcm16"},
-                  extra_body={"talker_max_tokens": 30, **GREEDY})
+    """A long reply (this prompt makes the tiny model talk until max_tokens) with a short voice: the speech
+    streams while the thinker still generates, and the streamed PCM is the non-streamed reply byte for byte."""
+    kwargs = dict(messages=COUNT, max_tokens=60, modalities=["text", "audio"],
+                  audio={"voice": "chelsie", "format": "pcm16"}, extra_body={"talker_max_tokens": 14, **GREEDY})
     whole = client.chat.completions.create(model=_model_id(client), **kwargs).choices[0]
-    texts, pcm, transcript, chunks = _stream(client, stream_options={"include_usage": True}, **kwargs)
+    texts, pcm, transcript, chunks, order = _stream(client, stream_options={"include_usage": True}, **kwargs)
     assert b"".join(pcm) == base64.b64decode(whole.message.audio.data)
     assert len(pcm) >= 2  # a small first chunk, then the rest
     assert "".join(texts) == whole.message.content == "".join(transcript)
     finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
-    assert [c.choices[0].finish_reason for c in finals] == [whole.finish_reason]
-    assert chunks[-1].usage.completion_tokens == len(whole.token_ids)
+    assert [c.choices[0].finish_reason for c in finals] == [whole.finish_reason] == ["length"]
+    assert chunks[-1].usage.completion_tokens == len(whole.token_ids) == 60
+    assert order.index("audio") < len(order) - 1 - order[::-1].index("text")  # audio began before the text ended
 
 
 def test_image_and_audio_input(client, reference, service):
@@ -221,13 +256,12 @@ def test_image_and_audio_input(client, reference, service):
     expected = reference(template, images=[image], audio=[tone], speaker="aiden", thinker_max_new_tokens=8,
                          talker_max_new_tokens=16)
     assert reply.token_ids == expected.token_ids
-    samples, _ = sf.read(io.BytesIO(base64.b64decode(reply.message.audio.data)), dtype="int16")
-    np.testing.assert_array_equal(samples, _pcm16(expected.waveform))
+    _assert_speech(base64.b64decode(reply.message.audio.data), expected, reference)
 
 
 def test_concurrent_requests(service, reference):
     """8 requests at once (two prompts, text and speech): each reply equals the one-by-one result."""
-    prompts = [HELLO, [{"role": "user", "content": "Count to three, please."}]]
+    prompts = [HELLO, COUNT]
     expected = [reference(p, speaker="ethan", thinker_max_new_tokens=6, talker_max_new_tokens=8) for p in prompts]
     aclient = openai.AsyncOpenAI(base_url=service["url"] + "/v1", api_key="unused", max_retries=0, timeout=300)
 
@@ -245,8 +279,7 @@ def test_concurrent_requests(service, reference):
         want = expected[i % 2]
         assert reply.choices[0].token_ids == want.token_ids, i
         if i % 4 < 2:
-            samples, _ = sf.read(io.BytesIO(base64.b64decode(reply.choices[0].message.audio.data)), dtype="int16")
-            np.testing.assert_array_equal(samples, _pcm16(want.waveform))
+            _assert_speech(base64.b64decode(reply.choices[0].message.audio.data), want, reference)
         else:
             assert reply.choices[0].message.audio is None
 
