@@ -84,7 +84,9 @@ class AudioEncoder(nn.Module):
         self.tokens_per_chunk = audio_token_count(self.chunk_frames, cfg.n_window)  # t (13 for the real model)
         self.window_tokens = self.tokens_per_chunk * (cfg.n_window_infer // self.chunk_frames)
         if self.window_tokens == 0:
-            raise ConfigError(f"n_window_infer={cfg.n_window_infer} is shorter than one chunk of {self.chunk_frames} frames")
+            raise ConfigError(f"audio n_window_infer={cfg.n_window_infer} is under one {self.chunk_frames}-frame chunk")
+        if cfg.max_source_positions < self.tokens_per_chunk:
+            raise ConfigError(f"audio max_source_positions={cfg.max_source_positions} < {self.tokens_per_chunk}")
 
         ch = cfg.downsample_hidden_size
         self.conv2d1 = nn.Conv2d(1, ch, 3, stride=2, padding=1)
@@ -108,7 +110,7 @@ class AudioEncoder(nn.Module):
     def forward(self, input_features: torch.Tensor, feature_lens: torch.Tensor) -> torch.Tensor:
         """input_features [B, M, T] (valid frames first, any padding after), feature_lens [B] -> [N, Do].
 
-        Row i of the output belongs to audio b for sum(audio_token_count(L_<b)) <= i < sum(audio_token_count(L_<=b)).
+        Audio b owns audio_token_count(feature_lens[b]) consecutive rows, audios in input order.
         """
         self._check_inputs(input_features, feature_lens)
         feature_lens = feature_lens.to(device=input_features.device, dtype=torch.long)
@@ -135,14 +137,15 @@ class AudioEncoder(nn.Module):
                 f"feature_lens must be [{input_features.shape[0]}], got {tuple(feature_lens.shape)}",
                 param="feature_lens",
             )
-        if feature_lens.numel() and not 0 <= int(feature_lens.min()) <= int(feature_lens.max()) <= input_features.shape[2]:
+        frames = input_features.shape[2]
+        if feature_lens.numel() and not 0 <= int(feature_lens.min()) <= int(feature_lens.max()) <= frames:
             raise InvalidRequestError(
-                f"feature_lens must lie in [0, {input_features.shape[2]}], got {feature_lens.tolist()}",
+                f"feature_lens must lie in [0, {frames}], got {feature_lens.tolist()}",
                 param="feature_lens",
             )
 
-    def _cut_chunks(self, input_features: torch.Tensor, feature_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cut every audio into K-frame chunks, zero-padded to K -> (chunks [C, M, K], valid tokens per chunk [C])."""
+    def _cut_chunks(self, input_features: torch.Tensor, feature_lens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every audio in K-frame chunks, zero-padded to K -> (chunks [C, M, K], valid tokens per chunk [C])."""
         k = self.chunk_frames
         num_chunks = (feature_lens + k - 1) // k  # [B]
         audio, index = ragged_arange(num_chunks)  # [C], [C]
@@ -152,7 +155,7 @@ class AudioEncoder(nn.Module):
         valid = frame_idx < feature_lens[audio][:, None]  # [C, K]
         frame_idx = frame_idx.clamp(max=max(input_features.shape[2] - 1, 0))
         chunks = input_features.transpose(1, 2)[audio[:, None], frame_idx]  # [C, K, M]
-        chunks = chunks * valid[:, :, None].to(chunks.dtype)
+        chunks = torch.where(valid[:, :, None], chunks, 0.0)  # whatever the caller's padding holds
         return chunks.transpose(1, 2), audio_token_count(frames, self.cfg.n_window)
 
     def _embed_chunks(self, chunks: torch.Tensor) -> torch.Tensor:

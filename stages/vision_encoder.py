@@ -189,7 +189,9 @@ class VisionEncoder(nn.Module):
                 param="pixel_values",
             )
 
-    def _learned_positions(self, row: torch.Tensor, col: torch.Tensor, height: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+    def _learned_positions(
+        self, row: torch.Tensor, col: torch.Tensor, height: torch.Tensor, width: torch.Tensor
+    ) -> torch.Tensor:
         """The G×G learned table resampled bilinearly (align_corners=True) to each frame's h×w grid -> [N, D]."""
         row_taps, row_weights = bilinear_taps(row, height, self.grid_side)  # [N, 2] each
         col_taps, col_weights = bilinear_taps(col, width, self.grid_side)

@@ -54,9 +54,11 @@ def build_pair(shape: str | dict, seed: int = 0) -> tuple[AudioEncoder, nn.Modul
 
 
 def padded_batch(lengths: list[int], mels: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random log-mel [B, M, T] with garbage (not zeros) in the padding, and the lengths [B]."""
+    """Random log-mel [B, M, T] with NaN in the padding (it must never be read), and the lengths [B]."""
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(len(lengths), mels, max(lengths) + 7, generator=g)
+    for b, length in enumerate(lengths):
+        feats[b, :, length:] = float("nan")
     return feats, torch.tensor(lengths)
 
 
@@ -186,8 +188,8 @@ def test_tiny_checkpoint_matches_transformers(any_tiny_ckpt, hf_model):
     cfg = ours.cfg
     hf = hf_model(any_tiny_ckpt).thinker.model.audio_tower
     window_frames = cfg.n_window_infer
-    # < one chunk, one chunk, two windows plus a partial chunk, one frame
-    lengths = [37, 2 * cfg.n_window, 2 * window_frames + 3 * cfg.n_window + 1, 1]
+    # < one chunk, one chunk, two windows plus a partial chunk, one frame, > 30 s (the feature extractor's clip)
+    lengths = [37, 2 * cfg.n_window, 2 * window_frames + 3 * cfg.n_window + 1, 1, 3217]
     feats, lens = padded_batch(lengths, cfg.num_mel_bins)
     got = ours(feats, lens)
     want = hf_encode(hf, feats, lens)

@@ -92,10 +92,11 @@ def test_each_image_encodes_as_if_alone():
     pixels, grid_thw = random_patches(GRIDS, ours.cfg)
     merged, deepstack = ours(pixels, grid_thw)
     sizes = grid_thw.prod(1).tolist()
+    tokens = [s // 4 for s in sizes]
     for i, (patches, grid) in enumerate(zip(pixels.split(sizes), grid_thw)):
         alone, alone_deepstack = ours(patches, grid[None])
-        torch.testing.assert_close(merged.split([s // 4 for s in sizes])[i], alone, rtol=0, atol=1e-5)
-        torch.testing.assert_close(deepstack[-1].split([s // 4 for s in sizes])[i], alone_deepstack[-1], rtol=0, atol=1e-5)
+        torch.testing.assert_close(merged.split(tokens)[i], alone, rtol=0, atol=1e-5)
+        torch.testing.assert_close(deepstack[-1].split(tokens)[i], alone_deepstack[-1], rtol=0, atol=1e-5)
 
 
 @torch.no_grad()

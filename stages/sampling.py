@@ -1,0 +1,122 @@
+"""Next-token selection over a batch of logits, each row with its own `SamplingParams`.
+
+Shapes: B rows, V vocabulary, L history length.
+
+`sample_next` is a pure function of the logits, the parameters, each row's token history and generator, so an
+engine can batch any mix of requests (greedy next to sampled, different seeds). The processing matches
+transformers' `generate` (same order, same float32 arithmetic): repetition penalty over the row's history
+(prompt and generated tokens, padding excluded), suppressed ranges, min-new-tokens, then, for sampled rows,
+temperature, top-k, top-p and a multinomial draw.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from common.sampling import SamplingParams
+
+
+def make_generators(params: list[SamplingParams], device: torch.device | str) -> list[torch.Generator | None]:
+    """One seeded generator per row that asked for a seed (None: use the global RNG)."""
+    gens = []
+    for p in params:
+        if p.seed is None:
+            gens.append(None)
+        else:
+            gens.append(torch.Generator(device=device).manual_seed(p.seed))
+    return gens
+
+
+def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """Divide positive / multiply negative logits of tokens seen in the row's `history [B, L]` by `penalty [B]`.
+
+    History entries ≥ V (the padding sentinel) are ignored. A penalty of 1 leaves a row unchanged.
+    """
+    V = logits.shape[-1]
+    padded = torch.nn.functional.pad(logits, (0, 1))  # [B, V + 1]: column V absorbs the sentinel
+    ids = history.clamp(max=V)
+    seen = torch.gather(padded, 1, ids)  # [B, L]
+    p = penalty[:, None].to(logits.dtype)
+    seen = torch.where(seen < 0, seen * p, seen / p)
+    return padded.scatter(1, ids, seen)[:, :V]
+
+
+def _filter_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep the `top_k [B]` largest logits per row (ties with the k-th kept); 0 = no filtering."""
+    V = logits.shape[-1]
+    k = top_k.clamp(max=V)
+    sorted_desc = torch.sort(logits, dim=-1, descending=True).values
+    kth = sorted_desc.gather(1, (k - 1).clamp(min=0)[:, None])  # [B, 1]
+    remove = (logits < kth) & (k > 0)[:, None]
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def _filter_top_p(logits: torch.Tensor, top_p: list[float]) -> torch.Tensor:
+    """Nucleus filtering (transformers' rule): drop the least likely tokens whose cumulative probability is
+    ≤ 1 − top_p, always keeping the most likely one. Rows with top_p = 1 are left unchanged."""
+    # 1 − top_p in double precision, then float32, exactly as transformers compares it
+    threshold = torch.tensor([1 - p for p in top_p], device=logits.device)[:, None]  # [B, 1]
+    active = torch.tensor([p < 1 for p in top_p], device=logits.device)[:, None]  # [B, 1]
+    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative <= threshold
+    remove_sorted[:, -1] = False
+    remove = remove_sorted.scatter(1, sorted_idx, remove_sorted) & active
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def process_logits(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    history: torch.Tensor | None = None,
+    num_generated: list[int] | None = None,
+) -> torch.Tensor:
+    """The processed float32 logits `[B, V]` (before temperature / top-k / top-p)."""
+    B, V = logits.shape
+    device = logits.device
+    logits = logits.float()
+    penalty = torch.tensor([p.repetition_penalty for p in params], device=device)
+    if history is not None and bool((penalty != 1).any()):
+        logits = apply_repetition_penalty(logits, history, penalty)
+    banned = torch.zeros(B, V, dtype=torch.bool, device=device)
+    for row, p in enumerate(params):
+        for start, end in p.suppress_ranges:
+            banned[row, start : min(end, V)] = True
+        if num_generated is not None and num_generated[row] < p.min_new_tokens:
+            stop = [t for t in p.stop_token_ids if t < V]
+            banned[row, stop] = True
+    return logits.masked_fill(banned, float("-inf"))
+
+
+def sample_next(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    history: torch.Tensor | None = None,
+    generators: list[torch.Generator | None] | None = None,
+    num_generated: list[int] | None = None,
+) -> torch.Tensor:
+    """Next token per row, `[B]` int64, from `logits [B, V]`.
+
+    `history [B, L]`: the tokens the repetition penalty looks at (values ≥ V are padding and ignored);
+    `generators`: per-row RNG (None = global); `num_generated`: tokens generated so far per row (min_new_tokens).
+    """
+    B, V = logits.shape
+    scores = process_logits(logits, params, history, num_generated)
+    next_ids = scores.argmax(dim=-1)  # greedy rows keep this
+    sampled = [row for row, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return next_ids
+
+    device = logits.device
+    rows = torch.tensor(sampled, device=device)
+    sub = scores[rows]  # [b, V]
+    temperature = torch.tensor([params[r].temperature for r in sampled], device=device)
+    sub = sub / temperature[:, None]
+    sub = _filter_top_k(sub, torch.tensor([params[r].top_k for r in sampled], device=device))
+    sub = _filter_top_p(sub, [params[r].top_p for r in sampled])
+    probs = sub.softmax(dim=-1)
+    gens = generators if generators is not None else [None] * B
+    for i, row in enumerate(sampled):
+        # one draw per row, each from its own generator, so a seeded request is reproducible in any batch
+        next_ids[row] = torch.multinomial(probs[i : i + 1], 1, generator=gens[row])[0, 0]
+    return next_ids
