@@ -494,22 +494,27 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def _write_sharded(out: Path, tensors: dict[str, torch.Tensor]) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
+def _write_sharded(out: Path, shapes: dict[str, tuple[int, ...]], gen: torch.Generator, dtype: torch.dtype,
+                   shard_bytes: int) -> None:
+    """Draw the tensors in name order and write them in shards of about `shard_bytes`, one shard in memory at a
+    time (a full-width checkpoint does not fit in memory twice)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards: list[list[str]] = [[]]
     size = 0
-    for name in sorted(tensors):
-        nbytes = tensors[name].numel() * tensors[name].element_size()
-        if size + nbytes > SHARD_BYTES and shards[-1]:
-            shards.append({})
+    for name in sorted(shapes):
+        nbytes = math.prod(shapes[name]) * itemsize
+        if size + nbytes > shard_bytes and shards[-1]:
+            shards.append([])
             size = 0
-        shards[-1][name] = tensors[name]
+        shards[-1].append(name)
         size += nbytes
     weight_map = {}
-    for i, shard in enumerate(shards, start=1):
+    for i, names in enumerate(shards, start=1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        shard = {name: _init_tensor(name, shapes[name], gen).to(dtype).contiguous() for name in names}
         save_file(shard, str(out / fname), metadata={"format": "pt"})
-        weight_map.update({name: fname for name in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update({name: fname for name in names})
+    total = sum(math.prod(shape) * itemsize for shape in shapes.values())
     _write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
@@ -517,20 +522,24 @@ def write_tiny_checkpoint(out_dir, seed: int = 0, variant: str = "default", thin
     """Write the tiny checkpoint into `out_dir` (created; existing files of the same names are replaced)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown tiny variant {variant!r}; choose one of {sorted(VARIANTS)}")
+    tok = build_tokenizer()
+    return write_checkpoint(out_dir, build_config(tok, variant, thinker_only), seed=seed, tokenizer=tok)
+
+
+def write_checkpoint(out_dir, config: dict, seed: int = 0, dtype: torch.dtype = torch.float32,
+                     shard_bytes: int = SHARD_BYTES, tokenizer=None) -> Path:
+    """Write a random checkpoint for `config` (a config.json dict whose token ids are the tiny tokenizer's, e.g.
+    `build_config`'s with other widths: the benchmarks' full-width model) with the tiny tokenizer and processor."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer()
-    config = build_config(tok, variant, thinker_only)
-
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {name: _init_tensor(name, shape, gen).contiguous()
-               for name, shape in sorted(hub_weight_shapes(config).items())}
-    _write_sharded(out, tensors)
+    tok = tokenizer if tokenizer is not None else build_tokenizer()
+    _write_sharded(out, hub_weight_shapes(config), torch.Generator().manual_seed(seed), dtype, shard_bytes)
 
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", _generation_config(tok))
     tok.save(str(out / "tokenizer.json"))
     _write_json(out / "tokenizer_config.json", _tokenizer_config(tok))
     _write_json(out / "chat_template.json", {"chat_template": QWEN3_OMNI_CHAT_TEMPLATE})
-    _write_json(out / "preprocessor_config.json", _preprocessor_config(VARIANTS[variant]["n_mels"]))
+    _write_json(out / "preprocessor_config.json",
+                _preprocessor_config(config["thinker_config"]["audio_config"]["num_mel_bins"]))
     return out

@@ -191,6 +191,8 @@ def _row_positions(ids: torch.Tensor, spec: RopeIndexSpec, images, videos, secon
             # transformers continues from the unmerged tail of one of the two lists, not the whole block
             place(body, continue_from=both[:, tail] if len(tail) else body)
         i += body.shape[1]
+        if i < n and ids_list[i] in (spec.image_token_id, spec.video_token_id, spec.audio_token_id):
+            raise InvalidRequestError(f"{kind}: more placeholder tokens in the prompt than its input implies")
         place(_sequential(opener, next_pos))  # the closers mirror the openers
         i += opener
     if i != n:

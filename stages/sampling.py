@@ -88,6 +88,15 @@ def process_logits(
     return logits.masked_fill(banned, float("-inf"))
 
 
+def warp_logits(scores: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k, then top-p, per row, on processed float32 logits `[B, V]`."""
+    device = scores.device
+    temperature = torch.tensor([p.temperature for p in params], device=device)
+    scores = scores / temperature[:, None]
+    scores = _filter_top_k(scores, torch.tensor([p.top_k for p in params], device=device))
+    return _filter_top_p(scores, [p.top_p for p in params])
+
+
 def sample_next(
     logits: torch.Tensor,
     params: list[SamplingParams],
@@ -100,21 +109,15 @@ def sample_next(
     `history [B, L]`: the tokens the repetition penalty looks at (values ≥ V are padding and ignored);
     `generators`: per-row RNG (None = global); `num_generated`: tokens generated so far per row (min_new_tokens).
     """
-    B, V = logits.shape
+    B = logits.shape[0]
     scores = process_logits(logits, params, history, num_generated)
     next_ids = scores.argmax(dim=-1)  # greedy rows keep this
     sampled = [row for row, p in enumerate(params) if not p.greedy]
     if not sampled:
         return next_ids
 
-    device = logits.device
-    rows = torch.tensor(sampled, device=device)
-    sub = scores[rows]  # [b, V]
-    temperature = torch.tensor([params[r].temperature for r in sampled], device=device)
-    sub = sub / temperature[:, None]
-    sub = _filter_top_k(sub, torch.tensor([params[r].top_k for r in sampled], device=device))
-    sub = _filter_top_p(sub, [params[r].top_p for r in sampled])
-    probs = sub.softmax(dim=-1)
+    rows = torch.tensor(sampled, device=logits.device)
+    probs = warp_logits(scores[rows], [params[r] for r in sampled]).softmax(dim=-1)  # [b, V]
     gens = generators if generators is not None else [None] * B
     for i, row in enumerate(sampled):
         # one draw per row, each from its own generator, so a seeded request is reproducible in any batch

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from common.config import ThinkerConfig, ThinkerTextConfig
+from common.checkpoint import STAGE_PREFIXES, load_stage_weights
+from common.config import ThinkerConfig, ThinkerTextConfig, load_config
 from common.errors import ConfigError, InvalidRequestError
 from common.messages import TalkerPrompt, ThinkerTokens
 from common.sampling import SamplingParams
@@ -63,6 +65,17 @@ class ThinkerLM(nn.Module):
         self.model = ThinkerTextModel(cfg.text_config)
         self.lm_head = nn.Linear(cfg.text_config.hidden_size, cfg.text_config.vocab_size, bias=False)
         self.rope_spec = RopeIndexSpec.for_thinker(cfg)
+
+    @classmethod
+    def from_pretrained(
+        cls, ckpt_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> ThinkerLM:
+        """Build on the meta device and load only the thinker LM's tensors of a checkpoint folder."""
+        cfg = load_config(ckpt_dir)
+        with torch.device("meta"):
+            model = cls(cfg.thinker_config)
+        load_stage_weights(model, ckpt_dir, STAGE_PREFIXES["thinker"], dtype, device)
+        return model.eval()
 
     # ----------------------------------------------------------------------------------------------------------
     # Embedding

@@ -14,15 +14,18 @@ from stages.thinker import ThinkerLM, ThinkerPrompt, generate, generate_referenc
 SR = 16000
 
 
-def load_ours(ckpt, hf):
-    """Our ThinkerLM with the weights transformers loaded (its in-memory names already hold stacked experts)."""
-    cfg = load_config(ckpt)
-    model = ThinkerLM(cfg.thinker_config).eval()
+def test_from_pretrained_loads_the_same_tensors_as_transformers(any_tiny_ckpt, hf_model):
+    ours = ThinkerLM.from_pretrained(any_tiny_ckpt)
+    hf = hf_model(any_tiny_ckpt)
     prefix = "thinker.model.language_model."
-    state = {"model." + k[len(prefix):]: v for k, v in hf.state_dict().items() if k.startswith(prefix)}
-    state["lm_head.weight"] = hf.thinker.lm_head.weight
-    model.load_state_dict(state, strict=True)
-    return model
+    ref = {"model." + k[len(prefix):]: v for k, v in hf.state_dict().items() if k.startswith(prefix)}
+    ref["lm_head.weight"] = hf.thinker.lm_head.weight
+    state = ours.state_dict()
+    assert set(state) == set(ref)
+    for name, tensor in state.items():
+        assert torch.equal(tensor, ref[name]), name
+    torch.testing.assert_close(ours.model.rotary.inv_freq, hf.thinker.model.language_model.rotary_emb.inv_freq,
+                               rtol=0, atol=0)
 
 
 def chirp(seconds, f0=300.0, f1=2000.0):
@@ -83,7 +86,7 @@ def encoder_outputs(hf, inputs):
 def setup(request, hf_model, hf_processor):
     ckpt = request.getfixturevalue(request.param)
     hf = hf_model(ckpt)
-    return ckpt, hf, hf_processor(ckpt), load_ours(ckpt, hf)
+    return ckpt, hf, hf_processor(ckpt), ThinkerLM.from_pretrained(ckpt)
 
 
 BATCH = [

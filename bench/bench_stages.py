@@ -1,0 +1,161 @@
+"""Each stage alone, ours vs transformers on the same checkpoint: audio encoder, vision encoder, Code2Wav.
+
+Ours is loaded stage by stage through `common.checkpoint.load_stage_weights`; transformers' whole model through
+`from_pretrained`, and its sub-modules are timed (`thinker.model.audio_tower`, `thinker.model.visual`, `code2wav`). Every
+case also reports the largest difference between the two outputs, so a fast wrong answer shows.
+
+    python -m bench.bench_stages                                        # CPU, tiny checkpoint
+    python -m bench.bench_stages --device cuda --model full --layers 8  # GPU, real widths, bf16
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench import common
+from common.checkpoint import STAGE_PREFIXES, load_stage_weights
+from common.config import load_config
+
+STAGES = ("audio", "vision", "code2wav")
+
+
+def main() -> None:
+    p = common.parser(__doc__.split("\n")[0])
+    common.add_checkpoint_args(p)
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
+    p.add_argument("--audio-seconds", default="10,30", help="comma list: length of each audio")
+    p.add_argument("--audio-batch", default="1,4", help="comma list: audios per call")
+    p.add_argument("--image-sizes", default="448,896", help="comma list: square image side in pixels")
+    p.add_argument("--image-batch", default="1,4", help="comma list: images per call")
+    p.add_argument("--codec-seconds", default="10,30", help="comma list: seconds of speech to decode")
+    args = p.parse_args()
+    device, dtype = common.resolve_device_dtype(args)
+    ckpt = common.build_checkpoint(args, dtype)
+    cfg = load_config(ckpt)
+    hf = common.load_transformers(ckpt, dtype, device)
+
+    results = []
+    for stage in args.stages.split(","):
+        bench = {"audio": bench_audio, "vision": bench_vision, "code2wav": bench_code2wav}[stage]
+        results += bench(args, cfg, ckpt, hf, device, dtype)
+
+    settings = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "model": args.model,
+                **({"layers": args.layers} if args.model == "full" and args.checkpoint is None else {}),
+                **common.transformers_settings(hf), "warmup": args.warmup, "repeats": args.repeats,
+                "checkpoint": common.checkpoint_summary(ckpt)}
+    common.report("bench_stages", args, settings, results, ["max_abs_diff", "extra"])
+
+
+def load_ours(module_class, stage_cfg, ckpt, stage: str, dtype: torch.dtype, device: torch.device):
+    with torch.device("meta"):
+        module = module_class(stage_cfg)
+    return load_stage_weights(module, ckpt, STAGE_PREFIXES[stage], dtype, device).eval()
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def _case(name, ours_fn, hf_fn, args, device, compare, extra=None) -> common.Result:
+    ours_t = common.time_fn(ours_fn, device, args.warmup, args.repeats)
+    hf_t = common.time_fn(hf_fn, device, args.warmup, args.repeats)
+    with torch.inference_mode():
+        diff = compare(ours_fn(), hf_fn())
+    result = common.Result(name, ours_t, hf_t, {"max_abs_diff": diff, **(extra or {})})
+    print(f"{name}: ours {ours_t.median:.4f} s, transformers {hf_t.median:.4f} s, max |diff| {diff:.3g}", flush=True)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Audio encoder: log-mel [B, M, T] + lengths -> tokens (transformers takes the valid frames concatenated)
+
+
+def bench_audio(args, cfg, ckpt, hf, device, dtype) -> list[common.Result]:
+    from stages.audio_encoder import AudioEncoder
+
+    audio_cfg = cfg.thinker_config.audio_config
+    ours = load_ours(AudioEncoder, audio_cfg, ckpt, "audio_encoder", dtype, device)
+    tower = hf.thinker.model.audio_tower
+    results = []
+    for seconds in _ints(args.audio_seconds):
+        for batch in _ints(args.audio_batch):
+            frames = seconds * 100  # 10 ms hop
+            gen = torch.Generator().manual_seed(args.seed)
+            feats = torch.randn(batch, audio_cfg.num_mel_bins, frames, generator=gen).to(device, dtype)
+            lens = torch.full((batch,), frames, device=device)
+            flat = feats.transpose(0, 1).reshape(audio_cfg.num_mel_bins, batch * frames)  # [M, B·T]
+
+            results.append(_case(
+                f"audio encoder {batch}×{seconds} s", lambda: ours(feats, lens),
+                lambda: tower(flat, feature_lens=lens).last_hidden_state, args, device, common.max_abs_diff,
+            ))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Vision encoder: patches [N, C·Tp·P·P] + grids -> merged tokens and DeepStack features
+
+
+def bench_vision(args, cfg, ckpt, hf, device, dtype) -> list[common.Result]:
+    from stages.vision_encoder import VisionEncoder
+
+    vision_cfg = cfg.thinker_config.vision_config
+    ours = load_ours(VisionEncoder, vision_cfg, ckpt, "vision_encoder", dtype, device)
+    visual = hf.thinker.model.visual
+    patch_dim = vision_cfg.in_channels * vision_cfg.temporal_patch_size * vision_cfg.patch_size**2
+    results = []
+    for side in _ints(args.image_sizes):
+        for batch in _ints(args.image_batch):
+            grid = side // vision_cfg.patch_size
+            grid_thw = torch.tensor([[1, grid, grid]] * batch, device=device)
+            gen = torch.Generator().manual_seed(args.seed)
+            pixels = torch.randn(batch * grid * grid, patch_dim, generator=gen).to(device, dtype)
+
+            def compare(got, want):
+                merged, deepstack = got
+                return max([common.max_abs_diff(merged, want.pooler_output)]
+                           + [common.max_abs_diff(a, b) for a, b in zip(deepstack, want.deepstack_features)])
+
+            results.append(_case(
+                f"vision encoder {batch}×{side}² px", lambda: ours(pixels, grid_thw),
+                lambda: visual(pixels, grid_thw=grid_thw), args, device, compare,
+                {"extra": f"{batch * grid * grid} patches"},
+            ))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Code2Wav: codes [B, Q, F] -> waveform; full decode, and the chunked decode transformers' generate uses
+
+
+def bench_code2wav(args, cfg, ckpt, hf, device, dtype) -> list[common.Result]:
+    from stages.code2wav import Code2Wav
+
+    c2w_cfg = cfg.code2wav_config
+    ours = load_ours(Code2Wav, c2w_cfg, ckpt, "code2wav", dtype, device)
+    vocoder = hf.code2wav
+    frame_rate = 24000 / c2w_cfg.total_upsample  # 12.5 frames per second of speech
+    results = []
+    for seconds in _ints(args.codec_seconds):
+        frames = round(seconds * frame_rate)
+        gen = torch.Generator().manual_seed(args.seed)
+        codes = torch.randint(0, c2w_cfg.codebook_size, (1, c2w_cfg.num_quantizers, frames), generator=gen)
+        codes = codes.to(device)
+
+        def compare(got, want):  # transformers' chunked decode leaves 555-sample gaps: compare the common prefix
+            want = want.reshape(got.shape[0], -1)
+            n = min(got.shape[-1], want.shape[-1])
+            return common.max_abs_diff(got[..., :n], want[..., :n])
+
+        full = _case(f"code2wav full decode {seconds} s", lambda: ours(codes), lambda: vocoder(codes),
+                     args, device, compare)
+        chunked = _case(f"code2wav chunked decode {seconds} s", lambda: ours.chunked_decode(codes),
+                        lambda: vocoder.chunked_decode(codes), args, device, compare)
+        for r in (full, chunked):
+            r.extra["extra"] = f"ours RTF {r.ours.median / seconds:.3f}, transformers RTF {r.hf.median / seconds:.3f}"
+        results += [full, chunked]
+    return results
+
+
+if __name__ == "__main__":
+    main()
