@@ -109,6 +109,26 @@ class Talker(nn.Module):
         # copied in by `load_talker` (or `set_tts_embeds`) so a talker process needs no thinker weights.
         self.register_buffer("tts_embeds", torch.zeros(3, cfg.thinker_hidden_size), persistent=False)
 
+    @classmethod
+    def from_pretrained(
+        cls, ckpt_dir: str | Path, cfg: OmniConfig, dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> Talker:
+        """Build on the meta device, load the hub tensors `talker.*` and the three tts rows of the thinker's
+        embedding table (read as a slice: the table itself is not loaded)."""
+        if cfg.talker_config is None:
+            raise ConfigError("this checkpoint has no talker (enable_audio_output is false)")
+        with torch.device("meta"):
+            talker = cls(cfg.talker_config)
+        load_stage_weights(talker, ckpt_dir, STAGE_PREFIXES["talker"], dtype, device)
+        name = "thinker.model.embed_tokens.weight"
+        ids = (cfg.tts_bos_token_id, cfg.tts_eos_token_id, cfg.tts_pad_token_id)
+        with safe_open(Path(ckpt_dir) / weight_map(ckpt_dir)[name], framework="pt") as f:
+            table = f.get_slice(name)
+            rows = torch.cat([table[i : i + 1] for i in ids])  # [3, Ht]
+        talker.set_tts_embeds(rows.to(device=device, dtype=dtype))
+        return talker.eval()
+
     def reset_buffers(self) -> None:
         self.tts_embeds = torch.zeros_like(self.tts_embeds)  # filled by set_tts_embeds after loading
 
@@ -127,21 +147,6 @@ class Talker(nn.Module):
         for index, layer in enumerate(self.model.layers):
             h = layer(h, cos, sin, mask, cache.layer(index), write_slots)
         return self.model.norm(h)
-
-
-def load_talker(ckpt_dir: str | Path, cfg: OmniConfig, dtype: torch.dtype, device: str | torch.device) -> Talker:
-    """The talker with its weights (hub `talker.*`) and the three tts rows of the thinker's embedding table."""
-    if cfg.talker_config is None:
-        raise ConfigError("this checkpoint has no talker (enable_audio_output is false)")
-    with torch.device("meta"):
-        talker = Talker(cfg.talker_config)
-    load_stage_weights(talker, ckpt_dir, STAGE_PREFIXES["talker"], dtype, device)
-    name = "thinker.model.embed_tokens.weight"
-    ids = [cfg.tts_bos_token_id, cfg.tts_eos_token_id, cfg.tts_pad_token_id]
-    with safe_open(Path(ckpt_dir) / weight_map(ckpt_dir)[name], framework="pt") as f:
-        table = f.get_slice(name)
-        talker.set_tts_embeds(torch.stack([table[i : i + 1][0] for i in ids]).to(device=device, dtype=dtype))
-    return talker
 
 
 # ---------------------------------------------------------------------------------------------------------------------
