@@ -42,6 +42,13 @@ from common.tokenizer import OmniTokenizer
 DEFAULT_N_WINDOW = 50
 DEFAULT_POSITION_ID_PER_SECONDS = 13.0
 
+# Placeholder and wrapper tokens, when tokenizer_config.json does not name them (older hub configs)
+QWEN3_OMNI_MM_TOKENS = {
+    "image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "audio_token": "<|audio_pad|>",
+    "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>",
+    "audio_bos_token": "<|audio_start|>", "audio_eos_token": "<|audio_end|>",
+}
+
 Fetcher = Callable[[str], bytes]  # remote URL -> bytes (the ingress supplies one; URLs fail without it)
 
 
@@ -57,9 +64,11 @@ class OmniProcessor:
         self.position_id_per_seconds = float(position_id_per_seconds)
         self.limits = limits
         self.fetch = fetch
-        tok = tokenizer.special_token
-        self.image_token, self.video_token, self.audio_token = tok("image_token"), tok("video_token"), tok("audio_token")
-        self.audio_bos_token, self.audio_eos_token = tok("audio_bos_token"), tok("audio_eos_token")
+        named = {**QWEN3_OMNI_MM_TOKENS, **tokenizer.special_tokens_map}
+        self.image_token, self.video_token, self.audio_token = named["image_token"], named["video_token"], named[
+            "audio_token"]
+        self.vision_bos_token, self.vision_eos_token = named["vision_bos_token"], named["vision_eos_token"]
+        self.audio_bos_token, self.audio_eos_token = named["audio_bos_token"], named["audio_eos_token"]
         self.image_token_id = tokenizer.token_to_id(self.image_token)
         self.video_token_id = tokenizer.token_to_id(self.video_token)
         self.audio_token_id = tokenizer.token_to_id(self.audio_token)
