@@ -270,3 +270,16 @@ def test_real_vocabulary_processor(tiny_ckpt, tmp_path):
     write_real_tokenizer(unnamed, name_mm_tokens=False)
     assert torch.equal(OmniProcessor.from_pretrained(unnamed)(text=prompts, images=images, audio=audio)["input_ids"],
                        out["input_ids"])
+
+
+def test_transformers_5_saved_layout(tiny_ckpt, tmp_path):
+    """A processor saved by transformers 5 (processor_config.json with nested components, chat_template.jinja,
+    `size` instead of min/max pixels) loads to the same processor."""
+    _hf(tiny_ckpt).save_pretrained(str(tmp_path))
+    assert (tmp_path / "processor_config.json").exists() and not (tmp_path / "preprocessor_config.json").exists()
+    images, audio = _media(5)
+    conversations = _conversations(images, audio)
+    a, b = OmniProcessor.from_pretrained(tiny_ckpt), OmniProcessor.from_pretrained(tmp_path)
+    prompts = b.apply_chat_template(conversations, add_generation_prompt=True)
+    assert prompts == a.apply_chat_template(conversations, add_generation_prompt=True)
+    _assert_same(b(text=prompts, images=images, audio=audio), a(text=prompts, images=images, audio=audio))
