@@ -82,7 +82,7 @@ class _Inputs:
 
     def take(self):
         if self.used >= len(self.values):
-            raise InvalidRequestError(f"the prompt has more {self.name} placeholders blocks than {self.name} inputs")
+            raise InvalidRequestError(f"the prompt has more {self.name} blocks than {self.name} inputs")
         self.used += 1
         return self.values[self.used - 1]
 

@@ -4,15 +4,13 @@ processor cannot run here, so its patchify is imported behind a stub and its res
 from __future__ import annotations
 
 import dataclasses
-import importlib.machinery
 import json
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hf_video_oracle import hf_patchify
 from PIL import Image
 
 from common.errors import InvalidRequestError
@@ -100,34 +98,13 @@ def test_bad_images_are_rejected(tiny_ckpt):
 # --------------------------------------------------------------------------------------------------
 # Video frames
 # --------------------------------------------------------------------------------------------------
-@pytest.fixture
-def hf_video_patchify(monkeypatch):
-    """transformers' `Qwen2VLVideoProcessor.patchify` (pure torch). Its module imports torchvision, which is not
-    installed: a stub module is put in place only for that import, and removed again."""
-    import transformers  # noqa: F401  (decide torchvision's absence before the stub exists)
-
-    names = ["torchvision", "torchvision.transforms", "torchvision.transforms.v2",
-             "torchvision.transforms.v2.functional"]
-    for name in names:
-        module = types.ModuleType(name)
-        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-        monkeypatch.setitem(sys.modules, name, module)
-    mod_name = "transformers.models.qwen2_vl.video_processing_qwen2_vl"
-    monkeypatch.delitem(sys.modules, mod_name, raising=False)
-    module = importlib.import_module(mod_name)
-    monkeypatch.delitem(sys.modules, mod_name)  # restored (absent) at teardown
-    return lambda videos, cfg: module.Qwen2VLVideoProcessor.patchify(
-        None, videos, patch_size=cfg.patch_size, merge_size=cfg.merge_size,
-        temporal_patch_size=cfg.temporal_patch_size)
-
-
 @pytest.mark.parametrize("num_frames", [1, 4, 5])
-def test_video_patchify_equals_transformers(any_tiny_ckpt, hf_video_patchify, num_frames):
+def test_video_patchify_equals_transformers(any_tiny_ckpt, num_frames):
     cfg = _cfg(any_tiny_ckpt)
     frames = torch.randn(num_frames, 3, 64, 96, generator=torch.Generator().manual_seed(num_frames))
-    ref, *ref_grid = hf_video_patchify(frames[None], cfg)
+    ref, ref_grid = hf_patchify(frames, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size)
     ours, grid = patchify(frames, cfg)
-    assert torch.equal(ours, ref[0]) and grid == tuple(ref_grid)
+    assert torch.equal(ours, ref) and grid == ref_grid
     assert grid[0] == (num_frames + 1) // 2  # odd counts padded with the last frame
 
 

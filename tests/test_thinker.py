@@ -267,3 +267,29 @@ def test_right_padding_is_rejected(setup):
     prompt.attention_mask[0, -1] = 0
     with pytest.raises(InvalidRequestError, match="left-padded"):
         generate(ours, prompt, [SamplingParams(max_new_tokens=2)])
+
+
+def test_logits_with_our_encoders_match_transformers(setup):
+    """The whole thinker forward on our own audio and vision encoders (not transformers')."""
+    from common.checkpoint import STAGE_PREFIXES, load_stage_weights
+    from stages.audio_encoder import AudioEncoder
+    from stages.vision_encoder import VisionEncoder
+
+    ckpt, hf, proc, ours = setup
+    cfg = load_config(ckpt).thinker_config
+    with torch.device("meta"):
+        audio_encoder, vision_encoder = AudioEncoder(cfg.audio_config), VisionEncoder(cfg.vision_config)
+    load_stage_weights(audio_encoder, ckpt, STAGE_PREFIXES["audio_encoder"], torch.float32, "cpu")
+    load_stage_weights(vision_encoder, ckpt, STAGE_PREFIXES["vision_encoder"], torch.float32, "cpu")
+    inputs = mixed_inputs(proc, BATCH)
+    lengths = inputs["feature_attention_mask"].sum(-1)
+    with torch.no_grad():
+        merged, deepstack = vision_encoder(inputs["pixel_values"], inputs["image_grid_thw"])
+        prompt = ThinkerPrompt(
+            inputs["input_ids"], inputs["attention_mask"],
+            audio_features=audio_encoder(inputs["input_features"], lengths), audio_feature_lengths=lengths,
+            image_features=merged, image_deepstack=deepstack, image_grid_thw=inputs["image_grid_thw"],
+        )
+        ref = hf.thinker(**inputs).logits
+    valid = inputs["attention_mask"].bool()
+    assert (full_logits(ours, prompt)[valid] - ref[valid]).abs().max() <= 1e-4
