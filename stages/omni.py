@@ -10,6 +10,7 @@ Shapes: B batch rows, T prompt length (left-padded), G code groups, F frames, S 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +25,7 @@ from common.tokenizer import OmniTokenizer
 from stages.audio_encoder import AudioEncoder
 from stages.code2wav import Code2Wav
 from stages.talker import Talker, TalkerRequest, generate_codes, speaker_codec_id, talker_sampling
-from stages.thinker import ThinkerLM, ThinkerPrompt
-from stages.thinker import generate as thinker_generate
+from stages.thinker import ThinkerLM, ThinkerPrompt, ThinkerResult, stream_generate
 from stages.vision_encoder import VisionEncoder
 
 SAMPLE_RATE = 24000
@@ -48,9 +48,10 @@ def _default_device() -> torch.device:
 
 
 class OmniModel:
-    def __init__(self, cfg: OmniConfig, generation_config: dict, tokenizer: OmniTokenizer, thinker: ThinkerLM,
-                 audio_encoder: AudioEncoder, vision_encoder: VisionEncoder, talker: Talker | None,
-                 code2wav: Code2Wav | None):
+    def __init__(self, folder: Path, cfg: OmniConfig, generation_config: dict, tokenizer: OmniTokenizer,
+                 thinker: ThinkerLM, audio_encoder: AudioEncoder, vision_encoder: VisionEncoder,
+                 talker: Talker | None, code2wav: Code2Wav | None):
+        self.folder = folder  # the checkpoint folder (processor files live there too)
         self.cfg = cfg
         self.generation_config = generation_config
         self.tokenizer = tokenizer
@@ -78,7 +79,7 @@ class OmniModel:
             talker = Talker.from_pretrained(folder, cfg, dtype=dtype, device=device)
             code2wav = Code2Wav.from_pretrained(folder, cfg, dtype=dtype, device=device)
         tokenizer = OmniTokenizer.from_pretrained(folder)
-        return cls(cfg, load_generation_config(folder), tokenizer, thinker, audio, vision, talker, code2wav)
+        return cls(folder, cfg, load_generation_config(folder), tokenizer, thinker, audio, vision, talker, code2wav)
 
     @property
     def device(self) -> torch.device:
@@ -111,6 +112,7 @@ class OmniModel:
         thinker_eos_token_id: int | list[int] | None = None,
         use_audio_in_video: bool = False,
         seed: int | None = None,
+        on_text: Callable[[int, str], None] | None = None,
     ) -> list[OmniResult]:
         """Text (and speech) for every row of a processor output batch (left-padded, as the processor makes it).
 
@@ -118,6 +120,7 @@ class OmniModel:
         checkpoint's generation_config.json; `do_sample` is False unless asked. The talker_* arguments override
         the talker's choices, which default to `do_sample` and transformers' talker defaults.
         `talker_max_new_tokens` counts codebook-0 tokens as transformers does (at most that minus one frames).
+        `on_text(row, delta)` is called with each row's new text as the thinker produces it.
         """
         # 1. what to produce, and how
         if return_audio is None:
@@ -131,10 +134,7 @@ class OmniModel:
                                               repetition_penalty, thinker_eos_token_id, seed)
         # 2. encoders, 3. thinker
         prompt = self._thinker_prompt(inputs, use_audio_in_video)
-        thinker_out = thinker_generate(
-            self.thinker, prompt, [thinker_params] * B, speaking=[return_audio] * B,
-            accept_hidden_layer=self.cfg.talker_config.accept_hidden_layer if return_audio else None,
-        )
+        thinker_out = self._run_thinker(prompt, thinker_params, return_audio, on_text)
         results = [
             OmniResult(r.token_ids[:-1] if r.finish_reason == "stop" else r.token_ids, "", None, None, r.finish_reason)
             for r in thinker_out
@@ -174,6 +174,33 @@ class OmniModel:
         return results
 
     # ------------------------------------------------------------------------------------------------------------
+    def _run_thinker(self, prompt: ThinkerPrompt, params: SamplingParams, speaking: bool,
+                     on_text: Callable[[int, str], None] | None) -> list[ThinkerResult]:
+        """The thinker over the batch, with the talker messages of every row when speaking."""
+        B = prompt.input_ids.shape[0]
+        results = [ThinkerResult([], "length") for _ in range(B)]
+        detokenizers = [self.tokenizer.stream() for _ in range(B)]
+        steps = stream_generate(
+            self.thinker, prompt, [params] * B, speaking=[speaking] * B,
+            accept_hidden_layer=self.cfg.talker_config.accept_hidden_layer if speaking else None,
+        )
+        for step in steps:
+            for row, result in enumerate(results):
+                token, reason = step.token_ids[row], step.finish_reasons[row]
+                if token is not None:
+                    result.token_ids.append(token)
+                    if on_text is not None and not (reason == "stop"):
+                        on_text(row, detokenizers[row].push(token))
+                if reason is not None:
+                    result.finish_reason = reason
+                    if on_text is not None:
+                        on_text(row, detokenizers[row].flush())
+                if step.talker_prompts is not None:
+                    result.talker_prompt = step.talker_prompts[row]
+                if step.talker_tokens is not None and step.talker_tokens[row] is not None:
+                    result.talker_chunks.append(step.talker_tokens[row])
+        return results
+
     def _thinker_params(self, max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty, eos,
                         seed) -> SamplingParams:
         gen = self.generation_config

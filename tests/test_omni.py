@@ -268,3 +268,28 @@ def test_bug7_transformers_takes_the_assistant_start_from_row_0(default_setup):
     alone = ours.generate(alone_inputs, **kwargs)[0]
     assert batch[1].token_ids == alone.token_ids
     assert torch.equal(batch[1].codes, alone.codes)
+
+
+def test_cli_generate_writes_text_codes_and_wav(tiny_ckpt, tmp_path, capsys):
+    import json
+
+    import soundfile as sf
+
+    from deployments.cli import main
+
+    messages = tmp_path / "messages.json"
+    messages.write_text(json.dumps([{"role": "user", "content": [{"type": "text", "text": "Hello there."}]}]))
+    wav, out = tmp_path / "out.wav", tmp_path / "out.json"
+    code = main(["generate", "--model", str(tiny_ckpt), "--messages", str(messages), "--max-tokens", "5",
+                 "--max-audio-tokens", "6", "--speaker", "Chelsie", "--output-wav", str(wav),
+                 "--output-json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert capsys.readouterr().out.strip() == result["text"].strip()  # printed as produced
+    assert len(result["token_ids"]) >= 1 and result["sample_rate"] == 24000 and result["wav"] == str(wav)
+    codes = np.array(result["codes"])
+    audio, rate = sf.read(wav)
+    assert rate == 24000 and len(audio) == codes.shape[1] * 1920 - 555
+
+    assert main(["generate", "--model", str(tiny_ckpt), "--prompt", "Hi", "--speaker", "nobody"]) == 2
+    assert "chelsie" in capsys.readouterr().err
