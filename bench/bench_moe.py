@@ -40,14 +40,13 @@ def main() -> None:
         ours, hf, hidden = build_pair(block, args.experts, dtype, device, args.seed)
         for n in tokens:
             x = torch.randn(1, n, hidden, generator=torch.Generator().manual_seed(args.seed + n)).to(device, dtype)
-            ours_t = common.time_fn(lambda: ours(x), device, args.warmup, args.repeats)
             with torch.inference_mode():
                 want = ours(x)
             for impl in impls:
                 if impl == "batched_mm" and n > BATCHED_MM_MAX_TOKENS:
                     continue
                 hf.experts.config._experts_implementation = impl
-                hf_t = common.time_fn(lambda: hf(x), device, args.warmup, args.repeats)
+                ours_t, hf_t = common.time_pair([lambda: ours(x), lambda: hf(x)], device, args.warmup, args.repeats)
                 with torch.inference_mode():
                     diff = common.max_abs_diff(hf(x), want)
                 results.append(common.Result(

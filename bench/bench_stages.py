@@ -1,7 +1,9 @@
-"""Each stage alone, ours vs transformers on the same checkpoint: audio encoder, vision encoder, Code2Wav.
+"""Each stage alone, ours vs transformers on the same checkpoint: audio encoder, vision encoder, Code2Wav, and
+the thinker LM (prefill, and greedy decoding of a fixed number of tokens on text prompts).
 
 Ours is loaded stage by stage through `common.checkpoint.load_stage_weights`; transformers' whole model through
-`from_pretrained`, and its sub-modules are timed (`thinker.model.audio_tower`, `thinker.model.visual`, `code2wav`). Every
+`from_pretrained`, and its sub-modules are timed (`thinker.model.audio_tower`, `thinker.model.visual`, `code2wav`,
+`thinker`). Every
 case also reports the largest difference between the two outputs, so a fast wrong answer shows.
 
     python -m bench.bench_stages                                        # CPU, tiny checkpoint
@@ -16,7 +18,7 @@ from bench import common
 from common.checkpoint import STAGE_PREFIXES, load_stage_weights
 from common.config import load_config
 
-STAGES = ("audio", "vision", "code2wav")
+STAGES = ("audio", "vision", "code2wav", "thinker")
 
 
 def main() -> None:
@@ -28,6 +30,9 @@ def main() -> None:
     p.add_argument("--image-sizes", default="448,896", help="comma list: square image side in pixels")
     p.add_argument("--image-batch", default="1,4", help="comma list: images per call")
     p.add_argument("--codec-seconds", default="10,30", help="comma list: seconds of speech to decode")
+    p.add_argument("--prompt-tokens", default="128,1024", help="comma list: thinker prompt lengths")
+    p.add_argument("--prompt-batch", default="1,4", help="comma list: thinker prompts per call")
+    p.add_argument("--decode-tokens", type=int, default=32, help="greedy tokens per thinker decode case (≥ 2)")
     args = p.parse_args()
     device, dtype = common.resolve_device_dtype(args)
     ckpt = common.build_checkpoint(args, dtype)
@@ -36,7 +41,8 @@ def main() -> None:
 
     results = []
     for stage in args.stages.split(","):
-        bench = {"audio": bench_audio, "vision": bench_vision, "code2wav": bench_code2wav}[stage]
+        bench = {"audio": bench_audio, "vision": bench_vision, "code2wav": bench_code2wav,
+                 "thinker": bench_thinker}[stage]
         results += bench(args, cfg, ckpt, hf, device, dtype)
 
     settings = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "model": args.model,
@@ -57,8 +63,7 @@ def _ints(text: str) -> list[int]:
 
 
 def _case(name, ours_fn, hf_fn, args, device, compare, extra=None) -> common.Result:
-    ours_t = common.time_fn(ours_fn, device, args.warmup, args.repeats)
-    hf_t = common.time_fn(hf_fn, device, args.warmup, args.repeats)
+    ours_t, hf_t = common.time_pair([ours_fn, hf_fn], device, args.warmup, args.repeats)
     with torch.inference_mode():
         diff = compare(ours_fn(), hf_fn())
     result = common.Result(name, ours_t, hf_t, {"max_abs_diff": diff, **(extra or {})})
@@ -154,6 +159,76 @@ def bench_code2wav(args, cfg, ckpt, hf, device, dtype) -> list[common.Result]:
         for r in (full, chunked):
             r.extra["extra"] = f"ours RTF {r.ours.median / seconds:.3f}, transformers RTF {r.hf.median / seconds:.3f}"
         results += [full, chunked]
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Thinker LM: prefill (KV cache filled, last-token logits) and greedy decoding of a fixed number of tokens
+
+
+def bench_thinker(args, cfg, ckpt, hf, device, dtype) -> list[common.Result]:
+    from common.sampling import SamplingParams
+    from stages.kv_cache import KVCache
+    from stages.thinker import ThinkerLM, ThinkerPrompt, generate, prefill
+
+    ours = ThinkerLM.from_pretrained(ckpt, dtype=dtype, device=device)
+    text = cfg.thinker_config.text_config
+    stop_ids = tuple(common.generation_eos_ids(ckpt))
+    results = []
+    for batch in _ints(args.prompt_batch):
+        prefills = {}
+        for length in _ints(args.prompt_tokens):
+            gen = torch.Generator().manual_seed(args.seed + length)
+            # ordinary tokens only (the tiny tokenizer's byte tokens exist in every vocabulary we build)
+            ids = torch.randint(0, 256, (batch, length), generator=gen).to(device)
+            mask = torch.ones_like(ids)
+            prompt = ThinkerPrompt(input_ids=ids, attention_mask=mask)
+
+            def ours_prefill():
+                cache = KVCache(text.num_hidden_layers, batch, text.num_key_value_heads, length + 1, text.head_dim,
+                                dtype=dtype, device=device)
+                return prefill(ours, prompt, cache).logits  # [B, V]
+
+            def hf_prefill():
+                return hf.thinker(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+            r = _case(f"thinker prefill {batch}×{length} tok", ours_prefill, hf_prefill, args, device,
+                      common.max_abs_diff)
+            r.extra["extra"] = (f"ours {batch * length / r.ours.median:.0f} tok/s, "
+                                f"transformers {batch * length / r.hf.median:.0f} tok/s")
+            results.append(r)
+            prefills[length] = r
+
+        # decoding: exactly n greedy tokens per row (stop ids suppressed until then, as min_new_tokens does)
+        n = args.decode_tokens
+        length = _ints(args.prompt_tokens)[0]
+        gen = torch.Generator().manual_seed(args.seed + length)
+        ids = torch.randint(0, 256, (batch, length), generator=gen).to(device)
+        mask = torch.ones_like(ids)
+        prompt = ThinkerPrompt(input_ids=ids, attention_mask=mask)
+        params = [SamplingParams(max_new_tokens=n, min_new_tokens=n, stop_token_ids=stop_ids)] * batch
+
+        def ours_generate():
+            return torch.tensor([r.token_ids for r in generate(ours, prompt, params)], device=device)
+
+        def hf_generate():
+            out = hf.thinker.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                      do_sample=False, eos_token_id=list(stop_ids))
+            return out[:, length:]
+
+        def same_tokens(got, want):  # fraction of positions where the greedy tokens agree
+            return float((got == want).float().mean()) if got.shape == want.shape else 0.0
+
+        r = _case(f"thinker greedy {batch}×{n} tok after {length}", ours_generate, hf_generate, args, device,
+                  same_tokens)
+        r.extra["same_tokens"] = r.extra.pop("max_abs_diff")
+        # one prefill and n - 1 decode steps: the step time is what is left after the prefill case's time
+        ours_step = (r.ours.median - prefills[length].ours.median) / (n - 1)
+        hf_step = (r.hf.median - prefills[length].hf.median) / (n - 1)
+        r.extra.update(ours_decode_step_s=ours_step, transformers_decode_step_s=hf_step)
+        r.extra["extra"] = (f"same tokens {r.extra['same_tokens']:.0%}; decode step ours {ours_step * 1e3:.2f} ms, "
+                            f"transformers {hf_step * 1e3:.2f} ms ({hf_step / ours_step:.2f}×)")
+        results.append(r)
     return results
 
 

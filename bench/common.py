@@ -41,6 +41,7 @@ RESULTS_MD = BENCH_DIR / "RESULTS.md"
 WIDTHS_FILE = BENCH_DIR / "data" / "qwen3_omni_30b_a3b_widths.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FULL_SHARD_BYTES = 2 * 1024**3
+DEFAULT_CACHE_DIR = Path(os.environ.get("TMPDIR", "/tmp")) / "omniray-bench"  # built checkpoints, reused
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -55,6 +56,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing each case")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per case (the median is reported)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-record", action="store_true", help="print only: no JSON, no RESULTS.md entry")
     p.add_argument("--note", default="", help="free text stored with the result")
     return p
@@ -65,11 +67,13 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
                    help="which random checkpoint to build (ignored with --checkpoint)")
     p.add_argument("--layers", type=int, default=8, help="--model full: cap on every layer stack (≥ 3)")
     p.add_argument("--checkpoint", type=Path, default=None, help="an existing checkpoint folder instead")
-    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "omniray-bench",
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
                    help="where built checkpoints are kept between runs")
 
 
 def resolve_device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device on this machine")
@@ -154,27 +158,32 @@ class Timing:
         return statistics.median(self.seconds)
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> Timing:
-    """Wall time of `fn()` over `repeats` runs after `warmup` untimed ones, synchronised with the device on both
-    sides of every run (CUDA kernels are asynchronous: without the sync we would time the launch only)."""
+def time_pair(fns: list[Callable[[], object]], device: torch.device, warmup: int, repeats: int) -> list[Timing]:
+    """Time several functions (ours, transformers') with their runs interleaved (a, b, b, a, a, b, ...), so load
+    from other processes on a shared machine hits both alike. Every run is synchronised with the device on both
+    sides (CUDA kernels are asynchronous: without the sync we would time the launch only)."""
+    seconds: list[list[float]] = [[] for _ in fns]
+    activation: list[float | None] = [None for _ in fns]
     with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        seconds = []
-        for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            for _ in range(warmup):
+                fn()
             sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            seconds.append(time.perf_counter() - start)
-    activation = None
-    if device.type == "cuda":
-        activation = round((torch.cuda.max_memory_allocated(device) - before) / 1024**3, 3)
-    return Timing(seconds, activation)
+            if device.type == "cuda":  # activation memory: one run alone, above what is allocated before it
+                before = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                fn()
+                sync(device)
+                activation[i] = round((torch.cuda.max_memory_allocated(device) - before) / 1024**3, 3)
+        for rep in range(repeats):
+            order = range(len(fns)) if rep % 2 == 0 else reversed(range(len(fns)))
+            for i in order:
+                sync(device)
+                start = time.perf_counter()
+                fns[i]()
+                sync(device)
+                seconds[i].append(time.perf_counter() - start)
+    return [Timing(s, a) for s, a in zip(seconds, activation)]
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -231,7 +240,7 @@ def _cap_layers(config: dict, layers: int) -> None:
 
 def build_checkpoint(args: argparse.Namespace, dtype: torch.dtype) -> Path:
     """The checkpoint folder `args` names: `--checkpoint` as is, else a random one built once into the cache."""
-    from common.tiny import write_checkpoint, write_tiny_checkpoint
+    from common.tiny import write_tiny_checkpoint
 
     if args.checkpoint is not None:
         return args.checkpoint
@@ -241,13 +250,20 @@ def build_checkpoint(args: argparse.Namespace, dtype: torch.dtype) -> Path:
         if not (out / "config.json").is_file():
             write_tiny_checkpoint(out, seed=args.seed, variant=variant)
         return out
+    return full_checkpoint(args.layers, dtype, args.seed, args.cache_dir)
+
+
+def full_checkpoint(layers: int, dtype: torch.dtype, seed: int = 0, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
+    """The full-width random checkpoint with `layers` per stack in `dtype`, written once into `cache_dir` (minutes:
+    3.5 B values at `layers` 3) and reused by later runs and the GPU tests."""
+    from common.tiny import write_checkpoint
+
     name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    out = args.cache_dir / f"full-layers{args.layers}-{name}-seed{args.seed}"
+    out = Path(cache_dir) / f"full-layers{layers}-{name}-seed{seed}"
     if not (out / "config.json").is_file():  # config.json is written last: its presence means complete
         start = time.perf_counter()
-        print(f"writing the full-width checkpoint ({args.layers} layers, {name}) to {out} ...", flush=True)
-        write_checkpoint(out, full_width_config(args.layers), seed=args.seed, dtype=dtype,
-                         shard_bytes=FULL_SHARD_BYTES)
+        print(f"writing the full-width checkpoint ({layers} layers, {name}) to {out} ...", flush=True)
+        write_checkpoint(out, full_width_config(layers), seed=seed, dtype=dtype, shard_bytes=FULL_SHARD_BYTES)
         print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
     return out
 
@@ -262,6 +278,12 @@ def checkpoint_summary(path: Path) -> dict:
         "thinker_layers": text["num_hidden_layers"], "thinker_hidden": text["hidden_size"],
         "thinker_experts": text["num_experts"], "vocab": text["vocab_size"],
     }
+
+
+def generation_eos_ids(path: Path) -> list[int]:
+    """The checkpoint's generation_config.json end-of-sequence ids."""
+    eos = json.loads((path / "generation_config.json").read_text())["eos_token_id"]
+    return eos if isinstance(eos, list) else [eos]
 
 
 def load_transformers(path: Path, dtype: torch.dtype, device: torch.device):

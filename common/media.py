@@ -35,6 +35,7 @@ from common.errors import (
 )
 
 SAMPLING_RATE = 16000
+DEFAULT_VIDEO_FPS = 2.0  # frames sampled per second of video (qwen-omni-utils' default)
 
 
 @dataclass(frozen=True)
@@ -272,11 +273,15 @@ def sample_frame_indices(total_frames: int, video_fps: float, fps: float, min_fr
     return torch.arange(0, total_frames, total_frames / num).int().numpy()
 
 
-def decode_video(source, limits: MediaLimits = DEFAULT_LIMITS, *, fps: float | None = None, min_frames: int = 4,
-                 max_frames: int = 768, load_audio: bool = False, sampling_rate: int = SAMPLING_RATE,
-                 temporal_patch_size: int = 2, what: str = "video") -> DecodedVideo:
-    """Decode a video file. `fps=None` keeps every frame (as transformers does without `fps`); otherwise frames are
-    sampled at `fps`. `load_audio` also returns the audio track (None when the video has none)."""
+def decode_video(source, limits: MediaLimits = DEFAULT_LIMITS, *, fps: float | None = DEFAULT_VIDEO_FPS,
+                 min_frames: int = 4, max_frames: int | None = None, load_audio: bool = False,
+                 sampling_rate: int = SAMPLING_RATE, temporal_patch_size: int = 2,
+                 what: str = "video") -> DecodedVideo:
+    """Decode a video file, sampling frames at `fps` (between `min_frames` and `max_frames`, which defaults to
+    `limits.max_frames`, so a long video is sampled more sparsely rather than refused); `fps=None` keeps every
+    frame (transformers' behaviour without `fps`) and refuses more than `limits.max_frames`. `load_audio` also
+    returns the audio track (None when the video has none)."""
+    max_frames = limits.max_frames if max_frames is None else min(max_frames, limits.max_frames)
     data = read_media_bytes(source, limits, what)
     if sniff(data) == "document" or (sniff(data) == "image" and not data.startswith(b"GIF8")):
         raise UnsupportedMediaError(f"{what} is not a video (looks like a {sniff(data)})")

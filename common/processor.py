@@ -35,12 +35,27 @@ from common.config import load_config
 from common.errors import CheckpointError, InvalidRequestError, MediaFetchError
 from common.image_processing import VisionProcessorConfig, preprocess_images, preprocess_videos
 from common.lengths import audio_token_count
-from common.media import DEFAULT_LIMITS, DecodedVideo, MediaLimits, decode_audio, decode_image, decode_video
+from common.media import (
+    DEFAULT_LIMITS,
+    DEFAULT_VIDEO_FPS,
+    DecodedVideo,
+    MediaLimits,
+    decode_audio,
+    decode_image,
+    decode_video,
+)
 from common.tokenizer import OmniTokenizer
 
 # transformers' Qwen3OmniMoeProcessor defaults, used when the checkpoint folder has no config.json
 DEFAULT_N_WINDOW = 50
 DEFAULT_POSITION_ID_PER_SECONDS = 13.0
+
+# Placeholder and wrapper tokens, when tokenizer_config.json does not name them (older hub configs)
+QWEN3_OMNI_MM_TOKENS = {
+    "image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "audio_token": "<|audio_pad|>",
+    "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>",
+    "audio_bos_token": "<|audio_start|>", "audio_eos_token": "<|audio_end|>",
+}
 
 Fetcher = Callable[[str], bytes]  # remote URL -> bytes (the ingress supplies one; URLs fail without it)
 
@@ -57,18 +72,22 @@ class OmniProcessor:
         self.position_id_per_seconds = float(position_id_per_seconds)
         self.limits = limits
         self.fetch = fetch
-        tok = tokenizer.special_token
-        self.image_token, self.video_token, self.audio_token = tok("image_token"), tok("video_token"), tok("audio_token")
-        self.audio_bos_token, self.audio_eos_token = tok("audio_bos_token"), tok("audio_eos_token")
+        named = {**QWEN3_OMNI_MM_TOKENS, **tokenizer.special_tokens_map}
+        self.image_token, self.video_token, self.audio_token = named["image_token"], named["video_token"], named[
+            "audio_token"]
+        self.vision_bos_token, self.vision_eos_token = named["vision_bos_token"], named["vision_eos_token"]
+        self.audio_bos_token, self.audio_eos_token = named["audio_bos_token"], named["audio_eos_token"]
         self.image_token_id = tokenizer.token_to_id(self.image_token)
         self.video_token_id = tokenizer.token_to_id(self.video_token)
         self.audio_token_id = tokenizer.token_to_id(self.audio_token)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, min_pixels: int | None = None, max_pixels: int | None = None,
-                        limits: MediaLimits = DEFAULT_LIMITS, fetch: Fetcher | None = None) -> "OmniProcessor":
+                        cap_pixels_per_frame: bool = False, limits: MediaLimits = DEFAULT_LIMITS,
+                        fetch: Fetcher | None = None) -> "OmniProcessor":
         """Read the checkpoint's tokenizer files, chat template and preprocessor config (`preprocessor_config.json`,
-        or transformers 5's nested `processor_config.json`). `min_pixels`/`max_pixels` override the image bounds."""
+        or transformers 5's nested `processor_config.json`). `min_pixels`/`max_pixels` override the image bounds;
+        `cap_pixels_per_frame` bounds a video's total pixels the way qwen-vl-utils does (transformers: off)."""
         path = Path(path)
         pre = _preprocessor_dict(path)
         n_window, pps = DEFAULT_N_WINDOW, DEFAULT_POSITION_ID_PER_SECONDS
@@ -78,7 +97,8 @@ class OmniProcessor:
         return cls(
             OmniTokenizer.from_pretrained(path), load_chat_template(path),
             LogMelExtractor(FeatureExtractorConfig.from_dict(pre["feature_extractor"])),
-            VisionProcessorConfig.from_dict(pre["image_processor"], min_pixels=min_pixels, max_pixels=max_pixels),
+            VisionProcessorConfig.from_dict(pre["image_processor"], min_pixels=min_pixels, max_pixels=max_pixels,
+                                            cap_pixels_per_frame=cap_pixels_per_frame),
             n_window=n_window, position_id_per_seconds=pps, limits=limits, fetch=fetch)
 
     # ------------------------------------------------------------------------------------------------ chat
@@ -86,14 +106,17 @@ class OmniProcessor:
                             documents: list[dict] | None = None, add_generation_prompt: bool = False,
                             chat_template: str | None = None, tokenize: bool = False, return_dict: bool = False,
                             use_audio_in_video: bool = False, load_audio_from_video: bool = False,
-                            fps: float | None = None, padding: bool = True, **template_kwargs):
+                            fps: float | None = DEFAULT_VIDEO_FPS, padding: bool = True, **template_kwargs):
         """Render one conversation (a list of messages) or a batch of them with the checkpoint's template.
 
         `tokenize=False` returns the prompt string(s). `tokenize=True` loads the media the messages name (content
         items of type "image" / "audio" / "video" with an "image"/"url"/"path"/"base64", "audio"/"url"/"path" or
         "video"/"url"/"path" value: bytes, local paths, data URIs, arrays; remote URLs through `fetch`) and returns
-        the processor's dict (`return_dict=True`) or just `input_ids`. Videos are sampled at `fps` when given
-        (every frame otherwise); `use_audio_in_video` (alias `load_audio_from_video`) interleaves their audio."""
+        the processor's dict (`return_dict=True`) or just `input_ids`. Video files are sampled at `fps` (2 by
+        default; `fps=None` keeps every frame, as transformers does without `fps`) and `video_second_per_grid`
+        follows the rate used. `use_audio_in_video` and `load_audio_from_video` are one switch here (transformers
+        only loads the video's audio with `load_audio_from_video=True`; `use_audio_in_video=True` alone silently
+        does nothing in its one-call form)."""
         batched = bool(conversations) and isinstance(conversations[0], (list, tuple))
         batch = [list(c) for c in conversations] if batched else [list(conversations)]
         template = select_template(self.chat_templates, chat_template)

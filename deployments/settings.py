@@ -3,7 +3,6 @@ in a serve config file, validated once and handed to every deployment."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -86,8 +85,8 @@ def embedded_tiny_checkpoint() -> Path:
     checkpoint."""
     from common.tiny import write_tiny_checkpoint
 
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "omniray"
-    target = root / "tiny-default-seed0"
+    root = Path.home() / ".cache" / "omniray"
+    target = root / "tiny-default"  # the folder `omniray generate` uses for the same checkpoint
     if (target / "config.json").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)

