@@ -127,6 +127,13 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
                  total_tokens=prompt_tokens + completion_tokens)
 
 
+def _default_voice(config: OmniConfig, preferred: str) -> str:
+    if not config.has_talker:
+        return ""
+    voices = config.talker_config.speaker_id
+    return preferred.lower() if preferred.lower() in voices else next(iter(voices))
+
+
 def _concat(chunks: list) -> np.ndarray:
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
 
@@ -149,7 +156,7 @@ class OmniIngress:
         self.processor = OmniProcessor.from_pretrained(ckpt)
         generation_config = load_generation_config(ckpt)
         self.thinker_defaults = SamplingParams.from_generation_config(generation_config)
-        self.default_voice = next(iter(self.config.talker_config.speaker_id)) if self.config.has_talker else ""
+        self.default_voice = _default_voice(self.config, self.settings.default_voice)
         self.stages = {"vision_encoder": vision_encoder, "audio_encoder": audio_encoder, "thinker": thinker}
         if talker is not None and code2wav is not None:
             self.stages.update(talker=talker, code2wav=code2wav)

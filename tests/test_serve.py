@@ -214,11 +214,11 @@ def _stream(client, **kwargs) -> tuple[list[str], list[bytes], list[str], list, 
             order.append("text")
         audio = getattr(delta, "audio", None)
         if audio:
-            if audio.get("data"):
-                pcm.append(base64.b64decode(audio["data"]))
+            if getattr(audio, "data", None):
+                pcm.append(base64.b64decode(audio.data))
                 order.append("audio")
-            if audio.get("transcript"):
-                transcript.append(audio["transcript"])
+            if getattr(audio, "transcript", None):
+                transcript.append(audio.transcript)
     return texts, pcm, transcript, chunks, order
 
 
@@ -264,10 +264,11 @@ def test_concurrent_requests(service, reference):
     prompts = [HELLO, COUNT]
     expected = [reference(p, speaker="ethan", thinker_max_new_tokens=6, talker_max_new_tokens=8) for p in prompts]
     aclient = openai.AsyncOpenAI(base_url=service["url"] + "/v1", api_key="unused", max_retries=0, timeout=300)
+    model = str(service["ckpt"])  # without served_model_name, the model is called by its reference
 
     async def one(i):
         return await aclient.chat.completions.create(
-            model="omniray", messages=prompts[i % 2], max_tokens=6, modalities=["text", "audio"] if i % 4 < 2 else ["text"],
+            model=model, messages=prompts[i % 2], max_tokens=6, modalities=["text", "audio"] if i % 4 < 2 else ["text"],
             extra_body={"talker_max_tokens": 8, **GREEDY},
         )
 
