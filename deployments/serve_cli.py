@@ -8,6 +8,7 @@ it runs on a laptop); with `--config FILE` the serve config file is deployed as 
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from ray import serve
 
     ray.init(address=args.address, namespace="serve")
+    # `kill`, systemd and Kubernetes stop it like Ctrl-C does (set after ray.init, which installs its own)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         host, port = _deploy_config(args) if args.config is not None else _deploy_builder(args)
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
@@ -42,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _overrides(args: argparse.Namespace) -> dict:
