@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 420
 API_KEY = "test-key-123"
 STAGES = ["ingress", "vision_encoder", "audio_encoder", "thinker", "talker", "code2wav"]
+VIDEO_FPS = 2.0  # the service's default video_fps
 GREEDY = {"temperature": 0, "talker_temperature": 0}  # sent as extra_body: both stages greedy
 
 
@@ -101,10 +102,11 @@ class Reference:
         self.model = OmniModel.from_pretrained(ckpt, device="cpu", dtype=torch.float32)
         self.processor = OmniProcessor.from_pretrained(ckpt)
 
-    def __call__(self, messages, images=None, audio=None, **kwargs):
+    def __call__(self, messages, images=None, audio=None, videos=None, use_audio_in_video=False, **kwargs):
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = self.processor([prompt], images=images, audio=audio)
-        return self.model.generate(inputs, do_sample=False, **kwargs)[0]
+        inputs = self.processor([prompt], images=images, audio=audio, videos=videos,
+                                use_audio_in_video=use_audio_in_video, fps=VIDEO_FPS if videos else None)
+        return self.model.generate(inputs, do_sample=False, use_audio_in_video=use_audio_in_video, **kwargs)[0]
 
     def service_pcm(self, result) -> np.ndarray:
         """The result's codes decoded the way the service decodes them: streamed in chunks of
@@ -255,6 +257,48 @@ def test_image_and_audio_input(client, reference, service):
                                              {"type": "text", "text": "What do you see and hear?"}]}]
     expected = reference(template, images=[image], audio=[tone], speaker="aiden", thinker_max_new_tokens=8,
                          talker_max_new_tokens=16)
+    assert reply.token_ids == expected.token_ids
+    _assert_speech(base64.b64decode(reply.message.audio.data), expected, reference)
+
+
+def _mp4_with_audio(seconds=2, fps=4, size=32, rate=16000) -> bytes:
+    """A small MPEG-4 video of random frames with an AAC tone as its audio track."""
+    import av
+
+    out, rng = io.BytesIO(), np.random.default_rng(1)
+    with av.open(out, mode="w", format="mp4") as container:
+        video = container.add_stream("mpeg4", rate=fps)
+        video.width = video.height = size
+        video.pix_fmt = "yuv420p"
+        audio = container.add_stream("aac", rate=rate)
+        for _ in range(seconds * fps):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8), format="rgb24")
+            container.mux(video.encode(frame))
+        container.mux(video.encode())
+        tone = av.AudioFrame.from_ndarray(_tone(seconds, rate)[None], format="fltp", layout="mono")
+        tone.sample_rate = rate
+        container.mux(audio.encode(tone))
+        container.mux(audio.encode())
+    return out.getvalue()
+
+
+def test_video_with_its_audio_track(client, reference):
+    """A video URL with `mm_processor_kwargs.use_audio_in_video` (vLLM-Omni's form): frames and sound both go in."""
+    from common.media import decode_video
+
+    data = _mp4_with_audio()
+    messages = [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(data).decode()}},
+        {"type": "text", "text": "What happens?"},
+    ]}]
+    reply = client.chat.completions.create(
+        model=_model_id(client), messages=messages, max_tokens=6, modalities=["text", "audio"],
+        extra_body={"talker_max_tokens": 10, "mm_processor_kwargs": {"use_audio_in_video": True}, **GREEDY},
+    ).choices[0]
+    template = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
+    video = decode_video(data, fps=VIDEO_FPS, load_audio=True)
+    expected = reference(template, videos=[video], use_audio_in_video=True, thinker_max_new_tokens=6,
+                         talker_max_new_tokens=10)
     assert reply.token_ids == expected.token_ids
     _assert_speech(base64.b64decode(reply.message.audio.data), expected, reference)
 
