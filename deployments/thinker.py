@@ -8,6 +8,7 @@ with finished=True). Text is detokenized here, so stop sequences end generation 
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import replace
 
 import torch
@@ -20,6 +21,8 @@ from deployments.runtime import STAGE_DEFAULTS, describe, load_stage
 from deployments.settings import ServiceSettings
 from deployments.stop_strings import StopStrings
 from stages.thinker import ThinkerLM, ThinkerPrompt, stream_generate
+
+logger = logging.getLogger("ray.serve")
 
 
 @serve.deployment(name="thinker", **STAGE_DEFAULTS)
@@ -35,6 +38,7 @@ class ThinkerStage:
 
     async def generate(self, job: ThinkerJob):
         self.metrics.stage_requests.inc(1, tags={"stage": "thinker"})
+        logger.info("thinker: %s (%s)", job.request_id, "for the talker" if job.for_talker else "text")
         prompt = await self._prompt(job)
         steps = stream_generate(
             self.stage.module, prompt, [job.sampling], request_ids=[job.request_id], speaking=[job.for_talker],
