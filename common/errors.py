@@ -31,7 +31,10 @@ class CheckpointError(OmniError):
     """Weights cannot be found, fetched or matched to the module (missing / unexpected tensor names, shapes)."""
 
 
-class InvalidRequestError(OmniError):
+class InvalidRequestError(OmniError, ValueError):
+    """A request (or a library call such as `OmniModel.generate`) asks for something impossible; also a
+    ValueError, the library-level meaning of a bad argument."""
+
     status_code = 400
     error_type = "invalid_request_error"
 

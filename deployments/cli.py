@@ -30,10 +30,95 @@ def _add_make_tiny(sub) -> None:
     p.set_defaults(func=_make_tiny)
 
 
+def _embedded_tiny() -> str:
+    """The embedded tiny checkpoint, written once into the user's cache folder."""
+    from pathlib import Path
+
+    from common.tiny import write_tiny_checkpoint
+
+    folder = Path.home() / ".cache" / "omniray" / "tiny-default"
+    if not (folder / "config.json").is_file():
+        write_tiny_checkpoint(folder)
+    return str(folder)
+
+
+def _conversation(args: argparse.Namespace) -> list[dict]:
+    """--messages FILE.json, or --system / --image / --audio / --video / --prompt as one user turn."""
+    import json
+
+    if args.messages:
+        with open(args.messages) as f:
+            return json.load(f)
+    content = [{"type": kind, kind: path} for kind in ("image", "audio", "video") for path in getattr(args, kind)]
+    content.append({"type": "text", "text": args.prompt})
+    messages = [{"role": "system", "content": [{"type": "text", "text": args.system}]}] if args.system else []
+    return messages + [{"role": "user", "content": content}]
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import json
+
+    from common.errors import OmniError
+    from common.processor import OmniProcessor
+    from stages.omni import OmniModel
+
+    model_ref = args.model or _embedded_tiny()
+    model = OmniModel.from_pretrained(model_ref)
+    processor = OmniProcessor.from_pretrained(model.folder)
+    try:
+        inputs = processor.apply_chat_template(_conversation(args), add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)
+        result = model.generate(
+            inputs, speaker=args.speaker, return_audio=False if args.no_audio else None,
+            thinker_max_new_tokens=args.max_tokens, talker_max_new_tokens=args.max_audio_tokens, seed=args.seed,
+            on_text=lambda row, delta: print(delta, end="", flush=True),
+        )[0]
+    except OmniError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
+    print()
+    if result.waveform is not None and args.output_wav:
+        import soundfile as sf
+
+        sf.write(args.output_wav, result.waveform, result.sample_rate, subtype="PCM_16")
+        print(f"wrote {len(result.waveform) / result.sample_rate:.2f} s of audio to {args.output_wav}", file=sys.stderr)
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump({
+                "text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
+                "codes": result.codes.tolist() if result.codes is not None else None,
+                "sample_rate": result.sample_rate,
+                "wav": args.output_wav if result.waveform is not None and args.output_wav else None,
+            }, f)
+    return 0
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="one conversation through the model in this process (text and speech)")
+    p.add_argument("--model", help="checkpoint folder or hub id (default: the embedded tiny checkpoint)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the user's text")
+    source.add_argument("--messages", help="a JSON file with the whole conversation (OpenAI-style messages)")
+    p.add_argument("--image", action="append", default=[], help="image file for the user turn (repeatable)")
+    p.add_argument("--audio", action="append", default=[], help="audio file for the user turn (repeatable)")
+    p.add_argument("--video", action="append", default=[], help="video file for the user turn (repeatable)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--speaker", default="ethan", help="voice (one of the checkpoint's speakers)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="most text tokens to generate")
+    p.add_argument("--max-audio-tokens", type=int, default=4096,
+                   help="most codebook-0 tokens of the talker (at most this minus one 80 ms frames)")
+    p.add_argument("--no-audio", action="store_true", help="text only")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--output-wav", help="write the speech here (24 kHz, 16-bit)")
+    p.add_argument("--output-json", help="write text, token_ids, codes, sample_rate and the wav path here")
+    p.set_defaults(func=_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omniray", description="Serve Qwen3-Omni on Ray Serve.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_make_tiny(sub)
+    _add_generate(sub)
     return parser
 
 

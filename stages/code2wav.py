@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.config import Code2WavConfig
+from common.checkpoint import STAGE_PREFIXES, load_stage_weights
+from common.config import Code2WavConfig, OmniConfig
+from common.errors import ConfigError
 from stages.layers import Attention, RMSNorm, Rotary, SwiGLU
 
 
@@ -271,6 +273,18 @@ class Code2Wav(nn.Module):
         # samples a decode of F frames ends short of F·total_upsample: each decoder transposed conv leaves its last
         # input's block (rate samples at its output rate) for the next frame
         self.tail_samples = sum(math.prod(cfg.upsample_rates[i:]) for i in range(len(cfg.upsample_rates)))
+
+    @classmethod
+    def from_pretrained(
+        cls, ckpt_dir, cfg: OmniConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> Code2Wav:
+        """Build on the meta device and load the hub tensors `code2wav.*`."""
+        if cfg.code2wav_config is None:
+            raise ConfigError("this checkpoint has no code2wav (enable_audio_output is false)")
+        with torch.device("meta"):
+            model = cls(cfg.code2wav_config)
+        load_stage_weights(model, ckpt_dir, STAGE_PREFIXES["code2wav"], dtype, device)
+        return model.eval()
 
     def reset_buffers(self) -> None:
         offsets = torch.arange(self.cfg.num_quantizers, device=self.code_offset.device) * self.cfg.codebook_size

@@ -1,0 +1,252 @@
+"""OmniModel: the whole pipeline in one process — processor output in, text and 24 kHz speech out.
+
+This is the spec of the distributed pipeline (each numbered step below is a deployment there) and the oracle its
+tests compare against. `generate` follows transformers' `Qwen3OmniMoeForConditionalGeneration.generate` (reference
+§9), with the §11 defects fixed (the talker MRoPE of audio+image prompts, unvoiced last tokens and batch rows voicing
+`<|im_end|>`, row-0 assistant index, Code2Wav's 555-sample gaps), and returns one result per row.
+
+Shapes: B batch rows, T prompt length (left-padded), G code groups, F frames, S samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.checkpoint import STAGE_PREFIXES, load_stage_weights, resolve_checkpoint
+from common.config import OmniConfig, load_config, load_generation_config
+from common.errors import InvalidRequestError
+from common.sampling import SamplingParams
+from common.tokenizer import OmniTokenizer
+from stages.audio_encoder import AudioEncoder
+from stages.code2wav import Code2Wav
+from stages.talker import Talker, TalkerRequest, generate_codes, speaker_codec_id, talker_sampling
+from stages.thinker import ThinkerLM, ThinkerPrompt, ThinkerResult, stream_generate
+from stages.vision_encoder import VisionEncoder
+
+SAMPLE_RATE = 24000
+# transformers' literal talker sampling defaults (its generate signature); the checkpoint has none of its own
+TALKER_DEFAULTS = {"temperature": 0.9, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.05}
+
+
+@dataclass
+class OmniResult:
+    token_ids: list[int]  # generated ids, stop token excluded
+    text: str
+    codes: torch.Tensor | None  # [G, F] int64, None without audio
+    waveform: np.ndarray | None  # [S] float32 at `sample_rate`, None without audio
+    finish_reason: str  # "stop" | "length" (the thinker's)
+    sample_rate: int = SAMPLE_RATE
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class OmniModel:
+    def __init__(self, folder: Path, cfg: OmniConfig, generation_config: dict, tokenizer: OmniTokenizer,
+                 thinker: ThinkerLM, audio_encoder: AudioEncoder, vision_encoder: VisionEncoder,
+                 talker: Talker | None, code2wav: Code2Wav | None):
+        self.folder = folder  # the checkpoint folder (processor files live there too)
+        self.cfg = cfg
+        self.generation_config = generation_config
+        self.tokenizer = tokenizer
+        self.thinker = thinker
+        self.audio_encoder = audio_encoder
+        self.vision_encoder = vision_encoder
+        self.talker = talker
+        self.code2wav = code2wav
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_hub_id: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> OmniModel:
+        """Load every stage of a checkpoint (local folder or hub id). Defaults: CUDA with bfloat16 when available,
+        else CPU with float32."""
+        folder = resolve_checkpoint(path_or_hub_id)
+        device = torch.device(device) if device is not None else _default_device()
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        cfg = load_config(folder)
+        thinker = ThinkerLM.from_pretrained(folder, dtype=dtype, device=device)
+        audio = _load(AudioEncoder, cfg.thinker_config.audio_config, folder, "audio_encoder", dtype, device)
+        vision = _load(VisionEncoder, cfg.thinker_config.vision_config, folder, "vision_encoder", dtype, device)
+        talker = code2wav = None
+        if cfg.has_talker:
+            talker = Talker.from_pretrained(folder, cfg, dtype=dtype, device=device)
+            code2wav = Code2Wav.from_pretrained(folder, cfg, dtype=dtype, device=device)
+        tokenizer = OmniTokenizer.from_pretrained(folder)
+        return cls(folder, cfg, load_generation_config(folder), tokenizer, thinker, audio, vision, talker, code2wav)
+
+    @property
+    def device(self) -> torch.device:
+        return self.thinker.lm_head.weight.device
+
+    @property
+    def voices(self) -> list[str]:
+        return sorted(self.cfg.talker_config.speaker_id) if self.cfg.talker_config else []
+
+    # ------------------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self,
+        inputs: dict,
+        *,
+        speaker: str = "ethan",
+        return_audio: bool | None = None,
+        thinker_max_new_tokens: int = 1024,
+        talker_max_new_tokens: int = 4096,
+        do_sample: bool = False,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+        talker_do_sample: bool | None = None,
+        talker_temperature: float | None = None,
+        talker_top_p: float | None = None,
+        talker_top_k: int | None = None,
+        talker_repetition_penalty: float | None = None,
+        thinker_eos_token_id: int | list[int] | None = None,
+        use_audio_in_video: bool = False,
+        seed: int | None = None,
+        on_text: Callable[[int, str], None] | None = None,
+    ) -> list[OmniResult]:
+        """Text (and speech) for every row of a processor output batch (left-padded, as the processor makes it).
+
+        Thinker sampling defaults (temperature, top_p, top_k, repetition_penalty, stop ids) come from the
+        checkpoint's generation_config.json; `do_sample` is False unless asked. The talker_* arguments override
+        the talker's choices, which default to `do_sample` and transformers' talker defaults.
+        `talker_max_new_tokens` counts codebook-0 tokens as transformers does (at most that minus one frames).
+        `on_text(row, delta)` is called with each row's new text as the thinker produces it.
+        """
+        # 1. what to produce, and how
+        if return_audio is None:
+            return_audio = self.talker is not None
+        if return_audio and self.talker is None:
+            raise InvalidRequestError("audio output was requested but this checkpoint has no talker "
+                                      "(enable_audio_output is false)", param="modalities")
+        speaker_id = speaker_codec_id(self.cfg.talker_config, speaker) if return_audio else None
+        B = inputs["input_ids"].shape[0]
+        thinker_params = self._thinker_params(thinker_max_new_tokens, do_sample, temperature, top_p, top_k,
+                                              repetition_penalty, thinker_eos_token_id, seed)
+        # 2. encoders, 3. thinker
+        prompt = self._thinker_prompt(inputs, use_audio_in_video)
+        thinker_out = self._run_thinker(prompt, thinker_params, return_audio, on_text)
+        results = [
+            OmniResult(r.token_ids[:-1] if r.finish_reason == "stop" else r.token_ids, "", None, None, r.finish_reason)
+            for r in thinker_out
+        ]
+        for res in results:
+            res.text = self.tokenizer.decode(res.token_ids, skip_special_tokens=True)
+        if not return_audio:
+            return results
+
+        # 4. talker: codec frames per row (rows with nothing to voice get no frames)
+        requests = []
+        for r in thinker_out:
+            request = TalkerRequest(self.cfg, r.talker_prompt, speaker_id)
+            for chunk in r.talker_chunks:
+                request.push(chunk)
+            requests.append(request)
+        talker_params = talker_sampling(self.cfg.talker_config, SamplingParams(
+            max_new_tokens=talker_max_new_tokens,
+            do_sample=do_sample if talker_do_sample is None else talker_do_sample,
+            temperature=_pick(talker_temperature, TALKER_DEFAULTS["temperature"]),
+            top_k=_pick(talker_top_k, TALKER_DEFAULTS["top_k"]),
+            top_p=_pick(talker_top_p, TALKER_DEFAULTS["top_p"]),
+            repetition_penalty=_pick(talker_repetition_penalty, TALKER_DEFAULTS["repetition_penalty"]),
+            seed=seed,
+        ))
+        voiced = [i for i, r in enumerate(requests) if r.has_voice]
+        codes = [torch.zeros(self.cfg.talker_config.num_code_groups, 0, dtype=torch.long) for _ in requests]
+        if voiced:
+            frames = generate_codes(self.talker, self.cfg, [requests[i] for i in voiced], [talker_params] * len(voiced))
+            for i, c in zip(voiced, frames):
+                codes[i] = c
+        # 5. code2wav, row by row (it is causal: no padding needed, no samples lost)
+        for res, c in zip(results, codes):
+            res.codes = c.cpu()
+            wav = self.code2wav.decode(c[None].to(self.device))[0] if c.shape[-1] else torch.zeros(0)
+            res.waveform = wav.float().cpu().numpy()
+        return results
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _run_thinker(self, prompt: ThinkerPrompt, params: SamplingParams, speaking: bool,
+                     on_text: Callable[[int, str], None] | None) -> list[ThinkerResult]:
+        """The thinker over the batch, with the talker messages of every row when speaking."""
+        B = prompt.input_ids.shape[0]
+        results = [ThinkerResult([], "length") for _ in range(B)]
+        detokenizers = [self.tokenizer.stream() for _ in range(B)]
+        steps = stream_generate(
+            self.thinker, prompt, [params] * B, speaking=[speaking] * B,
+            accept_hidden_layer=self.cfg.talker_config.accept_hidden_layer if speaking else None,
+        )
+        for step in steps:
+            for row, result in enumerate(results):
+                token, reason = step.token_ids[row], step.finish_reasons[row]
+                if token is not None:
+                    result.token_ids.append(token)
+                    if on_text is not None and not (reason == "stop"):
+                        on_text(row, detokenizers[row].push(token))
+                if reason is not None:
+                    result.finish_reason = reason
+                    if on_text is not None:
+                        on_text(row, detokenizers[row].flush())
+                if step.talker_prompts is not None:
+                    result.talker_prompt = step.talker_prompts[row]
+                if step.talker_tokens is not None and step.talker_tokens[row] is not None:
+                    result.talker_chunks.append(step.talker_tokens[row])
+        return results
+
+    def _thinker_params(self, max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty, eos,
+                        seed) -> SamplingParams:
+        gen = self.generation_config
+        if eos is None:
+            eos = gen.get("eos_token_id", self.cfg.im_end_token_id)
+        stop = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+        return SamplingParams(
+            max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=_pick(temperature, gen.get("temperature"), 1.0),
+            top_p=_pick(top_p, gen.get("top_p"), 1.0),
+            top_k=_pick(top_k, gen.get("top_k"), 0),
+            repetition_penalty=_pick(repetition_penalty, gen.get("repetition_penalty"), 1.0),
+            seed=seed, stop_token_ids=stop,
+        )
+
+    def _thinker_prompt(self, inputs: dict, use_audio_in_video: bool) -> ThinkerPrompt:
+        """Run the encoders on the processor output and gather everything the thinker needs."""
+        dev = self.device
+        dtype = self.thinker.lm_head.weight.dtype
+        ids = inputs["input_ids"].to(dev)
+        prompt = ThinkerPrompt(input_ids=ids, attention_mask=inputs.get("attention_mask", torch.ones_like(ids)).to(dev),
+                               use_audio_in_video=use_audio_in_video)
+        if inputs.get("input_features") is not None:
+            lengths = inputs["feature_attention_mask"].sum(-1).to(dev)
+            prompt.audio_features = self.audio_encoder(inputs["input_features"].to(dev, dtype), lengths)
+            prompt.audio_feature_lengths = lengths
+        if inputs.get("pixel_values") is not None:
+            grid = inputs["image_grid_thw"].to(dev)
+            prompt.image_features, prompt.image_deepstack = self.vision_encoder(inputs["pixel_values"].to(dev, dtype), grid)
+            prompt.image_grid_thw = grid
+        if inputs.get("pixel_values_videos") is not None:
+            grid = inputs["video_grid_thw"].to(dev)
+            prompt.video_features, prompt.video_deepstack = self.vision_encoder(
+                inputs["pixel_values_videos"].to(dev, dtype), grid)
+            prompt.video_grid_thw = grid
+            prompt.video_second_per_grid = inputs["video_second_per_grid"].to(dev)
+        return prompt
+
+
+def _pick(*values):
+    """The first value that is not None."""
+    return next(v for v in values if v is not None)
+
+
+def _load(cls: type, stage_cfg, folder: Path, stage: str, dtype: torch.dtype, device: torch.device):
+    """An encoder built on the meta device with its stage's tensors loaded."""
+    with torch.device("meta"):
+        module = cls(stage_cfg)
+    return load_stage_weights(module, folder, STAGE_PREFIXES[stage], dtype, device).eval()

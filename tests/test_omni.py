@@ -1,0 +1,295 @@
+"""OmniModel.generate vs transformers' Qwen3OmniMoeForConditionalGeneration.generate on both tiny checkpoints.
+
+Greedy everywhere (fp32, CPU): identical token ids, identical codes, waveform within 1e-4.
+
+Two choices keep the comparison meaningful:
+* the thinker is made to stop on a stop token (an id the greedy reply produces, passed as `thinker_eos_token_id` to
+  both), because a reply cut by max_new_tokens is voiced differently on purpose (§11 bug 6, tested below);
+* transformers' thinker ignores the checkpoint's generation_config.json (its sub-model has a default one), ours
+  reads it: the checkpoint's repetition penalty is passed to transformers explicitly.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import load_generation_config
+from stages.omni import OmniModel
+
+TEXT_TOKENS = 10
+TALKER_TOKENS = 8  # codebook-0 tokens: at most 7 frames
+
+
+def chirp(seconds=1.5, sr=16000):
+    t = np.arange(int(seconds * sr)) / sr
+    return (0.3 * np.sin(2 * np.pi * (200 + 300 * t) * t)).astype(np.float32)
+
+
+def picture(h=80, w=96, seed=0):
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def conversation(kind: str, text: str = "Hello world, the quick brown fox.") -> list[dict]:
+    items = {"text": [], "audio": [{"type": "audio"}], "mm": [{"type": "image"}, {"type": "audio"}]}[kind]
+    return [
+        {"role": "system", "content": [{"type": "text", "text": "You are Qwen."}]},
+        {"role": "user", "content": items + [{"type": "text", "text": text}]},
+    ]
+
+
+def processed(proc, rows: list[tuple[str, str]], continuation: list[str] | None = None) -> dict:
+    """Processor output (left-padded) for rows of (kind, text); `continuation[i]` is appended to row i's prompt
+    after the generation prompt (an assistant-prefill)."""
+    texts, images, audios = [], [], []
+    for i, (kind, text) in enumerate(rows):
+        rendered = proc.apply_chat_template(conversation(kind, text), add_generation_prompt=True, tokenize=False)
+        texts.append(rendered + (continuation[i] if continuation else ""))
+        if kind in ("audio", "mm"):
+            audios.append(chirp(1.0 + 0.5 * i))
+        if kind == "mm":
+            images.append(picture(seed=i))
+    kwargs = {"audio": audios} if audios else {}
+    if images:
+        kwargs["images"] = images
+    return dict(proc(text=texts, return_tensors="pt", padding=True, **kwargs))
+
+
+class Oracle:
+    """transformers' generate with the talker codes captured (they go to code2wav.chunked_decode)."""
+
+    def __init__(self, hf, ckpt):
+        self.hf = hf
+        self.penalty = load_generation_config(ckpt).get("repetition_penalty", 1.0)
+
+    @torch.no_grad()
+    def greedy_reply(self, inputs, max_new_tokens=TEXT_TOKENS) -> list[list[int]]:
+        out = self.hf.thinker.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
+                                       repetition_penalty=self.penalty)
+        return out[:, inputs["input_ids"].shape[1]:].tolist()
+
+    @torch.no_grad()
+    def generate(self, inputs, eos, speaker="Ethan", max_new_tokens=TEXT_TOKENS, talker_tokens=TALKER_TOKENS):
+        captured = {}
+        original = self.hf.code2wav.chunked_decode
+
+        def spy(codes, *args, **kwargs):
+            captured["codes"] = codes.clone()
+            return original(codes, *args, **kwargs)
+
+        self.hf.code2wav.chunked_decode = spy
+        try:
+            seqs, wavs = self.hf.generate(
+                **inputs, return_audio=True, speaker=speaker, thinker_do_sample=False, talker_do_sample=False,
+                thinker_max_new_tokens=max_new_tokens, talker_max_new_tokens=talker_tokens,
+                thinker_eos_token_id=eos, thinker_repetition_penalty=self.penalty,
+            )
+        finally:
+            self.hf.code2wav.chunked_decode = original
+        new = seqs[:, inputs["input_ids"].shape[1]:]
+        wavs = [wavs.reshape(-1)] if torch.is_tensor(wavs) else wavs
+        return new, captured["codes"], wavs
+
+
+def stop_token(reply: list[int]) -> int:
+    """An id the greedy reply produces first at some index ≥ 1: used as the stop token, the reply ends there."""
+    return next(t for k, t in enumerate(reply) if k >= 1 and t not in reply[:k])
+
+
+def hf_row(new_ids: torch.Tensor, eos: int) -> list[int]:
+    ids = new_ids.tolist()
+    return ids[: ids.index(eos)] if eos in ids else ids
+
+
+@pytest.fixture(scope="module", params=["default", "alt"])
+def setup(request, hf_model, hf_processor):
+    path = request.getfixturevalue("tiny_ckpt" if request.param == "default" else "tiny_ckpt_alt")
+    return OmniModel.from_pretrained(path, device="cpu"), Oracle(hf_model(path), path), hf_processor(path)
+
+
+@pytest.fixture(scope="module")
+def default_setup(tiny_ckpt, hf_model, hf_processor):
+    """The transformers defects do not depend on the shape: shown on the default checkpoint only."""
+    return OmniModel.from_pretrained(tiny_ckpt, device="cpu"), Oracle(hf_model(tiny_ckpt), tiny_ckpt), hf_processor(tiny_ckpt)
+
+
+def assert_same(ours, hf_ids, hf_codes, hf_wav):
+    assert ours.token_ids == hf_ids
+    assert ours.codes is not None and torch.equal(ours.codes, hf_codes)
+    assert ours.waveform.dtype == np.float32 and ours.waveform.shape == tuple(hf_wav.shape)
+    assert np.abs(ours.waveform - hf_wav.numpy()).max() <= 1e-4
+
+
+@pytest.mark.parametrize("kind, speaker", [("text", "Ethan"), ("audio", "chelsie"), ("mm", "AIDEN")])
+def test_matches_transformers(setup, kind, speaker):
+    ours, oracle, proc = setup
+    inputs = processed(proc, [(kind, "Hello world, the quick brown fox.")])
+    eos = stop_token(oracle.greedy_reply(inputs)[0])
+    new, codes, wavs = oracle.generate(inputs, eos, speaker=speaker)
+    result = ours.generate(inputs, speaker=speaker, thinker_max_new_tokens=TEXT_TOKENS,
+                           talker_max_new_tokens=TALKER_TOKENS, thinker_eos_token_id=eos)
+    assert len(result) == 1
+    assert_same(result[0], hf_row(new[0], eos), codes[0], wavs[0])
+    assert result[0].finish_reason == "stop" and result[0].sample_rate == 24000
+    assert result[0].text == ours.tokenizer.decode(result[0].token_ids, skip_special_tokens=True)
+
+
+def test_batch_of_different_lengths_equals_one_by_one(setup):
+    ours, _, proc = setup
+    rows = [("text", "Hi."), ("audio", "The quick brown fox jumps over the lazy dog."), ("mm", "What is this?")]
+    batch = ours.generate(processed(proc, rows), thinker_max_new_tokens=6, talker_max_new_tokens=6)
+    for i, row in enumerate(rows):
+        # the row alone, with its own audio clip (clip lengths depend on the row index)
+        single_inputs = processed(proc, [row]) if i == 0 else _single(proc, rows, i)
+        single = ours.generate(single_inputs, thinker_max_new_tokens=6, talker_max_new_tokens=6)[0]
+        assert batch[i].token_ids == single.token_ids
+        assert torch.equal(batch[i].codes, single.codes)
+        assert np.abs(batch[i].waveform - single.waveform).max() <= 1e-4
+
+
+def _single(proc, rows, i):
+    """Row i of `processed(proc, rows)` processed alone (same clip length and image seed as in the batch)."""
+    kind, text = rows[i]
+    rendered = proc.apply_chat_template(conversation(kind, text), add_generation_prompt=True, tokenize=False)
+    kwargs = {"audio": [chirp(1.0 + 0.5 * i)]} if kind in ("audio", "mm") else {}
+    if kind == "mm":
+        kwargs["images"] = [picture(seed=i)]
+    return dict(proc(text=[rendered], return_tensors="pt", padding=True, **kwargs))
+
+
+def test_text_only_result_has_no_audio(setup):
+    ours, _, proc = setup
+    inputs = processed(proc, [("text", "Hi.")])
+    with_audio = ours.generate(inputs, thinker_max_new_tokens=5, talker_max_new_tokens=4)[0]
+    text_only = ours.generate(inputs, thinker_max_new_tokens=5, return_audio=False)[0]
+    assert text_only.codes is None and text_only.waveform is None
+    assert text_only.token_ids == with_audio.token_ids
+
+
+def test_unknown_speaker_lists_the_voices(setup):
+    ours, _, proc = setup
+    with pytest.raises(ValueError, match="aiden, chelsie, ethan"):
+        ours.generate(processed(proc, [("text", "Hi.")]), speaker="nobody", thinker_max_new_tokens=2)
+
+
+def test_audio_from_a_thinker_only_checkpoint_is_an_error(tiny_ckpt_thinker_only, hf_processor):
+    ours = OmniModel.from_pretrained(tiny_ckpt_thinker_only, device="cpu")
+    inputs = processed(hf_processor(tiny_ckpt_thinker_only), [("text", "Hi.")])
+    with pytest.raises(ValueError, match="no talker"):
+        ours.generate(inputs, return_audio=True, thinker_max_new_tokens=2)
+    result = ours.generate(inputs, thinker_max_new_tokens=3)[0]  # return_audio=None: text only
+    assert result.waveform is None and len(result.token_ids) >= 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# transformers defects (reference §11) that ours fixes
+# ---------------------------------------------------------------------------------------------------------------------
+def test_bug1_transformers_talker_mrope_crashes_on_audio_plus_image(tiny_ckpt, hf_processor):
+    """§11 bug 1: transformers' talker get_rope_index reads config.audio_config, which the talker config lacks, so
+    audio output for a prompt with audio and an image raises AttributeError (the `hf_model` fixture patches it;
+    a fresh model shows it). Ours takes the audio window from the thinker's config."""
+    from transformers import Qwen3OmniMoeForConditionalGeneration
+
+    fresh = Qwen3OmniMoeForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+    inputs = processed(hf_processor(tiny_ckpt), [("mm", "Hi.")])
+    with pytest.raises(AttributeError, match="audio_config"):
+        fresh.generate(**inputs, return_audio=True, thinker_do_sample=False, talker_do_sample=False,
+                       thinker_max_new_tokens=3, talker_max_new_tokens=3)
+    result = OmniModel.from_pretrained(tiny_ckpt, device="cpu").generate(
+        inputs, thinker_max_new_tokens=3, talker_max_new_tokens=3)[0]
+    assert result.codes.shape[-1] == 2 and result.waveform.size > 0
+
+
+def test_bug6_transformers_drops_the_last_token_of_a_reply_cut_by_length(default_setup):
+    """§11 bug 6: a reply stopped by max_new_tokens never voices its last token in transformers (it was never fed
+    back through the thinker, so it is missing from the trailing text). Its speech equals ours for the reply
+    without that token; ours voices it."""
+    ours, oracle, proc = default_setup
+    inputs = processed(proc, [("text", "Hello world, the quick brown fox.")])
+    n = 6
+    never = ours.cfg.thinker_config.text_config.vocab_size - 1  # a stop id the reply does not produce
+    new, codes, _ = oracle.generate(inputs, never, max_new_tokens=n, talker_tokens=12)
+    assert new.shape[1] == n  # stopped by length
+    full = ours.generate(inputs, thinker_max_new_tokens=n, talker_max_new_tokens=12, thinker_eos_token_id=never)[0]
+    short = ours.generate(inputs, thinker_max_new_tokens=n - 1, talker_max_new_tokens=12,
+                          thinker_eos_token_id=never)[0]
+    assert full.token_ids == new[0].tolist() and full.finish_reason == "length"
+    assert torch.equal(short.codes, codes[0])  # transformers voices n-1 tokens
+    assert not torch.equal(full.codes, codes[0])  # ours voices all n
+
+
+def test_bug6_transformers_batch_rows_that_stop_early_voice_their_stop_token(default_setup):
+    """§11 bug 6, batched: transformers moves a row's end-of-text marker after its stop token, so a row that stops
+    before the longest one voices `<|im_end|>` (its stop token) first and differs from the same prompt alone.
+    Ours voices every row as it would be alone."""
+    ours, oracle, proc = default_setup
+    rows = [("text", "Hi."), ("text", "The quick brown fox jumps over the lazy dog.")]
+    inputs = processed(proc, rows)
+    replies = oracle.greedy_reply(inputs)
+    # a stop id that ends row 0 early and never occurs in row 1
+    eos = next(t for k, t in enumerate(replies[0]) if k >= 1 and t not in replies[0][:k] and t not in replies[1])
+    new, codes, _ = oracle.generate(inputs, eos, talker_tokens=12)
+    alone_inputs = processed(proc, rows[:1])
+    alone_new, alone_codes, _ = oracle.generate(alone_inputs, eos, talker_tokens=12)
+    assert hf_row(new[0], eos) == hf_row(alone_new[0], eos)  # same text...
+    length = alone_codes.shape[-1]
+    assert not torch.equal(codes[0][:, :length], alone_codes[0])  # ...different speech in transformers
+
+    batch = ours.generate(inputs, thinker_max_new_tokens=TEXT_TOKENS, talker_max_new_tokens=12,
+                          thinker_eos_token_id=eos)
+    alone = ours.generate(alone_inputs, thinker_max_new_tokens=TEXT_TOKENS, talker_max_new_tokens=12,
+                          thinker_eos_token_id=eos)[0]
+    assert torch.equal(batch[0].codes, alone.codes)
+    assert torch.equal(alone.codes, alone_codes[0])  # and equal to transformers' single-row speech
+
+
+def test_bug7_transformers_takes_the_assistant_start_from_row_0(default_setup):
+    """§11 bug 7: transformers locates `<|im_start|>assistant` in row 0 and uses that index for every row. With an
+    assistant prefill of different length per row (left padding aligns the ends, not the turn starts), row 1's
+    assistant part is cut at the wrong place and its speech differs from the same prompt alone. Ours finds each
+    row's own turn start: row 1 in the batch speaks as it does alone.
+
+    (Ours is not compared with transformers here: with an assistant prefill transformers also mis-places the
+    end-of-text marker — it counts trailing entries as generated tokens — and stops voicing after the first
+    prefill token. Ours voices the prefill and the reply.)"""
+    ours, oracle, proc = default_setup
+    rows = [("text", "Hi."), ("text", "Hi.")]
+    inputs = processed(proc, rows, continuation=["", "The quick"])
+    alone_inputs = processed(proc, rows[1:], continuation=["The quick"])
+    eos = stop_token(oracle.greedy_reply(alone_inputs)[0])
+    _, codes, _ = oracle.generate(inputs, eos)
+    _, alone_codes, _ = oracle.generate(alone_inputs, eos)
+    length = alone_codes.shape[-1]
+    assert not torch.equal(codes[1][:, :length], alone_codes[0])
+
+    kwargs = dict(thinker_max_new_tokens=TEXT_TOKENS, talker_max_new_tokens=TALKER_TOKENS, thinker_eos_token_id=eos)
+    batch = ours.generate(inputs, **kwargs)
+    alone = ours.generate(alone_inputs, **kwargs)[0]
+    assert batch[1].token_ids == alone.token_ids
+    assert torch.equal(batch[1].codes, alone.codes)
+
+
+def test_cli_generate_writes_text_codes_and_wav(tiny_ckpt, tmp_path, capsys):
+    import json
+
+    import soundfile as sf
+
+    from deployments.cli import main
+
+    messages = tmp_path / "messages.json"
+    messages.write_text(json.dumps([{"role": "user", "content": [{"type": "text", "text": "Hello there."}]}]))
+    wav, out = tmp_path / "out.wav", tmp_path / "out.json"
+    code = main(["generate", "--model", str(tiny_ckpt), "--messages", str(messages), "--max-tokens", "5",
+                 "--max-audio-tokens", "6", "--speaker", "Chelsie", "--output-wav", str(wav),
+                 "--output-json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert capsys.readouterr().out.strip() == result["text"].strip()  # printed as produced
+    assert len(result["token_ids"]) >= 1 and result["sample_rate"] == 24000 and result["wav"] == str(wav)
+    codes = np.array(result["codes"])
+    audio, rate = sf.read(wav)
+    assert rate == 24000 and len(audio) == codes.shape[1] * 1920 - 555
+
+    assert main(["generate", "--model", str(tiny_ckpt), "--prompt", "Hi", "--speaker", "nobody"]) == 2
+    assert "chelsie" in capsys.readouterr().err
