@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import hmac
 
-from common.errors import OmniError
-
-
-class AuthenticationError(OmniError):
-    status_code = 401
-    error_type = "authentication_error"
+from deployments.http_errors import AuthenticationError
 
 
 def check_api_key(authorization: str | None, api_key: str | None) -> None:

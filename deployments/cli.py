@@ -114,11 +114,26 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=_generate)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from deployments.serve_cli import run
+
+    return run(args)
+
+
+def _add_serve(sub) -> None:
+    from deployments.serve_cli import add_arguments
+
+    p = sub.add_parser("serve", help="run the OpenAI-compatible service on Ray Serve")
+    add_arguments(p)
+    p.set_defaults(func=_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omniray", description="Serve Qwen3-Omni on Ray Serve.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_make_tiny(sub)
     _add_generate(sub)
+    _add_serve(sub)
     return parser
 
 

@@ -21,6 +21,20 @@ from common.errors import OmniError
 logger = logging.getLogger("omniray.http")
 
 
+class AuthenticationError(OmniError):
+    """Missing or wrong API key."""
+
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class ModelNotFoundError(OmniError):
+    """The request names a model this service does not serve."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+
+
 def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 

@@ -21,9 +21,9 @@ from common.errors import (
     UnsupportedMediaError,
 )
 from deployments.audio_out import encode_audio, to_pcm16
-from deployments.auth import AuthenticationError, check_api_key
+from deployments.auth import check_api_key
 from deployments.fetch import FetchConfig, check_address, decode_base64, fetch_media
-from deployments.http_errors import error_for
+from deployments.http_errors import AuthenticationError, ModelNotFoundError, error_for
 from deployments.protocol import ChatCompletionRequest
 from deployments.sse import DONE, ChunkWriter
 
@@ -126,6 +126,7 @@ def test_invalid_values_are_400_naming_the_field(patch, param):
         (MediaDecodeError("corrupt"), 422, "media_decode"),
         (MediaFetchError("unreachable"), 400, "media_fetch"),
         (AuthenticationError("key"), 401, "authentication"),
+        (ModelNotFoundError("which model?", param="model"), 404, "model_not_found"),
     ],
 )
 def test_typed_errors_map_to_openai_bodies(exc, status, code):
@@ -317,3 +318,82 @@ def test_sse_chunks():
     assert payloads[2]["choices"][0]["delta"]["audio"] == {"id": "audio-1", "data": "AAAA", "transcript": "héllo"}
     assert payloads[3]["choices"][0]["finish_reason"] == "stop"
     assert payloads[4]["choices"] == [] and payloads[4]["usage"]["total_tokens"] == 3
+
+
+# --- stop sequences, request → stage parameters ------------------------------------------------------------------
+
+
+def test_stop_strings_hold_back_partial_matches():
+    from deployments.stop_strings import StopStrings
+
+    stops = StopStrings(["END", "\n\n"])
+    assert stops.push("hello E") == ("hello ", False)  # "E" may start "END"
+    assert stops.push("N") == ("", False)
+    assert stops.push("x more") == ("ENx more", False)
+    assert stops.push("\n") == ("", False)
+    assert stops.push("\nignored END") == ("", True)
+    tail = StopStrings(["END"])
+    assert tail.push("abc EN") == ("abc ", False) and tail.flush() == "EN"
+    assert StopStrings([]).push("anything END") == ("anything END", False)
+    assert StopStrings(["b", "abc"]).push("xxabc") == ("xx", True)  # the earliest occurrence wins
+
+
+def test_stage_sampling_precedence():
+    from common.sampling import SamplingParams
+    from deployments.prepare import talker_sampling, thinker_sampling
+    from deployments.settings import ServiceSettings
+
+    defaults = SamplingParams(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, stop_token_ids=(5, 6))
+    settings = ServiceSettings(default_max_tokens=33, max_tokens_limit=100, default_talker_max_tokens=77)
+    req = ChatCompletionRequest.model_validate({
+        "messages": USER, "temperature": 0, "top_k": -1, "seed": 9,
+        "sampling_params_list": [{"temperature": 0.9, "top_p": 0.5, "stop_token_ids": [7]},
+                                 {"temperature": 0.3, "top_k": 50, "max_tokens": 12}],
+        "talker_temperature": 0.6,
+    })
+    thinker = thinker_sampling(req, defaults, settings)
+    assert thinker.greedy and thinker.temperature == 0  # OpenAI's field wins over the stage list
+    assert thinker.top_p == 0.5 and thinker.top_k == 0 and thinker.seed == 9
+    assert thinker.max_new_tokens == 33 and thinker.stop_token_ids == (5, 6, 7)
+    talker = talker_sampling(req, thinker, settings)
+    assert talker.do_sample and talker.temperature == 0.6 and talker.top_k == 50 and talker.max_new_tokens == 12
+    plain = ChatCompletionRequest.model_validate({"messages": USER, "max_tokens": 4})
+    sampled = thinker_sampling(plain, defaults, settings)
+    assert sampled.temperature == 0.7 and sampled.do_sample  # the checkpoint's defaults
+    talker = talker_sampling(plain, sampled, settings)
+    assert talker.max_new_tokens == 77 and talker.do_sample and talker.temperature == 0.9  # transformers' defaults
+    greedy = thinker_sampling(ChatCompletionRequest.model_validate({"messages": USER, "temperature": 0}), defaults,
+                              settings)
+    assert not talker_sampling(plain, greedy, settings).do_sample  # a greedy thinker, a greedy talker
+    with pytest.raises(InvalidRequestError) as info:
+        thinker_sampling(ChatCompletionRequest.model_validate({"messages": USER, "max_tokens": 101}), defaults,
+                         settings)
+    assert info.value.param == "max_tokens"
+
+
+def test_template_messages_and_media_order():
+    from deployments.prepare import template_messages
+
+    req = ChatCompletionRequest.model_validate({"messages": [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [
+            {"type": "text", "text": "a"},
+            {"type": "video_url", "video_url": {"url": "file:///v.mp4"}},
+            {"type": "input_audio", "input_audio": {"data": "QUFB", "format": "wav"}},
+            {"type": "image_url", "image_url": {"url": "https://x/i.png"}},
+        ]},
+        {"role": "assistant", "content": None},
+    ]})
+    messages, media = template_messages(req)
+    assert messages == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "video"}, {"type": "audio"},
+                                     {"type": "image"}]},
+        {"role": "assistant", "content": ""},
+    ]
+    assert [(m.kind, m.param) for m in media] == [
+        ("video", "messages[1].content[1].video_url.url"),
+        ("audio", "messages[1].content[2].input_audio.data"),
+        ("image", "messages[1].content[3].image_url.url"),
+    ]
+    assert media[1].inline_base64 and not media[0].inline_base64

@@ -1,0 +1,66 @@
+"""What the deployments send each other (through Ray's object store), beside `common.messages`.
+
+The ingress builds one `ThinkerJob` per request (plus a `SpeechJob` around it when speech is asked for) and
+calls one streaming stage: the thinker for a text reply, Code2Wav for a spoken one (Code2Wav pulls frames from
+the talker, the talker pulls states from the thinker). Encoder outputs ride along as `ObjectRef`s nested in the
+job, so only the thinker replica ever fetches them; every stage the job passes forwards `TextDelta`s untouched,
+so the ingress sees text and PCM only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+import torch
+
+from common.sampling import SamplingParams
+
+
+@dataclass
+class ThinkerJob:
+    request_id: str
+    # The processor's output for one prompt, minus the media tensors the encoders consumed:
+    # input_ids [1, T], attention_mask [1, T], and where present image_grid_thw, video_grid_thw,
+    # video_second_per_grid, feature_attention_mask (for the audio token counts and the talker's MRoPE).
+    inputs: dict[str, torch.Tensor]
+    sampling: SamplingParams
+    stop_strings: list[str] = field(default_factory=list)
+    use_audio_in_video: bool = False
+    # Encoder outputs, by reference: VisionEncoder → (merged [N, H], deepstack list of [N, H]); AudioEncoder → [N, H].
+    image_embeds: ray.ObjectRef | None = None
+    video_embeds: ray.ObjectRef | None = None
+    audio_embeds: ray.ObjectRef | None = None
+    # True when a talker consumes this thinker run: then the thinker also yields TalkerPrompt / ThinkerTokens.
+    for_talker: bool = False
+
+
+@dataclass
+class SpeechJob:
+    thinker: ThinkerJob
+    speaker: str  # a key of talker_config.speaker_id (lower case)
+    sampling: SamplingParams  # the talker's (max_new_tokens = codec frames)
+
+    @property
+    def request_id(self) -> str:
+        return self.thinker.request_id
+
+
+@dataclass
+class TextDelta:
+    """New reply text (and the token ids it came from); the last one carries `finish_reason`."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str | None = None  # "stop" | "length" on the last delta
+
+
+@dataclass
+class PcmChunk:
+    request_id: str
+    samples: np.ndarray  # [S] float32 at `sample_rate`
+    sample_rate: int
+    finished: bool = False

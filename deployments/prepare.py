@@ -1,0 +1,188 @@
+"""From a validated OpenAI request to what the stages need: the chat-template messages, the media (fetched and
+decoded within limits), the sampling parameters of each stage and the checked voice.
+
+No Ray here: the ingress calls these, the batch job can too.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+from common.config import OmniConfig
+from common.errors import InvalidRequestError, MediaDecodeError, OmniError, TooManyTokensError, UnknownVoiceError
+from common.media import MediaLimits, decode_audio, decode_image, decode_video
+from common.sampling import SamplingParams
+from deployments.fetch import FetchConfig, decode_base64, fetch_media
+from deployments.protocol import (
+    AudioURLPart,
+    ChatCompletionRequest,
+    ImagePart,
+    InputAudioPart,
+    StageSampling,
+    TextPart,
+    VideoURLPart,
+)
+from deployments.settings import ServiceSettings
+from stages.omni import TALKER_DEFAULTS
+
+logger = logging.getLogger("omniray.prepare")
+
+
+@dataclass(frozen=True)
+class MediaItem:
+    kind: str  # "image" | "audio" | "video"
+    source: str  # URL (data:, http(s):, file:) or, for input_audio, base64 text
+    param: str  # request field, for errors
+    inline_base64: bool = False
+
+
+def template_messages(req: ChatCompletionRequest) -> tuple[list[dict], list[MediaItem]]:
+    """OpenAI messages → the chat template's messages (media parts become typed placeholders) and the media
+    items in prompt order."""
+    messages: list[dict] = []
+    media: list[MediaItem] = []
+    for i, message in enumerate(req.messages):
+        role = "system" if message.role == "developer" else message.role
+        if message.content is None or isinstance(message.content, str):
+            messages.append({"role": role, "content": message.content or ""})
+            continue
+        content = []
+        for j, part in enumerate(message.content):
+            where = f"messages[{i}].content[{j}]"
+            if isinstance(part, TextPart):
+                content.append({"type": "text", "text": part.text})
+            elif isinstance(part, ImagePart):
+                content.append({"type": "image"})
+                media.append(MediaItem("image", part.image_url.url, f"{where}.image_url.url"))
+            elif isinstance(part, InputAudioPart):
+                content.append({"type": "audio"})
+                media.append(MediaItem("audio", part.input_audio.data, f"{where}.input_audio.data", True))
+            elif isinstance(part, AudioURLPart):
+                content.append({"type": "audio"})
+                media.append(MediaItem("audio", part.audio_url.url, f"{where}.audio_url.url"))
+            elif isinstance(part, VideoURLPart):
+                content.append({"type": "video"})
+                media.append(MediaItem("video", part.video_url.url, f"{where}.video_url.url"))
+        messages.append({"role": role, "content": content})
+    return messages, media
+
+
+async def fetch_item(item: MediaItem, cfg: FetchConfig) -> bytes:
+    if item.inline_base64:
+        return decode_base64(item.source, cfg, item.param)
+    return await fetch_media(item.source, cfg, item.param)
+
+
+def decode_item(item: MediaItem, data: bytes, limits: MediaLimits, video_fps: float, audio_in_video: bool):
+    """Bytes → what the processor takes: a Pillow image, 16 kHz mono samples, or a decoded video (frames sampled
+    at `video_fps`, with its audio track when `audio_in_video`). Errors name the request field."""
+    try:
+        if item.kind == "image":
+            return decode_image(data, limits, what=item.param)
+        if item.kind == "audio":
+            return decode_audio(data, limits, what=item.param)
+        return decode_video(data, limits, fps=video_fps, load_audio=audio_in_video, what=item.param)
+    except OmniError as exc:
+        exc.param = exc.param or item.param
+        raise
+    except Exception as exc:  # a decoder library tripping over hostile bytes: the bytes are bad, not the service
+        logger.warning("decoding %s failed", item.param, exc_info=exc)
+        raise MediaDecodeError(f"{item.param} could not be decoded ({type(exc).__name__})", param=item.param) from exc
+
+
+def _first(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def _sampling(
+    defaults: SamplingParams,
+    max_new_tokens: int,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    repetition_penalty: float | None,
+    seed: int | None,
+    extra_stop_ids: list[int] | None,
+) -> SamplingParams:
+    """Request values over the stage's defaults. A temperature of 0 means greedy, any other given temperature
+    means sampling (OpenAI's meaning); top_k -1 or 0 means off (vLLM's)."""
+    changes: dict = {"max_new_tokens": max_new_tokens}
+    if temperature is not None:
+        changes["do_sample"] = temperature > 0
+        changes["temperature"] = temperature
+    if top_p is not None:
+        changes["top_p"] = top_p
+    if top_k is not None:
+        changes["top_k"] = max(top_k, 0)
+    if repetition_penalty is not None:
+        changes["repetition_penalty"] = repetition_penalty
+    if seed is not None:
+        changes["seed"] = seed
+    if extra_stop_ids:
+        changes["stop_token_ids"] = tuple(dict.fromkeys((*defaults.stop_token_ids, *extra_stop_ids)))
+    return replace(defaults, **changes)
+
+
+def thinker_sampling(req: ChatCompletionRequest, defaults: SamplingParams, settings: ServiceSettings) -> SamplingParams:
+    stage = req.stage_sampling(0)
+    max_new = _first(req.max_completion_tokens, req.max_tokens, stage.max_tokens, settings.default_max_tokens)
+    if max_new > settings.max_tokens_limit:
+        raise TooManyTokensError(
+            f"max_tokens {max_new} is above this service's limit of {settings.max_tokens_limit}",
+            param="max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
+        )
+    return _sampling(
+        defaults,
+        max_new,
+        _first(req.temperature, stage.temperature),
+        _first(req.top_p, stage.top_p),
+        _first(req.top_k, stage.top_k),
+        _first(req.repetition_penalty, stage.repetition_penalty),
+        _first(req.seed, stage.seed),
+        stage.stop_token_ids,
+    )
+
+
+def talker_sampling(
+    req: ChatCompletionRequest, thinker: SamplingParams, settings: ServiceSettings
+) -> SamplingParams:
+    """The talker's sampling: transformers' talker defaults, sampling only when the thinker samples (as
+    `OmniModel.generate` does), then the request's talker fields and the talker entry of `sampling_params_list`."""
+    defaults = SamplingParams(do_sample=thinker.do_sample, **TALKER_DEFAULTS)
+    stage: StageSampling = req.stage_sampling(1)
+    return _sampling(
+        defaults,
+        _first(req.talker_max_tokens, stage.max_tokens, settings.default_talker_max_tokens),
+        _first(req.talker_temperature, stage.temperature),
+        _first(req.talker_top_p, stage.top_p),
+        _first(req.talker_top_k, stage.top_k),
+        _first(req.talker_repetition_penalty, stage.repetition_penalty),
+        _first(req.seed, stage.seed),
+        None,  # the codec EOS is the talker's stop; vLLM-Omni clients send it in stop_token_ids too
+    )
+
+
+def check_prompt_length(prompt_tokens: int, max_new_tokens: int, cfg: OmniConfig) -> None:
+    context = cfg.thinker_config.text_config.max_position_embeddings
+    if prompt_tokens + max_new_tokens > context:
+        raise TooManyTokensError(
+            f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_new_tokens}) exceed the model's context "
+            f"of {context} tokens",
+            param="messages",
+        )
+
+
+def resolve_voice(req: ChatCompletionRequest, cfg: OmniConfig, default: str) -> str:
+    """The requested voice as a key of talker_config.speaker_id (names are case-insensitive)."""
+    voice = req.voice()
+    if voice is None:
+        return default
+    if cfg.talker_config is None:
+        raise InvalidRequestError("this model has no speech output", param="modalities")
+    name = voice.lower()
+    if name not in cfg.talker_config.speaker_id:
+        voices = ", ".join(sorted(cfg.talker_config.speaker_id))
+        param = "audio.voice" if req.audio is not None and req.audio.voice is not None else "speaker"
+        raise UnknownVoiceError(f"unknown voice {voice!r}; this model has: {voices}", param=param)
+    return name

@@ -1,0 +1,89 @@
+"""What every stage replica does the same way: pick its device and dtype, bound its CPU threads, load only its
+own weights, and describe what it holds (for `/health` and the tests)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import ray
+import torch
+from torch import nn
+
+from common.checkpoint import STAGE_PREFIXES, load_stage_weights
+from common.config import OmniConfig, load_config
+from deployments.settings import ServiceSettings
+
+logger = logging.getLogger("omniray.stage")
+
+# Deployment options in code are the CPU defaults (a laptop, the tests): a fraction of a core per replica, since
+# Serve reserves one CPU per replica otherwise and six replicas would not fit on two cores. Serve config files
+# override them (num_gpus: 1 per stage, autoscaling).
+STAGE_DEFAULTS = {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 16}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def stage_device(settings: ServiceSettings) -> torch.device:
+    """cuda when asked for, or when Ray gave this replica a GPU; else cpu."""
+    if settings.device is not None:
+        return torch.device(settings.device)
+    return torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+
+
+def stage_dtype(settings: ServiceSettings, device: torch.device) -> torch.dtype:
+    if settings.dtype is not None:
+        return _DTYPES[settings.dtype]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def configure_torch(settings: ServiceSettings) -> None:
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
+    torch.set_grad_enabled(False)
+
+
+def describe(stage: str, module: nn.Module) -> dict:
+    """What a replica holds: its hub prefixes and its number of weight elements (parameters and persistent
+    buffers), so a test can check them against the checkpoint's tensors under those prefixes."""
+    elements = sum(t.numel() for t in module.state_dict().values())
+    return {"stage": stage, "hub_prefixes": list(STAGE_PREFIXES[stage]), "weight_elements": elements}
+
+
+@dataclass
+class LoadedStage:
+    config: OmniConfig
+    checkpoint: Path
+    module: nn.Module
+    device: torch.device
+
+
+def load_stage(
+    settings: ServiceSettings,
+    stage: str,
+    build: Callable[[OmniConfig], nn.Module] | None = None,
+    load: Callable[[Path, OmniConfig, torch.dtype, torch.device], nn.Module] | None = None,
+    extra_prefixes: tuple[str, ...] = (),
+) -> LoadedStage:
+    """Load one stage's module with only its own tensors (`STAGE_PREFIXES[stage]`).
+
+    Either `build` (the module on the meta device; its weights are then loaded here) or `load` (a stage's own
+    loader, for the talker which also copies three rows of the thinker's embedding table: `extra_prefixes`
+    names the hub tensors it reads beyond its prefix, so a hub download fetches their shards).
+    """
+    configure_torch(settings)
+    device = stage_device(settings)
+    dtype = stage_dtype(settings, device)
+    prefix_map = STAGE_PREFIXES[stage]
+    ckpt = settings.checkpoint_dir(prefixes=[*prefix_map, *extra_prefixes])
+    config = load_config(ckpt)
+    if load is not None:
+        module = load(ckpt, config, dtype, device)
+    else:
+        with torch.device("meta"):
+            module = build(config)
+        load_stage_weights(module, ckpt, prefix_map, dtype, device)
+    logger.info("%s: loaded %s from %s on %s", stage, type(module).__name__, ckpt, device)
+    return LoadedStage(config, ckpt, module.eval(), device)

@@ -1,0 +1,100 @@
+"""The service's settings: the `args` of `serve run deployments.app:build_app key=value ...` or of an application
+in a serve config file, validated once and handed to every deployment."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from common.media import MediaLimits
+from deployments.fetch import FetchConfig
+
+TINY_MODEL_NAME = "omniray-tiny"
+
+
+class ServiceSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = ""  # local folder or hub id; empty: the embedded tiny checkpoint
+    served_model_name: str | None = None  # the id clients send as `model`; default: `model` (or omniray-tiny)
+    api_key: str | None = None
+    device: Literal["cpu", "cuda"] | None = None  # None: cuda when the replica was given a GPU, else cpu
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: float32 on CPU, bfloat16 on GPU
+    torch_threads: int | None = Field(default=None, ge=1)  # CPU threads per replica (CPU machines run 6 replicas)
+    default_modalities: tuple[Literal["text", "audio"], ...] = ("text",)
+    default_voice: str = "ethan"  # Qwen3-Omni's default speaker (as OmniModel.generate's); else the first voice
+    default_max_tokens: int = Field(default=512, ge=1)  # thinker tokens when the request names none
+    max_tokens_limit: int = Field(default=8192, ge=1)
+    default_talker_max_tokens: int = Field(default=4096, ge=1)  # codec frames (12.5 per second of speech)
+    # Code2Wav decodes a small first chunk (time to first audio), then larger ones (fewer, fuller calls)
+    codec_initial_chunk_frames: int = Field(default=4, ge=1)
+    codec_chunk_frames: int = Field(default=25, ge=1)
+    # media
+    max_media_bytes: int = Field(default=64 * 1024 * 1024, ge=1)  # one item, encoded
+    max_audio_seconds: float = Field(default=20 * 60.0, gt=0)  # one audio, or a video's audio track
+    max_image_pixels: int = Field(default=40_000_000, ge=1)  # one image or video frame, decoded
+    max_video_frames: int = Field(default=768, ge=1)  # frames kept from one video
+    max_video_seconds: float = Field(default=60 * 60.0, gt=0)
+    video_fps: float = Field(default=2.0, gt=0)  # frames sampled per second of video
+    media_fetch_timeout_s: float = Field(default=10.0, gt=0)
+    allow_private_media_urls: bool = False
+    allowed_local_media_dirs: tuple[str, ...] = ()
+
+    @field_validator("default_modalities", "allowed_local_media_dirs", mode="before")
+    @classmethod
+    def _comma_list(cls, value):
+        """`serve run ... default_modalities=text,audio` passes one string."""
+        return tuple(v for v in value.split(",") if v) if isinstance(value, str) else value
+
+    def model_id(self) -> str:
+        return self.served_model_name or self.model or TINY_MODEL_NAME
+
+    def fetch_config(self) -> FetchConfig:
+        return FetchConfig(
+            max_bytes=self.max_media_bytes,
+            timeout_s=self.media_fetch_timeout_s,
+            allow_private_addresses=self.allow_private_media_urls,
+            allowed_local_dirs=self.allowed_local_media_dirs,
+        )
+
+    def media_limits(self) -> MediaLimits:
+        return MediaLimits(
+            max_bytes=self.max_media_bytes,
+            max_audio_seconds=self.max_audio_seconds,
+            max_pixels=self.max_image_pixels,
+            max_frames=self.max_video_frames,
+            max_video_seconds=self.max_video_seconds,
+        )
+
+    def checkpoint_dir(self, prefixes: list[str]) -> Path:
+        """The checkpoint folder on this node; from the hub, only the metadata files and the shards holding
+        tensors under `prefixes` are downloaded (none for the ingress)."""
+        if not self.model:
+            return embedded_tiny_checkpoint()
+        from common.checkpoint import resolve_checkpoint
+
+        return resolve_checkpoint(self.model, prefixes=prefixes)
+
+
+def embedded_tiny_checkpoint() -> Path:
+    """The tiny random checkpoint, written once per node (deterministic: seed 0), so `omniray serve` works
+    with nothing downloaded. Written to a temporary folder and renamed, so concurrent replicas never see half a
+    checkpoint."""
+    from common.tiny import write_tiny_checkpoint
+
+    root = Path.home() / ".cache" / "omniray"
+    target = root / "tiny-default"  # the folder `omniray generate` uses for the same checkpoint
+    if (target / "config.json").exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".tiny-"))
+    write_tiny_checkpoint(staging, seed=0, variant="default")
+    try:
+        staging.rename(target)
+    except OSError:  # another replica won the race; its copy is identical
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,144 @@
+"""The talker deployment (with its code predictor): pulls the thinker's states, streams codec frames.
+
+Two things run at once for a request: a reader that consumes the thinker's stream (forwarding text deltas
+downstream at once and feeding `TalkerPrompt` / `ThinkerTokens` into the `TalkerRequest`), and the decode loop,
+which prefills as soon as the first reply tokens are in and then emits one frame per step, each step waiting
+only for the reply token it consumes. Both put their events on one queue that this generator drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from common.messages import CodecFrames, TalkerPrompt, ThinkerTokens
+from deployments.jobs import SpeechJob, TextDelta
+from deployments.metrics import service_metrics
+from deployments.runtime import STAGE_DEFAULTS, describe, load_stage
+from deployments.settings import ServiceSettings
+from stages.talker import Talker, TalkerRequest, speaker_codec_id, stream_frames, talker_sampling
+
+# hub tensor the talker reads beyond `talker.`: three rows (tts bos/eos/pad) of the thinker's embedding table
+THINKER_EMBEDDING = "thinker.model.embed_tokens."
+_DONE = object()  # end of one producer's events
+
+
+@serve.deployment(name="talker", **STAGE_DEFAULTS)
+class TalkerStage:
+    def __init__(self, settings: dict, thinker: DeploymentHandle):
+        self.stage = load_stage(
+            ServiceSettings.model_validate(settings), "talker", extra_prefixes=(THINKER_EMBEDDING,),
+            load=lambda ckpt, cfg, dtype, device: Talker.from_pretrained(ckpt, cfg, dtype=dtype, device=device),
+        )
+        self.thinker = thinker
+        self.metrics = service_metrics()
+
+    async def speak(self, job: SpeechJob):
+        """Yields TextDelta (passed through from the thinker) and CodecFrames ([Q, 1] per step) events."""
+        self.metrics.stage_requests.inc(1, tags={"stage": "talker"})
+        events: asyncio.Queue = asyncio.Queue()
+        reply = _Reply(self.stage.config, speaker_codec_id(self.stage.config.talker_config, job.speaker))
+        reader = asyncio.create_task(self._read_thinker(job, reply, events))
+        decoder = asyncio.create_task(self._decode(job, reply, events))
+        try:
+            running = 2
+            while running:
+                event = await events.get()
+                if event is _DONE:
+                    running -= 1
+                elif isinstance(event, BaseException):
+                    raise event
+                else:
+                    yield event
+        finally:
+            for task in (reader, decoder):
+                task.cancel()
+
+    async def _read_thinker(self, job: SpeechJob, reply: "_Reply", events: asyncio.Queue) -> None:
+        try:
+            async for event in self.thinker.options(stream=True).generate.remote(job.thinker):
+                if isinstance(event, TextDelta):
+                    events.put_nowait(event)
+                else:
+                    reply.add(event, self.stage.device)
+            reply.close()
+            events.put_nowait(_DONE)
+        except Exception as exc:  # a thinker error ends the request (the ingress reports it)
+            reply.close()
+            events.put_nowait(exc)
+
+    async def _decode(self, job: SpeechJob, reply: "_Reply", events: asyncio.Queue) -> None:
+        try:
+            await reply.wait(lambda r: r.prefill_ready)
+            if not reply.request.has_voice:  # nothing to say (e.g. an empty reply)
+                events.put_nowait(_DONE)
+                return
+            params = talker_sampling(self.stage.config.talker_config, job.sampling)
+            groups = self.stage.config.talker_config.num_code_groups
+            steps = stream_frames(self.stage.module, self.stage.config, [reply.request], [params])
+            calls = 0
+            while True:
+                if calls:  # after the first frame, step k consumes the text entry of step k - 1
+                    await reply.wait(lambda r, k=calls - 1: r.entry_ready(k))
+                step = await asyncio.to_thread(next, steps, None)
+                calls += 1
+                if step is None:
+                    break
+                frame, reason = step.frames[0], step.finish_reasons[0]
+                codes = frame[:, None].cpu() if frame is not None else torch.zeros(groups, 0, dtype=torch.long)
+                if frame is not None:
+                    self.metrics.stage_tokens("talker", 1)
+                if frame is not None or reason is not None:
+                    events.put_nowait(CodecFrames(job.request_id, codes, finished=reason is not None))
+                if reason is not None:
+                    break
+            events.put_nowait(_DONE)
+        except Exception as exc:
+            events.put_nowait(exc)
+
+    def ready(self) -> bool:
+        return True
+
+    def describe(self) -> dict:
+        return describe("talker", self.stage.module)
+
+
+class _Reply:
+    """The `TalkerRequest` the reader fills, and an event the decode loop waits on. Reader and decode loop are
+    coroutines of one event loop, so checking and waiting cannot interleave with an update."""
+
+    def __init__(self, config, speaker_id: int):
+        self.config = config
+        self.speaker_id = speaker_id
+        self.request: TalkerRequest | None = None
+        self.closed = False  # the thinker's stream ended (normally or not)
+        self.changed = asyncio.Event()
+
+    def add(self, message: TalkerPrompt | ThinkerTokens, device: torch.device) -> None:
+        if isinstance(message, TalkerPrompt):
+            self.request = TalkerRequest(self.config, _to(message, device), self.speaker_id)
+        else:
+            message.token_embeds = message.token_embeds.to(device)
+            self.request.push(message)
+        self.changed.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.changed.set()
+
+    async def wait(self, ready) -> None:
+        """Until `ready(request)`."""
+        while self.request is None or not ready(self.request):
+            if self.closed:
+                raise RuntimeError("the thinker's stream ended before the talker had the input it needs")
+            self.changed.clear()
+            await self.changed.wait()
+
+
+def _to(prompt: TalkerPrompt, device: torch.device) -> TalkerPrompt:
+    for name in ("prompt_ids", "prompt_embeds", "prompt_accept_hidden"):
+        setattr(prompt, name, getattr(prompt, name).to(device))
+    return prompt

@@ -1,0 +1,442 @@
+"""The service end to end: a real local Ray Serve, the tiny checkpoints, the real `openai` client.
+
+One Ray instance for the module with two applications: the full model at `/` (no API key) and a thinker-only
+checkpoint at `/thinker-only` (with an API key). Greedy replies through the service must equal
+`OmniModel.generate` on the same inputs, token for token and sample for sample.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+import requests
+import soundfile as sf
+import torch
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 420
+API_KEY = "test-key-123"
+STAGES = ["ingress", "vision_encoder", "audio_encoder", "thinker", "talker", "code2wav"]
+VIDEO_FPS = 2.0  # the service's default video_fps
+GREEDY = {"temperature": 0, "talker_temperature": 0}  # sent as extra_body: both stages greedy
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_running(names: list[str]) -> None:
+    """Until every application runs; a deployment that cannot start fails the tests with Serve's message."""
+    from ray import serve
+
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        apps = serve.status().applications
+        for name in names:
+            if name in apps and apps[name].status == "DEPLOY_FAILED":
+                details = {d: s.message for d, s in apps[name].deployments.items() if s.message}
+                pytest.fail(f"application {name} failed to deploy: {apps[name].message} {details}")
+        if all(name in apps and apps[name].status == "RUNNING" for name in names):
+            return
+        time.sleep(1)
+    pytest.fail(f"applications {names} not running after {START_TIMEOUT_S} s: {serve.status().applications}")
+
+
+@pytest.fixture(scope="module")
+def service(tiny_ckpt, tiny_ckpt_thinker_only, tmp_path_factory):
+    import ray
+    from ray import serve
+    from ray.serve.api import RunTarget
+
+    from deployments.app import build_app
+
+    media_dir = tmp_path_factory.mktemp("media")
+    http_port, metrics_port = _free_port(), _free_port()
+    # Replica processes import our packages from the checkout (an installed omniray needs nothing).
+    ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=metrics_port,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        common = {"torch_threads": 1, "allowed_local_media_dirs": [str(media_dir)], "max_media_bytes": 2_000_000}
+        apps = [
+            RunTarget(build_app({"model": str(tiny_ckpt), **common}), name="omniray", route_prefix="/"),
+            RunTarget(build_app({"model": str(tiny_ckpt_thinker_only), "api_key": API_KEY, **common}),
+                      name="thinker_only", route_prefix="/thinker-only"),
+        ]
+        # deploy without waiting, then wait with a deadline and Serve's own failure messages
+        serve.run_many(apps, wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+        _wait_running(["omniray", "thinker_only"])
+        yield {"url": f"http://127.0.0.1:{http_port}", "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
+               "ckpt": tiny_ckpt, "thinker_only_ckpt": tiny_ckpt_thinker_only, "media_dir": media_dir}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    return openai.OpenAI(base_url=service["url"] + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+class Reference:
+    """OmniModel.generate on what the processor makes of the same messages, in this process."""
+
+    def __init__(self, ckpt):
+        from common.processor import OmniProcessor
+        from stages.omni import OmniModel
+
+        self.model = OmniModel.from_pretrained(ckpt, device="cpu", dtype=torch.float32)
+        self.processor = OmniProcessor.from_pretrained(ckpt)
+
+    def __call__(self, messages, images=None, audio=None, videos=None, use_audio_in_video=False, **kwargs):
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = self.processor([prompt], images=images, audio=audio, videos=videos,
+                                use_audio_in_video=use_audio_in_video, fps=VIDEO_FPS if videos else None)
+        return self.model.generate(inputs, do_sample=False, use_audio_in_video=use_audio_in_video, **kwargs)[0]
+
+    def service_pcm(self, result) -> np.ndarray:
+        """The result's codes decoded the way the service decodes them: streamed in chunks of
+        codec_initial_chunk_frames then codec_chunk_frames, with one thread per replica (torch_threads=1)."""
+        from deployments.settings import ServiceSettings
+        from stages.code2wav import Code2WavStream
+
+        settings, frames = ServiceSettings(), result.codes.shape[1]
+        bounds = [0, min(settings.codec_initial_chunk_frames, frames)]
+        while bounds[-1] < frames:
+            bounds.append(min(bounds[-1] + settings.codec_chunk_frames, frames))
+        stream, threads = Code2WavStream(self.model.code2wav), torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            pieces = [stream.push(result.codes[None, :, a:b]) for a, b in zip(bounds, bounds[1:])]
+        finally:
+            torch.set_num_threads(threads)
+        return _pcm16(torch.cat(pieces, dim=-1)[0].numpy())
+
+
+@pytest.fixture(scope="module")
+def reference(service):
+    return Reference(service["ckpt"])
+
+
+def _assert_speech(data: bytes, result, reference: Reference) -> None:
+    """The service's speech is the reference's codes decoded sample for sample (the same arithmetic as the
+    service's streamed decode), and within one PCM16 step of OmniModel's one-shot decode (float sums in another
+    order differ by ~1e-6)."""
+    samples, rate = sf.read(io.BytesIO(data), dtype="int16")
+    assert rate == 24000 and len(samples) == len(result.waveform) > 0
+    np.testing.assert_array_equal(samples, reference.service_pcm(result))
+    assert np.abs(samples.astype(int) - _pcm16(result.waveform).astype(int)).max() <= 1
+
+
+def _tone(seconds=0.6, rate=16000) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32)
+
+
+def _wav_b64(samples: np.ndarray, rate=16000) -> str:
+    out = io.BytesIO()
+    sf.write(out, samples, rate, format="WAV", subtype="PCM_16")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def _png(width=40, height=28) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def _png_data_uri(image: Image.Image) -> str:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def _pcm16(samples: np.ndarray) -> np.ndarray:
+    from deployments.audio_out import to_pcm16
+
+    return np.frombuffer(to_pcm16(samples), dtype="<i2")
+
+
+HELLO = [{"role": "user", "content": "Hello there, who are you?"}]
+COUNT = [{"role": "user", "content": "Count to three, please."}]  # the tiny model's greedy reply is long
+
+
+# --- replies equal OmniModel.generate ----------------------------------------------------------------------------
+
+
+def test_text_only_reply(client, reference):
+    reply = client.chat.completions.create(model=_model_id(client), messages=HELLO, max_tokens=12, extra_body=GREEDY)
+    expected = reference(HELLO, thinker_max_new_tokens=12, return_audio=False)
+    choice = reply.choices[0]
+    assert choice.token_ids == expected.token_ids
+    assert choice.message.content == expected.text and choice.message.audio is None
+    assert choice.finish_reason == ("length" if len(expected.token_ids) == 12 else "stop")
+    assert reply.usage.completion_tokens == len(expected.token_ids) and reply.usage.prompt_tokens > 0
+
+
+def _model_id(client) -> str:
+    return client.models.list().data[0].id
+
+
+def test_text_and_audio_reply(client, reference):
+    reply = client.chat.completions.create(
+        model=_model_id(client), messages=HELLO, max_tokens=10, modalities=["text", "audio"],
+        audio={"voice": "Ethan", "format": "wav"}, extra_body={"talker_max_tokens": 24, **GREEDY},
+    )
+    expected = reference(HELLO, speaker="ethan", thinker_max_new_tokens=10, talker_max_new_tokens=24)
+    choice = reply.choices[0]
+    assert choice.token_ids == expected.token_ids and choice.message.content == expected.text
+    assert choice.message.audio.transcript == expected.text
+    _assert_speech(base64.b64decode(choice.message.audio.data), expected, reference)
+
+
+def _stream(client, **kwargs) -> tuple[list[str], list[bytes], list[str], list, list[str]]:
+    """(text deltas, PCM chunks, transcript deltas, raw chunks, kinds in arrival order) of a streamed reply."""
+    texts, pcm, transcript, chunks, order = [], [], [], [], []
+    for chunk in client.chat.completions.create(model=_model_id(client), stream=True, **kwargs):
+        chunks.append(chunk)
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        if delta.content:
+            texts.append(delta.content)
+            order.append("text")
+        audio = getattr(delta, "audio", None)
+        if audio:
+            if getattr(audio, "data", None):
+                pcm.append(base64.b64decode(audio.data))
+                order.append("audio")
+            if getattr(audio, "transcript", None):
+                transcript.append(audio.transcript)
+    return texts, pcm, transcript, chunks, order
+
+
+def test_streamed_audio_equals_non_streamed(client):
+    """A long reply (this prompt makes the tiny model talk until max_tokens) with a short voice: the speech
+    streams while the thinker still generates, and the streamed PCM is the non-streamed reply byte for byte."""
+    kwargs = dict(messages=COUNT, max_tokens=60, modalities=["text", "audio"],
+                  audio={"voice": "chelsie", "format": "pcm16"}, extra_body={"talker_max_tokens": 14, **GREEDY})
+    whole = client.chat.completions.create(model=_model_id(client), **kwargs).choices[0]
+    texts, pcm, transcript, chunks, order = _stream(client, stream_options={"include_usage": True}, **kwargs)
+    assert b"".join(pcm) == base64.b64decode(whole.message.audio.data)
+    assert len(pcm) >= 2  # a small first chunk, then the rest
+    assert "".join(texts) == whole.message.content == "".join(transcript)
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in finals] == [whole.finish_reason] == ["length"]
+    assert chunks[-1].usage.completion_tokens == len(whole.token_ids) == 60
+    assert order.index("audio") < len(order) - 1 - order[::-1].index("text")  # audio began before the text ended
+
+
+def test_image_and_audio_input(client, reference, service):
+    image, tone = _png(), _tone()
+    path = service["media_dir"] / "tone.wav"
+    sf.write(path, tone, 16000)
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _png_data_uri(image)}},
+        {"type": "audio_url", "audio_url": {"url": f"file://{path}"}},
+        {"type": "text", "text": "What do you see and hear?"},
+    ]}]
+    reply = client.chat.completions.create(
+        model=_model_id(client), messages=messages, max_tokens=8, modalities=["text", "audio"],
+        audio={"voice": "aiden", "format": "flac"}, extra_body={"talker_max_tokens": 16, **GREEDY},
+    ).choices[0]
+    template = [{"role": "user", "content": [{"type": "image"}, {"type": "audio"},
+                                             {"type": "text", "text": "What do you see and hear?"}]}]
+    expected = reference(template, images=[image], audio=[tone], speaker="aiden", thinker_max_new_tokens=8,
+                         talker_max_new_tokens=16)
+    assert reply.token_ids == expected.token_ids
+    _assert_speech(base64.b64decode(reply.message.audio.data), expected, reference)
+
+
+def _mp4_with_audio(seconds=2, fps=4, size=32, rate=16000) -> bytes:
+    """A small MPEG-4 video of random frames with an AAC tone as its audio track."""
+    import av
+
+    out, rng = io.BytesIO(), np.random.default_rng(1)
+    with av.open(out, mode="w", format="mp4") as container:
+        video = container.add_stream("mpeg4", rate=fps)
+        video.width = video.height = size
+        video.pix_fmt = "yuv420p"
+        audio = container.add_stream("aac", rate=rate)
+        for _ in range(seconds * fps):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8), format="rgb24")
+            container.mux(video.encode(frame))
+        container.mux(video.encode())
+        tone = av.AudioFrame.from_ndarray(_tone(seconds, rate)[None], format="fltp", layout="mono")
+        tone.sample_rate = rate
+        container.mux(audio.encode(tone))
+        container.mux(audio.encode())
+    return out.getvalue()
+
+
+def test_video_with_its_audio_track(client, reference):
+    """A video URL with `mm_processor_kwargs.use_audio_in_video` (vLLM-Omni's form): frames and sound both go in."""
+    from common.media import decode_video
+
+    data = _mp4_with_audio()
+    messages = [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(data).decode()}},
+        {"type": "text", "text": "What happens?"},
+    ]}]
+    reply = client.chat.completions.create(
+        model=_model_id(client), messages=messages, max_tokens=6, modalities=["text", "audio"],
+        extra_body={"talker_max_tokens": 10, "mm_processor_kwargs": {"use_audio_in_video": True}, **GREEDY},
+    ).choices[0]
+    template = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
+    video = decode_video(data, fps=VIDEO_FPS, load_audio=True)
+    expected = reference(template, videos=[video], use_audio_in_video=True, thinker_max_new_tokens=6,
+                         talker_max_new_tokens=10)
+    assert reply.token_ids == expected.token_ids
+    _assert_speech(base64.b64decode(reply.message.audio.data), expected, reference)
+
+
+def test_concurrent_requests(service, reference):
+    """8 requests at once (two prompts, text and speech): each reply equals the one-by-one result."""
+    prompts = [HELLO, COUNT]
+    expected = [reference(p, speaker="ethan", thinker_max_new_tokens=6, talker_max_new_tokens=8) for p in prompts]
+    aclient = openai.AsyncOpenAI(base_url=service["url"] + "/v1", api_key="unused", max_retries=0, timeout=300)
+    model = str(service["ckpt"])  # without served_model_name, the model is called by its reference
+
+    async def one(i):
+        return await aclient.chat.completions.create(
+            model=model, messages=prompts[i % 2], max_tokens=6, modalities=["text", "audio"] if i % 4 < 2 else ["text"],
+            extra_body={"talker_max_tokens": 8, **GREEDY},
+        )
+
+    async def all_of_them():
+        return await asyncio.gather(*(one(i) for i in range(8)))
+
+    replies = asyncio.run(all_of_them())
+    for i, reply in enumerate(replies):
+        want = expected[i % 2]
+        assert reply.choices[0].token_ids == want.token_ids, i
+        if i % 4 < 2:
+            _assert_speech(base64.b64decode(reply.choices[0].message.audio.data), want, reference)
+        else:
+            assert reply.choices[0].message.audio is None
+
+
+# --- the thinker-only checkpoint, API keys -----------------------------------------------------------------------
+
+
+def test_thinker_only_checkpoint_with_api_key(service):
+    base = service["url"] + "/thinker-only/v1"
+    keyed = openai.OpenAI(base_url=base, api_key=API_KEY, max_retries=0)
+    reply = keyed.chat.completions.create(model=keyed.models.list().data[0].id, messages=HELLO, max_tokens=5)
+    assert reply.choices[0].message.content is not None
+    with pytest.raises(openai.BadRequestError) as info:
+        keyed.chat.completions.create(model=reply.model, messages=HELLO, modalities=["text", "audio"])
+    assert info.value.body["param"] == "modalities"
+    for key in ("wrong-key", None):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        r = requests.post(base + "/chat/completions", json={"messages": HELLO}, headers=headers, timeout=60)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert requests.get(base + "/models", timeout=60).status_code == 401
+    from ray import serve
+
+    deployments = serve.status().applications["thinker_only"].deployments
+    assert set(deployments) == {"ingress", "vision_encoder", "audio_encoder", "thinker"}
+
+
+# --- bad input ---------------------------------------------------------------------------------------------------
+
+
+def _bad_inputs(service) -> list[tuple[str, object, int, str | None]]:
+    big = service["media_dir"] / "big.bin"
+    big.write_bytes(b"\0" * 2_100_000)
+    corrupt_png = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\nnot really").decode()
+    pdf = "data:application/pdf;base64," + base64.b64encode(b"%PDF-1.4 hello").decode()
+    user = lambda *parts: {"messages": [{"role": "user", "content": list(parts)}]}  # noqa: E731
+    return [
+        ("malformed json", "{not json", 400, None),
+        ("not an object", "[1, 2]", 400, None),
+        ("unknown field", {"messages": HELLO, "frobnicate": 1}, 400, "frobnicate"),
+        ("wrong type", {"messages": HELLO, "max_tokens": "many"}, 400, "max_tokens"),
+        ("n > 1", {"messages": HELLO, "n": 3}, 400, "n"),
+        ("unknown voice", {"messages": HELLO, "modalities": ["audio"], "audio": {"voice": "darth"}}, 400, "audio.voice"),
+        ("unsupported output format", {"messages": HELLO, "audio": {"voice": "ethan", "format": "aiff"}}, 400,
+         "audio.format"),
+        ("too many tokens", {"messages": HELLO, "max_tokens": 10**9}, 400, "max_tokens"),
+        ("unknown model", {"messages": HELLO, "model": "gpt-7"}, 404, "model"),
+        ("media too large", user({"type": "image_url", "image_url": {"url": f"file://{big}"}}), 413, None),
+        ("corrupt image", user({"type": "image_url", "image_url": {"url": corrupt_png}}), 422, None),
+        ("unsupported media", user({"type": "image_url", "image_url": {"url": pdf}}), 415, None),
+        ("corrupt audio", user({"type": "input_audio", "input_audio": {"data": base64.b64encode(b"RIFFxxxxWAVE").decode(),
+                                                                      "format": "wav"}}), 422, None),
+        ("bad base64", user({"type": "input_audio", "input_audio": {"data": "@@@", "format": "wav"}}), 400, None),
+        ("unreachable url", user({"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}), 400, None),
+        ("file outside allowed dirs", user({"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}), 400,
+         None),
+    ]
+
+
+def test_bad_inputs_get_openai_errors_and_service_stays_healthy(service):
+    url = service["url"] + "/v1/chat/completions"
+    failures = []
+    for name, body, status, param in _bad_inputs(service):
+        data = body if isinstance(body, str) else None
+        r = requests.post(url, data=data, json=None if data else body, timeout=120,
+                          headers={"Content-Type": "application/json"})
+        error = r.json().get("error", {}) if r.headers.get("content-type", "").startswith("application/json") else {}
+        if r.status_code != status or set(error) != {"message", "type", "param", "code"}:
+            failures.append(f"{name}: {r.status_code} {r.text[:200]}")
+        elif param is not None and param not in (error["param"] or "") + error["message"]:
+            failures.append(f"{name}: error does not name {param}: {error}")
+    assert not failures, "\n".join(failures)
+    assert requests.get(service["url"] + "/health", timeout=60).status_code == 200
+
+
+# --- the service's surface ---------------------------------------------------------------------------------------
+
+
+def test_models_health_and_metrics(service, client):
+    models = client.models.list().data
+    assert len(models) == 1 and models[0].object == "model"
+    health = requests.get(service["url"] + "/health", timeout=60)
+    assert health.status_code == 200 and set(health.json()["stages"]) == set(STAGES) - {"ingress"}
+    client.chat.completions.create(model=models[0].id, messages=HELLO, max_tokens=3, modalities=["text", "audio"],
+                                   extra_body={"talker_max_tokens": 6})
+    wanted = ["ray_omniray_time_to_first_token_seconds", "ray_omniray_time_to_first_audio_seconds",
+              "ray_omniray_audio_real_time_factor", "ray_omniray_stage_tokens_total", "ray_omniray_errors_total"]
+    deadline = time.monotonic() + 90
+    missing = wanted
+    while missing and time.monotonic() < deadline:
+        time.sleep(3)
+        text = urllib.request.urlopen(service["metrics"], timeout=30).read().decode()
+        missing = [m for m in wanted if m not in text]
+    assert not missing, f"metrics not exported: {missing}"
+    assert 'stage="talker"' in text and 'stage="thinker"' in text and 'stage="code2wav"' in text
+
+
+def test_each_stage_is_its_own_deployment_holding_its_own_weights(service):
+    from ray import serve
+
+    from common.checkpoint import weight_map
+    from safetensors import safe_open
+
+    app = serve.status().applications["omniray"]
+    assert set(app.deployments) == set(STAGES)
+    for name, status in app.deployments.items():
+        assert status.replica_states == {"RUNNING": 1}, (name, status.replica_states)
+    names_to_files = weight_map(service["ckpt"])
+    sizes = {}
+    for name, file in names_to_files.items():
+        with safe_open(Path(service["ckpt"]) / file, framework="pt") as f:
+            sizes[name] = int(np.prod(f.get_slice(name).get_shape()))
+    for stage in STAGES[1:]:
+        held = serve.get_deployment_handle(stage, "omniray").describe.remote().result()
+        expected = sum(n for key, n in sizes.items() if key.startswith(tuple(held["hub_prefixes"])))
+        assert held["weight_elements"] == expected, stage
