@@ -99,6 +99,9 @@ def run_case(case: str, batch: int, inputs: dict, ours, hf, args, device, dtype,
     speech = case == "audio"
     n = args.new_tokens
     prompt_len = inputs["input_ids"].shape[1]
+    # transformers' thinker.generate does not read the checkpoint's generation_config.json (OmniModel does): hand
+    # it the same repetition penalty, or the two do different work
+    penalty = ours.generation_config.get("repetition_penalty", 1.0)
     hf_inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
 
     def ours_call(new_tokens: int, audio: bool):
@@ -109,7 +112,7 @@ def run_case(case: str, batch: int, inputs: dict, ours, hf, args, device, dtype,
         with torch.inference_mode():
             return hf.generate(**hf_inputs, return_audio=audio, speaker="ethan",
                                thinker_max_new_tokens=new_tokens, thinker_min_new_tokens=new_tokens,
-                               thinker_do_sample=False, talker_do_sample=False,
+                               thinker_do_sample=False, thinker_repetition_penalty=penalty, talker_do_sample=False,
                                talker_max_new_tokens=args.audio_frames)
 
     first = common.time_pair([lambda: ours_call(1, False), lambda: hf_call(1, False)], device, args.warmup,

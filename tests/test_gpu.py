@@ -24,8 +24,11 @@ pytestmark = pytest.mark.gpu
 
 CUDA = torch.device("cuda")
 LAYERS = 3  # the fewest that keep three distinct DeepStack taps
-STAGES = ["audio", "vision", "code2wav", "thinker"]
-BF16_REL_ERR = 0.05  # ‖bf16 − fp32‖ / ‖fp32‖ over a few layers (rounding is ~4e-3 per op)
+STAGES = ["audio", "vision", "code2wav", "thinker", "talker"]
+# ‖bf16 − fp32‖ / ‖fp32‖ per stage at 3 layers. Measured on the CPU (same checkpoint, ours and transformers
+# alike): audio 0.0067, vision 0.0065, Code2Wav 0.052 (2 s of codes; a deep conv stack of SnakeBeta sines).
+# The MoE LMs were not measurable there (too large); a routing flip in bf16 moves a whole token's output.
+BF16_REL_ERR = {"audio": 0.03, "vision": 0.03, "code2wav": 0.15, "thinker": 0.1, "talker": 0.1}
 PAST_TRANSFORMERS = 1.5  # our bf16 error may exceed transformers' by at most this factor (plus 1e-3)
 
 
@@ -61,12 +64,15 @@ def load_ours(stage: str, ckpt, dtype: torch.dtype, device: torch.device):
     """Our stage module, loaded from the checkpoint the way a deployment loads it."""
     from stages.audio_encoder import AudioEncoder
     from stages.code2wav import Code2Wav
+    from stages.talker import Talker
     from stages.thinker import ThinkerLM
     from stages.vision_encoder import VisionEncoder
 
     cfg = load_config(ckpt)
     if stage == "thinker":
         return ThinkerLM.from_pretrained(ckpt, dtype=dtype, device=device)
+    if stage == "talker":
+        return Talker.from_pretrained(ckpt, cfg, dtype=dtype, device=device)
     module_class, stage_cfg, prefixes = {
         "audio": (AudioEncoder, cfg.thinker_config.audio_config, "audio_encoder"),
         "vision": (VisionEncoder, cfg.thinker_config.vision_config, "vision_encoder"),
@@ -79,7 +85,7 @@ def load_ours(stage: str, ckpt, dtype: torch.dtype, device: torch.device):
 
 def stage_inputs(stage: str, cfg, device: torch.device) -> dict:
     """A realistic input per stage: two audios (10 s, 6.37 s), two images (448², 256×384), 10 s of codes, two
-    prompts of 256 tokens (the second left-padded by 40)."""
+    prompts of 256 tokens (the second left-padded by 40), two talker inputs of 128 unit-scale embeddings."""
     gen = torch.Generator().manual_seed(0)
     if stage == "audio":
         lens = torch.tensor([1000, 637])
@@ -94,6 +100,9 @@ def stage_inputs(stage: str, cfg, device: torch.device) -> dict:
     if stage == "code2wav":
         c = cfg.code2wav_config
         return {"codes": torch.randint(0, c.codebook_size, (1, c.num_quantizers, 125), generator=gen).to(device)}
+    if stage == "talker":
+        hidden = cfg.talker_config.text_config.hidden_size
+        return {"embeds": torch.randn(2, 128, hidden, generator=gen).to(device)}
     ids = torch.randint(0, 256, (2, 256), generator=gen)
     mask = torch.ones_like(ids)
     mask[1, :40] = 0
@@ -111,6 +120,8 @@ def run_ours(stage: str, model, inputs: dict) -> torch.Tensor:
         out = torch.cat([merged, *deepstack])
     elif stage == "code2wav":
         out = model(inputs["codes"])
+    elif stage == "talker":
+        out = talker_logits(model, inputs["embeds"].to(model_dtype(model)))
     else:
         out = thinker_logits(model, inputs["ids"], inputs["mask"])[inputs["mask"].bool()]
     return out.float()
@@ -128,6 +139,9 @@ def run_transformers(stage: str, hf, inputs: dict) -> torch.Tensor:
         out = torch.cat([res.pooler_output, *res.deepstack_features])
     elif stage == "code2wav":
         out = hf.code2wav(inputs["codes"])[:, 0]
+    elif stage == "talker":  # no position ids: text positions on all three MRoPE axes, causal mask
+        hidden = hf.talker.model(inputs_embeds=inputs["embeds"].to(dtype)).last_hidden_state
+        out = hf.talker.codec_head(hidden)
     else:
         out = hf.thinker(input_ids=inputs["ids"], attention_mask=inputs["mask"]).logits[inputs["mask"].bool()]
     return out.float()
@@ -150,6 +164,19 @@ def thinker_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     B, T = ids.shape
     hidden, _ = model(embeds, positions, attention_mask(torch.arange(T, device=ids.device).expand(B, T), valid))
     return model.logits(hidden)
+
+
+def talker_logits(model, embeds: torch.Tensor) -> torch.Tensor:
+    """Codec logits of the talker decoder over embeddings at text positions 0..T-1 (all three MRoPE axes): [B, T, V]."""
+    from stages.kv_cache import KVCache
+
+    text = model.cfg.text_config
+    B, T, _ = embeds.shape
+    cache = KVCache(text.num_hidden_layers, B, text.num_key_value_heads, T, text.head_dim, dtype=embeds.dtype,
+                    device=embeds.device)
+    slots = cache.append(T)  # [B, T]
+    positions = slots.float()[None].expand(3, -1, -1)  # [3, B, T]
+    return model.codec_head(model(embeds, positions, cache.mask(slots), cache, slots))
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -179,8 +206,8 @@ def test_full_width_bf16_close_to_transformers_and_no_less_accurate(stage, full_
     ours_err, their_err = rel_err(ours, ref), rel_err(theirs, ref)
     print(f"{stage}: bf16 relative error ours {ours_err:.4f}, transformers {their_err:.4f}, "
           f"ours vs transformers {rel_err(ours, theirs):.4f}")
-    assert ours_err < BF16_REL_ERR
-    assert rel_err(ours, theirs) < 2 * BF16_REL_ERR
+    assert ours_err < BF16_REL_ERR[stage]
+    assert rel_err(ours, theirs) < 2 * BF16_REL_ERR[stage]
     assert ours_err <= PAST_TRANSFORMERS * their_err + 1e-3
 
 
@@ -244,7 +271,31 @@ def test_tiny_bf16_cuda_follows_cpu_fp32_greedy_path(tiny_ckpt, tiny_prompt_ids)
     assert torch.equal(want.argmax(-1), chosen)
     # Every bf16 pick that differs is "explained" by the bf16 error (it outweighs the fp32 margin by definition),
     # so what can be checked is the size of that error and how often it flips a pick. A routing flip in bf16
-    # moves a whole position's logits, hence the looser bound than the stages' (tiny default: 3 %, 96 % agree).
-    assert rel_err(got, want) < 2 * BF16_REL_ERR
+    # moves a whole position's logits (tiny default: 3 % error, 96 % of the picks agree).
+    assert rel_err(got, want) < BF16_REL_ERR["thinker"]
     picked = got.argmax(-1)  # [B, n]
     assert (picked == chosen).float().mean() >= 0.8
+
+
+def test_tiny_omni_generate_cuda_equals_cpu_fp32(tiny_ckpt):
+    """The whole pipeline (encoders, thinker, talker, code predictor, Code2Wav) on CUDA in fp32 gives the CPU's
+    tokens and codes, and the waveform up to float rounding. With TF32 off the two differ by ~1e-6 in the logits,
+    so a flipped greedy pick would need a near tie at that level (the thinker test above handles one explicitly)."""
+    import numpy as np
+
+    from common.processor import OmniProcessor
+    from stages.omni import OmniModel
+
+    processor = OmniProcessor.from_pretrained(tiny_ckpt)
+    rng = np.random.default_rng(0)
+    clip = (0.4 * np.sin(np.arange(24000) / 16000 * 2 * np.pi * 440) + 0.02 * rng.standard_normal(24000))
+    messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "What do you hear?"}]}]
+    inputs = processor(text=[processor.apply_chat_template(messages, add_generation_prompt=True)],
+                       audio=[clip.astype(np.float32)])
+    kwargs = dict(thinker_max_new_tokens=12, talker_max_new_tokens=20)
+    cpu = OmniModel.from_pretrained(tiny_ckpt, device="cpu", dtype=torch.float32).generate(inputs, **kwargs)[0]
+    gpu = OmniModel.from_pretrained(tiny_ckpt, device=CUDA, dtype=torch.float32).generate(inputs, **kwargs)[0]
+    assert gpu.token_ids == cpu.token_ids
+    assert torch.equal(gpu.codes, cpu.codes)
+    assert gpu.waveform.shape == cpu.waveform.shape and cpu.waveform.size > 0
+    np.testing.assert_allclose(gpu.waveform, cpu.waveform, rtol=0, atol=1e-4)
