@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import math
 import os
@@ -31,6 +32,7 @@ from common.errors import (
     MediaDecodeError,
     MediaFetchError,
     MediaTooLargeError,
+    OmniError,
     UnsupportedMediaError,
 )
 
@@ -116,6 +118,28 @@ def _data_uri_bytes(uri: str, limits: MediaLimits, what: str) -> bytes:
     return data
 
 
+@contextlib.contextmanager
+def _decoding(what: str, expect: str):
+    """Around every decoder call on untrusted bytes: Pillow, libav and libsndfile fail on hostile input with many
+    exception types (OSError, SyntaxError, EOFError, struct.error, ValueError, ...), and our own reading of what
+    they return (stream headers, rates) can trip too; all of it means the bytes do not decode (422)."""
+    try:
+        yield
+    except OmniError:
+        raise
+    except Exception as e:
+        raise MediaDecodeError(f"{what} could not be decoded as {expect} ({type(e).__name__}: {e})") from e
+
+
+def _decodable_stream(streams, what: str, kind: str):
+    """The first `kind` stream, refused (415) when there is none or libav has no decoder for its codec."""
+    if not streams:
+        raise UnsupportedMediaError(f"{what} has no {kind} stream")
+    if streams[0].codec_context is None:
+        raise UnsupportedMediaError(f"{what}: its {kind} codec is not one we decode")
+    return streams[0]
+
+
 # --------------------------------------------------------------------------------------------------
 # Audio
 # --------------------------------------------------------------------------------------------------
@@ -189,17 +213,15 @@ def decode_audio(source, limits: MediaLimits = DEFAULT_LIMITS, sampling_rate: in
             raise InvalidRequestError(f"{what}: audio arrays must be 1-D mono samples, got shape {samples.shape}")
         return _checked_audio(samples, sampling_rate, limits, what)
     data = read_media_bytes(source, limits, what)
-    decoded = _audio_with_soundfile(data, limits, what)
-    if decoded is None:
-        with _open_container(data, what, "audio") as container:
-            if not container.streams.audio:
-                raise UnsupportedMediaError(f"{what} has no audio stream")
-            try:
-                decoded = _audio_stream_samples(container, container.streams.audio[0], limits, what)
-            except av.error.FFmpegError as e:
-                raise MediaDecodeError(f"{what} is corrupt: {e}") from e
-    samples, rate = decoded
-    return _checked_audio(_resample(samples, rate, sampling_rate), sampling_rate, limits, what)
+    with _decoding(what, "audio"):
+        decoded = _audio_with_soundfile(data, limits, what)
+        if decoded is None:
+            with _open_container(data, what, "audio") as container:
+                stream = _decodable_stream(container.streams.audio, what, "audio")
+                decoded = _audio_stream_samples(container, stream, limits, what)
+        samples, rate = decoded
+        samples = _resample(samples, rate, sampling_rate)
+    return _checked_audio(samples, sampling_rate, limits, what)
 
 
 def _checked_audio(samples: np.ndarray, rate: int, limits: MediaLimits, what: str) -> np.ndarray:
@@ -227,21 +249,20 @@ def decode_image(source, limits: MediaLimits = DEFAULT_LIMITS, what: str = "imag
         return source
     else:
         data = read_media_bytes(source, limits, what)
-        try:
-            image = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError as e:
-            if sniff(data) in ("audio", "video", "document"):
-                raise UnsupportedMediaError(f"{what} is not an image (looks like a {sniff(data)})") from e
-            raise MediaDecodeError(f"{what} is not a decodable image") from e
-        except Image.DecompressionBombError as e:
-            raise MediaTooLargeError(f"{what} has too many pixels") from e
+        with _decoding(what, "an image"):
+            try:
+                image = Image.open(io.BytesIO(data))
+            except UnidentifiedImageError as e:
+                if sniff(data) in ("audio", "video", "document"):
+                    raise UnsupportedMediaError(f"{what} is not an image (looks like a {sniff(data)})") from e
+                raise MediaDecodeError(f"{what} is not a decodable image") from e
+            except Image.DecompressionBombError as e:
+                raise MediaTooLargeError(f"{what} has too many pixels") from e
     if image.width * image.height > limits.max_pixels:
         raise MediaTooLargeError(f"{what} has {image.width}×{image.height} pixels; the limit is {limits.max_pixels}")
-    try:
+    with _decoding(what, "an image"):  # pixels are decoded here: truncated or corrupt data fails now
         image.load()
         return ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
-        raise MediaDecodeError(f"{what} is corrupt: {e}") from e
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,10 +306,8 @@ def decode_video(source, limits: MediaLimits = DEFAULT_LIMITS, *, fps: float | N
     data = read_media_bytes(source, limits, what)
     if sniff(data) == "document" or (sniff(data) == "image" and not data.startswith(b"GIF8")):
         raise UnsupportedMediaError(f"{what} is not a video (looks like a {sniff(data)})")
-    with _open_container(data, what, "video") as container:
-        if not container.streams.video:
-            raise UnsupportedMediaError(f"{what} has no video stream")
-        stream = container.streams.video[0]
+    with _decoding(what, "a video"), _open_container(data, what, "video") as container:
+        stream = _decodable_stream(container.streams.video, what, "video")
         if stream.width * stream.height > limits.max_pixels:
             raise MediaTooLargeError(f"{what} frames have {stream.width}×{stream.height} pixels; the limit is "
                                      f"{limits.max_pixels}")
@@ -296,29 +315,28 @@ def decode_video(source, limits: MediaLimits = DEFAULT_LIMITS, *, fps: float | N
         if not rate:
             raise MediaDecodeError(f"{what} has no frame rate")
         video_fps = float(rate)
-        try:
-            total = sum(1 for packet in container.demux(stream) if packet.size)  # one packet per frame
-            if total == 0:
-                raise MediaDecodeError(f"{what} has no frames")
-            if total / video_fps > limits.max_video_seconds:
-                raise MediaTooLargeError(f"{what} lasts {total / video_fps:.1f} s; the limit is "
-                                         f"{limits.max_video_seconds:.0f} s")
-            indices = (np.arange(total) if fps is None else
-                       sample_frame_indices(total, video_fps, fps, min_frames, max_frames, temporal_patch_size))
-            if len(indices) > limits.max_frames:
-                raise MediaTooLargeError(f"{what} gives {len(indices)} frames; the limit is {limits.max_frames} "
-                                         "(sample it at a lower fps)")
-            frames = _decode_frames(container, stream, indices)
-            audio = None
-            if load_audio and container.streams.audio:
-                container.seek(0)
-                samples, rate = _audio_stream_samples(container, container.streams.audio[0], limits, what)
-                audio = _checked_audio(_resample(samples, rate, sampling_rate), sampling_rate, limits, what)
-        except av.error.FFmpegError as e:
-            raise MediaDecodeError(f"{what} is corrupt: {e}") from e
-    if len(frames) != len(indices):
-        raise MediaDecodeError(f"{what} is truncated: {len(frames)} of {len(indices)} frames decoded")
-    return DecodedVideo(frames=np.stack(frames), fps=video_fps, total_frames=total, indices=np.asarray(indices),
+        total = sum(1 for packet in container.demux(stream) if packet.size)  # one packet per frame
+        if total == 0:
+            raise MediaDecodeError(f"{what} has no frames")
+        if total / video_fps > limits.max_video_seconds:
+            raise MediaTooLargeError(f"{what} lasts {total / video_fps:.1f} s; the limit is "
+                                     f"{limits.max_video_seconds:.0f} s")
+        indices = (np.arange(total) if fps is None else
+                   sample_frame_indices(total, video_fps, fps, min_frames, max_frames, temporal_patch_size))
+        if len(indices) > limits.max_frames:
+            raise MediaTooLargeError(f"{what} gives {len(indices)} frames; the limit is {limits.max_frames} "
+                                     "(sample it at a lower fps)")
+        frames = _decode_frames(container, stream, indices)
+        audio = None
+        if load_audio and container.streams.audio:
+            container.seek(0)
+            audio_stream = _decodable_stream(container.streams.audio, what, "audio")
+            samples, rate = _audio_stream_samples(container, audio_stream, limits, what)
+            audio = _checked_audio(_resample(samples, rate, sampling_rate), sampling_rate, limits, what)
+        if len(frames) != len(indices):
+            raise MediaDecodeError(f"{what} is truncated: {len(frames)} of {len(indices)} frames decoded")
+        frames = np.stack(frames)  # [F, H, W, 3]; fails if a hostile stream changes size midway
+    return DecodedVideo(frames=frames, fps=video_fps, total_frames=total, indices=np.asarray(indices),
                         audio=audio)
 
 

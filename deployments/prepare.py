@@ -6,11 +6,10 @@ No Ray here: the ingress calls these, the batch job can too.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, replace
 
 from common.config import OmniConfig
-from common.errors import InvalidRequestError, MediaDecodeError, OmniError, TooManyTokensError, UnknownVoiceError
+from common.errors import InvalidRequestError, OmniError, TooManyTokensError, UnknownVoiceError
 from common.media import MediaLimits, decode_audio, decode_image, decode_video
 from common.sampling import SamplingParams
 from deployments.fetch import FetchConfig, decode_base64, fetch_media
@@ -25,8 +24,6 @@ from deployments.protocol import (
 )
 from deployments.settings import ServiceSettings
 from stages.omni import TALKER_DEFAULTS
-
-logger = logging.getLogger("ray.serve")  # Serve writes it to the replica's log, with its request context
 
 
 @dataclass(frozen=True)
@@ -86,9 +83,8 @@ def decode_item(item: MediaItem, data: bytes, limits: MediaLimits, video_fps: fl
     except OmniError as exc:
         exc.param = exc.param or item.param
         raise
-    except Exception as exc:  # a decoder library tripping over hostile bytes: the bytes are bad, not the service
-        logger.warning("decoding %s failed", item.param, exc_info=exc)
-        raise MediaDecodeError(f"{item.param} could not be decoded ({type(exc).__name__})", param=item.param) from exc
+    # No catch-all here: `common.media` turns every decoder failure on the bytes into a typed error, so anything
+    # else is a bug of ours, a 500 that `http_errors.error_for` logs, not the client's bad media (422).
 
 
 def _first(*values):

@@ -397,3 +397,15 @@ def test_template_messages_and_media_order():
         ("image", "messages[1].content[3].image_url.url"),
     ]
     assert media[1].inline_base64 and not media[0].inline_base64
+
+
+def test_decode_errors_name_the_request_field():
+    """Damaged media is a 422 naming the request field, decided in `common.media` (prepare adds only the field)."""
+    from common.media import MediaLimits
+    from deployments.prepare import MediaItem, decode_item
+
+    item = MediaItem("image", "data:image/png;base64,...", "messages[0].content[1].image_url.url")
+    with pytest.raises(MediaDecodeError) as info:
+        decode_item(item, b"\x89PNG\r\n\x1a\nnot really", MediaLimits(), 2.0, False)
+    status, body = error_for(info.value)
+    assert status == 422 and body["error"]["param"] == item.param and "OSError" in body["error"]["message"]

@@ -207,6 +207,38 @@ def test_corrupt_inputs_raise_decode_errors():
         assert info.value.status_code == 422
 
 
+def test_damaged_files_raise_typed_errors():
+    """Decoder libraries fail on damaged bytes with many exception types (Pillow: OSError on a truncated header;
+    libav: a stream whose codec tag is unknown has no codec context): every one is a typed 4xx, never a crash.
+    Each file is cut at several lengths and has a few bytes of its headers overwritten (seeded)."""
+    rng = np.random.default_rng(0)
+    files = [
+        (decode_image, image_bytes(Image.new("RGB", (16, 16), (1, 2, 3)), fmt)) for fmt in ("PNG", "JPEG", "WEBP", "BMP")
+    ] + [
+        (decode_audio, sf_bytes(sine(16000, 0.3), 16000, "WAV")),
+        (decode_audio, av_audio_bytes(sine(16000, 0.3), 16000, "mp4", "aac")),
+        (lambda data: decode_video(data, load_audio=True), video_bytes(frames=8, fps=4, audio_rate=16000)),
+    ]
+    cases = [(decode_image, b"\x89PNG\r\n\x1a\nnot really")]
+    for decode, data in files:
+        cases += [(decode, data[:n]) for n in np.linspace(1, len(data) - 1, 12).astype(int)]
+        for _ in range(25):
+            damaged = np.frombuffer(data, np.uint8).copy()
+            damaged[rng.integers(0, min(len(data), 200), 4)] = rng.integers(0, 256, 4)
+            cases.append((decode, damaged.tobytes()))
+    statuses = set()
+    for decode, data in cases:
+        try:
+            decode(data)
+        except (MediaDecodeError, UnsupportedMediaError, MediaTooLargeError) as e:
+            statuses.add(e.status_code)
+    assert 422 in statuses and statuses <= {413, 415, 422}
+    with pytest.raises(MediaDecodeError):
+        decode_image(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(UnsupportedMediaError):  # libav opens it but has no decoder for the codec tag
+        decode_video(files[-1][1].replace(b"avc1", b"zzzz"))
+
+
 def test_wrong_kind_of_media_is_unsupported():
     png = image_bytes(Image.new("RGB", (8, 8)), "PNG")
     wav = sf_bytes(sine(16000, 0.5), 16000, "WAV")
