@@ -8,6 +8,7 @@ audio, larger ones after. Text deltas from upstream pass straight through.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import numpy as np
 import torch
@@ -22,6 +23,8 @@ from deployments.settings import ServiceSettings
 from stages.code2wav import Code2Wav, Code2WavStream
 from stages.omni import SAMPLE_RATE
 
+logger = logging.getLogger("ray.serve")
+
 
 @serve.deployment(name="code2wav", **STAGE_DEFAULTS)
 class Code2WavStage:
@@ -34,6 +37,7 @@ class Code2WavStage:
     async def synthesize(self, job: SpeechJob):
         """Yields TextDelta (passed through) and PcmChunk events for one spoken reply."""
         self.metrics.stage_requests.inc(1, tags={"stage": "code2wav"})
+        logger.info("code2wav: %s", job.request_id)
         stream = Code2WavStream(self.stage.module)
         pending: list[torch.Tensor] = []  # [Q, F] pieces not decoded yet
         chunk = self.settings.codec_initial_chunk_frames

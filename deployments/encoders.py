@@ -4,6 +4,7 @@ returns its output to the object store; the ingress hands the reference to the t
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import torch
 from ray import serve
@@ -13,6 +14,8 @@ from deployments.runtime import STAGE_DEFAULTS, describe, load_stage
 from deployments.settings import ServiceSettings
 from stages.audio_encoder import AudioEncoder
 from stages.vision_encoder import VisionEncoder
+
+logger = logging.getLogger("ray.serve")
 
 
 @serve.deployment(name="vision_encoder", **STAGE_DEFAULTS)
@@ -29,6 +32,7 @@ class VisionEncoderStage:
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """pixel_values [N, C·Tp·P·P], grid_thw [n, 3] → (merged [N/4, H], DeepStack levels of [N/4, H]), on CPU."""
         self.metrics.stage_requests.inc(1, tags={"stage": "vision_encoder"})
+        logger.info("vision_encoder: %s (%d patches)", request_id, pixel_values.shape[0])
         return await asyncio.to_thread(self._run, pixel_values, grid_thw)
 
     @torch.inference_mode()
@@ -60,6 +64,7 @@ class AudioEncoderStage:
         """input_features [B, M, T] (valid frames first), feature_attention_mask [B, T] → [N, H] on CPU, all
         audios' tokens in order."""
         self.metrics.stage_requests.inc(1, tags={"stage": "audio_encoder"})
+        logger.info("audio_encoder: %s (%d audios)", request_id, input_features.shape[0])
         return await asyncio.to_thread(self._run, input_features, feature_attention_mask)
 
     @torch.inference_mode()

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 
 from common.errors import OmniError
 
-logger = logging.getLogger("omniray.http")
+logger = logging.getLogger("ray.serve")  # Serve writes it to the replica's log, with its request context
 
 
 class AuthenticationError(OmniError):

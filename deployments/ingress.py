@@ -14,7 +14,6 @@ import uuid
 from dataclasses import dataclass
 
 import numpy as np
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -55,7 +54,7 @@ from deployments.settings import ServiceSettings
 from deployments.sse import DONE, ChunkWriter
 from stages.omni import SAMPLE_RATE
 
-logger = logging.getLogger("omniray.ingress")
+logger = logging.getLogger("ray.serve")  # Serve writes it to the replica's log, with its request context
 
 HEALTH_TIMEOUT_S = 10.0
 

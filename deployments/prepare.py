@@ -26,7 +26,7 @@ from deployments.protocol import (
 from deployments.settings import ServiceSettings
 from stages.omni import TALKER_DEFAULTS
 
-logger = logging.getLogger("omniray.prepare")
+logger = logging.getLogger("ray.serve")  # Serve writes it to the replica's log, with its request context
 
 
 @dataclass(frozen=True)

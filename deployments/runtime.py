@@ -16,7 +16,7 @@ from common.checkpoint import STAGE_PREFIXES, load_stage_weights
 from common.config import OmniConfig, load_config
 from deployments.settings import ServiceSettings
 
-logger = logging.getLogger("omniray.stage")
+logger = logging.getLogger("ray.serve")  # Serve writes it to the replica's log, with its request context
 
 # Deployment options in code are the CPU defaults (a laptop, the tests): a fraction of a core per replica, since
 # Serve reserves one CPU per replica otherwise and six replicas would not fit on two cores. Serve config files

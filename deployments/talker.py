@@ -9,6 +9,7 @@ only for the reply token it consumes. Both put their events on one queue that th
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import torch
 from ray import serve
@@ -20,6 +21,8 @@ from deployments.metrics import service_metrics
 from deployments.runtime import STAGE_DEFAULTS, describe, load_stage
 from deployments.settings import ServiceSettings
 from stages.talker import Talker, TalkerRequest, speaker_codec_id, stream_frames, talker_sampling
+
+logger = logging.getLogger("ray.serve")
 
 # hub tensor the talker reads beyond `talker.`: three rows (tts bos/eos/pad) of the thinker's embedding table
 THINKER_EMBEDDING = "thinker.model.embed_tokens."
@@ -39,6 +42,7 @@ class TalkerStage:
     async def speak(self, job: SpeechJob):
         """Yields TextDelta (passed through from the thinker) and CodecFrames ([Q, 1] per step) events."""
         self.metrics.stage_requests.inc(1, tags={"stage": "talker"})
+        logger.info("talker: %s (voice %s)", job.request_id, job.speaker)
         events: asyncio.Queue = asyncio.Queue()
         reply = _Reply(self.stage.config, speaker_codec_id(self.stage.config.talker_config, job.speaker))
         reader = asyncio.create_task(self._read_thinker(job, reply, events))

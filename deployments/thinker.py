@@ -8,7 +8,8 @@ with finished=True). Text is detokenized here, so stop sequences end generation 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
+import logging
+from dataclasses import fields, replace
 
 import torch
 from ray import serve
@@ -20,6 +21,8 @@ from deployments.runtime import STAGE_DEFAULTS, describe, load_stage
 from deployments.settings import ServiceSettings
 from deployments.stop_strings import StopStrings
 from stages.thinker import ThinkerLM, ThinkerPrompt, stream_generate
+
+logger = logging.getLogger("ray.serve")
 
 
 @serve.deployment(name="thinker", **STAGE_DEFAULTS)
@@ -35,32 +38,24 @@ class ThinkerStage:
 
     async def generate(self, job: ThinkerJob):
         self.metrics.stage_requests.inc(1, tags={"stage": "thinker"})
+        logger.info("thinker: %s (%s)", job.request_id, "for the talker" if job.for_talker else "text")
         prompt = await self._prompt(job)
         steps = stream_generate(
             self.stage.module, prompt, [job.sampling], request_ids=[job.request_id], speaking=[job.for_talker],
             accept_hidden_layer=self.accept_hidden_layer if job.for_talker else None,
         )
-        detokenizer = self.tokenizer.stream(skip_special_tokens=True)
-        stops = StopStrings(job.stop_strings)
+        reply = _ReplyText(self.tokenizer, job)
         prompt_tokens = int(prompt.input_ids.shape[1])
         try:
             while (step := await asyncio.to_thread(next, steps, None)) is not None:
-                token, reason = step.token_ids[0], step.finish_reasons[0]
-                # the stop token ends the reply but is not part of it (OmniModel.generate's token_ids agree)
-                ids = [] if reason == "stop" and token in job.sampling.stop_token_ids else [token]
-                piece = detokenizer.push(ids) + (detokenizer.flush() if reason is not None else "")
-                text, hit = stops.push(piece)
-                if hit:
-                    reason = "stop"
-                elif reason is not None:
-                    text += stops.flush()  # held-back text that turned out not to start a stop sequence
+                ids, text, reason, hit_stop_string = reply.add(step.token_ids[0], step.finish_reasons[0])
                 if job.for_talker:
                     if step.talker_prompts is not None:
-                        yield step.talker_prompts[0]
+                        yield _on_host(step.talker_prompts[0])
                     tokens = step.talker_tokens[0]
-                    # a stop sequence ends the reply on an ordinary token, which is voiced (only a "stop"
-                    # finish drops its last token, the stop token)
-                    yield replace(tokens, finished=True, finish_reason="stop_sequence") if hit else tokens
+                    if hit_stop_string:  # the reply ends on an ordinary token, which is voiced
+                        tokens = replace(tokens, finished=True, finish_reason="stop_sequence")
+                    yield _on_host(tokens)
                 self.metrics.stage_tokens("thinker", 1)
                 yield TextDelta(job.request_id, text, ids, prompt_tokens, reason)
                 if reason is not None:
@@ -103,3 +98,32 @@ class ThinkerStage:
 
 def _on(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return None if tensor is None else tensor.to(device)
+
+
+def _on_host(message):
+    """A message with its tensors in host memory: the object store is host memory, and the next stage may sit on
+    another GPU or another node."""
+    tensors = {f.name: getattr(message, f.name) for f in fields(message)}
+    return replace(message, **{k: v.cpu() for k, v in tensors.items() if isinstance(v, torch.Tensor)})
+
+
+class _ReplyText:
+    """The reply's text as tokens arrive: streaming detokenization (no broken UTF-8) and OpenAI stop sequences."""
+
+    def __init__(self, tokenizer: OmniTokenizer, job: ThinkerJob):
+        self.detokenizer = tokenizer.stream(skip_special_tokens=True)
+        self.stops = StopStrings(job.stop_strings)
+        self.stop_token_ids = job.sampling.stop_token_ids
+
+    def add(self, token: int, reason: str | None) -> tuple[list[int], str, str | None, bool]:
+        """One generated token and the thinker's finish reason → (the reply's new ids, its new text, the finish
+        reason, whether a stop sequence ended it)."""
+        # the stop token ends the reply but is not part of it (OmniModel.generate's token_ids agree)
+        ids = [] if reason == "stop" and token in self.stop_token_ids else [token]
+        piece = self.detokenizer.push(ids) + (self.detokenizer.flush() if reason is not None else "")
+        text, hit = self.stops.push(piece)
+        if hit:
+            return ids, text, "stop", True
+        if reason is not None:
+            text += self.stops.flush()  # held-back text that turned out not to start a stop sequence
+        return ids, text, reason, False

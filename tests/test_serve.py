@@ -202,6 +202,16 @@ def test_text_and_audio_reply(client, reference):
     assert choice.message.audio.transcript == expected.text
     _assert_speech(base64.b64decode(choice.message.audio.data), expected, reference)
 
+    # an OpenAI stop sequence inside that reply ends text and speech there
+    stop = expected.text[len(expected.text) // 2:][:2]
+    cut = client.chat.completions.create(
+        model=_model_id(client), messages=HELLO, max_tokens=10, modalities=["text", "audio"], stop=[stop],
+        extra_body={"talker_max_tokens": 24, **GREEDY},
+    ).choices[0]
+    assert cut.finish_reason == "stop" and cut.message.content == expected.text[: expected.text.index(stop)]
+    assert cut.token_ids == expected.token_ids[: len(cut.token_ids)] and len(cut.token_ids) < len(expected.token_ids)
+    assert len(base64.b64decode(cut.message.audio.data)) > 44  # a WAV header and samples
+
 
 def _stream(client, **kwargs) -> tuple[list[str], list[bytes], list[str], list, list[str]]:
     """(text deltas, PCM chunks, transcript deltas, raw chunks, kinds in arrival order) of a streamed reply."""
