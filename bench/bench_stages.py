@@ -1,9 +1,10 @@
-"""Each stage alone, ours vs transformers on the same checkpoint: audio encoder, vision encoder, Code2Wav, and
-the thinker LM (prefill, and greedy decoding of a fixed number of tokens on text prompts).
+"""Each stage alone, ours vs transformers on the same checkpoint: audio encoder, vision encoder, Code2Wav, the
+thinker LM (prefill, and greedy decoding of a fixed number of tokens on text prompts), and the talker (prefill over
+embeddings, and the code predictor's 15 residual codes of one frame).
 
 Ours is loaded stage by stage through `common.checkpoint.load_stage_weights`; transformers' whole model through
 `from_pretrained`, and its sub-modules are timed (`thinker.model.audio_tower`, `thinker.model.visual`, `code2wav`,
-`thinker`). Every
+`thinker`, `talker`). Every
 case also reports the largest difference between the two outputs, so a fast wrong answer shows.
 
     python -m bench.bench_stages                                        # CPU, tiny checkpoint
@@ -18,7 +19,8 @@ from bench import common
 from common.checkpoint import STAGE_PREFIXES, load_stage_weights
 from common.config import load_config
 
-STAGES = ("audio", "vision", "code2wav", "thinker")
+STAGES = ("audio", "vision", "code2wav", "thinker", "talker")
+CHUNK_FRAMES = 300  # the chunk of both chunked_decode defaults (transformers' generate uses it)
 
 
 def main() -> None:
@@ -33,6 +35,8 @@ def main() -> None:
     p.add_argument("--prompt-tokens", default="128,1024", help="comma list: thinker prompt lengths")
     p.add_argument("--prompt-batch", default="1,4", help="comma list: thinker prompts per call")
     p.add_argument("--decode-tokens", type=int, default=32, help="greedy tokens per thinker decode case (≥ 2)")
+    p.add_argument("--talker-tokens", default="128,512", help="comma list: talker prefill lengths")
+    p.add_argument("--talker-batch", default="1,8", help="comma list: talker rows per call (prefill and frames)")
     args = p.parse_args()
     device, dtype = common.resolve_device_dtype(args)
     ckpt = common.build_checkpoint(args, dtype)
@@ -42,7 +46,7 @@ def main() -> None:
     results = []
     for stage in args.stages.split(","):
         bench = {"audio": bench_audio, "vision": bench_vision, "code2wav": bench_code2wav,
-                 "thinker": bench_thinker}[stage]
+                 "thinker": bench_thinker, "talker": bench_talker}[stage]
         results += bench(args, cfg, ckpt, hf, device, dtype)
 
     settings = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "model": args.model,
@@ -147,15 +151,17 @@ def bench_code2wav(args, cfg, ckpt, hf, device, dtype) -> list[common.Result]:
         codes = torch.randint(0, c2w_cfg.codebook_size, (1, c2w_cfg.num_quantizers, frames), generator=gen)
         codes = codes.to(device)
 
-        def compare(got, want):  # transformers' chunked decode leaves 555-sample gaps: compare the common prefix
-            want = want.reshape(got.shape[0], -1)
-            n = min(got.shape[-1], want.shape[-1])
-            return common.max_abs_diff(got[..., :n], want[..., :n])
+        def compare(got, want):  # the full decodes: same length
+            return common.max_abs_diff(got, want.reshape(got.shape[0], -1))
+
+        def compare_chunked(got, want):  # transformers' chunks lose 555 samples at each boundary: first chunk only
+            n = min(frames, CHUNK_FRAMES) * c2w_cfg.total_upsample - ours.tail_samples
+            return common.max_abs_diff(got[..., :n], want.reshape(got.shape[0], -1)[..., :n])
 
         full = _case(f"code2wav full decode {seconds} s", lambda: ours(codes), lambda: vocoder(codes),
                      args, device, compare)
         chunked = _case(f"code2wav chunked decode {seconds} s", lambda: ours.chunked_decode(codes),
-                        lambda: vocoder.chunked_decode(codes), args, device, compare)
+                        lambda: vocoder.chunked_decode(codes), args, device, compare_chunked)
         for r in (full, chunked):
             r.extra["extra"] = f"ours RTF {r.ours.median / seconds:.3f}, transformers RTF {r.hf.median / seconds:.3f}"
         results += [full, chunked]
@@ -228,6 +234,68 @@ def bench_thinker(args, cfg, ckpt, hf, device, dtype) -> list[common.Result]:
         r.extra.update(ours_decode_step_s=ours_step, transformers_decode_step_s=hf_step)
         r.extra["extra"] = (f"same tokens {r.extra['same_tokens']:.0%}; decode step ours {ours_step * 1e3:.2f} ms, "
                             f"transformers {hf_step * 1e3:.2f} ms ({hf_step / ours_step:.2f}×)")
+        results.append(r)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Talker: prefill over embeddings (codec logits), and one frame's residual codes from the code predictor
+
+
+def bench_talker(args, cfg, ckpt, hf, device, dtype) -> list[common.Result]:
+    from common.sampling import SamplingParams
+    from stages.code_predictor import predict_residual_codes
+    from stages.kv_cache import KVCache
+    from stages.talker import Talker
+
+    ours = Talker.from_pretrained(ckpt, cfg, dtype=dtype, device=device)
+    text = cfg.talker_config.text_config
+    results = []
+    for batch in _ints(args.talker_batch):
+        for length in _ints(args.talker_tokens):
+            gen = torch.Generator().manual_seed(args.seed + length)
+            embeds = torch.randn(batch, length, text.hidden_size, generator=gen).to(device, dtype)
+
+            def ours_prefill():
+                cache = KVCache(text.num_hidden_layers, batch, text.num_key_value_heads, length, text.head_dim,
+                                dtype=dtype, device=device)
+                slots = cache.append(length)  # [B, T]
+                positions = slots.float()[None].expand(3, -1, -1)  # text positions on all three MRoPE axes
+                return ours.codec_head(ours(embeds, positions, cache.mask(slots), cache, slots)[:, -1])
+
+            def hf_prefill():  # no position ids: the same text positions, causal mask
+                hidden = hf.talker.model(inputs_embeds=embeds, use_cache=True).last_hidden_state
+                return hf.talker.codec_head(hidden[:, -1])
+
+            results.append(_case(f"talker prefill {batch}×{length} tok", ours_prefill, hf_prefill, args, device,
+                                 common.max_abs_diff))
+
+        # one frame: the talker's state and c0 embedding in, 15 greedy residual codes out
+        predictor = ours.code_predictor
+        gen = torch.Generator().manual_seed(args.seed)
+        talker_hidden = torch.randn(batch, text.hidden_size, generator=gen).to(device, dtype)
+        c0 = torch.randint(0, cfg.talker_config.code_predictor_config.vocab_size, (batch,), generator=gen)
+        c0_embeds = ours.model.codec_embedding(c0.to(device))  # [B, H]
+        params = [SamplingParams(max_new_tokens=1)] * batch
+        groups = cfg.talker_config.num_code_groups
+
+        def ours_frame():
+            return predict_residual_codes(predictor, talker_hidden, c0_embeds, predictor.new_cache(batch), params)[0]
+
+        def hf_frame():
+            out = hf.talker.code_predictor.generate(
+                inputs_embeds=torch.stack([talker_hidden, c0_embeds], dim=1), max_new_tokens=groups - 1,
+                do_sample=False)
+            return out[:, -(groups - 1):]
+
+        def same_codes(got, want):
+            return float((got == want).float().mean()) if got.shape == want.shape else 0.0
+
+        r = _case(f"code predictor 1 frame ×{batch}", ours_frame, hf_frame, args, device, same_codes)
+        r.extra["same_codes"] = r.extra.pop("max_abs_diff")
+        r.extra["extra"] = (f"same codes {r.extra['same_codes']:.0%}; a frame is 80 ms of speech: ours "
+                            f"{r.ours.median / 0.08 / batch:.3f}, transformers {r.hf.median / 0.08 / batch:.3f} "
+                            f"× real time per row")
         results.append(r)
     return results
 

@@ -20,9 +20,10 @@ fi
 if run moe; then     # the MoE block at the real widths: ours vs transformers' eager and grouped_mm experts
     $PY -m bench.bench_moe --device cuda
 fi
-if run stages; then  # encoders, Code2Wav, thinker prefill and decode at the real widths, 8 layers per stack
+if run stages; then  # encoders, Code2Wav, thinker and talker at the real widths, 8 layers per stack
     $PY -m bench.bench_stages --device cuda --model full --layers 8 --audio-seconds 10,30 --audio-batch 1,8 \
-        --image-sizes 448,896 --image-batch 1,8 --codec-seconds 10,60 --prompt-tokens 512,2048 --prompt-batch 1,4
+        --image-sizes 448,896 --image-batch 1,8 --codec-seconds 10,60 --prompt-tokens 512,2048 --prompt-batch 1,4 \
+        --talker-tokens 256,1024 --talker-batch 1,8
 fi
 if run generate; then  # end to end, text and text+speech, batch 1 and 8
     $PY -m bench.bench_generate --device cuda --model full --layers 8 --new-tokens 64 --audio-frames 100 --batch 8
