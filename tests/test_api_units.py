@@ -105,12 +105,32 @@ def test_unknown_fields_are_named():
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"stream_options": {"include_usage": True}}, None),
         ({"speaker": "aiden", "audio": {"voice": "ethan"}}, None),
+        # wrong JSON types are refused, not coerced (a stream, one token, five tokens)
+        ({"stream": "yes"}, "stream"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"max_tokens": "5"}, "max_tokens"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content[0].text"),
+        ({"sampling_params_list": [{"max_tokens": "9"}]}, "sampling_params_list[0].max_tokens"),
+        # a seed must fit a 64-bit generator (beyond, torch raises deep in the thinker: a 500)
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"sampling_params_list": [{}, {"seed": 2**70}]}, "sampling_params_list[1].seed"),
     ],
 )
 def test_invalid_values_are_400_naming_the_field(patch, param):
     status, body = _rejected({"messages": USER, **patch})
     assert status == 400 and body["error"]["type"] == "invalid_request_error"
     assert body["error"]["param"] == param, body
+
+
+def test_sampling_params_refuse_seeds_a_generator_cannot_take():
+    from common.sampling import SEED_MAX, SEED_MIN, SamplingParams
+
+    assert SamplingParams(seed=SEED_MAX).seed == SEED_MAX and SamplingParams(seed=SEED_MIN).seed == SEED_MIN
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(seed=SEED_MAX + 1)
+    assert info.value.param == "seed"
 
 
 # --- error mapping -----------------------------------------------------------------------------------------------
