@@ -32,6 +32,7 @@ from deployments.jobs import PcmChunk, SpeechJob, TextDelta, ThinkerJob
 from deployments.metrics import service_metrics
 from deployments.prepare import (
     MediaItem,
+    audio_slots,
     decode_item,
     fetch_item,
     resolve_voice,
@@ -219,6 +220,7 @@ class OmniIngress:
         inputs = await asyncio.to_thread(
             self.processor, [prompt], images=images or None, audio=audios or None, videos=videos or None,
             use_audio_in_video=req.audio_in_video(), fps=self.settings.video_fps if videos else None,
+            audio_from_video_indices=audio_slots(media) if req.audio_in_video() else None,
         )
         prompt_tokens = int(inputs["input_ids"].shape[1])
         sampling = thinker_sampling(req, self.thinker_defaults, self.settings, prompt_tokens, self.config)

@@ -65,6 +65,20 @@ def template_messages(req: ChatCompletionRequest) -> tuple[list[dict], list[Medi
     return messages, media
 
 
+def audio_slots(media: list[MediaItem]) -> list[int | None]:
+    """The prompt's audio sources in order, for `use_audio_in_video`: a video's index (its soundtrack) or None (a
+    standalone audio), as the processor's `audio_from_video_indices` takes them."""
+    slots: list[int | None] = []
+    videos = 0
+    for item in media:
+        if item.kind == "video":
+            slots.append(videos)
+            videos += 1
+        elif item.kind == "audio":
+            slots.append(None)
+    return slots
+
+
 async def fetch_item(item: MediaItem, cfg: FetchConfig) -> bytes:
     if item.inline_base64:
         return decode_base64(item.source, cfg, item.param)
