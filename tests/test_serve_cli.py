@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from common.tiny import tiny_writer_version
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +45,7 @@ def test_omniray_serve_with_the_cpu_config(tmp_path):
         reply = requests.post(url + "/v1/chat/completions", timeout=120,
                               json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}).json()
         assert reply["model"] == "omniray-tiny" and reply["usage"]["completion_tokens"] >= 1
-        assert (tmp_path / ".cache" / "omniray" / "tiny-default" / "config.json").is_file()
+        assert (tmp_path / ".cache" / "omniray" / f"tiny-default-{tiny_writer_version()}" / "config.json").is_file()
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
