@@ -41,8 +41,13 @@ def template_messages(req: ChatCompletionRequest) -> tuple[list[dict], list[Medi
     media: list[MediaItem] = []
     for i, message in enumerate(req.messages):
         role = "system" if message.role == "developer" else message.role
+        calls = {}
+        if message.tool_calls:  # the template writes each as <tool_call>{"name": ..., "arguments": ...}</tool_call>
+            calls["tool_calls"] = [{"type": "function", "function": {"name": c.function.name,
+                                                                     "arguments": c.function.arguments}}
+                                   for c in message.tool_calls]
         if message.content is None or isinstance(message.content, str):
-            messages.append({"role": role, "content": message.content or ""})
+            messages.append({"role": role, "content": message.content or "", **calls})
             continue
         content = []
         for j, part in enumerate(message.content):
@@ -61,8 +66,31 @@ def template_messages(req: ChatCompletionRequest) -> tuple[list[dict], list[Medi
             elif isinstance(part, VideoURLPart):
                 content.append({"type": "video"})
                 media.append(MediaItem("video", part.video_url.url, f"{where}.video_url.url"))
-        messages.append({"role": role, "content": content})
+        messages.append({"role": role, "content": content, **calls})
     return messages, media
+
+
+def template_tools(req: ChatCompletionRequest, modalities: tuple[str, ...]) -> tuple[list[dict] | None, set[str] | None]:
+    """The tools the chat template renders, and the function names a reply may call (None: no tool calling).
+
+    `tool_choice` "auto" (the default with tools) and "none" (the tools are left out of the prompt) are what a
+    model can be asked for in its prompt; "required" and a named function would need constrained decoding, so
+    they are refused rather than silently not honoured. A spoken reply would read a call aloud: tools need a
+    text-only reply."""
+    if req.tools is None:
+        if req.tool_choice is not None:
+            raise InvalidRequestError("tool_choice is only allowed with tools", param="tool_choice")
+        return None, None
+    choice = req.tool_choice or "auto"
+    if choice == "none":
+        return None, None
+    if choice != "auto":
+        raise InvalidRequestError(
+            "tool_choice must be \"auto\" or \"none\": this service cannot force a tool call", param="tool_choice"
+        )
+    if "audio" in modalities:
+        raise InvalidRequestError('tools need a text-only reply (modalities ["text"])', param="tools")
+    return [tool.model_dump(exclude_none=True) for tool in req.tools], {tool.function.name for tool in req.tools}
 
 
 def audio_slots(media: list[MediaItem]) -> list[int | None]:

@@ -472,3 +472,125 @@ def test_decode_errors_name_the_request_field():
         decode_item(item, b"\x89PNG\r\n\x1a\nnot really", MediaLimits(), 2.0, False)
     status, body = error_for(info.value)
     assert status == 422 and body["error"]["param"] == item.param and "OSError" in body["error"]["message"]
+
+
+# --- tools -------------------------------------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather now",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+TOOL_TURNS = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "22 C"},
+]
+
+
+def test_tools_and_tool_turns_are_rendered_by_the_template():
+    """OpenAI's tools, assistant tool_calls and tool messages reach the chat template in the form it reads (the
+    same render as the canonical conversation, which test_processor_chat_template checks against transformers)."""
+    from common.chat_template import QWEN3_OMNI_CHAT_TEMPLATE, render_chat_template
+    from deployments.prepare import template_messages, template_tools
+
+    req = ChatCompletionRequest.model_validate({"messages": TOOL_TURNS, "tools": [WEATHER], "tool_choice": "auto",
+                                                "parallel_tool_calls": False})
+    messages, media = template_messages(req)
+    tools, names = template_tools(req, ("text",))
+    assert names == {"get_weather"} and tools == [WEATHER] and media == []
+    canonical = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "22 C"},
+    ]
+    ours = render_chat_template(QWEN3_OMNI_CHAT_TEMPLATE, messages, tools=tools, add_generation_prompt=True)
+    assert ours == render_chat_template(QWEN3_OMNI_CHAT_TEMPLATE, canonical, tools=[WEATHER],
+                                        add_generation_prompt=True)
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in ours
+    assert "<tool_response>\n22 C\n</tool_response>" in ours and '"name": "get_weather"' in ours.split("<|im_end|>")[0]
+
+    # "none" leaves the tools out of the prompt (the history still renders)
+    none = ChatCompletionRequest.model_validate({"messages": TOOL_TURNS, "tools": [WEATHER], "tool_choice": "none"})
+    assert template_tools(none, ("text",)) == (None, None)
+
+
+@pytest.mark.parametrize(
+    "patch, modalities, param",
+    [
+        ({"tool_choice": "required"}, ("text",), "tool_choice"),  # cannot be forced without constrained decoding
+        ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, ("text",), "tool_choice"),
+        ({}, ("text", "audio"), "tools"),  # a spoken reply would read the call aloud
+        ({"tools": None, "tool_choice": "auto"}, ("text",), "tool_choice"),
+    ],
+)
+def test_tool_requests_the_service_cannot_honour_are_400s(patch, modalities, param):
+    from deployments.prepare import template_tools
+
+    req = ChatCompletionRequest.model_validate({"messages": USER, "tools": [WEATHER], **patch})
+    with pytest.raises(InvalidRequestError) as info:
+        template_tools(req, modalities)
+    assert info.value.param == param
+
+
+@pytest.mark.parametrize(
+    "messages, param",
+    [
+        ([{"role": "tool", "content": "22 C"}], "messages[0]"),  # no tool_call_id
+        ([{"role": "user", "content": "x", "tool_call_id": "c"}], "messages[0]"),
+        ([{"role": "user", "content": "x", "tool_calls": TOOL_TURNS[2]["tool_calls"]}], "messages[0]"),
+        ([{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f"}}]}],
+         "messages[0].tool_calls[0].function.arguments"),
+    ],
+)
+def test_malformed_tool_turns_are_400s(messages, param):
+    status, body = _rejected({"messages": messages})
+    assert status == 400 and body["error"]["param"] == param, body
+    status, body = _rejected({"messages": USER, "tools": []})
+    assert status == 400 and body["error"]["param"] == "tools"
+    status, body = _rejected({"messages": USER, "tools": [{"type": "function", "function": {"name": "bad name!"}}]})
+    assert status == 400 and body["error"]["param"] == "tools[0].function.name"
+
+
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@pytest.mark.parametrize(
+    "text, content, calls",
+    [
+        ("Let me check.\n" + CALL, "Let me check.", [("get_weather", '{"city": "Paris"}')]),
+        (CALL + "\n" + CALL.replace("Paris", "Rome"), None,
+         [("get_weather", '{"city": "Paris"}'), ("get_weather", '{"city": "Rome"}')]),
+        ("It is sunny.  \n", "It is sunny.  \n", []),  # no call: the text as it is
+        ("Hello <tool_call> not json </tool_call>", "Hello <tool_call> not json </tool_call>", []),
+        (CALL.replace("get_weather", "rm_rf"), CALL.replace("get_weather", "rm_rf"), []),  # not a declared tool
+        (CALL + " and more", CALL + " and more", []),
+        ("cut off <tool_ca", "cut off <tool_ca", []),
+    ],
+)
+def test_tool_calls_are_parsed_alike_whole_and_streamed(text, content, calls):
+    """The reply's `<tool_call>` blocks become OpenAI tool calls; streamed in pieces of any size, the content sent
+    equals the non-streamed content and the calls are the same."""
+    from deployments.tool_calls import ToolCallStream, parse_tool_calls
+
+    got_content, got_calls = parse_tool_calls(text, {"get_weather"})
+    assert got_content == content
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in got_calls] == calls
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in got_calls)
+    assert len({c["id"] for c in got_calls}) == len(got_calls)
+    for size in (1, 2, 5, len(text)):
+        stream, sent = ToolCallStream({"get_weather"}), ""
+        for i in range(0, len(text), size):
+            sent += stream.push(text[i:i + size])
+        tail, streamed_calls = stream.finish()
+        sent += tail
+        assert (sent or None) == content, size
+        assert [c["function"] for c in streamed_calls] == [c["function"] for c in got_calls]
+
+
+def test_sse_tool_calls_chunk():
+    writer = ChunkWriter("chatcmpl-1", "m", 7)
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    chunk = json.loads(writer.tool_calls([call, call])[len("data: "):])
+    assert chunk["choices"][0]["delta"] == {"tool_calls": [{"index": 0, **call}, {"index": 1, **call}]}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import io
 import socket
 import time
@@ -333,6 +334,43 @@ def test_video_soundtrack_beside_a_standalone_audio(client, reference):
                                         return_audio=False)[0]
     assert reply.usage.prompt_tokens == inputs["input_ids"].shape[1]
     assert reply.choices[0].token_ids == expected.token_ids
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather now",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def test_tools_and_tool_turns(client, reference):
+    """A conversation with a system prompt, an earlier tool call and its result, and tools: rendered by the
+    checkpoint's template (the reply equals OmniModel's on that prompt), streamed content equal to the
+    non-streamed one; a tool_choice the service cannot honour is a 400 naming it."""
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "22 C"},
+        {"role": "user", "content": "And tomorrow?"},
+    ]
+    kwargs = dict(model=_model_id(client), messages=messages, tools=[WEATHER], max_tokens=6, extra_body=GREEDY)
+    reply = client.chat.completions.create(**kwargs)
+    template = [{**copy.deepcopy(m), "content": m["content"] or ""} for m in messages]
+    for m in template:
+        m.pop("tool_call_id", None)
+        for call in m.get("tool_calls", []):
+            call.pop("id")
+    prompt = reference.processor.apply_chat_template(template, tools=[WEATHER], add_generation_prompt=True)
+    assert "<tools>" in prompt and "<tool_response>" in prompt
+    inputs = reference.processor([prompt])
+    expected = reference.model.generate(inputs, do_sample=False, thinker_max_new_tokens=6, return_audio=False)[0]
+    assert reply.usage.prompt_tokens == inputs["input_ids"].shape[1]
+    assert reply.choices[0].token_ids == expected.token_ids
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs)
+                       if c.choices)
+    assert streamed == (reply.choices[0].message.content or "")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(**{**kwargs, "tool_choice": "required"})
+    assert info.value.body["param"] == "tool_choice"
 
 
 def test_concurrent_requests(service, reference):
