@@ -28,7 +28,7 @@ import jinja2.utils
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from common.errors import InvalidRequestError
+from common.errors import ChatTemplateError, InvalidRequestError
 
 QWEN3_OMNI_CHAT_TEMPLATE = r"""{%- if tools %}
     {{- '<|im_start|>system\n' }}
@@ -194,8 +194,12 @@ def select_template(templates: str | dict[str, str] | None, name: str | None = N
 # --------------------------------------------------------------------------------------------------
 # The jinja environment transformers renders in
 # --------------------------------------------------------------------------------------------------
+class _TemplateRaised(jinja2.exceptions.TemplateError):
+    """A template called `raise_exception(message)`: it refuses the messages, in its own words."""
+
+
 def _raise_exception(message):
-    raise jinja2.exceptions.TemplateError(message)
+    raise _TemplateRaised(message)
 
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
@@ -253,6 +257,7 @@ class _GenerationBlock(jinja2.ext.Extension):
 
 @lru_cache(maxsize=16)
 def compile_template(text: str) -> jinja2.Template:
+    """The template in transformers' sandboxed environment; one that does not compile is a `ChatTemplateError`."""
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
     )
@@ -261,7 +266,10 @@ def compile_template(text: str) -> jinja2.Template:
     env.globals["strftime_now"] = _strftime_now
     env.globals["dict"] = _TemplateDict()
     env.globals["namespace"] = _TemplateNamespace
-    return env.from_string(text)
+    try:
+        return env.from_string(text)
+    except jinja2.exceptions.TemplateSyntaxError as e:  # also unknown filters and tests
+        raise ChatTemplateError(f"the chat template does not compile: {e} (line {e.lineno})") from e
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,7 +327,8 @@ def render_chat_template(
     **template_kwargs,
 ) -> str:
     """Render one conversation. `template_kwargs` are extra template variables (the tokenizer's special tokens,
-    `enable_thinking`, ...). A template's `raise_exception` and malformed messages raise `InvalidRequestError`."""
+    `enable_thinking`, ...). A template's `raise_exception` (its message as is) and messages the template cannot
+    render raise `InvalidRequestError`; a broken template (syntax, sandbox violation) raises `ChatTemplateError`."""
     if tools is not None:
         for tool in tools:
             if not isinstance(tool, Mapping):
@@ -330,17 +339,19 @@ def render_chat_template(
     for message in chat:
         if not isinstance(message, dict):
             raise InvalidRequestError(f"chat messages must be dicts, got {message!r}", param="messages")
+    compiled = compile_template(template)
     try:
-        return compile_template(template).render(
+        return compiled.render(
             messages=_alias_reasoning(chat),
             tools=plain_template_data(tools),
             documents=plain_template_data(documents),
             add_generation_prompt=add_generation_prompt,
             **plain_template_data(template_kwargs),
         )
-    except jinja2.exceptions.SecurityError:
-        raise
-    except jinja2.exceptions.TemplateError as e:  # raise_exception(...) or a template/messages mismatch
-        raise InvalidRequestError(f"chat template: {e}", param="messages") from e
-    except (TypeError, AttributeError, KeyError) as e:  # e.g. content of an unexpected type
-        raise InvalidRequestError(f"chat template could not render these messages: {e}", param="messages") from e
+    except _TemplateRaised as e:
+        raise InvalidRequestError(e.message, param="messages") from e
+    except jinja2.exceptions.SecurityError as e:
+        raise ChatTemplateError(f"the chat template attempted an unsafe operation: {e}") from e
+    except Exception as e:  # the messages do not fit the template (missing field, content of an unexpected type, ...)
+        raise InvalidRequestError(f"the chat template could not render these messages ({type(e).__name__}: {e})",
+                                  param="messages") from e

@@ -31,6 +31,12 @@ class CheckpointError(OmniError):
     """Weights cannot be found, fetched or matched to the module (missing / unexpected tensor names, shapes)."""
 
 
+class ChatTemplateError(OmniError):
+    """The chat template itself is broken: it does not compile, or its code attempts what the sandbox forbids
+    (the messages it sees are plain JSON data, so only the template's own code can). The server's fault (500);
+    a template refusing the messages (`raise_exception`) or not fitting them is an `InvalidRequestError`."""
+
+
 class InvalidRequestError(OmniError, ValueError):
     """A request (or a library call such as `OmniModel.generate`) asks for something impossible; also a
     ValueError, the library-level meaning of a bad argument."""

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from common.audio_features import FeatureExtractorConfig, LogMelExtractor
-from common.chat_template import load_chat_template, render_chat_template, select_template
+from common.chat_template import compile_template, load_chat_template, render_chat_template, select_template
 from common.config import load_config
 from common.errors import CheckpointError, InvalidRequestError, MediaFetchError
 from common.image_processing import VisionProcessorConfig, preprocess_images, preprocess_videos
@@ -66,6 +66,8 @@ class OmniProcessor:
                  limits: MediaLimits = DEFAULT_LIMITS, fetch: Fetcher | None = None):
         self.tokenizer = tokenizer
         self.chat_templates = chat_templates  # str, {name: str} or None
+        for text in [chat_templates] if isinstance(chat_templates, str) else (chat_templates or {}).values():
+            compile_template(text)  # a broken template fails the load (ChatTemplateError), not every request
         self.mel = mel
         self.vision = vision
         self.n_window = n_window

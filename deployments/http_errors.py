@@ -79,6 +79,8 @@ def validation_error(errors: list[dict]) -> tuple[int, dict]:
 def error_for(exc: BaseException) -> tuple[int, dict]:
     """Any exception → (HTTP status, OpenAI error body)."""
     if isinstance(exc, OmniError):
+        if exc.status_code >= 500:  # typed, but the server's fault (e.g. a broken chat template): keep it in the log
+            logger.error("%s: %s", type(exc).__name__, exc.message)
         return exc.status_code, error_body(exc.message, exc.error_type, exc.param, _snake(type(exc).__name__))
     if isinstance(exc, (RequestValidationError, ValidationError)):
         return validation_error(list(exc.errors()))

@@ -213,7 +213,8 @@ def test_damaged_files_raise_typed_errors():
     Each file is cut at several lengths and has a few bytes of its headers overwritten (seeded)."""
     rng = np.random.default_rng(0)
     files = [
-        (decode_image, image_bytes(Image.new("RGB", (16, 16), (1, 2, 3)), fmt)) for fmt in ("PNG", "JPEG", "WEBP", "BMP")
+        (decode_image, image_bytes(Image.new("RGB", (16, 16), (1, 2, 3)), fmt))
+        for fmt in ("PNG", "JPEG", "WEBP", "BMP")
     ] + [
         (decode_audio, sf_bytes(sine(16000, 0.3), 16000, "WAV")),
         (decode_audio, av_audio_bytes(sine(16000, 0.3), 16000, "mp4", "aac")),

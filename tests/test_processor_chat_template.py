@@ -16,7 +16,7 @@ from common.chat_template import (
     render_chat_template,
     select_template,
 )
-from common.errors import InvalidRequestError
+from common.errors import ChatTemplateError, InvalidRequestError
 from common.tokenizer import OmniTokenizer
 
 SYSTEM = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving auditory "
@@ -105,12 +105,63 @@ def test_template_errors_are_typed():
 
 
 def test_sandbox_blocks_attribute_escapes():
-    import jinja2
-
-    with pytest.raises(jinja2.exceptions.SecurityError):
+    with pytest.raises(ChatTemplateError, match="unsafe"):
         render_chat_template("{{ messages.__class__.__mro__ }}{% set ns = namespace(_x=1) %}",
                              [{"role": "user", "content": "x"}])
     # media objects never reach the template: they become inert "<TypeName>" strings
     text = render_chat_template("{{ messages[0].content[0].image }}",
                                 [{"role": "user", "content": [{"type": "image", "image": np.zeros(3)}]}])
     assert text == "<ndarray>"
+
+
+# A checkpoint template that refuses bad message structure, breaks the sandbox on one input, and divides by the
+# number of messages minus one (a template/messages mismatch that is neither a jinja error nor a TypeError).
+STRICT_TEMPLATE = (
+    "{% if messages[0].role != 'user' %}{{ raise_exception('Conversations must start with a user turn.') }}{% endif %}"
+    "{% if messages[0].content == 'escape' %}{{ messages.__class__.__base__.__subclasses__() }}{% endif %}"
+    "{% if messages[0].content == 'one' %}{{ 1 // (messages | length - 1) }}{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+)
+
+
+def _checkpoint_with_template(tiny_ckpt, folder: Path, template: str) -> Path:
+    """The tiny checkpoint's processor files (no weights) with `template` as its chat_template.jinja."""
+    folder.mkdir()
+    for f in Path(tiny_ckpt).iterdir():
+        if f.is_file() and ".safetensors" not in f.name and f.name != "chat_template.json":
+            shutil.copy(f, folder / f.name)
+    (folder / "chat_template.jinja").write_text(template)
+    return folder
+
+
+def test_template_errors_through_the_processor_and_http(tiny_ckpt, tmp_path):
+    """Through the processor as the service calls it, then the HTTP mapping: the template's own refusal is a 400
+    with its message; a sandbox violation is the template's fault, a 500 that says so; anything else the messages
+    trip in the template is a 400; a template that does not compile fails the processor's load."""
+    from common.processor import OmniProcessor
+    from deployments.http_errors import error_for
+
+    strict = _checkpoint_with_template(tiny_ckpt, tmp_path / "strict", STRICT_TEMPLATE)
+    processor = OmniProcessor.from_pretrained(strict)
+    ok = processor.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert ok == "<|im_start|>user\nhi<|im_end|>\n"
+
+    def http(messages):
+        with pytest.raises(Exception) as info:
+            processor.apply_chat_template(messages, add_generation_prompt=True)
+        return info.value, error_for(info.value)
+
+    exc, (status, body) = http([{"role": "assistant", "content": "x"}])
+    assert isinstance(exc, InvalidRequestError) and status == 400
+    assert body["error"]["message"] == "Conversations must start with a user turn."
+    assert body["error"]["param"] == "messages"
+    exc, (status, body) = http([{"role": "user", "content": "escape"}])
+    assert isinstance(exc, ChatTemplateError) and status == 500 and body["error"]["type"] == "server_error"
+    assert "chat template attempted an unsafe operation" in body["error"]["message"]
+    exc, (status, body) = http([{"role": "user", "content": "one"}])
+    assert isinstance(exc, InvalidRequestError) and status == 400 and "ZeroDivisionError" in body["error"]["message"]
+
+    broken = _checkpoint_with_template(tiny_ckpt, tmp_path / "broken", "{% for m in messages %}{{ m.role }")
+    with pytest.raises(ChatTemplateError, match="does not compile") as info:
+        OmniProcessor.from_pretrained(broken)
+    assert error_for(info.value)[0] == 500
