@@ -16,9 +16,13 @@ three DeepStack levels, 8 code groups, odd sizes, a short Code2Wav sliding windo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -524,6 +528,37 @@ def write_tiny_checkpoint(out_dir, seed: int = 0, variant: str = "default", thin
         raise ValueError(f"unknown tiny variant {variant!r}; choose one of {sorted(VARIANTS)}")
     tok = build_tokenizer()
     return write_checkpoint(out_dir, build_config(tok, variant, thinker_only), seed=seed, tokenizer=tok)
+
+
+def tiny_writer_version() -> str:
+    """What the embedded checkpoint's bytes depend on: this writer's source and the chat template it ships. Any
+    change gives a new version, so a cache written by another omniray is never taken for this one's."""
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    digest.update(QWEN3_OMNI_CHAT_TEMPLATE.encode())
+    return digest.hexdigest()[:16]
+
+
+def embedded_tiny_checkpoint(cache_dir=None) -> Path:
+    """The embedded default model (variant "default", seed 0), written once per node and writer version into
+    `cache_dir` (default `~/.cache/omniray`) as `tiny-default-<version>`, so `omniray generate` / `serve` work with
+    nothing downloaded. A version folder is never modified once it exists: it is written in a staging folder
+    and renamed into place (atomic), so concurrent writers (replicas starting together) never expose half a
+    checkpoint and the loser of the race drops its identical copy; a reader of an older version keeps its files."""
+    root = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "omniray"
+    target = root / f"tiny-default-{tiny_writer_version()}"
+    if target.is_dir():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".tiny-default-"))  # hidden: never matched as a version
+    try:
+        write_tiny_checkpoint(staging, seed=0, variant="default")
+        os.rename(staging, target)  # fails when another writer renamed its copy first
+    except OSError:
+        if not target.is_dir():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone after a successful rename
+    return target
 
 
 def write_checkpoint(out_dir, config: dict, seed: int = 0, dtype: torch.dtype = torch.float32,

@@ -30,18 +30,6 @@ def _add_make_tiny(sub) -> None:
     p.set_defaults(func=_make_tiny)
 
 
-def _embedded_tiny() -> str:
-    """The embedded tiny checkpoint, written once into the user's cache folder."""
-    from pathlib import Path
-
-    from common.tiny import write_tiny_checkpoint
-
-    folder = Path.home() / ".cache" / "omniray" / "tiny-default"
-    if not (folder / "config.json").is_file():
-        write_tiny_checkpoint(folder)
-    return str(folder)
-
-
 def _conversation(args: argparse.Namespace) -> list[dict]:
     """--messages FILE.json, or --system / --image / --audio / --video / --prompt as one user turn."""
     import json
@@ -60,9 +48,10 @@ def _generate(args: argparse.Namespace) -> int:
 
     from common.errors import OmniError
     from common.processor import OmniProcessor
+    from common.tiny import embedded_tiny_checkpoint
     from stages.omni import OmniModel
 
-    model_ref = args.model or _embedded_tiny()
+    model_ref = args.model or str(embedded_tiny_checkpoint())
     model = OmniModel.from_pretrained(model_ref)
     processor = OmniProcessor.from_pretrained(model.folder)
     try:

@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from ray import serve
 
     ray.init(address=args.address, namespace="serve")
-    # `kill`, systemd and Kubernetes stop it like Ctrl-C does (set after ray.init, which installs its own)
+    # Ctrl-C, and `kill`, systemd or Kubernetes (SIGTERM), stop it (set after ray.init, which installs its own)
+    signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         host, port = _deploy_config(args) if args.config is not None else _deploy_builder(args)
@@ -40,15 +41,23 @@ def run(args: argparse.Namespace) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        pass
+    finally:  # also after a failed deployment: Ray and Serve are ours to stop
+        _ignore_stop_signals()  # a second Ctrl-C must not cut the shutdown short with a traceback
         print("shutting down", flush=True)
-    finally:
         serve.shutdown()
         ray.shutdown()
     return 0
 
 
 def _interrupt(signum, frame) -> None:
+    _ignore_stop_signals()  # first thing: a signal right behind this one would interrupt the unwinding
     raise KeyboardInterrupt
+
+
+def _ignore_stop_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _overrides(args: argparse.Namespace) -> dict:

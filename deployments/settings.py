@@ -3,8 +3,6 @@ in a serve config file, validated once and handed to every deployment."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -79,27 +77,10 @@ class ServiceSettings(BaseModel):
         """The checkpoint folder on this node; from the hub, only the metadata files and the shards holding
         tensors under `prefixes` are downloaded (none for the ingress)."""
         if not self.model:
+            from common.tiny import embedded_tiny_checkpoint
+
             return embedded_tiny_checkpoint()
         from common.checkpoint import resolve_checkpoint
 
         return resolve_checkpoint(self.model, prefixes=prefixes)
 
-
-def embedded_tiny_checkpoint() -> Path:
-    """The tiny random checkpoint, written once per node (deterministic: seed 0), so `omniray serve` works
-    with nothing downloaded. Written to a temporary folder and renamed, so concurrent replicas never see half a
-    checkpoint."""
-    from common.tiny import write_tiny_checkpoint
-
-    root = Path.home() / ".cache" / "omniray"
-    target = root / "tiny-default"  # the folder `omniray generate` uses for the same checkpoint
-    if (target / "config.json").exists():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=".tiny-"))
-    write_tiny_checkpoint(staging, seed=0, variant="default")
-    try:
-        staging.rename(target)
-    except OSError:  # another replica won the race; its copy is identical
-        shutil.rmtree(staging, ignore_errors=True)
-    return target

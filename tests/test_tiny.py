@@ -1,12 +1,18 @@
 """`omniray make-tiny`: the embedded tiny checkpoint is in the real hub format and transformers accepts it whole."""
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from common.tiny import SPECIAL_TOKENS, write_tiny_checkpoint
+import common.tiny
+from common.tiny import SPECIAL_TOKENS, embedded_tiny_checkpoint, tiny_writer_version, write_tiny_checkpoint
 from deployments.cli import main as cli_main
 
 
@@ -68,3 +74,64 @@ def test_cli_make_tiny(tmp_path, capsys):
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["enable_audio_output"] is False
     assert "tiny" in capsys.readouterr().out
+
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                    "chat_template.json", "preprocessor_config.json", "model.safetensors.index.json"}
+
+
+def _missing_files(folder: Path) -> set[str]:
+    """What a complete checkpoint folder lacks (metadata files, then the shards its index names)."""
+    names = {f.name for f in folder.iterdir()}
+    missing = CHECKPOINT_FILES - names
+    if "model.safetensors.index.json" not in missing:
+        try:
+            shards = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
+        except json.JSONDecodeError:  # being written
+            return {"model.safetensors.index.json"}
+        missing |= shards - names
+    return missing
+
+
+def test_embedded_checkpoint_writers_racing(tmp_path):
+    """Two processes write the embedded checkpoint into one cache at once (replicas starting together): both
+    get the same folder, which never shows up incomplete while they write (a watcher polls it the whole time),
+    and no staging folder is left behind."""
+    cache = tmp_path / "cache"
+    code = "import sys; from common.tiny import embedded_tiny_checkpoint; print(embedded_tiny_checkpoint(sys.argv[1]))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    writers = [subprocess.Popen([sys.executable, "-c", code, str(cache)], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    looks = incomplete = 0
+    while any(w.poll() is None for w in writers):
+        for folder in cache.glob("tiny-default*") if cache.is_dir() else []:
+            looks += 1
+            incomplete += bool(_missing_files(folder))
+        time.sleep(0.002)
+    outputs = [w.communicate() for w in writers]
+    assert [w.returncode for w in writers] == [0, 0], [err[-2000:] for _, err in outputs]
+    paths = {out.strip() for out, _ in outputs}
+    target = cache / f"tiny-default-{tiny_writer_version()}"
+    assert paths == {str(target)} and looks > 0 and incomplete == 0
+    assert [f.name for f in cache.iterdir()] == [target.name] and not _missing_files(target)
+    assert embedded_tiny_checkpoint(cache) == target  # found, not written again
+    direct = write_tiny_checkpoint(tmp_path / "direct")  # the same bytes as `make-tiny` with the defaults
+    assert sorted(f.name for f in direct.iterdir()) == sorted(f.name for f in target.iterdir())
+    assert all((target / f.name).read_bytes() == f.read_bytes() for f in direct.iterdir())
+
+
+def test_embedded_checkpoint_of_another_writer_version_is_not_used(tmp_path, monkeypatch):
+    """A cache left by an older omniray (the unversioned folder of earlier releases, or another writer version)
+    is ignored: this writer's version gets its own folder, written fresh; the old ones stay for their readers."""
+    cache = tmp_path / "cache"
+    current = embedded_tiny_checkpoint(cache)
+    (cache / "tiny-default").mkdir()  # earlier releases' layout, e.g. with another template
+    (cache / "tiny-default" / "config.json").write_text("{}")
+    assert embedded_tiny_checkpoint(cache) == current
+    monkeypatch.setattr(common.tiny, "QWEN3_OMNI_CHAT_TEMPLATE", "{{ messages }}")  # the writer changes
+    assert tiny_writer_version() != current.name.removeprefix("tiny-default-")
+    newer = embedded_tiny_checkpoint(cache)
+    assert newer != current and not _missing_files(newer)
+    assert json.loads((newer / "chat_template.json").read_text())["chat_template"] == "{{ messages }}"
+    assert json.loads((current / "chat_template.json").read_text())["chat_template"] != "{{ messages }}"
