@@ -32,7 +32,7 @@ from deployments.jobs import PcmChunk, SpeechJob, TextDelta, ThinkerJob
 from deployments.metrics import service_metrics
 from deployments.prepare import (
     MediaItem,
-    check_prompt_length,
+    audio_slots,
     decode_item,
     fetch_item,
     resolve_voice,
@@ -220,10 +220,10 @@ class OmniIngress:
         inputs = await asyncio.to_thread(
             self.processor, [prompt], images=images or None, audio=audios or None, videos=videos or None,
             use_audio_in_video=req.audio_in_video(), fps=self.settings.video_fps if videos else None,
+            audio_from_video_indices=audio_slots(media) if req.audio_in_video() else None,
         )
         prompt_tokens = int(inputs["input_ids"].shape[1])
-        sampling = thinker_sampling(req, self.thinker_defaults, self.settings)
-        check_prompt_length(prompt_tokens, sampling.max_new_tokens, self.config)
+        sampling = thinker_sampling(req, self.thinker_defaults, self.settings, prompt_tokens, self.config)
 
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         job = ThinkerJob(
@@ -236,7 +236,7 @@ class OmniIngress:
         )
         await self._start_encoders(job, inputs)
         if speech:
-            job = SpeechJob(job, voice, talker_sampling(req, sampling, self.settings))
+            job = SpeechJob(job, voice, talker_sampling(req, sampling, self.settings, prompt_tokens, self.config))
         return Prepared(req, job, modalities, prompt_tokens, int(time.time()))
 
     async def _load_media(self, media: list[MediaItem], audio_in_video: bool) -> tuple[list, list, list]:

@@ -12,13 +12,17 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
+from common.sampling import SEED_MAX, SEED_MIN
+
 AUDIO_FORMATS = ("wav", "pcm16", "flac", "mp3", "opus")
 AudioFormat = Literal["wav", "pcm16", "flac", "mp3", "opus"]
 Modality = Literal["text", "audio"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No coercion either: `"stream": "yes"`, `"max_tokens": true` or `"5"` are 400s, as in OpenAI's API, not a
+    # stream, one token or five.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # --- content parts of a message ----------------------------------------------------------------------------------
@@ -133,7 +137,7 @@ class StageSampling(_Strict):
     top_k: int | None = Field(default=None, ge=-1)  # -1 and 0 mean "no top-k", as in vLLM
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     max_tokens: int | None = Field(default=None, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop_token_ids: list[int] | None = None
     detokenize: bool | None = None
 
@@ -149,7 +153,7 @@ class ChatCompletionRequest(_Strict):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False

@@ -5,6 +5,7 @@ import asyncio
 import base64
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from common.errors import (
     MediaDecodeError,
     MediaFetchError,
     MediaTooLargeError,
+    TooManyTokensError,
     UnknownVoiceError,
     UnsupportedMediaError,
 )
@@ -105,12 +107,32 @@ def test_unknown_fields_are_named():
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"stream_options": {"include_usage": True}}, None),
         ({"speaker": "aiden", "audio": {"voice": "ethan"}}, None),
+        # wrong JSON types are refused, not coerced (a stream, one token, five tokens)
+        ({"stream": "yes"}, "stream"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"max_tokens": "5"}, "max_tokens"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content[0].text"),
+        ({"sampling_params_list": [{"max_tokens": "9"}]}, "sampling_params_list[0].max_tokens"),
+        # a seed must fit a 64-bit generator (beyond, torch raises deep in the thinker: a 500)
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"sampling_params_list": [{}, {"seed": 2**70}]}, "sampling_params_list[1].seed"),
     ],
 )
 def test_invalid_values_are_400_naming_the_field(patch, param):
     status, body = _rejected({"messages": USER, **patch})
     assert status == 400 and body["error"]["type"] == "invalid_request_error"
     assert body["error"]["param"] == param, body
+
+
+def test_sampling_params_refuse_seeds_a_generator_cannot_take():
+    from common.sampling import SEED_MAX, SEED_MIN, SamplingParams
+
+    assert SamplingParams(seed=SEED_MAX).seed == SEED_MAX and SamplingParams(seed=SEED_MIN).seed == SEED_MIN
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(seed=SEED_MAX + 1)
+    assert info.value.param == "seed"
 
 
 # --- error mapping -----------------------------------------------------------------------------------------------
@@ -338,37 +360,78 @@ def test_stop_strings_hold_back_partial_matches():
     assert StopStrings(["b", "abc"]).push("xxabc") == ("xx", True)  # the earliest occurrence wins
 
 
-def test_stage_sampling_precedence():
+REAL_CONFIG = Path(__file__).parent / "data" / "qwen3_omni_30b_a3b_instruct.config.json"  # contexts of 65536
+
+
+def _sampling_setup():
+    from common.config import load_config
     from common.sampling import SamplingParams
-    from deployments.prepare import talker_sampling, thinker_sampling
     from deployments.settings import ServiceSettings
 
     defaults = SamplingParams(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, stop_token_ids=(5, 6))
     settings = ServiceSettings(default_max_tokens=33, max_tokens_limit=100, default_talker_max_tokens=77)
+    return defaults, settings, load_config(REAL_CONFIG)
+
+
+def test_stage_sampling_precedence():
+    from deployments.prepare import talker_sampling, thinker_sampling
+
+    defaults, settings, cfg = _sampling_setup()
     req = ChatCompletionRequest.model_validate({
         "messages": USER, "temperature": 0, "top_k": -1, "seed": 9,
         "sampling_params_list": [{"temperature": 0.9, "top_p": 0.5, "stop_token_ids": [7]},
                                  {"temperature": 0.3, "top_k": 50, "max_tokens": 12}],
         "talker_temperature": 0.6,
     })
-    thinker = thinker_sampling(req, defaults, settings)
+    thinker = thinker_sampling(req, defaults, settings, 10, cfg)
     assert thinker.greedy and thinker.temperature == 0  # OpenAI's field wins over the stage list
     assert thinker.top_p == 0.5 and thinker.top_k == 0 and thinker.seed == 9
     assert thinker.max_new_tokens == 33 and thinker.stop_token_ids == (5, 6, 7)
-    talker = talker_sampling(req, thinker, settings)
+    talker = talker_sampling(req, thinker, settings, 10, cfg)
     assert talker.do_sample and talker.temperature == 0.6 and talker.top_k == 50 and talker.max_new_tokens == 12
     plain = ChatCompletionRequest.model_validate({"messages": USER, "max_tokens": 4})
-    sampled = thinker_sampling(plain, defaults, settings)
+    sampled = thinker_sampling(plain, defaults, settings, 10, cfg)
     assert sampled.temperature == 0.7 and sampled.do_sample  # the checkpoint's defaults
-    talker = talker_sampling(plain, sampled, settings)
+    talker = talker_sampling(plain, sampled, settings, 10, cfg)
     assert talker.max_new_tokens == 77 and talker.do_sample and talker.temperature == 0.9  # transformers' defaults
     greedy = thinker_sampling(ChatCompletionRequest.model_validate({"messages": USER, "temperature": 0}), defaults,
-                              settings)
-    assert not talker_sampling(plain, greedy, settings).do_sample  # a greedy thinker, a greedy talker
+                              settings, 10, cfg)
+    assert not talker_sampling(plain, greedy, settings, 10, cfg).do_sample  # a greedy thinker, a greedy talker
     with pytest.raises(InvalidRequestError) as info:
         thinker_sampling(ChatCompletionRequest.model_validate({"messages": USER, "max_tokens": 101}), defaults,
-                         settings)
+                         settings, 10, cfg)
     assert info.value.param == "max_tokens"
+
+
+def test_token_budgets_fit_the_context():
+    """Without max_tokens the default is shortened to what fits after the prompt (OpenAI's and vLLM's behaviour: a
+    long prompt is not refused for a limit the client never asked for); an explicit one that does not fit is a 400
+    naming it. The talker's frames are bounded the same way by its own context (its KV cache holds both)."""
+    from deployments.prepare import talker_sampling, thinker_sampling
+
+    defaults, settings, cfg = _sampling_setup()
+    context = cfg.thinker_config.text_config.max_position_embeddings
+    talker_context = cfg.talker_config.text_config.max_position_embeddings
+    request = lambda **fields: ChatCompletionRequest.model_validate({"messages": USER, **fields})  # noqa: E731
+
+    assert thinker_sampling(request(), defaults, settings, context - 5, cfg).max_new_tokens == 5
+    assert thinker_sampling(request(max_tokens=5), defaults, settings, context - 5, cfg).max_new_tokens == 5
+    for fields, param in [({"max_tokens": 6}, "max_tokens"), ({"max_completion_tokens": 6}, "max_completion_tokens"),
+                          ({"sampling_params_list": [{"max_tokens": 6}]}, "sampling_params_list[0].max_tokens")]:
+        with pytest.raises(TooManyTokensError) as info:
+            thinker_sampling(request(**fields), defaults, settings, context - 5, cfg)
+        assert info.value.param == param and str(context) in info.value.message
+    with pytest.raises(TooManyTokensError) as info:  # nothing fits
+        thinker_sampling(request(), defaults, settings, context, cfg)
+    assert info.value.param == "messages"
+
+    thinker = thinker_sampling(request(max_tokens=5), defaults, settings, 10, cfg)
+    assert talker_sampling(request(), thinker, settings, talker_context - 7, cfg).max_new_tokens == 7
+    for fields, param in [({"talker_max_tokens": 10**9}, "talker_max_tokens"),
+                          ({"sampling_params_list": [{}, {"max_tokens": 10**9}]}, "sampling_params_list[1].max_tokens")]:
+        with pytest.raises(TooManyTokensError) as info:
+            talker_sampling(request(**fields), thinker, settings, 10, cfg)
+        assert info.value.param == param and str(talker_context) in info.value.message
 
 
 def test_template_messages_and_media_order():

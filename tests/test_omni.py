@@ -348,6 +348,52 @@ def test_cli_generate_writes_text_codes_and_wav(tiny_ckpt, tmp_path, capsys):
     assert "chelsie" in capsys.readouterr().err
 
 
+def test_cli_generate_reads_openai_style_messages_with_media(tiny_ckpt, tmp_path, capsys):
+    """`--messages` takes the content parts clients send to `omniray serve` (image_url, input_audio): the reply
+    equals the one for the processor's own items. Bad files are an error message, before the model loads."""
+    import base64
+    import io
+    import json
+
+    import soundfile as sf
+
+    from common.processor import OmniProcessor
+    from deployments.cli import main
+
+    image_path = tmp_path / "p.png"
+    picture().save(image_path)
+    wav = io.BytesIO()
+    sf.write(wav, chirp(), 16000, format="WAV")
+    openai_style = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"file://{image_path}"}},
+            {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav.getvalue()).decode(), "format": "wav"}},
+            {"type": "text", "text": "What is this?"},
+        ]},
+    ]
+    messages, out = tmp_path / "messages.json", tmp_path / "out.json"
+    messages.write_text(json.dumps(openai_style))
+    assert main(["generate", "--model", str(tiny_ckpt), "--messages", str(messages), "--max-tokens", "4",
+                 "--no-audio", "--output-json", str(out)]) == 0
+    processor_style = [openai_style[0], {"role": "user", "content": [
+        {"type": "image", "image": str(image_path)}, {"type": "audio", "audio": wav.getvalue()},
+        {"type": "text", "text": "What is this?"}]}]
+    inputs = OmniProcessor.from_pretrained(tiny_ckpt).apply_chat_template(
+        processor_style, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert "pixel_values" in inputs and "input_features" in inputs
+    expected = OmniModel.from_pretrained(tiny_ckpt).generate(inputs, return_audio=False, thinker_max_new_tokens=4)[0]
+    assert json.loads(out.read_text())["token_ids"] == expected.token_ids
+    capsys.readouterr()
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    for argv in (["--messages", str(bad)], ["--messages", str(tmp_path / "missing.json")],
+                 ["--messages", str(messages), "--image", str(image_path)]):
+        assert main(["generate", "--model", str(tmp_path / "no-model-needed"), *argv]) == 2
+        assert capsys.readouterr().err.startswith("error: ")
+
+
 def test_seeded_sampling_is_reproducible_and_batch_independent(default_setup):
     ours, _, proc = default_setup
     rows = [("text", "Hi."), ("audio", "The quick brown fox jumps over the lazy dog.")]

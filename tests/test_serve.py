@@ -306,6 +306,28 @@ def test_video_with_its_audio_track(client, reference):
     _assert_speech(base64.b64decode(reply.message.audio.data), expected, reference)
 
 
+def test_video_soundtrack_beside_a_standalone_audio(client, reference):
+    """use_audio_in_video with a video and an audio clip in one turn: the clip keeps its own audio slot, the
+    video's soundtrack interleaves with its frames (the processor's one-call form, which finds the sources
+    itself, is the oracle)."""
+    data, tone = _mp4_with_audio(), _tone()
+    messages = [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": _wav_b64(tone), "format": "wav"}},
+        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(data).decode()}},
+        {"type": "text", "text": "Same sound?"},
+    ]}]
+    reply = client.chat.completions.create(model=_model_id(client), messages=messages, max_tokens=5,
+                                           extra_body={"use_audio_in_video": True, **GREEDY})
+    template = [{"role": "user", "content": [{"type": "audio", "audio": tone}, {"type": "video", "video": data},
+                                             {"type": "text", "text": "Same sound?"}]}]
+    inputs = reference.processor.apply_chat_template(template, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True, use_audio_in_video=True, fps=VIDEO_FPS)
+    expected = reference.model.generate(inputs, do_sample=False, use_audio_in_video=True, thinker_max_new_tokens=5,
+                                        return_audio=False)[0]
+    assert reply.usage.prompt_tokens == inputs["input_ids"].shape[1]
+    assert reply.choices[0].token_ids == expected.token_ids
+
+
 def test_concurrent_requests(service, reference):
     """8 requests at once (two prompts, text and speech): each reply equals the one-by-one result."""
     prompts = [HELLO, COUNT]
