@@ -188,6 +188,16 @@ class OmniIngress:
         card = ModelCard(id=self.model_id, created=self.created)
         return JSONResponse(ModelList(data=[card]).model_dump())
 
+    @app.get("/v1/models/{model:path}")
+    async def model(self, model: str, request: Request) -> JSONResponse:
+        """OpenAI's retrieve (`client.models.retrieve`); hub ids hold a slash."""
+        try:
+            check_api_key(request.headers.get("authorization"), self.settings.api_key)
+            self._check_model(model)
+        except Exception as exc:
+            return self._error(exc)
+        return JSONResponse(ModelCard(id=self.model_id, created=self.created).model_dump())
+
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         arrival = time.monotonic()
@@ -208,9 +218,8 @@ class OmniIngress:
     # --- preparing a request ---------------------------------------------------------------------------------------
 
     async def _prepare(self, req: ChatCompletionRequest) -> Prepared:
-        if req.model is not None and req.model not in (self.model_id, self.settings.model):
-            raise ModelNotFoundError(f"model {req.model!r} is not served here; this service serves {self.model_id!r}",
-                                     param="model")
+        if req.model is not None:
+            self._check_model(req.model)
         modalities = req.output_modalities(self.settings.default_modalities)
         speech = "audio" in modalities
         if speech and not self.config.has_talker:
@@ -242,6 +251,11 @@ class OmniIngress:
         if speech:
             job = SpeechJob(job, voice, talker_sampling(req, sampling, self.settings, prompt_tokens, self.config))
         return Prepared(req, job, modalities, prompt_tokens, int(time.time()), tool_names)
+
+    def _check_model(self, model: str) -> None:
+        if model not in (self.model_id, self.settings.model):
+            raise ModelNotFoundError(f"model {model!r} is not served here; this service serves {self.model_id!r}",
+                                     param="model")
 
     async def _load_media(self, media: list[MediaItem], audio_in_video: bool) -> tuple[list, list, list]:
         """Fetch every item concurrently, then decode (CPU work, off the event loop)."""

@@ -366,6 +366,14 @@ def test_tools_and_tool_turns(client, reference):
     assert info.value.body["param"] == "tool_choice"
 
 
+def test_model_retrieve(client):
+    model = _model_id(client)
+    assert client.models.retrieve(model).id == model
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("gpt-7")
+    assert info.value.body["code"] == "model_not_found"
+
+
 def test_concurrent_requests(service, reference):
     """8 requests at once (two prompts, text and speech): each reply equals the one-by-one result."""
     prompts = [HELLO, COUNT]
