@@ -33,6 +33,7 @@ from deployments.metrics import service_metrics
 from deployments.prepare import (
     MediaItem,
     audio_slots,
+    check_streamed_format,
     decode_item,
     fetch_item,
     resolve_voice,
@@ -225,6 +226,8 @@ class OmniIngress:
         if speech and not self.config.has_talker:
             raise InvalidRequestError("this model is thinker-only: it has no speech output", param="modalities")
         voice = resolve_voice(req, self.config, self.default_voice) if speech else None
+        if speech:
+            check_streamed_format(req)
 
         messages, media = template_messages(req)
         tools, tool_names = template_tools(req, modalities)

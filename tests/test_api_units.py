@@ -602,3 +602,16 @@ def test_sse_tool_calls_chunk():
     chunk = json.loads(writer.tool_calls([call, call])[len("data: "):])
     assert chunk["choices"][0]["delta"] == {"tool_calls": [{"index": 0, **call}, {"index": 1, **call}]}
 
+
+def test_streamed_speech_is_pcm16_and_another_named_format_is_a_400():
+    from deployments.prepare import check_streamed_format
+
+    def request(**fields):
+        return ChatCompletionRequest.model_validate({"messages": USER, "modalities": ["text", "audio"], **fields})
+
+    for fields in ({"stream": True, "audio": {"voice": "ethan"}}, {"stream": True, "audio": {"format": "pcm16"}},
+                   {"stream": False, "audio": {"format": "mp3"}}, {"stream": True}):
+        check_streamed_format(request(**fields))
+    with pytest.raises(InvalidRequestError) as info:
+        check_streamed_format(request(stream=True, audio={"voice": "ethan", "format": "mp3"}))
+    assert info.value.param == "audio.format" and "pcm16" in info.value.message
