@@ -10,8 +10,10 @@ speech: encoders + prefill + one step), thinker decode tokens/s (the tokens afte
 minus the time to first token; for `audio`, the text-only rate of the `text` case applies, the rest is speech),
 and the speech real-time factor (wall time / seconds of speech produced; < 1 is faster than real time).
 
-Every row generates exactly `--new-tokens` text tokens: ours with no stop ids, transformers with
-`thinker_min_new_tokens`. Speech stops at the codec end token or `--audio-frames`, whichever comes first, on both.
+Every row generates exactly `--new-tokens` text tokens: both get the checkpoint's stop ids and
+`thinker_min_new_tokens` = `thinker_max_new_tokens`, so the stop ids are suppressed for the whole reply on both sides
+and the rows must be equal token for token. Speech stops at the codec end token or `--audio-frames`, whichever
+comes first, on both.
 
     python -m bench.bench_generate                                        # CPU, tiny checkpoint
     python -m bench.bench_generate --device cuda --model full --layers 8 --new-tokens 128 --batch 8
@@ -84,14 +86,12 @@ def chirp(seconds: float, seed: int) -> np.ndarray:
     return (tone + 0.02 * rng.standard_normal(t.shape)).astype(np.float32)
 
 
-def same_tokens(ours: list[list[int]], theirs: list[list[int]], eos_ids: list[int]) -> float:
-    """Fraction of equal tokens, each row compared up to ours' first end token: transformers' min_new_tokens
-    suppresses the end tokens there and picks the runner-up, so the rows rightly differ from that point on."""
+def same_tokens(ours: list[list[int]], theirs: list[list[int]]) -> float:
+    """Fraction of equal tokens over all rows (a row of a different length counts its extra tokens as unequal)."""
     equal = total = 0
     for ours_row, their_row in zip(ours, theirs):
-        stop = next((i for i, t in enumerate(ours_row) if t in eos_ids), len(ours_row))
-        equal += sum(a == b for a, b in zip(ours_row[:stop], their_row[:stop]))
-        total += stop
+        equal += sum(a == b for a, b in zip(ours_row, their_row))
+        total += max(len(ours_row), len(their_row))
     return equal / total if total else 1.0
 
 
@@ -103,16 +103,18 @@ def run_case(case: str, batch: int, inputs: dict, ours, hf, args, device, dtype,
     # it the same repetition penalty, or the two do different work
     penalty = ours.generation_config.get("repetition_penalty", 1.0)
     hf_inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+    eos = common.generation_eos_ids(ckpt)  # transformers' thinker default is one hard-coded id: same ids on both
 
     def ours_call(new_tokens: int, audio: bool):
         return ours.generate(inputs, return_audio=audio, thinker_max_new_tokens=new_tokens,
-                             talker_max_new_tokens=args.audio_frames, thinker_eos_token_id=[])
+                             thinker_min_new_tokens=new_tokens, thinker_eos_token_id=eos,
+                             talker_max_new_tokens=args.audio_frames)
 
     def hf_call(new_tokens: int, audio: bool):
         with torch.inference_mode():
             return hf.generate(**hf_inputs, return_audio=audio, speaker="ethan",
                                thinker_max_new_tokens=new_tokens, thinker_min_new_tokens=new_tokens,
-                               thinker_do_sample=False, thinker_repetition_penalty=penalty, talker_do_sample=False,
+                               thinker_eos_token_id=eos, thinker_do_sample=False, thinker_repetition_penalty=penalty, talker_do_sample=False,
                                talker_max_new_tokens=args.audio_frames)
 
     first = common.time_pair([lambda: ours_call(1, False), lambda: hf_call(1, False)], device, args.warmup,
@@ -124,14 +126,14 @@ def run_case(case: str, batch: int, inputs: dict, ours, hf, args, device, dtype,
     ours_tokens = [r.token_ids for r in ours_out]
     hf_seq = hf_out[0] if speech else hf_out
     hf_tokens = hf_seq[:, prompt_len:].tolist()
-    same = same_tokens(ours_tokens, hf_tokens, common.generation_eos_ids(ckpt))
+    same = same_tokens(ours_tokens, hf_tokens)
     extra = {
         "batch": batch, "prompt_tokens": prompt_len, "new_tokens_per_row": [len(t) for t in ours_tokens],
         "same_tokens": float(same),
         "ours_ttft_s": first[0].median, "transformers_ttft_s": first[1].median,
     }
     text = [f"TTFT ours {first[0].median * 1e3:.0f} ms / transformers {first[1].median * 1e3:.0f} ms",
-            f"same tokens {same:.0%}"]  # before ours' first end token
+            f"same tokens {same:.0%}"]
     if not speech:
         ours_rate = batch * (n - 1) / (full[0].median - first[0].median)
         hf_rate = batch * (n - 1) / (full[1].median - first[1].median)

@@ -7,6 +7,9 @@ from typing import Any
 
 from common.errors import InvalidRequestError
 
+# What a torch.Generator takes as a seed: any 64-bit integer, signed or unsigned
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -35,6 +38,7 @@ class SamplingParams:
             (0 < self.top_p <= 1, "top_p must be in (0, 1]", "top_p"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0", "repetition_penalty"),
             (self.min_new_tokens >= 0, "min_new_tokens must be >= 0", "min_new_tokens"),
+            (self.seed is None or SEED_MIN <= self.seed <= SEED_MAX, "seed must be a 64-bit integer", "seed"),
             (all(0 <= a <= b for a, b in self.suppress_ranges), "suppress ranges must be [start, end)", None),
         ]
         for ok, message, param in checks:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common.errors import InvalidRequestError
+
 
 def _make_tiny(args: argparse.Namespace) -> int:
     from common.tiny import write_tiny_checkpoint
@@ -31,16 +33,54 @@ def _add_make_tiny(sub) -> None:
 
 
 def _conversation(args: argparse.Namespace) -> list[dict]:
-    """--messages FILE.json, or --system / --image / --audio / --video / --prompt as one user turn."""
-    import json
-
+    """--messages FILE.json, or --system / --image / --audio / --video / --prompt as one user turn. Bad input is
+    an `InvalidRequestError` (printed, exit status 2)."""
     if args.messages:
-        with open(args.messages) as f:
-            return json.load(f)
+        if args.system or args.image or args.audio or args.video:
+            raise InvalidRequestError("--messages holds the whole conversation: put the system prompt and media "
+                                      "in it rather than in --system / --image / --audio / --video")
+        return _read_messages(args.messages)
     content = [{"type": kind, kind: path} for kind in ("image", "audio", "video") for path in getattr(args, kind)]
     content.append({"type": "text", "text": args.prompt})
     messages = [{"role": "system", "content": [{"type": "text", "text": args.system}]}] if args.system else []
     return messages + [{"role": "user", "content": content}]
+
+
+def _read_messages(path: str) -> list[dict]:
+    """A JSON list of messages. Content parts may be the OpenAI API's (`image_url`, `input_audio`, `audio_url`,
+    `video_url`, as sent to `omniray serve`) or the processor's (`{"type": "image", "image": PATH}`, ...)."""
+    import json
+
+    try:
+        with open(path) as f:
+            messages = json.load(f)
+    except OSError as e:
+        raise InvalidRequestError(f"cannot read {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise InvalidRequestError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise InvalidRequestError(f"{path} must hold a non-empty JSON list of messages (objects with role and content)")
+    return [{**m, "content": [_processor_item(p) for p in m["content"]]} if isinstance(m.get("content"), list) else m
+            for m in messages]
+
+
+def _processor_item(part):
+    """An OpenAI content part → the processor's item (other parts unchanged)."""
+    if not isinstance(part, dict):
+        return part
+    kind = part.get("type")
+    if kind == "input_audio" and isinstance(part.get("input_audio"), dict):
+        import base64
+        import binascii
+
+        try:
+            return {"type": "audio", "audio": base64.b64decode(part["input_audio"].get("data", ""), validate=True)}
+        except (binascii.Error, ValueError) as e:
+            raise InvalidRequestError(f"input_audio.data is not base64: {e}") from None
+    target = {"image_url": "image", "audio_url": "audio", "video_url": "video"}.get(kind)
+    if target is not None and isinstance(part.get(kind), dict):
+        return {"type": target, target: part[kind].get("url")}
+    return part
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -51,11 +91,16 @@ def _generate(args: argparse.Namespace) -> int:
     from common.tiny import embedded_tiny_checkpoint
     from stages.omni import OmniModel
 
+    try:
+        conversation = _conversation(args)  # before loading the model: a bad file fails at once
+    except OmniError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
     model_ref = args.model or str(embedded_tiny_checkpoint())
     model = OmniModel.from_pretrained(model_ref)
     processor = OmniProcessor.from_pretrained(model.folder)
     try:
-        inputs = processor.apply_chat_template(_conversation(args), add_generation_prompt=True, tokenize=True,
+        inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
                                                return_dict=True)
         result = model.generate(
             inputs, speaker=args.speaker, return_audio=False if args.no_audio else None,
@@ -87,7 +132,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--model", help="checkpoint folder or hub id (default: the embedded tiny checkpoint)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the user's text")
-    source.add_argument("--messages", help="a JSON file with the whole conversation (OpenAI-style messages)")
+    source.add_argument("--messages", help="a JSON file with the whole conversation: a list of messages, content "
+                        "parts as sent to `omniray serve` (image_url, input_audio, audio_url, video_url with local "
+                        "paths, file:// or data: URLs) or the processor's ({\"type\": \"image\", \"image\": PATH})")
     p.add_argument("--image", action="append", default=[], help="image file for the user turn (repeatable)")
     p.add_argument("--audio", action="append", default=[], help="audio file for the user turn (repeatable)")
     p.add_argument("--video", action="append", default=[], help="video file for the user turn (repeatable)")

@@ -1,8 +1,10 @@
 """The Code2Wav deployment: pulls codec frames from the talker and streams PCM to the ingress.
 
 Frames are decoded incrementally (`Code2WavStream` carries the convolution and attention state, so the
-concatenated chunks equal a full decode sample for sample): a small first chunk for a short time to first
-audio, larger ones after. Text deltas from upstream pass straight through.
+concatenated chunks equal a full decode) on the `CodecChunking` schedule of the settings: a small first chunk for
+a short time to first audio, larger ones after. `ChunkedDecode` makes the same calls however the frames arrive and
+`OmniModel.generate` decodes with it too, so a greedy reply's samples equal OmniModel's bit for bit. Text deltas
+from upstream pass straight through.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from deployments.jobs import PcmChunk, SpeechJob, TextDelta
 from deployments.metrics import service_metrics
 from deployments.runtime import STAGE_DEFAULTS, describe, load_stage
 from deployments.settings import ServiceSettings
-from stages.code2wav import Code2Wav, Code2WavStream
+from stages.code2wav import ChunkedDecode, Code2Wav
 from stages.omni import SAMPLE_RATE
 
 logger = logging.getLogger("ray.serve")
@@ -38,31 +40,29 @@ class Code2WavStage:
         """Yields TextDelta (passed through) and PcmChunk events for one spoken reply."""
         self.metrics.stage_requests.inc(1, tags={"stage": "code2wav"})
         logger.info("code2wav: %s", job.request_id)
-        stream = Code2WavStream(self.stage.module)
-        pending: list[torch.Tensor] = []  # [Q, F] pieces not decoded yet
-        chunk = self.settings.codec_initial_chunk_frames
+        decoder = ChunkedDecode(self.stage.module, self.settings.codec_chunking())
         async for event in self.talker.options(stream=True).speak.remote(job):
             if isinstance(event, TextDelta):
                 yield event
                 continue
             assert isinstance(event, CodecFrames)
-            pending.append(event.codes)
-            frames = sum(p.shape[-1] for p in pending)
-            if frames >= chunk or event.finished:
-                codes = torch.cat(pending, dim=-1)  # [Q, F]
-                pending = []
-                samples = await asyncio.to_thread(self._push, stream, codes)
-                self.metrics.stage_tokens("code2wav", frames)
+            samples = await asyncio.to_thread(self._decode, decoder, event.codes, event.finished)
+            if samples.size or event.finished:
                 yield PcmChunk(job.request_id, samples, SAMPLE_RATE, finished=event.finished)
-                chunk = self.settings.codec_chunk_frames
-        if pending:  # the talker ended without marking its last frames finished
-            samples = await asyncio.to_thread(self._push, stream, torch.cat(pending, dim=-1))
+        if decoder.pending_frames:  # the talker ended without marking its last frames finished
+            samples = await asyncio.to_thread(self._decode, decoder, None, True)
             yield PcmChunk(job.request_id, samples, SAMPLE_RATE, finished=True)
 
     @torch.inference_mode()
-    def _push(self, stream: Code2WavStream, codes: torch.Tensor) -> np.ndarray:
-        wav = stream.push(codes[None].to(self.stage.device))  # [1, S]
-        return wav[0].float().cpu().numpy()
+    def _decode(self, decoder: ChunkedDecode, codes: torch.Tensor | None, last: bool) -> np.ndarray:
+        """The samples of the schedule's calls that `codes [Q, F]` complete; all the rest when `last`."""
+        before = decoder.frames
+        pieces = [] if codes is None else [decoder.push(codes[None].to(self.stage.device))]  # [1, S]
+        if last:
+            pieces.append(decoder.finish())
+        if decoder.frames > before:
+            self.metrics.stage_tokens("code2wav", decoder.frames - before)
+        return torch.cat(pieces, dim=-1)[0].float().cpu().numpy() if pieces else np.zeros(0, np.float32)
 
     def ready(self) -> bool:
         return True

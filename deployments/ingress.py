@@ -32,12 +32,13 @@ from deployments.jobs import PcmChunk, SpeechJob, TextDelta, ThinkerJob
 from deployments.metrics import service_metrics
 from deployments.prepare import (
     MediaItem,
-    check_prompt_length,
+    audio_slots,
     decode_item,
     fetch_item,
     resolve_voice,
     talker_sampling,
     template_messages,
+    template_tools,
     thinker_sampling,
 )
 from deployments.protocol import (
@@ -52,6 +53,7 @@ from deployments.protocol import (
 )
 from deployments.settings import ServiceSettings
 from deployments.sse import DONE, ChunkWriter
+from deployments.tool_calls import ToolCallStream, parse_tool_calls
 from stages.omni import SAMPLE_RATE
 
 logger = logging.getLogger("ray.serve")  # Serve writes it to the replica's log, with its request context
@@ -80,6 +82,7 @@ class Prepared:
     modalities: tuple[str, ...]
     prompt_tokens: int
     created: int
+    tool_names: set[str] | None = None  # the functions the reply may call; None: no tool calling
 
     @property
     def request_id(self) -> str:
@@ -215,15 +218,16 @@ class OmniIngress:
         voice = resolve_voice(req, self.config, self.default_voice) if speech else None
 
         messages, media = template_messages(req)
+        tools, tool_names = template_tools(req, modalities)
         images, audios, videos = await self._load_media(media, req.audio_in_video())
-        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        prompt = self.processor.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
         inputs = await asyncio.to_thread(
             self.processor, [prompt], images=images or None, audio=audios or None, videos=videos or None,
             use_audio_in_video=req.audio_in_video(), fps=self.settings.video_fps if videos else None,
+            audio_from_video_indices=audio_slots(media) if req.audio_in_video() else None,
         )
         prompt_tokens = int(inputs["input_ids"].shape[1])
-        sampling = thinker_sampling(req, self.thinker_defaults, self.settings)
-        check_prompt_length(prompt_tokens, sampling.max_new_tokens, self.config)
+        sampling = thinker_sampling(req, self.thinker_defaults, self.settings, prompt_tokens, self.config)
 
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         job = ThinkerJob(
@@ -236,8 +240,8 @@ class OmniIngress:
         )
         await self._start_encoders(job, inputs)
         if speech:
-            job = SpeechJob(job, voice, talker_sampling(req, sampling, self.settings))
-        return Prepared(req, job, modalities, prompt_tokens, int(time.time()))
+            job = SpeechJob(job, voice, talker_sampling(req, sampling, self.settings, prompt_tokens, self.config))
+        return Prepared(req, job, modalities, prompt_tokens, int(time.time()), tool_names)
 
     async def _load_media(self, media: list[MediaItem], audio_in_video: bool) -> tuple[list, list, list]:
         """Fetch every item concurrently, then decode (CPU work, off the event loop)."""
@@ -305,12 +309,16 @@ class OmniIngress:
             data = await asyncio.to_thread(encode_audio, samples, reply.sample_rate, _audio_format(req))
             audio = AudioReply(id=f"audio-{prepared.request_id}", data=base64.b64encode(data).decode(),
                                transcript=reply.text, expires_at=prepared.created)
-        content = reply.text if "text" in prepared.modalities else None
+        content, calls = reply.text, []
+        if prepared.tool_names is not None:
+            content, calls = parse_tool_calls(reply.text, prepared.tool_names)
+        message = AssistantMessage(content=content if "text" in prepared.modalities else None, audio=audio,
+                                   tool_calls=calls or None)
         completion = ChatCompletion(
             id=prepared.request_id,
             created=prepared.created,
             model=self.model_id,
-            choices=[Choice(message=AssistantMessage(content=content, audio=audio), finish_reason=reply.finish_reason)],
+            choices=[Choice(message=message, finish_reason="tool_calls" if calls else reply.finish_reason)],
             usage=_usage(prepared.prompt_tokens, len(reply.token_ids)),
         ).model_dump()
         completion["choices"][0]["token_ids"] = reply.token_ids  # vLLM's `return_token_ids` extension, always on
@@ -321,6 +329,7 @@ class OmniIngress:
         audio_id = f"audio-{prepared.request_id}"
         text_out = "text" in prepared.modalities
         reply = Reply()
+        calls = ToolCallStream(prepared.tool_names) if prepared.tool_names is not None else None
         completion_tokens = samples = 0
         yield writer.role()
         try:
@@ -328,8 +337,9 @@ class OmniIngress:
                 self._observe(reply, event, arrival)
                 if isinstance(event, TextDelta):
                     completion_tokens += len(event.token_ids)
-                    if event.text and text_out:
-                        yield writer.text(event.text)
+                    text = calls.push(event.text) if calls is not None else event.text
+                    if text and text_out:
+                        yield writer.text(text)
                     if event.text and prepared.speech:
                         yield writer.audio(audio_id, None, event.text)
                 elif len(event.samples):
@@ -339,6 +349,13 @@ class OmniIngress:
             if prepared.speech:
                 self._audio_done(reply, samples, arrival)
                 yield writer.audio_done(audio_id, prepared.created)
+            if calls is not None:  # tools mean a text-only reply
+                tail, tool_calls = calls.finish()
+                if tail:
+                    yield writer.text(tail)
+                if tool_calls:
+                    yield writer.tool_calls(tool_calls)
+                    reply.finish_reason = "tool_calls"
             yield writer.finish(reply.finish_reason)
             options = prepared.request.stream_options
             if options is not None and options.include_usage:

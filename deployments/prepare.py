@@ -41,8 +41,13 @@ def template_messages(req: ChatCompletionRequest) -> tuple[list[dict], list[Medi
     media: list[MediaItem] = []
     for i, message in enumerate(req.messages):
         role = "system" if message.role == "developer" else message.role
+        calls = {}
+        if message.tool_calls:  # the template writes each as <tool_call>{"name": ..., "arguments": ...}</tool_call>
+            calls["tool_calls"] = [{"type": "function", "function": {"name": c.function.name,
+                                                                     "arguments": c.function.arguments}}
+                                   for c in message.tool_calls]
         if message.content is None or isinstance(message.content, str):
-            messages.append({"role": role, "content": message.content or ""})
+            messages.append({"role": role, "content": message.content or "", **calls})
             continue
         content = []
         for j, part in enumerate(message.content):
@@ -61,8 +66,45 @@ def template_messages(req: ChatCompletionRequest) -> tuple[list[dict], list[Medi
             elif isinstance(part, VideoURLPart):
                 content.append({"type": "video"})
                 media.append(MediaItem("video", part.video_url.url, f"{where}.video_url.url"))
-        messages.append({"role": role, "content": content})
+        messages.append({"role": role, "content": content, **calls})
     return messages, media
+
+
+def template_tools(req: ChatCompletionRequest, modalities: tuple[str, ...]) -> tuple[list[dict] | None, set[str] | None]:
+    """The tools the chat template renders, and the function names a reply may call (None: no tool calling).
+
+    `tool_choice` "auto" (the default with tools) and "none" (the tools are left out of the prompt) are what a
+    model can be asked for in its prompt; "required" and a named function would need constrained decoding, so
+    they are refused rather than silently not honoured. A spoken reply would read a call aloud: tools need a
+    text-only reply."""
+    if req.tools is None:
+        if req.tool_choice is not None:
+            raise InvalidRequestError("tool_choice is only allowed with tools", param="tool_choice")
+        return None, None
+    choice = req.tool_choice or "auto"
+    if choice == "none":
+        return None, None
+    if choice != "auto":
+        raise InvalidRequestError(
+            "tool_choice must be \"auto\" or \"none\": this service cannot force a tool call", param="tool_choice"
+        )
+    if "audio" in modalities:
+        raise InvalidRequestError('tools need a text-only reply (modalities ["text"])', param="tools")
+    return [tool.model_dump(exclude_none=True) for tool in req.tools], {tool.function.name for tool in req.tools}
+
+
+def audio_slots(media: list[MediaItem]) -> list[int | None]:
+    """The prompt's audio sources in order, for `use_audio_in_video`: a video's index (its soundtrack) or None (a
+    standalone audio), as the processor's `audio_from_video_indices` takes them."""
+    slots: list[int | None] = []
+    videos = 0
+    for item in media:
+        if item.kind == "video":
+            slots.append(videos)
+            videos += 1
+        elif item.kind == "audio":
+            slots.append(None)
+    return slots
 
 
 async def fetch_item(item: MediaItem, cfg: FetchConfig) -> bytes:
@@ -120,14 +162,45 @@ def _sampling(
     return replace(defaults, **changes)
 
 
-def thinker_sampling(req: ChatCompletionRequest, defaults: SamplingParams, settings: ServiceSettings) -> SamplingParams:
-    stage = req.stage_sampling(0)
-    max_new = _first(req.max_completion_tokens, req.max_tokens, stage.max_tokens, settings.default_max_tokens)
-    if max_new > settings.max_tokens_limit:
+def _max_new_tokens(asked: int | None, default: int, prompt_tokens: int, context: int, what: str, param: str) -> int:
+    """The most tokens a stage may generate: what the request asks for, which must fit the context after the
+    prompt, or else the service's default shortened to what fits (as OpenAI and vLLM do without `max_tokens`)."""
+    room = context - prompt_tokens
+    if room < 1:
         raise TooManyTokensError(
-            f"max_tokens {max_new} is above this service's limit of {settings.max_tokens_limit}",
-            param="max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
+            f"the prompt ({prompt_tokens} tokens) fills the {what}'s context of {context} tokens", param="messages"
         )
+    if asked is None:
+        return min(default, room)
+    if asked > room:
+        raise TooManyTokensError(
+            f"the prompt ({prompt_tokens} tokens) plus {param} ({asked}) exceed the {what}'s context of "
+            f"{context} tokens",
+            param=param,
+        )
+    return asked
+
+
+def thinker_sampling(
+    req: ChatCompletionRequest,
+    defaults: SamplingParams,
+    settings: ServiceSettings,
+    prompt_tokens: int,
+    cfg: OmniConfig,
+) -> SamplingParams:
+    stage = req.stage_sampling(0)
+    if req.max_completion_tokens is not None:
+        asked, param = req.max_completion_tokens, "max_completion_tokens"
+    elif req.max_tokens is not None:
+        asked, param = req.max_tokens, "max_tokens"
+    else:
+        asked, param = stage.max_tokens, "sampling_params_list[0].max_tokens"
+    if asked is not None and asked > settings.max_tokens_limit:
+        raise TooManyTokensError(
+            f"{param} {asked} is above this service's limit of {settings.max_tokens_limit}", param=param
+        )
+    context = cfg.thinker_config.text_config.max_position_embeddings
+    max_new = _max_new_tokens(asked, settings.default_max_tokens, prompt_tokens, context, "model", param)
     return _sampling(
         defaults,
         max_new,
@@ -141,15 +214,28 @@ def thinker_sampling(req: ChatCompletionRequest, defaults: SamplingParams, setti
 
 
 def talker_sampling(
-    req: ChatCompletionRequest, thinker: SamplingParams, settings: ServiceSettings
+    req: ChatCompletionRequest,
+    thinker: SamplingParams,
+    settings: ServiceSettings,
+    prompt_tokens: int,
+    cfg: OmniConfig,
 ) -> SamplingParams:
     """The talker's sampling: transformers' talker defaults, sampling only when the thinker samples (as
-    `OmniModel.generate` does), then the request's talker fields and the talker entry of `sampling_params_list`."""
+    `OmniModel.generate` does), then the request's talker fields and the talker entry of `sampling_params_list`.
+
+    The talker's prompt is the conversation's user turns, so its frames must fit its context after the prompt
+    (its KV cache is allocated for both: an unbounded `talker_max_tokens` would allocate without bound)."""
     defaults = SamplingParams(do_sample=thinker.do_sample, **TALKER_DEFAULTS)
     stage: StageSampling = req.stage_sampling(1)
+    if req.talker_max_tokens is not None:
+        asked, param = req.talker_max_tokens, "talker_max_tokens"
+    else:
+        asked, param = stage.max_tokens, "sampling_params_list[1].max_tokens"
+    context = cfg.talker_config.text_config.max_position_embeddings
+    max_new = _max_new_tokens(asked, settings.default_talker_max_tokens, prompt_tokens, context, "talker", param)
     return _sampling(
         defaults,
-        _first(req.talker_max_tokens, stage.max_tokens, settings.default_talker_max_tokens),
+        max_new,
         _first(req.talker_temperature, stage.temperature),
         _first(req.talker_top_p, stage.top_p),
         _first(req.talker_top_k, stage.top_k),
@@ -157,16 +243,6 @@ def talker_sampling(
         _first(req.seed, stage.seed),
         None,  # the codec EOS is the talker's stop; vLLM-Omni clients send it in stop_token_ids too
     )
-
-
-def check_prompt_length(prompt_tokens: int, max_new_tokens: int, cfg: OmniConfig) -> None:
-    context = cfg.thinker_config.text_config.max_position_embeddings
-    if prompt_tokens + max_new_tokens > context:
-        raise TooManyTokensError(
-            f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_new_tokens}) exceed the model's context "
-            f"of {context} tokens",
-            param="messages",
-        )
 
 
 def resolve_voice(req: ChatCompletionRequest, cfg: OmniConfig, default: str) -> str:

@@ -8,9 +8,11 @@ the reply). Beyond OpenAI's fields we accept vLLM-Omni's extensions, so clients 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+
+from common.sampling import SEED_MAX, SEED_MIN
 
 AUDIO_FORMATS = ("wav", "pcm16", "flac", "mp3", "opus")
 AudioFormat = Literal["wav", "pcm16", "flac", "mp3", "opus"]
@@ -18,7 +20,9 @@ Modality = Literal["text", "audio"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No coercion either: `"stream": "yes"`, `"max_tokens": true` or `"5"` are 400s, as in OpenAI's API, not a
+    # stream, one token or five.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # --- content parts of a message ----------------------------------------------------------------------------------
@@ -98,10 +102,55 @@ Content = Annotated[
 ]
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it back
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Content | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> "ChatMessage":
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("a tool message needs tool_call_id, and only a tool message has one")
+        return self
+
+
+# --- tools -------------------------------------------------------------------------------------------------------
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema, rendered into the prompt as given
+    strict: bool | None = None  # accepted; the schema is not enforced while decoding
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 # --- request -----------------------------------------------------------------------------------------------------
@@ -133,7 +182,7 @@ class StageSampling(_Strict):
     top_k: int | None = Field(default=None, ge=-1)  # -1 and 0 mean "no top-k", as in vLLM
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     max_tokens: int | None = Field(default=None, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop_token_ids: list[int] | None = None
     detokenize: bool | None = None
 
@@ -149,7 +198,7 @@ class ChatCompletionRequest(_Strict):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
@@ -166,6 +215,10 @@ class ChatCompletionRequest(_Strict):
     speaker: str | None = None
     sampling_params_list: list[StageSampling] | None = Field(default=None, max_length=3)
     mm_processor_kwargs: MMProcessorKwargs | None = None
+    # tools: rendered by the chat template; calls in the reply become `message.tool_calls`
+    tools: list[Tool] | None = Field(default=None, min_length=1)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # accepted; the model decides how many calls it makes
 
     @field_validator("n")
     @classmethod
@@ -249,12 +302,13 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     audio: AudioReply | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
 
 
 class ChatCompletion(BaseModel):

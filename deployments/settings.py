@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.media import MediaLimits
 from deployments.fetch import FetchConfig
+from stages.code2wav import CodecChunking
 
 TINY_MODEL_NAME = "omniray-tiny"
 
@@ -28,9 +29,10 @@ class ServiceSettings(BaseModel):
     default_max_tokens: int = Field(default=512, ge=1)  # thinker tokens when the request names none
     max_tokens_limit: int = Field(default=8192, ge=1)
     default_talker_max_tokens: int = Field(default=4096, ge=1)  # codec frames (12.5 per second of speech)
-    # Code2Wav decodes a small first chunk (time to first audio), then larger ones (fewer, fuller calls)
-    codec_initial_chunk_frames: int = Field(default=4, ge=1)
-    codec_chunk_frames: int = Field(default=25, ge=1)
+    # Code2Wav decodes a small first chunk (time to first audio), then larger ones (fewer, fuller calls); the
+    # defaults are OmniModel.generate's, so a greedy reply's speech equals OmniModel's bit for bit
+    codec_initial_chunk_frames: int = Field(default=CodecChunking().initial_frames, ge=1)
+    codec_chunk_frames: int = Field(default=CodecChunking().chunk_frames, ge=1)
     # media
     max_media_bytes: int = Field(default=64 * 1024 * 1024, ge=1)  # one item, encoded
     max_audio_seconds: float = Field(default=20 * 60.0, gt=0)  # one audio, or a video's audio track
@@ -50,6 +52,9 @@ class ServiceSettings(BaseModel):
 
     def model_id(self) -> str:
         return self.served_model_name or self.model or TINY_MODEL_NAME
+
+    def codec_chunking(self) -> CodecChunking:
+        return CodecChunking(self.codec_initial_chunk_frames, self.codec_chunk_frames)
 
     def fetch_config(self) -> FetchConfig:
         return FetchConfig(

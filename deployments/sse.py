@@ -1,7 +1,7 @@
 """Server-Sent Events in OpenAI's `chat.completion.chunk` format.
 
 One writer per streamed reply: text goes in `delta.content`, speech in `delta.audio` (`data` = base64 PCM16 at
-24 kHz, `transcript` = the text the speech says, as deltas), then a chunk with `finish_reason`, an optional usage
+24 kHz, `transcript` = the text the speech says, as deltas), tool calls in `delta.tool_calls`, then a chunk with `finish_reason`, an optional usage
 chunk with empty `choices` (OpenAI's `stream_options.include_usage`), then `data: [DONE]`.
 """
 
@@ -55,6 +55,10 @@ class ChunkWriter:
 
     def audio_done(self, audio_id: str, expires_at: int) -> str:
         return self._delta({"audio": {"id": audio_id, "expires_at": expires_at}})
+
+    def tool_calls(self, calls: list[dict]) -> str:
+        """The reply's tool calls, whole, in one delta (each with its `index`)."""
+        return self._delta({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
 
     def finish(self, finish_reason: str) -> str:
         return self._delta({}, finish_reason)

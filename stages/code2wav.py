@@ -17,6 +17,11 @@ decode (same arithmetic, only the matmul/conv shapes differ). transformers' `chu
 chunk with a short left context and loses the last 555 samples of every chunk; `chunked_decode` here keeps the
 left-context form (stateless, easy to batch) but decodes one frame past the chunk so no sample is lost.
 
+Which frames go into which call is one more choice: float32 sums of a [1, Q, 4] call and of a [1, Q, 27] call round
+differently (~1e-6), so two decodes of the same codes are equal sample for sample only if they make the same calls.
+`CodecChunking` is that schedule and `ChunkedDecode` the only code that follows it: the service decodes streamed
+frames with it and `OmniModel.generate` decodes a whole reply with it, so the two give the same samples bit for bit.
+
 Shapes: B batch, Q code groups (quantizers), F frames, H hidden, C channels, L length (frames or samples at the
 current rate), S samples, D head dim, K cached + new keys.
 """
@@ -24,6 +29,7 @@ current rate), S samples, D head dim, K cached + new keys.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -381,3 +387,70 @@ class Code2WavStream:
             return torch.zeros(codes.shape[0], 0, dtype=self.model.code_embedding.weight.dtype, device=codes.device)
         wav, self.state = self.model.step(codes, self.state)
         return wav
+
+
+@dataclass(frozen=True)
+class CodecChunking:
+    """The frames of each Code2Wav call of a reply: `initial_frames` first (a short time to first audio), then
+    `chunk_frames` at a time (fewer, fuller calls), whatever is left at the end of the reply.
+
+    The defaults are the service's (`ServiceSettings.codec_*_chunk_frames`) and `OmniModel.generate`'s. Every
+    schedule gives the full decode's samples up to float32 rounding; equal schedules give equal bits.
+    """
+
+    initial_frames: int = 4
+    chunk_frames: int = 25
+
+    def __post_init__(self):
+        if self.initial_frames < 1 or self.chunk_frames < 1:
+            raise ValueError(f"codec chunks need at least one frame, got {self}")
+
+
+class ChunkedDecode:
+    """`Code2WavStream` fed on a `CodecChunking` schedule, however the frames arrive.
+
+    `push` buffers frames and decodes every call the schedule completes; `finish` decodes the rest. The calls
+    depend only on the number of frames pushed, never on how they were grouped, so a reply's samples do too.
+    """
+
+    def __init__(self, model: Code2Wav, chunking: CodecChunking):
+        self.stream = Code2WavStream(model)
+        self.chunking = chunking
+        self.pending: torch.Tensor | None = None  # [B, Q, n] frames not decoded yet
+
+    @property
+    def frames(self) -> int:
+        """Frames decoded so far."""
+        return self.stream.frames
+
+    @property
+    def pending_frames(self) -> int:
+        return 0 if self.pending is None else self.pending.shape[-1]
+
+    def _call_size(self) -> int:
+        return self.chunking.initial_frames if self.stream.frames == 0 else self.chunking.chunk_frames
+
+    def push(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, Q, L] new frames -> the samples of every call they complete [B, S] (S = 0 when none)."""
+        self.pending = codes if self.pending is None else torch.cat([self.pending, codes], dim=-1)
+        pieces = [self._decode(0)]  # [B, 0]
+        while self.pending_frames >= self._call_size():
+            pieces.append(self._decode(self._call_size()))
+        return torch.cat(pieces, dim=-1)
+
+    def finish(self) -> torch.Tensor:
+        """The frames left over in one last, shorter call -> their samples [B, S] ([0, 0] if nothing was pushed)."""
+        if self.pending is None:
+            return torch.zeros(0, 0, dtype=self.stream.model.code_embedding.weight.dtype)
+        return self._decode(self.pending_frames)
+
+    def _decode(self, n: int) -> torch.Tensor:
+        codes, self.pending = self.pending[..., :n], self.pending[..., n:]
+        return self.stream.push(codes)  # no call for n = 0
+
+
+def decode_chunked(model: Code2Wav, codes: torch.Tensor, chunking: CodecChunking) -> torch.Tensor:
+    """A whole reply decoded on the schedule: codes [B, Q, F] -> [B, F·total_upsample - tail_samples], the samples
+    a `ChunkedDecode` fed the same frames in any grouping returns."""
+    decoder = ChunkedDecode(model, chunking)
+    return torch.cat([decoder.push(codes), decoder.finish()], dim=-1)

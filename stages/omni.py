@@ -23,7 +23,7 @@ from common.errors import InvalidRequestError
 from common.sampling import SamplingParams
 from common.tokenizer import OmniTokenizer
 from stages.audio_encoder import AudioEncoder
-from stages.code2wav import Code2Wav
+from stages.code2wav import Code2Wav, CodecChunking, decode_chunked
 from stages.talker import Talker, TalkerRequest, generate_codes, speaker_codec_id, talker_sampling
 from stages.thinker import ThinkerLM, ThinkerPrompt, ThinkerResult, stream_generate
 from stages.vision_encoder import VisionEncoder
@@ -99,6 +99,8 @@ class OmniModel:
         return_audio: bool | None = None,
         thinker_max_new_tokens: int = 1024,
         talker_max_new_tokens: int = 4096,
+        thinker_min_new_tokens: int = 0,
+        talker_min_new_tokens: int = 0,
         do_sample: bool = False,
         temperature: float | None = None,
         top_p: float | None = None,
@@ -113,6 +115,7 @@ class OmniModel:
         use_audio_in_video: bool = False,
         seed: int | None = None,
         on_text: Callable[[int, str], None] | None = None,
+        codec_chunking: CodecChunking = CodecChunking(),
     ) -> list[OmniResult]:
         """Text (and speech) for every row of a processor output batch (left-padded, as the processor makes it).
 
@@ -120,6 +123,11 @@ class OmniModel:
         checkpoint's generation_config.json; `do_sample` is False unless asked. The talker_* arguments override
         the talker's choices, which default to `do_sample` and transformers' talker defaults.
         `talker_max_new_tokens` counts codebook-0 tokens as transformers does (at most that minus one frames).
+        `thinker_min_new_tokens` / `talker_min_new_tokens` suppress the stop tokens (the thinker's, the codec EOS)
+        until that many tokens were generated, as transformers' `min_new_tokens`.
+        `codec_chunking` is the frames of each Code2Wav call: the service's schedule by default, so a reply's
+        waveform equals the service's bit for bit (same calls, same float32 rounding; with the same torch thread
+        count). Any schedule gives the same samples up to ~1e-6.
         `on_text(row, delta)` is called with each row's new text as the thinker produces it.
         """
         # 1. what to produce, and how
@@ -131,7 +139,8 @@ class OmniModel:
         speaker_id = speaker_codec_id(self.cfg.talker_config, speaker) if return_audio else None
         B = inputs["input_ids"].shape[0]
         thinker_params = self._thinker_params(thinker_max_new_tokens, do_sample, temperature, top_p, top_k,
-                                              repetition_penalty, thinker_eos_token_id, seed)
+                                              repetition_penalty, thinker_eos_token_id, seed,
+                                              thinker_min_new_tokens)
         # 2. encoders, 3. thinker
         prompt = self._thinker_prompt(inputs, use_audio_in_video)
         thinker_out = self._run_thinker(prompt, thinker_params, return_audio, on_text)
@@ -153,6 +162,7 @@ class OmniModel:
             requests.append(request)
         talker_params = talker_sampling(self.cfg.talker_config, SamplingParams(
             max_new_tokens=talker_max_new_tokens,
+            min_new_tokens=talker_min_new_tokens,
             do_sample=do_sample if talker_do_sample is None else talker_do_sample,
             temperature=_pick(talker_temperature, TALKER_DEFAULTS["temperature"]),
             top_k=_pick(talker_top_k, TALKER_DEFAULTS["top_k"]),
@@ -166,10 +176,12 @@ class OmniModel:
             frames = generate_codes(self.talker, self.cfg, [requests[i] for i in voiced], [talker_params] * len(voiced))
             for i, c in zip(voiced, frames):
                 codes[i] = c
-        # 5. code2wav, row by row (it is causal: no padding needed, no samples lost)
+        # 5. code2wav, row by row (it is causal: no padding needed, no samples lost), on the service's schedule
         for res, c in zip(results, codes):
             res.codes = c.cpu()
-            wav = self.code2wav.decode(c[None].to(self.device))[0] if c.shape[-1] else torch.zeros(0)
+            wav = torch.zeros(0)
+            if c.shape[-1]:
+                wav = decode_chunked(self.code2wav, c[None].to(self.device), codec_chunking)[0]
             res.waveform = wav.float().cpu().numpy()
         return results
 
@@ -202,13 +214,13 @@ class OmniModel:
         return results
 
     def _thinker_params(self, max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty, eos,
-                        seed) -> SamplingParams:
+                        seed, min_new_tokens) -> SamplingParams:
         gen = self.generation_config
         if eos is None:
             eos = gen.get("eos_token_id", self.cfg.im_end_token_id)
         stop = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
         return SamplingParams(
-            max_new_tokens=max_new_tokens, do_sample=do_sample,
+            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
             temperature=_pick(temperature, gen.get("temperature"), 1.0),
             top_p=_pick(top_p, gen.get("top_p"), 1.0),
             top_k=_pick(top_k, gen.get("top_k"), 0),

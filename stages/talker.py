@@ -301,8 +301,9 @@ def talker_sampling(cfg: TalkerConfig, params: SamplingParams) -> SamplingParams
     low = vocab - CODEC_SPECIAL_SLOTS
     ranges = tuple((a, b) for a, b in ((low, eos), (eos + 1, vocab)) if a < b)
     return SamplingParams(
-        max_new_tokens=params.max_new_tokens, do_sample=params.do_sample, temperature=params.temperature,
-        top_k=params.top_k, top_p=params.top_p, repetition_penalty=params.repetition_penalty, seed=params.seed,
+        max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens, do_sample=params.do_sample,
+        temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+        repetition_penalty=params.repetition_penalty, seed=params.seed,
         stop_token_ids=(eos,), suppress_ranges=ranges,
     )
 

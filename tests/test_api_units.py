@@ -5,6 +5,7 @@ import asyncio
 import base64
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from common.errors import (
     MediaDecodeError,
     MediaFetchError,
     MediaTooLargeError,
+    TooManyTokensError,
     UnknownVoiceError,
     UnsupportedMediaError,
 )
@@ -105,12 +107,32 @@ def test_unknown_fields_are_named():
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"stream_options": {"include_usage": True}}, None),
         ({"speaker": "aiden", "audio": {"voice": "ethan"}}, None),
+        # wrong JSON types are refused, not coerced (a stream, one token, five tokens)
+        ({"stream": "yes"}, "stream"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"max_tokens": "5"}, "max_tokens"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content[0].text"),
+        ({"sampling_params_list": [{"max_tokens": "9"}]}, "sampling_params_list[0].max_tokens"),
+        # a seed must fit a 64-bit generator (beyond, torch raises deep in the thinker: a 500)
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"sampling_params_list": [{}, {"seed": 2**70}]}, "sampling_params_list[1].seed"),
     ],
 )
 def test_invalid_values_are_400_naming_the_field(patch, param):
     status, body = _rejected({"messages": USER, **patch})
     assert status == 400 and body["error"]["type"] == "invalid_request_error"
     assert body["error"]["param"] == param, body
+
+
+def test_sampling_params_refuse_seeds_a_generator_cannot_take():
+    from common.sampling import SEED_MAX, SEED_MIN, SamplingParams
+
+    assert SamplingParams(seed=SEED_MAX).seed == SEED_MAX and SamplingParams(seed=SEED_MIN).seed == SEED_MIN
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(seed=SEED_MAX + 1)
+    assert info.value.param == "seed"
 
 
 # --- error mapping -----------------------------------------------------------------------------------------------
@@ -338,37 +360,78 @@ def test_stop_strings_hold_back_partial_matches():
     assert StopStrings(["b", "abc"]).push("xxabc") == ("xx", True)  # the earliest occurrence wins
 
 
-def test_stage_sampling_precedence():
+REAL_CONFIG = Path(__file__).parent / "data" / "qwen3_omni_30b_a3b_instruct.config.json"  # contexts of 65536
+
+
+def _sampling_setup():
+    from common.config import load_config
     from common.sampling import SamplingParams
-    from deployments.prepare import talker_sampling, thinker_sampling
     from deployments.settings import ServiceSettings
 
     defaults = SamplingParams(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, stop_token_ids=(5, 6))
     settings = ServiceSettings(default_max_tokens=33, max_tokens_limit=100, default_talker_max_tokens=77)
+    return defaults, settings, load_config(REAL_CONFIG)
+
+
+def test_stage_sampling_precedence():
+    from deployments.prepare import talker_sampling, thinker_sampling
+
+    defaults, settings, cfg = _sampling_setup()
     req = ChatCompletionRequest.model_validate({
         "messages": USER, "temperature": 0, "top_k": -1, "seed": 9,
         "sampling_params_list": [{"temperature": 0.9, "top_p": 0.5, "stop_token_ids": [7]},
                                  {"temperature": 0.3, "top_k": 50, "max_tokens": 12}],
         "talker_temperature": 0.6,
     })
-    thinker = thinker_sampling(req, defaults, settings)
+    thinker = thinker_sampling(req, defaults, settings, 10, cfg)
     assert thinker.greedy and thinker.temperature == 0  # OpenAI's field wins over the stage list
     assert thinker.top_p == 0.5 and thinker.top_k == 0 and thinker.seed == 9
     assert thinker.max_new_tokens == 33 and thinker.stop_token_ids == (5, 6, 7)
-    talker = talker_sampling(req, thinker, settings)
+    talker = talker_sampling(req, thinker, settings, 10, cfg)
     assert talker.do_sample and talker.temperature == 0.6 and talker.top_k == 50 and talker.max_new_tokens == 12
     plain = ChatCompletionRequest.model_validate({"messages": USER, "max_tokens": 4})
-    sampled = thinker_sampling(plain, defaults, settings)
+    sampled = thinker_sampling(plain, defaults, settings, 10, cfg)
     assert sampled.temperature == 0.7 and sampled.do_sample  # the checkpoint's defaults
-    talker = talker_sampling(plain, sampled, settings)
+    talker = talker_sampling(plain, sampled, settings, 10, cfg)
     assert talker.max_new_tokens == 77 and talker.do_sample and talker.temperature == 0.9  # transformers' defaults
     greedy = thinker_sampling(ChatCompletionRequest.model_validate({"messages": USER, "temperature": 0}), defaults,
-                              settings)
-    assert not talker_sampling(plain, greedy, settings).do_sample  # a greedy thinker, a greedy talker
+                              settings, 10, cfg)
+    assert not talker_sampling(plain, greedy, settings, 10, cfg).do_sample  # a greedy thinker, a greedy talker
     with pytest.raises(InvalidRequestError) as info:
         thinker_sampling(ChatCompletionRequest.model_validate({"messages": USER, "max_tokens": 101}), defaults,
-                         settings)
+                         settings, 10, cfg)
     assert info.value.param == "max_tokens"
+
+
+def test_token_budgets_fit_the_context():
+    """Without max_tokens the default is shortened to what fits after the prompt (OpenAI's and vLLM's behaviour: a
+    long prompt is not refused for a limit the client never asked for); an explicit one that does not fit is a 400
+    naming it. The talker's frames are bounded the same way by its own context (its KV cache holds both)."""
+    from deployments.prepare import talker_sampling, thinker_sampling
+
+    defaults, settings, cfg = _sampling_setup()
+    context = cfg.thinker_config.text_config.max_position_embeddings
+    talker_context = cfg.talker_config.text_config.max_position_embeddings
+    request = lambda **fields: ChatCompletionRequest.model_validate({"messages": USER, **fields})  # noqa: E731
+
+    assert thinker_sampling(request(), defaults, settings, context - 5, cfg).max_new_tokens == 5
+    assert thinker_sampling(request(max_tokens=5), defaults, settings, context - 5, cfg).max_new_tokens == 5
+    for fields, param in [({"max_tokens": 6}, "max_tokens"), ({"max_completion_tokens": 6}, "max_completion_tokens"),
+                          ({"sampling_params_list": [{"max_tokens": 6}]}, "sampling_params_list[0].max_tokens")]:
+        with pytest.raises(TooManyTokensError) as info:
+            thinker_sampling(request(**fields), defaults, settings, context - 5, cfg)
+        assert info.value.param == param and str(context) in info.value.message
+    with pytest.raises(TooManyTokensError) as info:  # nothing fits
+        thinker_sampling(request(), defaults, settings, context, cfg)
+    assert info.value.param == "messages"
+
+    thinker = thinker_sampling(request(max_tokens=5), defaults, settings, 10, cfg)
+    assert talker_sampling(request(), thinker, settings, talker_context - 7, cfg).max_new_tokens == 7
+    for fields, param in [({"talker_max_tokens": 10**9}, "talker_max_tokens"),
+                          ({"sampling_params_list": [{}, {"max_tokens": 10**9}]}, "sampling_params_list[1].max_tokens")]:
+        with pytest.raises(TooManyTokensError) as info:
+            talker_sampling(request(**fields), thinker, settings, 10, cfg)
+        assert info.value.param == param and str(talker_context) in info.value.message
 
 
 def test_template_messages_and_media_order():
@@ -409,3 +472,125 @@ def test_decode_errors_name_the_request_field():
         decode_item(item, b"\x89PNG\r\n\x1a\nnot really", MediaLimits(), 2.0, False)
     status, body = error_for(info.value)
     assert status == 422 and body["error"]["param"] == item.param and "OSError" in body["error"]["message"]
+
+
+# --- tools -------------------------------------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather now",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+TOOL_TURNS = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "22 C"},
+]
+
+
+def test_tools_and_tool_turns_are_rendered_by_the_template():
+    """OpenAI's tools, assistant tool_calls and tool messages reach the chat template in the form it reads (the
+    same render as the canonical conversation, which test_processor_chat_template checks against transformers)."""
+    from common.chat_template import QWEN3_OMNI_CHAT_TEMPLATE, render_chat_template
+    from deployments.prepare import template_messages, template_tools
+
+    req = ChatCompletionRequest.model_validate({"messages": TOOL_TURNS, "tools": [WEATHER], "tool_choice": "auto",
+                                                "parallel_tool_calls": False})
+    messages, media = template_messages(req)
+    tools, names = template_tools(req, ("text",))
+    assert names == {"get_weather"} and tools == [WEATHER] and media == []
+    canonical = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "22 C"},
+    ]
+    ours = render_chat_template(QWEN3_OMNI_CHAT_TEMPLATE, messages, tools=tools, add_generation_prompt=True)
+    assert ours == render_chat_template(QWEN3_OMNI_CHAT_TEMPLATE, canonical, tools=[WEATHER],
+                                        add_generation_prompt=True)
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in ours
+    assert "<tool_response>\n22 C\n</tool_response>" in ours and '"name": "get_weather"' in ours.split("<|im_end|>")[0]
+
+    # "none" leaves the tools out of the prompt (the history still renders)
+    none = ChatCompletionRequest.model_validate({"messages": TOOL_TURNS, "tools": [WEATHER], "tool_choice": "none"})
+    assert template_tools(none, ("text",)) == (None, None)
+
+
+@pytest.mark.parametrize(
+    "patch, modalities, param",
+    [
+        ({"tool_choice": "required"}, ("text",), "tool_choice"),  # cannot be forced without constrained decoding
+        ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, ("text",), "tool_choice"),
+        ({}, ("text", "audio"), "tools"),  # a spoken reply would read the call aloud
+        ({"tools": None, "tool_choice": "auto"}, ("text",), "tool_choice"),
+    ],
+)
+def test_tool_requests_the_service_cannot_honour_are_400s(patch, modalities, param):
+    from deployments.prepare import template_tools
+
+    req = ChatCompletionRequest.model_validate({"messages": USER, "tools": [WEATHER], **patch})
+    with pytest.raises(InvalidRequestError) as info:
+        template_tools(req, modalities)
+    assert info.value.param == param
+
+
+@pytest.mark.parametrize(
+    "messages, param",
+    [
+        ([{"role": "tool", "content": "22 C"}], "messages[0]"),  # no tool_call_id
+        ([{"role": "user", "content": "x", "tool_call_id": "c"}], "messages[0]"),
+        ([{"role": "user", "content": "x", "tool_calls": TOOL_TURNS[2]["tool_calls"]}], "messages[0]"),
+        ([{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f"}}]}],
+         "messages[0].tool_calls[0].function.arguments"),
+    ],
+)
+def test_malformed_tool_turns_are_400s(messages, param):
+    status, body = _rejected({"messages": messages})
+    assert status == 400 and body["error"]["param"] == param, body
+    status, body = _rejected({"messages": USER, "tools": []})
+    assert status == 400 and body["error"]["param"] == "tools"
+    status, body = _rejected({"messages": USER, "tools": [{"type": "function", "function": {"name": "bad name!"}}]})
+    assert status == 400 and body["error"]["param"] == "tools[0].function.name"
+
+
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@pytest.mark.parametrize(
+    "text, content, calls",
+    [
+        ("Let me check.\n" + CALL, "Let me check.", [("get_weather", '{"city": "Paris"}')]),
+        (CALL + "\n" + CALL.replace("Paris", "Rome"), None,
+         [("get_weather", '{"city": "Paris"}'), ("get_weather", '{"city": "Rome"}')]),
+        ("It is sunny.  \n", "It is sunny.  \n", []),  # no call: the text as it is
+        ("Hello <tool_call> not json </tool_call>", "Hello <tool_call> not json </tool_call>", []),
+        (CALL.replace("get_weather", "rm_rf"), CALL.replace("get_weather", "rm_rf"), []),  # not a declared tool
+        (CALL + " and more", CALL + " and more", []),
+        ("cut off <tool_ca", "cut off <tool_ca", []),
+    ],
+)
+def test_tool_calls_are_parsed_alike_whole_and_streamed(text, content, calls):
+    """The reply's `<tool_call>` blocks become OpenAI tool calls; streamed in pieces of any size, the content sent
+    equals the non-streamed content and the calls are the same."""
+    from deployments.tool_calls import ToolCallStream, parse_tool_calls
+
+    got_content, got_calls = parse_tool_calls(text, {"get_weather"})
+    assert got_content == content
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in got_calls] == calls
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in got_calls)
+    assert len({c["id"] for c in got_calls}) == len(got_calls)
+    for size in (1, 2, 5, len(text)):
+        stream, sent = ToolCallStream({"get_weather"}), ""
+        for i in range(0, len(text), size):
+            sent += stream.push(text[i:i + size])
+        tail, streamed_calls = stream.finish()
+        sent += tail
+        assert (sent or None) == content, size
+        assert [c["function"] for c in streamed_calls] == [c["function"] for c in got_calls]
+
+
+def test_sse_tool_calls_chunk():
+    writer = ChunkWriter("chatcmpl-1", "m", 7)
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    chunk = json.loads(writer.tool_calls([call, call])[len("data: "):])
+    assert chunk["choices"][0]["delta"] == {"tool_calls": [{"index": 0, **call}, {"index": 1, **call}]}

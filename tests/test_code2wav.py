@@ -3,14 +3,15 @@
 Ours is written as a stream (each causal layer carries its state), so the concatenated output of the
 incremental decoder equals the full decode: same length, same sample alignment, values equal up to float32
 rounding of differently shaped matmuls/convolutions (≤ 1e-5 on a signal of amplitude ~1; a dropped or shifted
-sample would show as an O(0.1) difference).
+sample would show as an O(0.1) difference). On one `CodecChunking` schedule the samples are equal bit for bit,
+however the frames arrive: that is what makes the service's speech equal OmniModel's.
 """
 
 import pytest
 import torch
 
 from common.config import load_config
-from stages.code2wav import Code2Wav, Code2WavStream
+from stages.code2wav import ChunkedDecode, Code2Wav, Code2WavStream, CodecChunking, decode_chunked
 
 ROUNDING = 1e-5  # float32 rounding between differently chunked computations of the same samples
 
@@ -127,3 +128,62 @@ def test_batch_rows_decode_independently(pair):
         batch = ours(codes)
         single = torch.cat([ours(codes[i : i + 1]) for i in range(3)])
     torch.testing.assert_close(batch, single, atol=ROUNDING, rtol=0)
+
+
+def _arrivals(frames: int, seed: int) -> list[int]:
+    """Random group sizes (0 to 6 frames, empty pushes included) summing to `frames`."""
+    g = torch.Generator().manual_seed(seed)
+    sizes, left = [], frames
+    while left:
+        sizes.append(min(left, int(torch.randint(0, 7, (), generator=g))))
+        left -= sizes[-1]
+    return sizes
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("chunking", [CodecChunking(), CodecChunking(initial_frames=3, chunk_frames=5)])
+@pytest.mark.parametrize("arrival", ["one by one", "random", "all at once"])
+def test_chunked_decode_is_bit_identical_however_frames_arrive(pair, chunking, arrival):
+    """The service pushes frames as the talker makes them (one per step); OmniModel pushes a whole reply. Both
+    decode the schedule's calls, so the samples are equal bit for bit, and equal the full decode up to rounding."""
+    ours, _ = pair
+    frames = 33  # 4 + 25 + 4 left over with the defaults
+    codes = random_codes(ours, frames, seed=7)
+    sizes = {"one by one": [1] * frames, "random": _arrivals(frames, seed=8), "all at once": [frames]}[arrival]
+    decoder, pieces, start = ChunkedDecode(ours, chunking), [], 0
+    for n in sizes:
+        before = decoder.frames
+        pieces.append(decoder.push(codes[..., start : start + n]))
+        start += n
+        # only whole calls of the schedule are decoded: the first `initial_frames`, then `chunk_frames` each
+        done = decoder.frames
+        after_initial = done - chunking.initial_frames
+        assert done == 0 or (after_initial >= 0 and after_initial % chunking.chunk_frames == 0)
+        assert pieces[-1].shape[-1] == ours.output_length(done) - ours.output_length(before)
+        assert decoder.pending_frames == start - done
+    pieces.append(decoder.finish())
+    out = torch.cat(pieces, dim=-1)
+    assert decoder.frames == frames and decoder.pending_frames == 0
+    assert torch.equal(out, decode_chunked(ours, codes, chunking))
+    torch.testing.assert_close(out, ours(codes), atol=ROUNDING, rtol=0)
+
+
+@torch.no_grad()
+def test_chunked_decode_calls_follow_the_schedule(pair):
+    """The calls `decode_chunked` makes: initial_frames, then chunk_frames each, the rest in a last call."""
+    ours, _ = pair
+    codes = random_codes(ours, frames=13, seed=9)
+    calls = []
+    original = ours.step
+    ours.step = lambda c, state: calls.append(c.shape[-1]) or original(c, state)
+    try:
+        decode_chunked(ours, codes, CodecChunking(initial_frames=2, chunk_frames=4))
+        decode_chunked(ours, codes[..., :6], CodecChunking(initial_frames=2, chunk_frames=4))  # no leftover
+    finally:
+        del ours.step
+    assert calls == [2, 4, 4, 3] + [2, 4]
+
+
+def test_codec_chunking_needs_frames():
+    with pytest.raises(ValueError, match="at least one frame"):
+        CodecChunking(initial_frames=0)

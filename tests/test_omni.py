@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from common.config import load_generation_config
+from stages.code2wav import CodecChunking, decode_chunked
 from stages.omni import OmniModel
 
 TEXT_TOKENS = 10
@@ -70,7 +71,7 @@ class Oracle:
         return out[:, inputs["input_ids"].shape[1]:].tolist()
 
     @torch.no_grad()
-    def generate(self, inputs, eos, speaker="Ethan", max_new_tokens=TEXT_TOKENS, talker_tokens=TALKER_TOKENS):
+    def generate(self, inputs, eos, speaker="Ethan", max_new_tokens=TEXT_TOKENS, talker_tokens=TALKER_TOKENS, **kwargs):
         captured = {}
         original = self.hf.code2wav.chunked_decode
 
@@ -83,7 +84,7 @@ class Oracle:
             seqs, wavs = self.hf.generate(
                 **inputs, return_audio=True, speaker=speaker, thinker_do_sample=False, talker_do_sample=False,
                 thinker_max_new_tokens=max_new_tokens, talker_max_new_tokens=talker_tokens,
-                thinker_eos_token_id=eos, thinker_repetition_penalty=self.penalty,
+                thinker_eos_token_id=eos, thinker_repetition_penalty=self.penalty, **kwargs,
             )
         finally:
             self.hf.code2wav.chunked_decode = original
@@ -145,7 +146,7 @@ def test_batch_of_different_lengths_equals_one_by_one(setup):
         single = ours.generate(single_inputs, thinker_max_new_tokens=6, talker_max_new_tokens=6)[0]
         assert batch[i].token_ids == single.token_ids
         assert torch.equal(batch[i].codes, single.codes)
-        assert np.abs(batch[i].waveform - single.waveform).max() <= 1e-4
+        assert np.array_equal(batch[i].waveform, single.waveform)  # rows are decoded alone, on one schedule
 
 
 def _single(proc, rows, i):
@@ -156,6 +157,58 @@ def _single(proc, rows, i):
     if kind == "mm":
         kwargs["images"] = [picture(seed=i)]
     return dict(proc(text=[rendered], return_tensors="pt", padding=True, **kwargs))
+
+
+def test_waveform_is_decoded_on_the_codec_schedule(default_setup):
+    """The waveform is the codes decoded on `codec_chunking` (default: the service's schedule), bit for bit; any
+    schedule gives the full decode's samples up to float32 rounding."""
+    ours, _, proc = default_setup
+    inputs = processed(proc, [("text", "Hi.")])
+    kwargs = dict(thinker_max_new_tokens=6, talker_max_new_tokens=12)
+    default = ours.generate(inputs, **kwargs)[0]
+    small = ours.generate(inputs, codec_chunking=CodecChunking(initial_frames=1, chunk_frames=2), **kwargs)[0]
+    codes = default.codes[None]  # [1, G, F]
+    assert codes.shape[-1] > CodecChunking().initial_frames  # more than one call
+    with torch.no_grad():
+        assert np.array_equal(default.waveform, decode_chunked(ours.code2wav, codes, CodecChunking())[0].numpy())
+        assert np.array_equal(small.waveform, decode_chunked(ours.code2wav, codes, CodecChunking(1, 2))[0].numpy())
+        full = ours.code2wav(codes)[0].numpy()
+    assert torch.equal(small.codes, default.codes)
+    assert np.abs(default.waveform - full).max() <= 1e-5 and np.abs(small.waveform - full).max() <= 1e-5
+
+
+def test_min_new_tokens_match_transformers(default_setup):
+    """`thinker_min_new_tokens` / `talker_min_new_tokens` are transformers' `min_new_tokens` of each stage: the stop
+    tokens (the thinker's, the codec EOS) are suppressed until that many tokens were generated.
+
+    Each minimum is set one past the step where the stage stops without it, so suppressing one step fewer than
+    transformers shows (checked by mutation). The thinker's stop ids: `a`, which the greedy reply produces first at index k (the
+    minimum is k + 1), and `b`, which the reply with `a` suppressed produces first after the minimum, so the reply
+    still ends on a stop token (a reply cut by length is voiced differently on purpose, §11 bug 6)."""
+    ours, oracle, proc = default_setup
+    inputs = processed(proc, [("text", "Hi.")])
+    max_new, talker_tokens = TEXT_TOKENS + 6, 40
+    reply = oracle.greedy_reply(inputs)[0]
+    a = stop_token(reply)
+    thinker_min = reply.index(a) + 1
+    kwargs = dict(thinker_max_new_tokens=max_new, talker_max_new_tokens=talker_tokens)
+    longer = ours.generate(inputs, thinker_eos_token_id=[a], thinker_min_new_tokens=thinker_min, **kwargs)[0]
+    eos = [a]
+    if longer.finish_reason != "stop":
+        ids = longer.token_ids
+        eos.append(next(t for k, t in enumerate(ids) if k >= thinker_min and t not in ids[:k]))
+    plain = ours.generate(inputs, thinker_eos_token_id=eos, thinker_min_new_tokens=thinker_min, **kwargs)[0]
+    talker_min = plain.codes.shape[-1] + 1  # its codec EOS came after that many frames: suppress it there
+    assert plain.finish_reason == "stop" and talker_min < talker_tokens
+
+    result = ours.generate(inputs, thinker_eos_token_id=eos, thinker_min_new_tokens=thinker_min,
+                           talker_min_new_tokens=talker_min, **kwargs)[0]
+    new, codes, wavs = oracle.generate(inputs, eos, max_new_tokens=max_new, talker_tokens=talker_tokens,
+                                       thinker_min_new_tokens=thinker_min, talker_min_new_tokens=talker_min)
+    ids = new[0].tolist()
+    assert_same(result, ids[: next(k for k, t in enumerate(ids) if t in eos)], codes[0], wavs[0])
+    assert result.finish_reason == "stop" and result.token_ids == plain.token_ids
+    assert len(result.token_ids) >= thinker_min and result.codes.shape[-1] >= talker_min
 
 
 def test_text_only_result_has_no_audio(setup):
@@ -293,6 +346,52 @@ def test_cli_generate_writes_text_codes_and_wav(tiny_ckpt, tmp_path, capsys):
 
     assert main(["generate", "--model", str(tiny_ckpt), "--prompt", "Hi", "--speaker", "nobody"]) == 2
     assert "chelsie" in capsys.readouterr().err
+
+
+def test_cli_generate_reads_openai_style_messages_with_media(tiny_ckpt, tmp_path, capsys):
+    """`--messages` takes the content parts clients send to `omniray serve` (image_url, input_audio): the reply
+    equals the one for the processor's own items. Bad files are an error message, before the model loads."""
+    import base64
+    import io
+    import json
+
+    import soundfile as sf
+
+    from common.processor import OmniProcessor
+    from deployments.cli import main
+
+    image_path = tmp_path / "p.png"
+    picture().save(image_path)
+    wav = io.BytesIO()
+    sf.write(wav, chirp(), 16000, format="WAV")
+    openai_style = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"file://{image_path}"}},
+            {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav.getvalue()).decode(), "format": "wav"}},
+            {"type": "text", "text": "What is this?"},
+        ]},
+    ]
+    messages, out = tmp_path / "messages.json", tmp_path / "out.json"
+    messages.write_text(json.dumps(openai_style))
+    assert main(["generate", "--model", str(tiny_ckpt), "--messages", str(messages), "--max-tokens", "4",
+                 "--no-audio", "--output-json", str(out)]) == 0
+    processor_style = [openai_style[0], {"role": "user", "content": [
+        {"type": "image", "image": str(image_path)}, {"type": "audio", "audio": wav.getvalue()},
+        {"type": "text", "text": "What is this?"}]}]
+    inputs = OmniProcessor.from_pretrained(tiny_ckpt).apply_chat_template(
+        processor_style, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert "pixel_values" in inputs and "input_features" in inputs
+    expected = OmniModel.from_pretrained(tiny_ckpt).generate(inputs, return_audio=False, thinker_max_new_tokens=4)[0]
+    assert json.loads(out.read_text())["token_ids"] == expected.token_ids
+    capsys.readouterr()
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    for argv in (["--messages", str(bad)], ["--messages", str(tmp_path / "missing.json")],
+                 ["--messages", str(messages), "--image", str(image_path)]):
+        assert main(["generate", "--model", str(tmp_path / "no-model-needed"), *argv]) == 2
+        assert capsys.readouterr().err.startswith("error: ")
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(default_setup):
