@@ -7,7 +7,6 @@ refs, the thinker's states go to the talker, and what comes back here is text an
 
 import asyncio
 import base64
-import json
 import logging
 import time
 import uuid
@@ -51,6 +50,7 @@ from deployments.protocol import (
     ModelCard,
     ModelList,
     Usage,
+    parse_json_body,
 )
 from deployments.settings import ServiceSettings
 from deployments.sse import DONE, ChunkWriter
@@ -111,14 +111,6 @@ class Reply:
 # methods only see the names defined before it.
 # processor outputs consumed by the encoders (they go there, not to the thinker)
 ENCODER_INPUTS = ("pixel_values", "pixel_values_videos", "input_features")
-
-
-async def _json_body(request: Request):
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidRequestError(f"request body is not valid JSON: {e}") from None
 
 
 def _audio_format(req: ChatCompletionRequest) -> str:
@@ -204,7 +196,7 @@ class OmniIngress:
         arrival = time.monotonic()
         try:
             check_api_key(request.headers.get("authorization"), self.settings.api_key)
-            req = ChatCompletionRequest.model_validate(await _json_body(request))
+            req = ChatCompletionRequest.model_validate(parse_json_body(await request.body()))
             prepared = await self._prepare(req)
         except Exception as exc:
             return self._error(exc)

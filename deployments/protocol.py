@@ -8,10 +8,12 @@ the reply). Beyond OpenAI's fields we accept vLLM-Omni's extensions, so clients 
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
+from common.errors import InvalidRequestError
 from common.sampling import SEED_MAX, SEED_MIN
 
 AUDIO_FORMATS = ("wav", "pcm16", "flac", "mp3", "opus")
@@ -23,6 +25,36 @@ class _Strict(BaseModel):
     # No coercion either: `"stream": "yes"`, `"max_tokens": true` or `"5"` are 400s, as in OpenAI's API, not a
     # stream, one token or five.
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def parse_json_body(raw: bytes):
+    """The request body as JSON. Python's parser accepts `"\\ud800"`, a lone UTF-16 surrogate that is no Unicode
+    character (RFC 8259 leaves it undefined, I-JSON forbids it) and that the tokenizer cannot take: refused here,
+    naming the field."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidRequestError(f"request body is not valid JSON: {e}") from None
+    _check_unicode(body, "")
+    return body
+
+
+def _check_unicode(value, where: str) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidRequestError(
+                f"{where or 'body'} holds {value[e.start:e.end]!r}, a lone UTF-16 surrogate, which is not valid Unicode",
+                param=where or None,
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key, where)
+            _check_unicode(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_unicode(item, f"{where}[{i}]")
 
 
 # --- content parts of a message ----------------------------------------------------------------------------------

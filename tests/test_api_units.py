@@ -615,3 +615,18 @@ def test_streamed_speech_is_pcm16_and_another_named_format_is_a_400():
     with pytest.raises(InvalidRequestError) as info:
         check_streamed_format(request(stream=True, audio={"voice": "ethan", "format": "mp3"}))
     assert info.value.param == "audio.format" and "pcm16" in info.value.message
+
+
+def test_bodies_with_lone_surrogates_are_400s_naming_the_field():
+    """JSON's "\\ud800" parses in Python to a string the tokenizer cannot take (a 500 deep in the processor)."""
+    from deployments.protocol import parse_json_body
+
+    assert parse_json_body(b'{"messages": [{"role": "user", "content": "\\ud83d\\ude00 ok"}]}')  # a valid pair
+    for raw, param in [(b'{"messages": [{"role": "user", "content": "\\ud800 hi"}]}', "messages[0].content"),
+                       (b'{"stop": ["\\udfff"]}', "stop[0]"), (b'{"\\ud800": 1}', None)]:
+        with pytest.raises(InvalidRequestError) as info:
+            parse_json_body(raw)
+        status, body = error_for(info.value)
+        assert status == 400 and body["error"]["param"] == param and "surrogate" in body["error"]["message"]
+    with pytest.raises(InvalidRequestError):
+        parse_json_body(b"{not json")
