@@ -38,6 +38,9 @@ from common.errors import (
 
 SAMPLING_RATE = 16000
 DEFAULT_VIDEO_FPS = 2.0  # frames sampled per second of video (qwen-omni-utils' default)
+# Float audio is nominally within ±1 (integer PCM scaled to float stays within ±2^31). Far beyond, the log-mel
+# power spectrum overflows float32 (from about ±1e18) and NaN features make the model's logits NaN.
+MAX_ABS_SAMPLE = 1e12
 
 
 @dataclass(frozen=True)
@@ -232,6 +235,10 @@ def _checked_audio(samples: np.ndarray, rate: int, limits: MediaLimits, what: st
         raise MediaDecodeError(f"{what} has no samples")
     if not np.isfinite(samples).all():
         raise MediaDecodeError(f"{what} contains NaN or infinite samples")
+    peak = float(np.abs(samples).max())
+    if peak > MAX_ABS_SAMPLE:
+        raise MediaDecodeError(f"{what} has samples up to {peak:.3g}; audio samples are nominally within ±1 "
+                               f"(at most ±{MAX_ABS_SAMPLE:.0e} is taken)")
     return samples
 
 

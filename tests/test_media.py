@@ -207,6 +207,26 @@ def test_corrupt_inputs_raise_decode_errors():
         assert info.value.status_code == 422
 
 
+def test_absurdly_loud_float_audio_is_a_decode_error():
+    """Float WAV samples of 1e30 are finite, but their log-mel features are NaN and the thinker's sampling crashed
+    on NaN logits (a 500); loud but plausible float audio (int16-scaled) still decodes."""
+    from common.audio_features import FeatureExtractorConfig, LogMelExtractor
+    from common.media import MAX_ABS_SAMPLE
+
+    def float_wav(samples):
+        out = io.BytesIO()
+        sf.write(out, samples, 16000, format="WAV", subtype="FLOAT")
+        return out.getvalue()
+
+    loud = decode_audio(float_wav(sine(16000, 0.5) * 32768))
+    mel = LogMelExtractor(FeatureExtractorConfig(feature_size=128, sampling_rate=16000, hop_length=160, n_fft=400,
+                                                 padding_value=0.0, dither=0.0))  # Qwen3-Omni's Whisper features
+    assert np.isfinite(mel.extract([loud * (MAX_ABS_SAMPLE / np.abs(loud).max())])[0].numpy()).all()
+    with pytest.raises(MediaDecodeError) as info:
+        decode_audio(float_wav(sine(16000, 0.5) * 1e30))
+    assert info.value.status_code == 422 and "nominally within" in info.value.message
+
+
 def test_damaged_files_raise_typed_errors():
     """Decoder libraries fail on damaged bytes with many exception types (Pillow: OSError on a truncated header;
     libav: a stream whose codec tag is unknown has no codec context): every one is a typed 4xx, never a crash.
