@@ -1,8 +1,8 @@
 """The one place where errors become HTTP responses with OpenAI's error body.
 
 `{"error": {"message", "type", "param", "code"}}`. Typed errors (`common.errors.OmniError`) carry their status;
-request validation errors (pydantic, malformed JSON) are 400s naming the field; anything else is a bug, reported
-as a 500 without internals. Errors raised inside a stage replica come back through Ray as an exception that is
+request validation errors (pydantic, malformed JSON) are 400s naming the field; a stage replica that died (Serve
+restarts it) or a full stage queue is a 503 to retry; anything else is a bug, reported as a 500 without internals. Errors raised inside a stage replica come back through Ray as an exception that is
 still an instance of the original class, so the same mapping applies to them.
 """
 
@@ -14,6 +14,8 @@ import re
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException
 
 from common.errors import OmniError
@@ -87,6 +89,10 @@ def error_for(exc: BaseException) -> tuple[int, dict]:
     if isinstance(exc, HTTPException):
         error_type = "authentication_error" if exc.status_code == 401 else "invalid_request_error"
         return exc.status_code, error_body(str(exc.detail), error_type)
+    if isinstance(exc, (RayActorError, BackPressureError)):  # a replica died or a stage's queue is full
+        logger.warning("stage unavailable: %s", exc)
+        return 503, error_body("a stage of the service is unavailable (restarting or overloaded); retry",
+                               "server_error", None, "stage_unavailable")
     logger.exception("unexpected error", exc_info=exc)
     return 500, error_body("internal server error", "server_error", None, "internal_error")
 

@@ -166,6 +166,17 @@ def test_typed_errors_map_to_openai_bodies(exc, status, code):
     assert body["error"]["param"] == exc.param
 
 
+def test_a_dead_or_overloaded_stage_is_a_503_to_retry():
+    """A stage replica that dies mid-request (Serve restarts it) was reported as a 500 'internal server error'."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+    from ray.serve.exceptions import BackPressureError
+
+    for exc in (ActorDiedError(), ActorUnavailableError("unreachable", None), BackPressureError(
+            num_queued_requests=9, max_queued_requests=8)):
+        status, body = error_for(exc)
+        assert status == 503 and body["error"]["code"] == "stage_unavailable", exc
+
+
 def test_unexpected_errors_hide_internals():
     status, body = error_for(RuntimeError("secret path /x/y"))
     assert status == 500 and "secret" not in body["error"]["message"]
