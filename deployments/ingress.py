@@ -33,6 +33,7 @@ from deployments.metrics import service_metrics
 from deployments.prepare import (
     MediaItem,
     audio_slots,
+    check_streamed_format,
     decode_item,
     fetch_item,
     resolve_voice,
@@ -188,6 +189,16 @@ class OmniIngress:
         card = ModelCard(id=self.model_id, created=self.created)
         return JSONResponse(ModelList(data=[card]).model_dump())
 
+    @app.get("/v1/models/{model:path}")
+    async def model(self, model: str, request: Request) -> JSONResponse:
+        """OpenAI's retrieve (`client.models.retrieve`); hub ids hold a slash."""
+        try:
+            check_api_key(request.headers.get("authorization"), self.settings.api_key)
+            self._check_model(model)
+        except Exception as exc:
+            return self._error(exc)
+        return JSONResponse(ModelCard(id=self.model_id, created=self.created).model_dump())
+
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         arrival = time.monotonic()
@@ -208,14 +219,15 @@ class OmniIngress:
     # --- preparing a request ---------------------------------------------------------------------------------------
 
     async def _prepare(self, req: ChatCompletionRequest) -> Prepared:
-        if req.model is not None and req.model not in (self.model_id, self.settings.model):
-            raise ModelNotFoundError(f"model {req.model!r} is not served here; this service serves {self.model_id!r}",
-                                     param="model")
+        if req.model is not None:
+            self._check_model(req.model)
         modalities = req.output_modalities(self.settings.default_modalities)
         speech = "audio" in modalities
         if speech and not self.config.has_talker:
             raise InvalidRequestError("this model is thinker-only: it has no speech output", param="modalities")
         voice = resolve_voice(req, self.config, self.default_voice) if speech else None
+        if speech:
+            check_streamed_format(req)
 
         messages, media = template_messages(req)
         tools, tool_names = template_tools(req, modalities)
@@ -242,6 +254,11 @@ class OmniIngress:
         if speech:
             job = SpeechJob(job, voice, talker_sampling(req, sampling, self.settings, prompt_tokens, self.config))
         return Prepared(req, job, modalities, prompt_tokens, int(time.time()), tool_names)
+
+    def _check_model(self, model: str) -> None:
+        if model not in (self.model_id, self.settings.model):
+            raise ModelNotFoundError(f"model {model!r} is not served here; this service serves {self.model_id!r}",
+                                     param="model")
 
     async def _load_media(self, media: list[MediaItem], audio_in_video: bool) -> tuple[list, list, list]:
         """Fetch every item concurrently, then decode (CPU work, off the event loop)."""

@@ -245,6 +245,18 @@ def talker_sampling(
     )
 
 
+def check_streamed_format(req: ChatCompletionRequest) -> None:
+    """Streamed speech is PCM16 chunks (as in OpenAI's API, which refuses other formats with `stream`): a format
+    the client names explicitly and would not get is a 400, not silently PCM16."""
+    audio = req.audio
+    if req.stream and audio is not None and "format" in audio.model_fields_set and audio.format != "pcm16":
+        raise InvalidRequestError(
+            f"streamed speech is PCM16 chunks: use audio.format \"pcm16\" with stream=true, not {audio.format!r} "
+            "(or stream=false for a whole file)",
+            param="audio.format",
+        )
+
+
 def resolve_voice(req: ChatCompletionRequest, cfg: OmniConfig, default: str) -> str:
     """The requested voice as a key of talker_config.speaker_id (names are case-insensitive)."""
     voice = req.voice()

@@ -204,6 +204,11 @@ class ChatCompletionRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # OpenAI fields this service does not implement, accepted at their neutral values (many clients send the
+    # defaults explicitly); any other value is a 400 rather than silently ignored
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logprobs: bool | None = None
     # extensions
     use_audio_in_video: bool | None = None
     talker_temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -226,6 +231,20 @@ class ChatCompletionRequest(_Strict):
         if n != 1:
             raise ValueError("only n=1 is supported")
         return n
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalty(cls, value: float | None) -> float | None:
+        if value not in (None, 0):
+            raise ValueError("not supported by this service (only 0); repetition_penalty is")
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("not supported by this service")
+        return value
 
     @field_validator("modalities")
     @classmethod

@@ -73,6 +73,9 @@ def test_full_request_with_vllm_omni_extensions():
     assert req.stage_sampling(1).top_k == 50 and req.stage_sampling(1).stop_token_ids == [2150]
     assert req.stop_strings() == ["\n\n"]
     assert ChatCompletionRequest.model_validate({"messages": USER}).output_modalities(("text",)) == ("text",)
+    # what OpenAI-playground-style clients send explicitly at their defaults
+    ChatCompletionRequest.model_validate({"messages": USER, "presence_penalty": 0, "frequency_penalty": 0.0,
+                                          "logprobs": False, "top_p": 1, "n": 1, "user": "u1"})
 
 
 def test_unknown_fields_are_named():
@@ -118,6 +121,10 @@ def test_unknown_fields_are_named():
         ({"seed": 2**64}, "seed"),
         ({"seed": -(2**63) - 1}, "seed"),
         ({"sampling_params_list": [{}, {"seed": 2**70}]}, "sampling_params_list[1].seed"),
+        # OpenAI fields the service does not implement: only their neutral values pass
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"frequency_penalty": -1}, "frequency_penalty"),
+        ({"logprobs": True}, "logprobs"),
     ],
 )
 def test_invalid_values_are_400_naming_the_field(patch, param):
@@ -594,3 +601,17 @@ def test_sse_tool_calls_chunk():
     call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     chunk = json.loads(writer.tool_calls([call, call])[len("data: "):])
     assert chunk["choices"][0]["delta"] == {"tool_calls": [{"index": 0, **call}, {"index": 1, **call}]}
+
+
+def test_streamed_speech_is_pcm16_and_another_named_format_is_a_400():
+    from deployments.prepare import check_streamed_format
+
+    def request(**fields):
+        return ChatCompletionRequest.model_validate({"messages": USER, "modalities": ["text", "audio"], **fields})
+
+    for fields in ({"stream": True, "audio": {"voice": "ethan"}}, {"stream": True, "audio": {"format": "pcm16"}},
+                   {"stream": False, "audio": {"format": "mp3"}}, {"stream": True}):
+        check_streamed_format(request(**fields))
+    with pytest.raises(InvalidRequestError) as info:
+        check_streamed_format(request(stream=True, audio={"voice": "ethan", "format": "mp3"}))
+    assert info.value.param == "audio.format" and "pcm16" in info.value.message

@@ -74,7 +74,8 @@ def service(tiny_ckpt, tiny_ckpt_thinker_only, tmp_path_factory):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
         wait_for_proxies(START_TIMEOUT_S)  # Serve's deploy call allows the proxy only 60 s
-        common = {"torch_threads": 1, "allowed_local_media_dirs": [str(media_dir)], "max_media_bytes": 2_000_000}
+        common = {"torch_threads": 1, "allowed_local_media_dirs": [str(media_dir)], "max_media_bytes": 2_000_000,
+                  "max_audio_seconds": 30.0, "max_image_pixels": 4_000_000}  # small limits: small 413 cases
         apps = [
             RunTarget(build_app({"model": str(tiny_ckpt), **common}), name="omniray", route_prefix="/"),
             RunTarget(build_app({"model": str(tiny_ckpt_thinker_only), "api_key": API_KEY, **common}),
@@ -368,6 +369,14 @@ def test_tools_and_tool_turns(client, reference):
     assert info.value.body["param"] == "tool_choice"
 
 
+def test_model_retrieve(client):
+    model = _model_id(client)
+    assert client.models.retrieve(model).id == model
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("gpt-7")
+    assert info.value.body["code"] == "model_not_found"
+
+
 def test_concurrent_requests(service, reference):
     """8 requests at once (two prompts, text and speech): each reply equals the one-by-one result."""
     prompts = [HELLO, COUNT]
@@ -424,6 +433,8 @@ def _bad_inputs(service) -> list[tuple[str, object, int, str | None]]:
     big.write_bytes(b"\0" * 2_100_000)
     corrupt_png = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\nnot really").decode()
     pdf = "data:application/pdf;base64," + base64.b64encode(b"%PDF-1.4 hello").decode()
+    long_audio = _wav_b64(np.zeros(31 * 8000, np.float32), rate=8000)  # 31 s of silence, max_audio_seconds 30
+    many_pixels = _png_data_uri(Image.new("1", (2100, 2000)))  # 4.2 M pixels in a few kB, max_image_pixels 4 M
     user = lambda *parts: {"messages": [{"role": "user", "content": list(parts)}]}  # noqa: E731
     return [
         ("malformed json", "{not json", 400, None),
@@ -437,6 +448,9 @@ def _bad_inputs(service) -> list[tuple[str, object, int, str | None]]:
         ("too many tokens", {"messages": HELLO, "max_tokens": 10**9}, 400, "max_tokens"),
         ("unknown model", {"messages": HELLO, "model": "gpt-7"}, 404, "model"),
         ("media too large", user({"type": "image_url", "image_url": {"url": f"file://{big}"}}), 413, None),
+        ("audio too long", user({"type": "input_audio", "input_audio": {"data": long_audio, "format": "wav"}}), 413,
+         "lasts"),
+        ("image with too many pixels", user({"type": "image_url", "image_url": {"url": many_pixels}}), 413, "pixels"),
         ("corrupt image", user({"type": "image_url", "image_url": {"url": corrupt_png}}), 422, None),
         ("unsupported media", user({"type": "image_url", "image_url": {"url": pdf}}), 415, None),
         ("corrupt audio", user({"type": "input_audio", "input_audio": {"data": base64.b64encode(b"RIFFxxxxWAVE").decode(),
@@ -507,3 +521,39 @@ def test_each_stage_is_its_own_deployment_holding_its_own_weights(service):
         held = serve.get_deployment_handle(stage, "omniray").describe.remote().result()
         expected = sum(n for key, n in sizes.items() if key.startswith(tuple(held["hub_prefixes"])))
         assert held["weight_elements"] == expected, stage
+
+
+def test_health_is_503_naming_the_stage_that_is_not_up(service):
+    """An ingress whose thinker cannot be placed (it needs a resource no node has, as a stage waiting for a GPU
+    does) and whose encoders are the running ones of the thinker-only application: /health answers 503 naming
+    the thinker alone. Only the ingress replica is started for it."""
+    from ray import serve
+    from ray.serve.api import RunTarget
+
+    from deployments.ingress import OmniIngress
+    from deployments.settings import ServiceSettings
+    from deployments.thinker import ThinkerStage
+
+    plain = ServiceSettings(model=str(service["thinker_only_ckpt"]), torch_threads=1).model_dump(mode="json")
+    encoders = [serve.get_deployment_handle(name, "thinker_only") for name in ("vision_encoder", "audio_encoder")]
+    unplaceable = ThinkerStage.options(ray_actor_options={"num_cpus": 0.25, "resources": {"absent_accelerator": 1}})
+    app = OmniIngress.bind(plain, *encoders, unplaceable.bind(plain))
+    serve.run_many([RunTarget(app, name="degraded", route_prefix="/degraded")],
+                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+
+    def running(name: str) -> int:
+        status = serve.status().applications.get("degraded")
+        deployment = status.deployments.get(name) if status else None
+        return deployment.replica_states.get("RUNNING", 0) if deployment else 0
+
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while running("ingress") < 1:
+            assert time.monotonic() < deadline, serve.status().applications["degraded"]
+            time.sleep(0.5)
+        assert running("thinker") == 0
+        health = requests.get(service["url"] + "/degraded/health", timeout=120)
+        assert health.status_code == 503 and health.json() == {"status": "unavailable", "stages_down": ["thinker"]}
+        assert requests.get(service["url"] + "/thinker-only/health", timeout=60).status_code == 200
+    finally:
+        serve.delete("degraded", _blocking=False)

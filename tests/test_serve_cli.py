@@ -1,5 +1,6 @@
 """`omniray serve --config serve_config.yaml` as a user runs it: a fresh process starts Ray, deploys the tiny CPU
-config (the embedded checkpoint, fractional CPUs), prints the URL, answers, and shuts down cleanly on SIGTERM, even with more signals behind it."""
+config (the embedded checkpoint, fractional CPUs), prints the URL, answers, and shuts down cleanly on SIGTERM,
+even with more signals right behind it."""
 
 import os
 import signal
