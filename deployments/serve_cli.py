@@ -71,6 +71,7 @@ def _deploy_builder(args: argparse.Namespace) -> tuple[str, int]:
 
     host, port = args.host or "127.0.0.1", args.port or 8000
     serve.start(http_options={"host": host, "port": port})
+    wait_for_proxies(DEPLOY_TIMEOUT_S)
     serve.run(build_app(_overrides(args)), name=APP_NAME, route_prefix="/")  # returns once every replica is up
     return host, port
 
@@ -89,10 +90,25 @@ def _deploy_config(args: argparse.Namespace) -> tuple[str, int]:
             app.setdefault("args", {}).update(_overrides(args))
     config = ServeDeploySchema.model_validate(raw)
     serve.start(proxy_location=config.proxy_location, http_options=config.http_options.model_dump())
+    wait_for_proxies(DEPLOY_TIMEOUT_S)
     # What `serve run FILE` does: hand the whole config (per-deployment options included) to the controller.
     _get_global_client().deploy_apps(config)
     _wait_running([app.name for app in config.applications])
     return config.http_options.host, config.http_options.port
+
+
+def wait_for_proxies(timeout_s: float) -> None:
+    """Until every HTTP proxy is healthy. Serve's own deploy calls give the proxies a fixed 60 s and then raise,
+    which a busy machine (a laptop, a loaded CI runner) can exceed while the proxy actor still starts fine."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        proxies = serve.status().proxies
+        if proxies and all(state == "HEALTHY" for state in proxies.values()):
+            return
+        time.sleep(1)
+    raise SystemExit(f"Serve's HTTP proxy did not become healthy within {timeout_s:.0f} s: {serve.status().proxies}")
 
 
 def _wait_running(names: list[str]) -> None:

@@ -64,6 +64,7 @@ def service(tiny_ckpt, tiny_ckpt_thinker_only, tmp_path_factory):
     from ray.serve.api import RunTarget
 
     from deployments.app import build_app
+    from deployments.serve_cli import wait_for_proxies
 
     media_dir = tmp_path_factory.mktemp("media")
     http_port, metrics_port = _free_port(), _free_port()
@@ -72,6 +73,7 @@ def service(tiny_ckpt, tiny_ckpt_thinker_only, tmp_path_factory):
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        wait_for_proxies(START_TIMEOUT_S)  # Serve's deploy call allows the proxy only 60 s
         common = {"torch_threads": 1, "allowed_local_media_dirs": [str(media_dir)], "max_media_bytes": 2_000_000,
                   "max_audio_seconds": 30.0, "max_image_pixels": 4_000_000}  # small limits: small 413 cases
         apps = [
@@ -486,6 +488,8 @@ def test_models_health_and_metrics(service, client):
     assert health.status_code == 200 and set(health.json()["stages"]) == set(STAGES) - {"ingress"}
     client.chat.completions.create(model=models[0].id, messages=HELLO, max_tokens=3, modalities=["text", "audio"],
                                    extra_body={"talker_max_tokens": 6})
+    with pytest.raises(openai.BadRequestError):  # counted in errors_total, whichever tests ran before this one
+        client.chat.completions.create(model=models[0].id, messages=HELLO, n=2)
     wanted = ["ray_omniray_time_to_first_token_seconds", "ray_omniray_time_to_first_audio_seconds",
               "ray_omniray_audio_real_time_factor", "ray_omniray_stage_tokens_total", "ray_omniray_errors_total"]
     deadline = time.monotonic() + 90
