@@ -35,6 +35,8 @@ def _add_make_tiny(sub) -> None:
 def _conversation(args: argparse.Namespace) -> list[dict]:
     """--messages FILE.json, or --system / --image / --audio / --video / --prompt as one user turn. Bad input is
     an `InvalidRequestError` (printed, exit status 2)."""
+    if args.no_audio and args.output_wav:
+        raise InvalidRequestError("--output-wav writes the speech that --no-audio turns off: drop one of them")
     if args.messages:
         if args.system or args.image or args.audio or args.video:
             raise InvalidRequestError("--messages holds the whole conversation: put the system prompt and media "
@@ -116,6 +118,8 @@ def _generate(args: argparse.Namespace) -> int:
 
         sf.write(args.output_wav, result.waveform, result.sample_rate, subtype="PCM_16")
         print(f"wrote {len(result.waveform) / result.sample_rate:.2f} s of audio to {args.output_wav}", file=sys.stderr)
+    elif args.output_wav:
+        print(f"this checkpoint has no speech output (thinker only): {args.output_wav} not written", file=sys.stderr)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({

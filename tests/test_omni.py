@@ -389,9 +389,19 @@ def test_cli_generate_reads_openai_style_messages_with_media(tiny_ckpt, tmp_path
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     for argv in (["--messages", str(bad)], ["--messages", str(tmp_path / "missing.json")],
-                 ["--messages", str(messages), "--image", str(image_path)]):
+                 ["--messages", str(messages), "--image", str(image_path)],
+                 ["--prompt", "hi", "--no-audio", "--output-wav", str(tmp_path / "never.wav")]):
         assert main(["generate", "--model", str(tmp_path / "no-model-needed"), *argv]) == 2
         assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_cli_generate_says_when_a_thinker_only_checkpoint_writes_no_wav(tiny_ckpt_thinker_only, tmp_path, capsys):
+    from deployments.cli import main
+
+    wav = tmp_path / "out.wav"
+    assert main(["generate", "--model", str(tiny_ckpt_thinker_only), "--prompt", "Hi", "--max-tokens", "2",
+                 "--output-wav", str(wav)]) == 0
+    assert not wav.exists() and "no speech output" in capsys.readouterr().err
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(default_setup):
