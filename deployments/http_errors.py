@@ -30,6 +30,13 @@ class AuthenticationError(OmniError):
     error_type = "authentication_error"
 
 
+class RequestTooLargeError(OmniError):
+    """The request body is larger than the service takes (`max_request_bytes`)."""
+
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
 class ModelNotFoundError(OmniError):
     """The request names a model this service does not serve."""
 

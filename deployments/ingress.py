@@ -51,6 +51,7 @@ from deployments.protocol import (
     ModelList,
     Usage,
     parse_json_body,
+    read_body,
 )
 from deployments.settings import ServiceSettings
 from deployments.sse import DONE, ChunkWriter
@@ -196,7 +197,8 @@ class OmniIngress:
         arrival = time.monotonic()
         try:
             check_api_key(request.headers.get("authorization"), self.settings.api_key)
-            req = ChatCompletionRequest.model_validate(parse_json_body(await request.body()))
+            req = ChatCompletionRequest.model_validate(
+                parse_json_body(await read_body(request, self.settings.max_request_bytes)))
             prepared = await self._prepare(req)
         except Exception as exc:
             return self._error(exc)

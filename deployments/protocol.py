@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 
 from common.errors import InvalidRequestError
 from common.sampling import SEED_MAX, SEED_MIN
+from deployments.http_errors import RequestTooLargeError
 
 AUDIO_FORMATS = ("wav", "pcm16", "flac", "mp3", "opus")
 AudioFormat = Literal["wav", "pcm16", "flac", "mp3", "opus"]
@@ -25,6 +26,24 @@ class _Strict(BaseModel):
     # No coercion either: `"stream": "yes"`, `"max_tokens": true` or `"5"` are 400s, as in OpenAI's API, not a
     # stream, one token or five.
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The body of a Starlette request, refused (413) past `limit` bytes: by its Content-Length before reading, or
+    while reading (chunked bodies have none), so one client cannot make the ingress hold gigabytes."""
+    def too_large(size: str) -> RequestTooLargeError:
+        return RequestTooLargeError(f"the request body ({size}) is larger than this service's limit of {limit} bytes; "
+                                    "send large media by URL")
+
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(f"{declared} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large(f"over {limit} bytes")
+    return bytes(body)
 
 
 def parse_json_body(raw: bytes):

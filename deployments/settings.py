@@ -34,6 +34,7 @@ class ServiceSettings(BaseModel):
     codec_initial_chunk_frames: int = Field(default=CodecChunking().initial_frames, ge=1)
     codec_chunk_frames: int = Field(default=CodecChunking().chunk_frames, ge=1)
     # media
+    max_request_bytes: int = Field(default=256 * 1024 * 1024, ge=1)  # the whole JSON body (inline media included)
     max_media_bytes: int = Field(default=64 * 1024 * 1024, ge=1)  # one item, encoded
     max_audio_seconds: float = Field(default=20 * 60.0, gt=0)  # one audio, or a video's audio track
     max_image_pixels: int = Field(default=40_000_000, ge=1)  # one image or video frame, decoded

@@ -641,3 +641,26 @@ def test_bodies_with_lone_surrogates_are_400s_naming_the_field():
         assert status == 400 and body["error"]["param"] == param and "surrogate" in body["error"]["message"]
     with pytest.raises(InvalidRequestError):
         parse_json_body(b"{not json")
+
+
+def test_request_bodies_are_capped():
+    """A body past max_request_bytes is a 413, by its Content-Length or, without one, while it is read."""
+    from starlette.requests import Request
+
+    from deployments.protocol import read_body
+
+    def request(chunks: list[bytes], length: int | None) -> Request:
+        messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+        headers = [(b"content-length", str(length).encode())] if length is not None else []
+
+        async def receive():
+            return messages.pop(0)
+
+        return Request({"type": "http", "method": "POST", "headers": headers}, receive)
+
+    assert asyncio.run(read_body(request([b"ab", b"cd"], 4), 4)) == b"abcd"
+    for chunks, length in (([b"abcde"], 5), ([b"abc", b"de"], None)):
+        with pytest.raises(Exception) as info:
+            asyncio.run(read_body(request(chunks, length), 4))
+        status, body = error_for(info.value)
+        assert status == 413 and "limit of 4 bytes" in body["error"]["message"]
