@@ -164,15 +164,25 @@ class ToolCall(_Strict):
     function: FunctionCall
 
 
+class AudioRef(_Strict):
+    id: str
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Content | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
     tool_call_id: str | None = None  # a tool turn: the call it answers
+    # an earlier spoken reply, as OpenAI's clients send it back; this service keeps no replies, so its transcript
+    # must come as `content` (the id is then ignored)
+    audio: AudioRef | None = None
 
     @model_validator(mode="after")
     def _tool_fields(self) -> "ChatMessage":
+        if self.audio is not None and (self.role != "assistant" or not self.content):
+            raise ValueError("this service keeps no replies, so an earlier spoken reply is sent back by its "
+                             "transcript: an assistant message with content (audio.id alone cannot be looked up)")
         if self.tool_calls is not None and self.role != "assistant":
             raise ValueError("only assistant messages have tool_calls")
         if (self.tool_call_id is not None) != (self.role == "tool"):

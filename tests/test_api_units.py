@@ -73,6 +73,9 @@ def test_full_request_with_vllm_omni_extensions():
     assert req.stage_sampling(1).top_k == 50 and req.stage_sampling(1).stop_token_ids == [2150]
     assert req.stop_strings() == ["\n\n"]
     assert ChatCompletionRequest.model_validate({"messages": USER}).output_modalities(("text",)) == ("text",)
+    # an earlier spoken reply sent back with its transcript (OpenAI's multi-turn audio form plus content)
+    ChatCompletionRequest.model_validate({"messages": [*USER, {"role": "assistant", "content": "hello",
+                                                               "audio": {"id": "audio-1"}}, *USER]})
     # what OpenAI-playground-style clients send explicitly at their defaults
     ChatCompletionRequest.model_validate({"messages": USER, "presence_penalty": 0, "frequency_penalty": 0.0,
                                           "logprobs": False, "top_p": 1, "n": 1, "user": "u1"})
@@ -555,6 +558,8 @@ def test_tool_requests_the_service_cannot_honour_are_400s(patch, modalities, par
 @pytest.mark.parametrize(
     "messages, param",
     [
+        # an earlier spoken reply by its id alone: nothing to look it up in
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "audio": {"id": "audio-1"}}], "messages[1]"),
         ([{"role": "tool", "content": "22 C"}], "messages[0]"),  # no tool_call_id
         ([{"role": "user", "content": "x", "tool_call_id": "c"}], "messages[0]"),
         ([{"role": "user", "content": "x", "tool_calls": TOOL_TURNS[2]["tool_calls"]}], "messages[0]"),
