@@ -60,8 +60,6 @@ from stages.omni import SAMPLE_RATE
 
 logger = logging.getLogger("ray.serve")  # Serve writes it to the replica's log, with its request context
 
-HEALTH_TIMEOUT_S = 10.0
-
 app = FastAPI(title="omniray", description="Qwen3-Omni on Ray Serve, OpenAI-compatible")
 
 
@@ -130,6 +128,16 @@ def _default_voice(config: OmniConfig, preferred: str) -> str:
     return preferred.lower() if preferred.lower() in voices else next(iter(voices))
 
 
+def _running_replicas(deployments: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """Running replicas of each (application, deployment), from Serve's controller."""
+    apps = serve.status().applications
+    running = {}
+    for app_name, name in deployments:
+        status = apps[app_name].deployments.get(name) if app_name in apps else None
+        running[(app_name, name)] = status.replica_states.get("RUNNING", 0) if status is not None else 0
+    return running
+
+
 def _concat(chunks: list) -> np.ndarray:
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
 
@@ -164,14 +172,17 @@ class OmniIngress:
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
-        """200 only when every stage answers; 503 naming the ones that do not."""
-        names = list(self.stages)
-        calls = [asyncio.wait_for(self.stages[n].ready.remote(), HEALTH_TIMEOUT_S) for n in names]
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        down = [n for n, r in zip(names, results) if r is not True]
+        """200 only when every stage has a running replica; 503 naming the ones that do not.
+
+        Asked of Serve's controller, which health-checks every replica itself (a dead or hung one is replaced and
+        stops counting as running): a call to the stages would queue behind their requests, and a busy service
+        would report itself down exactly when it is working hardest."""
+        where = {name: (h.app_name, h.deployment_name) for name, h in self.stages.items()}
+        running = await asyncio.to_thread(_running_replicas, set(where.values()))
+        down = [name for name, deployment in where.items() if running.get(deployment, 0) == 0]
         if down:
             return JSONResponse({"status": "unavailable", "stages_down": down}, status_code=503)
-        return JSONResponse({"status": "ok", "stages": names})
+        return JSONResponse({"status": "ok", "stages": list(self.stages)})
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:

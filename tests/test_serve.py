@@ -377,6 +377,47 @@ def test_model_retrieve(client):
     assert info.value.body["code"] == "model_not_found"
 
 
+def test_health_stays_ok_while_the_thinker_is_saturated(service):
+    """A thinker that takes one request at a time, with several queued: /health answers at once and says ok. (It
+    asked each stage through its request queue, so a busy service waited behind the queue and, after 10 s,
+    reported its thinker down: a load balancer would take it out of rotation exactly when it was working.)"""
+    from ray import serve
+    from ray.serve.api import RunTarget
+
+    from deployments.ingress import OmniIngress
+    from deployments.settings import ServiceSettings
+    from deployments.thinker import ThinkerStage
+
+    plain = ServiceSettings(model=str(service["thinker_only_ckpt"]), torch_threads=1).model_dump(mode="json")
+    encoders = [serve.get_deployment_handle(name, "thinker_only") for name in ("vision_encoder", "audio_encoder")]
+    one_at_a_time = ThinkerStage.options(max_ongoing_requests=1, ray_actor_options={"num_cpus": 0.25})
+    app = OmniIngress.bind(plain, *encoders, one_at_a_time.bind(plain))
+    serve.run_many([RunTarget(app, name="busy", route_prefix="/busy")], wait_for_ingress_deployment_creation=False,
+                   wait_for_applications_running=False)
+    url = service["url"] + "/busy"
+    body = {"messages": COUNT, "max_tokens": 200, "stop": ["never said"], **GREEDY}  # a second or two each
+
+    async def queue_then_probe():
+        async with httpx.AsyncClient(timeout=300) as http:
+            replies = [asyncio.create_task(http.post(url + "/v1/chat/completions", json=body)) for _ in range(6)]
+            await asyncio.sleep(1.0)  # the first is generating, the rest wait for the thinker
+            started = time.monotonic()
+            health = await http.get(url + "/health")
+            seconds = time.monotonic() - started
+            statuses = [r.status_code for r in await asyncio.gather(*replies)]
+            return health, seconds, statuses
+
+    import httpx
+
+    try:
+        _wait_running(["busy"])
+        health, seconds, statuses = asyncio.run(queue_then_probe())
+        assert statuses == [200] * 6
+        assert health.status_code == 200 and seconds < 3, (health.text, seconds)
+    finally:
+        serve.delete("busy", _blocking=False)
+
+
 def test_concurrent_requests(service, reference):
     """8 requests at once (two prompts, text and speech): each reply equals the one-by-one result."""
     prompts = [HELLO, COUNT]
