@@ -9,6 +9,8 @@ from common.errors import InvalidRequestError
 
 # What a torch.Generator takes as a seed: any 64-bit integer, signed or unsigned
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+# top_k beyond the vocabulary keeps every token; bounded so the per-row values fit an int64 tensor
+TOP_K_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class SamplingParams:
         checks = [
             (self.max_new_tokens >= 1, "max_new_tokens must be at least 1", "max_tokens"),
             (self.temperature >= 0, "temperature must be >= 0", "temperature"),
-            (self.top_k >= 0, "top_k must be >= 0", "top_k"),
+            (0 <= self.top_k <= TOP_K_MAX, f"top_k must be in [0, {TOP_K_MAX}]", "top_k"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]", "top_p"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0", "repetition_penalty"),
             (self.min_new_tokens >= 0, "min_new_tokens must be >= 0", "min_new_tokens"),

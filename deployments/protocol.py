@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from common.errors import InvalidRequestError
-from common.sampling import SEED_MAX, SEED_MIN
+from common.sampling import SEED_MAX, SEED_MIN, TOP_K_MAX
 from deployments.http_errors import RequestTooLargeError
 
 AUDIO_FORMATS = ("wav", "pcm16", "flac", "mp3", "opus")
@@ -126,7 +126,7 @@ _PARTS = {"text": TextPart, "image_url": ImagePart, "input_audio": InputAudioPar
 
 def _part_tag(value) -> str | None:
     kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-    return f"~{kind}" if kind in _PARTS else None
+    return f"~{kind}" if isinstance(kind, str) and kind in _PARTS else None  # a list or dict is no type (unhashable)
 
 
 def _content_tag(value) -> str | None:
@@ -240,7 +240,7 @@ class StageSampling(_Strict):
 
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)  # -1 and 0 mean "no top-k", as in vLLM
+    top_k: int | None = Field(default=None, ge=-1, le=TOP_K_MAX)  # -1 and 0 mean "no top-k", as in vLLM
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     max_tokens: int | None = Field(default=None, ge=1)
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
@@ -257,7 +257,7 @@ class ChatCompletionRequest(_Strict):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=TOP_K_MAX)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
@@ -274,7 +274,7 @@ class ChatCompletionRequest(_Strict):
     use_audio_in_video: bool | None = None
     talker_temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     talker_top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    talker_top_k: int | None = Field(default=None, ge=-1)
+    talker_top_k: int | None = Field(default=None, ge=-1, le=TOP_K_MAX)
     talker_repetition_penalty: float | None = Field(default=None, gt=0.0)
     talker_max_tokens: int | None = Field(default=None, ge=1)
     # vLLM-Omni extensions

@@ -124,6 +124,12 @@ def test_unknown_fields_are_named():
         ({"seed": 2**64}, "seed"),
         ({"seed": -(2**63) - 1}, "seed"),
         ({"sampling_params_list": [{}, {"seed": 2**70}]}, "sampling_params_list[1].seed"),
+        # values that crashed past validation (500s): an unhashable part type, a top_k no tensor holds
+        ({"messages": [{"role": "user", "content": [{"type": ["text"], "text": "x"}]}]}, "messages[0].content[0]"),
+        ({"messages": [{"role": "user", "content": [{"type": {"a": 1}}]}]}, "messages[0].content[0]"),
+        ({"top_k": 2**63}, "top_k"),
+        ({"talker_top_k": 2**63}, "talker_top_k"),
+        ({"sampling_params_list": [{"top_k": 2**63}]}, "sampling_params_list[0].top_k"),
         # OpenAI fields the service does not implement: only their neutral values pass
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"frequency_penalty": -1}, "frequency_penalty"),
