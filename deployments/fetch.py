@@ -24,7 +24,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from common.errors import InvalidRequestError, MediaFetchError, MediaTooLargeError
+from common.errors import InvalidRequestError, MediaFetchError, MediaTooLargeError, OmniError
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,8 @@ async def _fetch_http(url: str, cfg: FetchConfig, param: str) -> bytes:
 
 
 def _read_local(path_text: str, cfg: FetchConfig, param: str) -> bytes:
+    if "\x00" in path_text:
+        raise MediaFetchError(f"local file {path_text!r} holds a NUL byte", param=param)
     path = Path(path_text).resolve()
     allowed = [Path(d).resolve() for d in cfg.allowed_local_dirs]
     if not any(path.is_relative_to(d) for d in allowed):
@@ -151,7 +153,10 @@ def _data_uri(url: str, cfg: FetchConfig, param: str) -> bytes:
 
 async def fetch_media(url: str, cfg: FetchConfig, param: str) -> bytes:
     """The bytes `url` names, within the limits of `cfg`. `param` names the request field in errors."""
-    scheme = urlsplit(url).scheme.lower()
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError as e:  # e.g. "http://[::1" (an unclosed IPv6 literal)
+        raise InvalidRequestError(f"{url[:200]!r} is not a valid URL: {e}", param=param) from None
     if scheme == "data":
         return _data_uri(url, cfg, param)
     if scheme in ("http", "https"):
@@ -161,6 +166,10 @@ async def fetch_media(url: str, cfg: FetchConfig, param: str) -> bytes:
             raise MediaFetchError(f"fetching {url!r} timed out after {cfg.timeout_s} s", param=param) from None
         except aiohttp.ClientError as e:
             raise MediaFetchError(f"cannot fetch {url!r}: {e}", param=param) from None
+        except OmniError:
+            raise
+        except ValueError as e:  # a host IDNA cannot encode (a label over 63 characters), a redirect to a bad URL
+            raise MediaFetchError(f"cannot fetch {url[:200]!r}: {e}", param=param) from None
     if scheme == "file":
         return await asyncio.to_thread(_read_local, unquote(urlsplit(url).path), cfg, param)
     if scheme == "" and url.startswith("/"):

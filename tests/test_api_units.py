@@ -329,6 +329,16 @@ def test_local_files_only_under_allowed_dirs(tmp_path):
         _fetch(f"file://{allowed}/a.bin", FetchConfig(allowed_local_dirs=(str(allowed),), max_bytes=2))
 
 
+def test_malformed_urls_are_400s():
+    """URLs the parser, IDNA or the file system refuse (each was a 500)."""
+    cfg = FetchConfig(allowed_local_dirs=("/tmp",))
+    for url in ("http://[::1", "http://" + "a" * 64 + ".example/x.png", "/tmp/a.png\x00.txt"):
+        with pytest.raises(InvalidRequestError) as info:
+            _fetch(url, cfg)
+        status, body = error_for(info.value)
+        assert status == 400 and body["error"]["param"] == "messages[0].content[0].image_url.url", url
+
+
 # --- audio out and SSE -------------------------------------------------------------------------------------------
 
 
