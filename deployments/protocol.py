@@ -328,6 +328,9 @@ class ChatCompletionRequest(_Strict):
         voice = self.audio.voice if self.audio is not None else None
         if voice is not None and self.speaker is not None and voice.lower() != self.speaker.lower():
             raise ValueError(f"audio.voice ({voice!r}) and speaker ({self.speaker!r}) disagree")
+        if self.modalities is not None and "audio" not in self.modalities and self.wants_a_voice():
+            # asking for a voice and for no speech contradict each other; answering in text would drop the voice
+            raise ValueError('audio / speaker ask for speech, but modalities does not include "audio"')
         flat, nested = self.use_audio_in_video, self.mm_processor_kwargs
         if flat is not None and nested is not None and nested.use_audio_in_video not in (None, flat):
             raise ValueError("use_audio_in_video and mm_processor_kwargs.use_audio_in_video disagree")
@@ -335,8 +338,17 @@ class ChatCompletionRequest(_Strict):
 
     # --- resolved views (what the pipeline reads) ---
 
+    def wants_a_voice(self) -> bool:
+        return self.audio is not None or self.speaker is not None
+
     def output_modalities(self, default: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(self.modalities) if self.modalities is not None else default
+        """The request's own modalities; else speech when it names a voice or an audio format (as a client of
+        vLLM-Omni, whose default is every modality, expects); else the service's default."""
+        if self.modalities is not None:
+            return tuple(self.modalities)
+        if self.wants_a_voice() and "audio" not in default:
+            return ("text", "audio")
+        return default
 
     def voice(self) -> str | None:
         if self.audio is not None and self.audio.voice is not None:

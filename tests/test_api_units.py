@@ -73,6 +73,11 @@ def test_full_request_with_vllm_omni_extensions():
     assert req.stage_sampling(1).top_k == 50 and req.stage_sampling(1).stop_token_ids == [2150]
     assert req.stop_strings() == ["\n\n"]
     assert ChatCompletionRequest.model_validate({"messages": USER}).output_modalities(("text",)) == ("text",)
+    # naming a voice or an audio format without `modalities` asks for speech (vLLM-Omni's default is every modality)
+    for voice_fields in ({"audio": {"format": "mp3"}}, {"speaker": "ethan"}):
+        implied = ChatCompletionRequest.model_validate({"messages": USER, **voice_fields})
+        assert implied.output_modalities(("text",)) == ("text", "audio")
+        assert implied.output_modalities(("audio",)) == ("audio",)
     # an earlier spoken reply sent back with its transcript (OpenAI's multi-turn audio form plus content)
     ChatCompletionRequest.model_validate({"messages": [*USER, {"role": "assistant", "content": "hello",
                                                                "audio": {"id": "audio-1"}}, *USER]})
@@ -113,6 +118,9 @@ def test_unknown_fields_are_named():
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"stream_options": {"include_usage": True}}, None),
         ({"speaker": "aiden", "audio": {"voice": "ethan"}}, None),
+        # a voice asked for alongside text-only output: answering in text would drop it silently
+        ({"modalities": ["text"], "audio": {"voice": "ethan"}}, None),
+        ({"modalities": ["text"], "speaker": "ethan"}, None),
         # wrong JSON types are refused, not coerced (a stream, one token, five tokens)
         ({"stream": "yes"}, "stream"),
         ({"max_tokens": True}, "max_tokens"),
