@@ -101,10 +101,12 @@ class LogMelExtractor:
         for i, clip in enumerate(clips):
             clip = np.asarray(clip, dtype=np.float32)
             if clip.ndim != 1:
-                raise InvalidRequestError(f"audio {i}: expected mono samples (1-D), got shape {clip.shape}")
+                raise InvalidRequestError(f"audio {i}: expected mono samples (1-D), got shape {clip.shape}",
+                                          item=("audio", i))
             if clip.shape[0] < self.min_samples:
                 raise InvalidRequestError(
-                    f"audio {i} is too short ({clip.shape[0]} samples; at least {self.min_samples} needed)")
+                    f"audio {i} is too short ({clip.shape[0]} samples; at least {self.min_samples} needed)",
+                    item=("audio", i))
             arrays.append(clip)
         longest = max(a.shape[0] for a in arrays)
         batch = np.full((len(arrays), longest), self.cfg.padding_value, dtype=np.float32)  # [B, S]

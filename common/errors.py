@@ -17,10 +17,13 @@ class OmniError(Exception):
     status_code: int = 500
     error_type: str = "server_error"
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, item: tuple[str, int] | None = None):
         super().__init__(message)
         self.message = message
         self.param = param  # the request field at fault (OpenAI's `param`), when there is one
+        # the input at fault as (kind, index) among the processor's images, audio or videos, so a caller that
+        # knows where each input came from (the HTTP layer) can name its own field
+        self.item = item
 
 
 class ConfigError(OmniError):

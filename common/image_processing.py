@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common.errors import InvalidRequestError
+from common.errors import InvalidRequestError, OmniError
 
 # Qwen3OmniMoeProcessor's class-level video size (it overrides the image processor's bounds for videos).
 VIDEO_MIN_PIXELS = 128 * 32 * 32
@@ -148,8 +148,17 @@ def preprocess_image(image, cfg: VisionProcessorConfig) -> tuple[torch.Tensor, t
 
 def preprocess_images(images: list, cfg: VisionProcessorConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Images → (`pixel_values` [N, C·T·P·P] float32, `image_grid_thw` [n, 3] int64)."""
-    patches, grids = zip(*(preprocess_image(im, cfg) for im in images))
+    patches, grids = zip(*(_naming_item("image", i, preprocess_image, im, cfg) for i, im in enumerate(images)))
     return torch.cat(patches), torch.tensor(grids, dtype=torch.int64)
+
+
+def _naming_item(kind: str, index: int, preprocess, *args):
+    """`preprocess(*args)`, with an error tagged by the item it is about (see `OmniError.item`)."""
+    try:
+        return preprocess(*args)
+    except OmniError as exc:
+        exc.item = exc.item or (kind, index)
+        raise
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,5 +205,5 @@ def preprocess_video(frames, cfg: VisionProcessorConfig) -> tuple[torch.Tensor, 
 
 def preprocess_videos(videos: list, cfg: VisionProcessorConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Videos → (`pixel_values_videos` [N, C·T·P·P] float32, `video_grid_thw` [n, 3] int64)."""
-    patches, grids = zip(*(preprocess_video(v, cfg) for v in videos))
+    patches, grids = zip(*(_naming_item("video", i, preprocess_video, v, cfg) for i, v in enumerate(videos)))
     return torch.cat(patches), torch.tensor(grids, dtype=torch.int64)

@@ -32,7 +32,7 @@ from PIL import Image
 from common.audio_features import FeatureExtractorConfig, LogMelExtractor
 from common.chat_template import compile_template, load_chat_template, render_chat_template, select_template
 from common.config import load_config
-from common.errors import CheckpointError, InvalidRequestError, MediaFetchError
+from common.errors import CheckpointError, InvalidRequestError, MediaFetchError, OmniError
 from common.image_processing import VisionProcessorConfig, preprocess_images, preprocess_videos
 from common.lengths import audio_token_count
 from common.media import (
@@ -204,8 +204,9 @@ class OmniProcessor:
         self._check_placeholder_counts(texts, len(images), len(videos), len(standalone))
 
         video_to_audio = [None] * len(videos)
+        audio_origins = [("audio", i) for i in range(len(audio))]  # (kind, index) of the input each clip is from
         if with_audio:
-            audio, video_to_audio = self._resolve_video_audio(videos, audio, audio_from_video_indices)
+            audio, video_to_audio, audio_origins = self._resolve_video_audio(videos, audio, audio_from_video_indices)
 
         out: dict[str, torch.Tensor] = {}
         replacements = {"image": [], "video": [], "audio": []}
@@ -215,7 +216,12 @@ class OmniProcessor:
             replacements["image"] = [self.image_token * (int(g.prod()) // m2) for g in out["image_grid_thw"]]
         audio_tokens = []
         if audio:
-            features, mask = self.mel.extract(audio)
+            try:
+                features, mask = self.mel.extract(audio)
+            except OmniError as exc:  # name the clip as the caller gave it (a standalone audio or a video's track)
+                if exc.item is not None and exc.item[0] == "audio":
+                    exc.item = audio_origins[exc.item[1]]
+                raise
             audio_tokens = [audio_token_count(int(n), self.n_window) for n in mask.sum(-1)]
             out["input_features"], out["feature_attention_mask"] = features, mask
             from_video = {i for i in video_to_audio if i is not None}
@@ -245,7 +251,8 @@ class OmniProcessor:
                 raise InvalidRequestError(f"the prompts hold {found} {token} placeholders but {n} {what} were given")
 
     def _resolve_video_audio(self, videos, audio, slots):
-        """Audio list in slot order and, per video, the index of its audio (None for a silent video)."""
+        """Audio list in slot order; per video, the index of its audio (None for a silent video); and per clip, the
+        input it comes from: ("audio", index in `audio`) or ("video", index in `videos`)."""
         if slots is None:
             if audio:
                 raise InvalidRequestError("mixing audio with use_audio_in_video needs audio_from_video_indices")
@@ -255,14 +262,16 @@ class OmniProcessor:
             for audio_idx, video_idx in enumerate(slots):
                 if video_idx is not None:
                     video_to_audio[video_idx] = audio_idx
-            return audio, video_to_audio
+            return audio, video_to_audio, [("audio", i) for i in range(len(audio))]
         if slots.count(None) != len(audio):
             raise InvalidRequestError(f"audio_from_video_indices has {slots.count(None)} standalone slots but "
                                       f"{len(audio)} audio inputs were given")
-        standalone, resolved, video_to_audio = iter(audio), [], [None] * len(videos)
+        standalone, resolved, video_to_audio, origins = enumerate(audio), [], [None] * len(videos), []
         for video_idx in slots:
             if video_idx is None:
-                resolved.append(next(standalone))
+                audio_idx, clip = next(standalone)
+                resolved.append(clip)
+                origins.append(("audio", audio_idx))
                 continue
             video = videos[video_idx]
             if not isinstance(video, DecodedVideo):
@@ -272,7 +281,8 @@ class OmniProcessor:
                 continue
             video_to_audio[video_idx] = len(resolved)
             resolved.append(video.audio)
-        return resolved, video_to_audio
+            origins.append(("video", video_idx))
+        return resolved, video_to_audio, origins
 
     def _video_placeholder(self, grid, second_per_grid: float, num_audio_tokens: int | None) -> str:
         t, h, w = grid

@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.config import OmniConfig, load_config, load_generation_config
-from common.errors import InvalidRequestError
+from common.errors import InvalidRequestError, OmniError
 from common.processor import OmniProcessor
 from common.sampling import SamplingParams
 from deployments.audio_out import encode_audio, to_pcm16
@@ -35,6 +35,7 @@ from deployments.prepare import (
     check_streamed_format,
     decode_item,
     fetch_item,
+    name_the_field,
     resolve_voice,
     talker_sampling,
     template_messages,
@@ -238,11 +239,15 @@ class OmniIngress:
         tools, tool_names = template_tools(req, modalities)
         images, audios, videos = await self._load_media(media, req.audio_in_video())
         prompt = self.processor.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
-        inputs = await asyncio.to_thread(
-            self.processor, [prompt], images=images or None, audio=audios or None, videos=videos or None,
-            use_audio_in_video=req.audio_in_video(), fps=self.settings.video_fps if videos else None,
-            audio_from_video_indices=audio_slots(media) if req.audio_in_video() else None,
-        )
+        try:
+            inputs = await asyncio.to_thread(
+                self.processor, [prompt], images=images or None, audio=audios or None, videos=videos or None,
+                use_audio_in_video=req.audio_in_video(), fps=self.settings.video_fps if videos else None,
+                audio_from_video_indices=audio_slots(media) if req.audio_in_video() else None,
+            )
+        except OmniError as exc:
+            name_the_field(exc, media)
+            raise
         prompt_tokens = int(inputs["input_ids"].shape[1])
         sampling = thinker_sampling(req, self.thinker_defaults, self.settings, prompt_tokens, self.config)
 

@@ -107,6 +107,16 @@ def audio_slots(media: list[MediaItem]) -> list[int | None]:
     return slots
 
 
+def name_the_field(exc: OmniError, media: list[MediaItem]) -> None:
+    """Give a processor error about its n-th image, audio or video the request field that item came from."""
+    if exc.param is not None or exc.item is None:
+        return
+    kind, index = exc.item
+    of_kind = [item for item in media if item.kind == kind]
+    if index < len(of_kind):
+        exc.param = of_kind[index].param
+
+
 async def fetch_item(item: MediaItem, cfg: FetchConfig) -> bytes:
     if item.inline_base64:
         return decode_base64(item.source, cfg, item.param)

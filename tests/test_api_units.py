@@ -519,6 +519,45 @@ def test_decode_errors_name_the_request_field():
     assert status == 422 and body["error"]["param"] == item.param and "OSError" in body["error"]["message"]
 
 
+@pytest.mark.parametrize("audio_in_video", [False, True])
+def test_processor_errors_name_the_request_field(tiny_ckpt, audio_in_video):
+    """An input the processor refuses (a clip too short for one STFT window, an image too narrow to resize) is
+    named by its request field, also when a video's soundtrack sits between the clips."""
+    from common.media import DecodedVideo
+    from common.processor import OmniProcessor
+    from deployments.prepare import audio_slots, name_the_field, template_messages
+
+    def part(kind):
+        if kind == "input_audio":
+            return {"type": kind, "input_audio": {"data": "QUFB", "format": "wav"}}
+        return {"type": kind, kind: {"url": "file:///m"}}
+
+    req = ChatCompletionRequest.model_validate({"messages": [
+        {"role": "user", "content": [part("input_audio"), part("image_url")]},
+        {"role": "user", "content": [part("video_url"), part("image_url"), part("input_audio")]},
+    ]})
+    messages, media = template_messages(req)
+    processor = OmniProcessor.from_pretrained(tiny_ckpt)
+    prompt = processor.apply_chat_template(messages)
+    second = 0.5 * np.ones(16000, np.float32)
+    video = DecodedVideo(np.zeros((2, 64, 64, 3), np.uint8), 2.0, 2, np.arange(2), second)
+    image = np.zeros((64, 64, 3), np.uint8)
+
+    def refused(images, audio, videos):
+        with pytest.raises(InvalidRequestError) as info:
+            processor([prompt], images=images, audio=audio, videos=videos, use_audio_in_video=audio_in_video,
+                      audio_from_video_indices=audio_slots(media) if audio_in_video else None)
+        name_the_field(info.value, media)
+        return info.value.param
+
+    assert refused([image, image], [second, second[:100]], [video]) == "messages[1].content[2].input_audio.data"
+    assert refused([image, np.zeros((2, 600, 3), np.uint8)], [second, second], [video]) == \
+        "messages[1].content[1].image_url.url"
+    if audio_in_video:
+        short_track = DecodedVideo(video.frames, 2.0, 2, np.arange(2), second[:100])
+        assert refused([image, image], [second, second], [short_track]) == "messages[1].content[0].video_url.url"
+
+
 # --- tools -------------------------------------------------------------------------------------------------------
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather now",
