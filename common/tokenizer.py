@@ -10,6 +10,7 @@ tokenizer.json says otherwise still tokenises as transformers would. Other token
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,15 @@ QWEN2_PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _QWEN2_CLASSES = ("Qwen2Tokenizer", "Qwen2TokenizerFast")
+
+# Quoting: a special token's literal inside text a client typed ("<|im_start|>system ...") must be read as the
+# characters it is, not as the control token, or a user could open a system turn of their own. `quote_specials`
+# rewrites each such literal as OPEN + its characters shifted into a private-use plane + CLOSE, which no template,
+# placeholder search or added-token match touches; `encode` turns a quoted run back into its characters and
+# tokenizes them as plain text. Text without special literals is not changed, so it tokenizes exactly as before.
+_QUOTE_OPEN, _QUOTE_CLOSE = "\U0010FFFE", "\U0010FFFF"  # Unicode noncharacters: not meant to occur in text
+_QUOTE_SHIFT = 0xF0000  # into Supplementary Private Use Area-A (a shifted BMP character stays below U+FFFFE)
+_QUOTED = re.compile(f"{_QUOTE_OPEN}([\U000F0000-\U000FFFFD]+){_QUOTE_CLOSE}")
 _NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
@@ -99,7 +109,15 @@ class OmniTokenizer:
     def __init__(self, backend: Tokenizer, settings: TokenizerSettings):
         self.backend = backend
         self.settings = settings
-        self.special_ids = frozenset(idx for idx, tok in backend.get_added_tokens_decoder().items() if tok.special)
+        added = backend.get_added_tokens_decoder()
+        self.special_ids = frozenset(idx for idx, tok in added.items() if tok.special)
+        specials = sorted({tok.content for tok in added.values() if tok.special and max(map(ord, tok.content)) < 0xFFFE},
+                          key=len, reverse=True)
+        self._special_literal = re.compile("|".join(map(re.escape, specials))) if specials else None
+        # a second backend that splits special tokens like text, for quoted runs (a per-call switch on the shared
+        # backend would race between the threads that tokenize concurrent requests)
+        self._plain_backend = Tokenizer.from_str(backend.to_str())
+        self._plain_backend.encode_special_tokens = True
         for name, token in settings.special_tokens.items():
             if backend.token_to_id(token) is None:
                 raise ValueError(f"tokenizer config names {name}={token!r}, which is not in the vocabulary")
@@ -163,10 +181,28 @@ class OmniTokenizer:
 
     # ---------------------------------------------------------------------------------------------- text
     def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=True).ids
+        if _QUOTE_OPEN not in text:
+            return self.backend.encode(text, add_special_tokens=True).ids
+        ids: list[int] = []
+        start = 0
+        for match in _QUOTED.finditer(text):
+            ids += self.backend.encode(text[start:match.start()], add_special_tokens=True).ids
+            literal = "".join(chr(ord(c) - _QUOTE_SHIFT) for c in match.group(1))
+            ids += self._plain_backend.encode(literal, add_special_tokens=True).ids
+            start = match.end()
+        return ids + self.backend.encode(text[start:], add_special_tokens=True).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=True)]
+        if not any(_QUOTE_OPEN in t for t in texts):
+            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=True)]
+        return [self.encode(t) for t in texts]
+
+    def quote_specials(self, text: str) -> str:
+        """`text` with every special token's literal quoted, so `encode` reads it as plain text (see above)."""
+        if self._special_literal is None:
+            return text
+        return self._special_literal.sub(
+            lambda m: _QUOTE_OPEN + "".join(chr(ord(c) + _QUOTE_SHIFT) for c in m.group()) + _QUOTE_CLOSE, text)
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         ids = [int(i) for i in ids]

@@ -235,8 +235,9 @@ class OmniIngress:
         if speech:
             check_streamed_format(req)
 
-        messages, media = template_messages(req)
-        tools, tool_names = template_tools(req, modalities)
+        quote = self.processor.tokenizer.quote_specials  # special tokens a client types are text, not control
+        messages, media = template_messages(req, quote)
+        tools, tool_names = template_tools(req, modalities, quote)
         images, audios, videos = await self._load_media(media, req.audio_in_video())
         prompt = self.processor.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
         try:

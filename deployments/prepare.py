@@ -6,6 +6,7 @@ No Ray here: the ingress calls these, the batch job can too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from common.config import OmniConfig
@@ -34,26 +35,45 @@ class MediaItem:
     inline_base64: bool = False
 
 
-def template_messages(req: ChatCompletionRequest) -> tuple[list[dict], list[MediaItem]]:
+def _as_is(text: str) -> str:
+    return text
+
+
+def quote_strings(value, quote: Callable[[str], str]):
+    """Every string inside a JSON value passed through `quote` (tool definitions)."""
+    if isinstance(value, str):
+        return quote(value)
+    if isinstance(value, list):
+        return [quote_strings(v, quote) for v in value]
+    if isinstance(value, dict):
+        return {k: quote_strings(v, quote) for k, v in value.items()}
+    return value
+
+
+def template_messages(req: ChatCompletionRequest, quote: Callable[[str], str] = _as_is,
+                      ) -> tuple[list[dict], list[MediaItem]]:
     """OpenAI messages → the chat template's messages (media parts become typed placeholders) and the media
-    items in prompt order."""
+    items in prompt order.
+
+    Everything the client wrote passes through `quote`; the service gives `OmniTokenizer.quote_specials`, so a
+    special token typed in a message is read as text and cannot open a turn or stand for an image."""
     messages: list[dict] = []
     media: list[MediaItem] = []
     for i, message in enumerate(req.messages):
         role = "system" if message.role == "developer" else message.role
         calls = {}
         if message.tool_calls:  # the template writes each as <tool_call>{"name": ..., "arguments": ...}</tool_call>
-            calls["tool_calls"] = [{"type": "function", "function": {"name": c.function.name,
-                                                                     "arguments": c.function.arguments}}
+            calls["tool_calls"] = [{"type": "function", "function": {"name": quote(c.function.name),
+                                                                     "arguments": quote(c.function.arguments)}}
                                    for c in message.tool_calls]
         if message.content is None or isinstance(message.content, str):
-            messages.append({"role": role, "content": message.content or "", **calls})
+            messages.append({"role": role, "content": quote(message.content or ""), **calls})
             continue
         content = []
         for j, part in enumerate(message.content):
             where = f"messages[{i}].content[{j}]"
             if isinstance(part, TextPart):
-                content.append({"type": "text", "text": part.text})
+                content.append({"type": "text", "text": quote(part.text)})
             elif isinstance(part, ImagePart):
                 content.append({"type": "image"})
                 media.append(MediaItem("image", part.image_url.url, f"{where}.image_url.url"))
@@ -70,7 +90,8 @@ def template_messages(req: ChatCompletionRequest) -> tuple[list[dict], list[Medi
     return messages, media
 
 
-def template_tools(req: ChatCompletionRequest, modalities: tuple[str, ...]) -> tuple[list[dict] | None, set[str] | None]:
+def template_tools(req: ChatCompletionRequest, modalities: tuple[str, ...], quote: Callable[[str], str] = _as_is,
+                   ) -> tuple[list[dict] | None, set[str] | None]:
     """The tools the chat template renders, and the function names a reply may call (None: no tool calling).
 
     `tool_choice` "auto" (the default with tools) and "none" (the tools are left out of the prompt) are what a
@@ -90,7 +111,8 @@ def template_tools(req: ChatCompletionRequest, modalities: tuple[str, ...]) -> t
         )
     if "audio" in modalities:
         raise InvalidRequestError('tools need a text-only reply (modalities ["text"])', param="tools")
-    return [tool.model_dump(exclude_none=True) for tool in req.tools], {tool.function.name for tool in req.tools}
+    tools = [quote_strings(tool.model_dump(exclude_none=True), quote) for tool in req.tools]
+    return tools, {tool.function.name for tool in req.tools}
 
 
 def audio_slots(media: list[MediaItem]) -> list[int | None]:
