@@ -19,8 +19,7 @@ from ray.serve.handle import DeploymentHandle
 
 from common.messages import CodecFrames
 from deployments.jobs import PcmChunk, SpeechJob, TextDelta
-from deployments.metrics import service_metrics
-from deployments.runtime import STAGE_DEFAULTS, describe, load_stage
+from deployments.runtime import STAGE_DEFAULTS, StageReplica
 from deployments.settings import ServiceSettings
 from stages.code2wav import ChunkedDecode, Code2Wav
 from stages.omni import SAMPLE_RATE
@@ -29,17 +28,21 @@ logger = logging.getLogger("ray.serve")
 
 
 @serve.deployment(name="code2wav", **STAGE_DEFAULTS)
-class Code2WavStage:
+class Code2WavStage(StageReplica):
+    stage_name = "code2wav"
+
     def __init__(self, settings: dict, talker: DeploymentHandle):
-        self.settings = ServiceSettings.model_validate(settings)
-        self.stage = load_stage(self.settings, "code2wav", lambda cfg: Code2Wav(cfg.code2wav_config))
+        self._start(ServiceSettings.model_validate(settings), build=lambda cfg: Code2Wav(cfg.code2wav_config))
         self.talker = talker
-        self.metrics = service_metrics()
 
     async def synthesize(self, job: SpeechJob):
         """Yields TextDelta (passed through) and PcmChunk events for one spoken reply."""
-        self.metrics.stage_requests.inc(1, tags={"stage": "code2wav"})
         logger.info("code2wav: %s", job.request_id)
+        with self.serving(job.request_id):
+            async for event in self._synthesize(job):
+                yield event
+
+    async def _synthesize(self, job: SpeechJob):
         decoder = ChunkedDecode(self.stage.module, self.settings.codec_chunking())
         async for event in self.talker.options(stream=True).speak.remote(job):
             if isinstance(event, TextDelta):
@@ -63,9 +66,3 @@ class Code2WavStage:
         if decoder.frames > before:
             self.metrics.stage_tokens("code2wav", decoder.frames - before)
         return torch.cat(pieces, dim=-1)[0].float().cpu().numpy() if pieces else np.zeros(0, np.float32)
-
-    def ready(self) -> bool:
-        return True
-
-    def describe(self) -> dict:
-        return describe("code2wav", self.stage.module)

@@ -174,9 +174,11 @@ def _sampling(
     repetition_penalty: float | None,
     seed: int | None,
     extra_stop_ids: list[int] | None,
+    ignore_eos: bool = False,
 ) -> SamplingParams:
     """Request values over the stage's defaults. A temperature of 0 means greedy, any other given temperature
-    means sampling (OpenAI's meaning); top_k -1 or 0 means off (vLLM's)."""
+    means sampling (OpenAI's meaning); top_k -1 or 0 means off (vLLM's). `ignore_eos` drops the default stop ids
+    (the end-of-turn tokens), keeping only the request's own, as vLLM does."""
     changes: dict = {"max_new_tokens": max_new_tokens}
     if temperature is not None:
         changes["do_sample"] = temperature > 0
@@ -189,8 +191,9 @@ def _sampling(
         changes["repetition_penalty"] = repetition_penalty
     if seed is not None:
         changes["seed"] = seed
-    if extra_stop_ids:
-        changes["stop_token_ids"] = tuple(dict.fromkeys((*defaults.stop_token_ids, *extra_stop_ids)))
+    stop_ids = () if ignore_eos else defaults.stop_token_ids
+    if extra_stop_ids or ignore_eos:
+        changes["stop_token_ids"] = tuple(dict.fromkeys((*stop_ids, *(extra_stop_ids or ()))))
     return replace(defaults, **changes)
 
 
@@ -242,6 +245,7 @@ def thinker_sampling(
         _first(req.repetition_penalty, stage.repetition_penalty),
         _first(req.seed, stage.seed),
         stage.stop_token_ids,
+        bool(_first(req.ignore_eos, stage.ignore_eos)),
     )
 
 
@@ -259,6 +263,8 @@ def talker_sampling(
     (its KV cache is allocated for both: an unbounded `talker_max_tokens` would allocate without bound)."""
     defaults = SamplingParams(do_sample=thinker.do_sample, **TALKER_DEFAULTS)
     stage: StageSampling = req.stage_sampling(1)
+    if stage.ignore_eos:  # the talker's end is the end of speech, not a token to skip
+        raise InvalidRequestError("ignore_eos applies to the thinker only", param="sampling_params_list[1].ignore_eos")
     if req.talker_max_tokens is not None:
         asked, param = req.talker_max_tokens, "talker_max_tokens"
     else:

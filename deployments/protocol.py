@@ -245,6 +245,7 @@ class StageSampling(_Strict):
     max_tokens: int | None = Field(default=None, ge=1)
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None  # thinker only: generate max_tokens whatever the model says (benchmarks)
     detokenize: bool | None = None
 
 
@@ -261,6 +262,7 @@ class ChatCompletionRequest(_Strict):
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
+    ignore_eos: bool | None = None  # vLLM's: the reply runs to max_tokens past the end-of-turn token
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -4,6 +4,7 @@ own weights, and describe what it holds (for `/health` and the tests)."""
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -14,6 +15,7 @@ from torch import nn
 
 from common.checkpoint import STAGE_PREFIXES, load_stage_weights
 from common.config import OmniConfig, load_config
+from deployments.metrics import service_metrics
 from deployments.settings import ServiceSettings
 
 logger = logging.getLogger("ray.serve")  # Serve writes it to the replica's log, with its request context
@@ -87,3 +89,33 @@ def load_stage(
         load_stage_weights(module, ckpt, prefix_map, dtype, device)
     logger.info("%s: loaded %s from %s on %s", stage, type(module).__name__, ckpt, device)
     return LoadedStage(config, ckpt, module.eval(), device)
+
+
+class StageReplica:
+    """What every stage deployment shares: its loaded stage, the service metrics, the requests it is serving now
+    (a request ends here when it finishes, fails or is cancelled by a client that went away), and the methods the
+    ingress and the tests call on any stage."""
+
+    stage_name: str
+
+    def _start(self, settings: ServiceSettings, **load_args) -> None:
+        self.settings = settings
+        self.stage = load_stage(settings, self.stage_name, **load_args)
+        self.metrics = service_metrics()
+        self.in_flight: set[str] = set()
+
+    @contextmanager
+    def serving(self, request_id: str):
+        self.metrics.stage_requests.inc(1, tags={"stage": self.stage_name})
+        self.in_flight.add(request_id)
+        try:
+            yield
+        finally:
+            self.in_flight.discard(request_id)
+
+    def ready(self) -> bool:
+        return True
+
+    def describe(self) -> dict:
+        """What the replica holds (prefixes, weight elements) and the ids of the requests it is serving."""
+        return {**describe(self.stage_name, self.stage.module), "in_flight": sorted(self.in_flight)}

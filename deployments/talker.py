@@ -17,8 +17,7 @@ from ray.serve.handle import DeploymentHandle
 
 from common.messages import CodecFrames, TalkerPrompt, ThinkerTokens
 from deployments.jobs import SpeechJob, TextDelta
-from deployments.metrics import service_metrics
-from deployments.runtime import STAGE_DEFAULTS, describe, load_stage
+from deployments.runtime import STAGE_DEFAULTS, StageReplica
 from deployments.settings import ServiceSettings
 from stages.talker import Talker, TalkerRequest, speaker_codec_id, stream_frames, talker_sampling
 
@@ -30,19 +29,24 @@ _DONE = object()  # end of one producer's events
 
 
 @serve.deployment(name="talker", **STAGE_DEFAULTS)
-class TalkerStage:
+class TalkerStage(StageReplica):
+    stage_name = "talker"
+
     def __init__(self, settings: dict, thinker: DeploymentHandle):
-        self.stage = load_stage(
-            ServiceSettings.model_validate(settings), "talker", extra_prefixes=(THINKER_EMBEDDING,),
+        self._start(
+            ServiceSettings.model_validate(settings), extra_prefixes=(THINKER_EMBEDDING,),
             load=lambda ckpt, cfg, dtype, device: Talker.from_pretrained(ckpt, cfg, dtype=dtype, device=device),
         )
         self.thinker = thinker
-        self.metrics = service_metrics()
 
     async def speak(self, job: SpeechJob):
         """Yields TextDelta (passed through from the thinker) and CodecFrames ([Q, 1] per step) events."""
-        self.metrics.stage_requests.inc(1, tags={"stage": "talker"})
         logger.info("talker: %s (voice %s)", job.request_id, job.speaker)
+        with self.serving(job.request_id):
+            async for event in self._speak(job):
+                yield event
+
+    async def _speak(self, job: SpeechJob):
         events: asyncio.Queue = asyncio.Queue()
         reply = _Reply(self.stage.config, speaker_codec_id(self.stage.config.talker_config, job.speaker))
         reader = asyncio.create_task(self._read_thinker(job, reply, events))
@@ -102,12 +106,6 @@ class TalkerStage:
             events.put_nowait(_DONE)
         except Exception as exc:
             events.put_nowait(exc)
-
-    def ready(self) -> bool:
-        return True
-
-    def describe(self) -> dict:
-        return describe("talker", self.stage.module)
 
 
 class _Reply:

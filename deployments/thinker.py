@@ -16,8 +16,7 @@ from ray import serve
 
 from common.tokenizer import OmniTokenizer
 from deployments.jobs import TextDelta, ThinkerJob
-from deployments.metrics import service_metrics
-from deployments.runtime import STAGE_DEFAULTS, describe, load_stage
+from deployments.runtime import STAGE_DEFAULTS, StageReplica
 from deployments.settings import ServiceSettings
 from deployments.stop_strings import StopStrings
 from stages.thinker import ThinkerLM, ThinkerPrompt, stream_generate
@@ -26,19 +25,22 @@ logger = logging.getLogger("ray.serve")
 
 
 @serve.deployment(name="thinker", **STAGE_DEFAULTS)
-class ThinkerStage:
+class ThinkerStage(StageReplica):
+    stage_name = "thinker"
+
     def __init__(self, settings: dict):
-        self.stage = load_stage(
-            ServiceSettings.model_validate(settings), "thinker", lambda cfg: ThinkerLM(cfg.thinker_config)
-        )
+        self._start(ServiceSettings.model_validate(settings), build=lambda cfg: ThinkerLM(cfg.thinker_config))
         config = self.stage.config
         self.accept_hidden_layer = config.talker_config.accept_hidden_layer if config.has_talker else None
         self.tokenizer = OmniTokenizer.from_pretrained(self.stage.checkpoint)
-        self.metrics = service_metrics()
 
     async def generate(self, job: ThinkerJob):
-        self.metrics.stage_requests.inc(1, tags={"stage": "thinker"})
         logger.info("thinker: %s (%s)", job.request_id, "for the talker" if job.for_talker else "text")
+        with self.serving(job.request_id):
+            async for event in self._generate(job):
+                yield event
+
+    async def _generate(self, job: ThinkerJob):
         prompt = await self._prompt(job)
         steps = stream_generate(
             self.stage.module, prompt, [job.sampling], request_ids=[job.request_id], speaking=[job.for_talker],
@@ -88,12 +90,6 @@ class ThinkerStage:
             video_second_per_grid=inputs.get("video_second_per_grid"),
             use_audio_in_video=job.use_audio_in_video,
         )
-
-    def ready(self) -> bool:
-        return True
-
-    def describe(self) -> dict:
-        return describe("thinker", self.stage.module)
 
 
 def _on(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

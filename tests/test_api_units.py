@@ -446,6 +446,16 @@ def test_stage_sampling_precedence():
         thinker_sampling(ChatCompletionRequest.model_validate({"messages": USER, "max_tokens": 101}), defaults,
                          settings, 10, cfg)
     assert info.value.param == "max_tokens"
+    # vLLM's ignore_eos: the end-of-turn ids stop nothing, the request's own stop ids still do
+    ignoring = ChatCompletionRequest.model_validate({"messages": USER, "ignore_eos": True,
+                                                     "sampling_params_list": [{"stop_token_ids": [7]}]})
+    assert thinker_sampling(ignoring, defaults, settings, 10, cfg).stop_token_ids == (7,)
+    listed = ChatCompletionRequest.model_validate({"messages": USER, "sampling_params_list": [{"ignore_eos": True}]})
+    assert thinker_sampling(listed, defaults, settings, 10, cfg).stop_token_ids == ()
+    with pytest.raises(InvalidRequestError) as info:
+        talker_sampling(ChatCompletionRequest.model_validate(
+            {"messages": USER, "sampling_params_list": [{}, {"ignore_eos": True}]}), thinker, settings, 10, cfg)
+    assert info.value.param == "sampling_params_list[1].ignore_eos"
 
 
 def test_token_budgets_fit_the_context():

@@ -429,6 +429,32 @@ def test_health_stays_ok_while_the_thinker_is_saturated(service):
         serve.delete("busy", _blocking=False)
 
 
+@pytest.mark.parametrize("modalities", [["text"], ["text", "audio"]])
+def test_a_client_that_goes_away_frees_every_stage(service, modalities):
+    """A streaming client that disconnects after the first chunks: every stage of its reply stops within seconds
+    (the thinker would otherwise decode all 3000 tokens, and the talker voice them, for nobody)."""
+    from ray import serve
+
+    stages = ["thinker", "talker", "code2wav"] if "audio" in modalities else ["thinker"]
+    handles = {name: serve.get_deployment_handle(name, "omniray") for name in stages}
+    body = {"messages": COUNT, "max_tokens": 3000, "ignore_eos": True, "stream": True, "modalities": modalities,
+            **GREEDY}
+    with requests.post(service["url"] + "/v1/chat/completions", json=body, stream=True, timeout=60) as reply:
+        assert reply.status_code == 200
+        lines = reply.iter_lines()  # held: dropping the iterator closes the connection
+        chunks = 0
+        while chunks < 3:
+            chunks += next(lines).startswith(b"data: ")
+        busy = {name: h.describe.remote().result()["in_flight"] for name, h in handles.items()}
+        assert all(busy.values()), busy  # the reply is under way in every stage it needs
+    # the connection is closed here
+    deadline = time.monotonic() + 8  # the whole reply would take 30 s and more
+    while busy and time.monotonic() < deadline:
+        time.sleep(0.5)
+        busy = {name: ids for name, h in handles.items() if (ids := h.describe.remote().result()["in_flight"])}
+    assert not busy, f"still serving a reply nobody reads: {busy}"
+
+
 def test_concurrent_requests(service, reference):
     """8 requests at once (two prompts, text and speech): each reply equals the one-by-one result."""
     prompts = [HELLO, COUNT]
