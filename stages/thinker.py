@@ -197,18 +197,23 @@ class Prefill:
     captured: torch.Tensor | None  # [B, T, H] hidden state number `capture_layer`
 
 
+def prompt_positions(model: ThinkerLM, prompt: ThinkerPrompt) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt's MRoPE positions [3, B, T] and each row's rope delta [B] (next position − its length)."""
+    return get_rope_index(
+        model.rope_spec, prompt.input_ids, prompt.attention_mask.bool(),
+        image_grid_thw=prompt.image_grid_thw, video_grid_thw=prompt.video_grid_thw,
+        video_second_per_grid=prompt.video_second_per_grid, audio_feature_lengths=prompt.audio_feature_lengths,
+        use_audio_in_video=prompt.use_audio_in_video,
+    )
+
+
 def prefill(model: ThinkerLM, prompt: ThinkerPrompt, cache: KVCache, capture_layer: int | None = None) -> Prefill:
     """Run the prompt through the model, filling `cache` (rows must be empty)."""
     ids, valid = prompt.input_ids, prompt.attention_mask.bool()
     if not bool(valid[:, -1].all()):
         raise InvalidRequestError("prompts must be left-padded (attention_mask ends with 1 in every row)")
     embeds, visual_mask, deepstack = model.embed_prompt(prompt)
-    positions, deltas = get_rope_index(
-        model.rope_spec, ids, valid,
-        image_grid_thw=prompt.image_grid_thw, video_grid_thw=prompt.video_grid_thw,
-        video_second_per_grid=prompt.video_second_per_grid, audio_feature_lengths=prompt.audio_feature_lengths,
-        use_audio_in_video=prompt.use_audio_in_video,
-    )  # [3, B, T], [B]
+    positions, deltas = prompt_positions(model, prompt)  # [3, B, T], [B]
     slots = cache.append(ids.shape[1], valid)  # [B, T]
     hidden, captured = model(
         embeds, positions, cache.mask(slots), cache, slots, visual_mask, deepstack, capture_layer
@@ -410,12 +415,7 @@ def generate_reference(model: ThinkerLM, prompt: ThinkerPrompt, params: list[Sam
     ids, valid = prompt.input_ids, prompt.attention_mask.bool()
     B, T = ids.shape
     embeds, visual_mask, deepstack = model.embed_prompt(prompt)
-    positions, deltas = get_rope_index(
-        model.rope_spec, ids, valid,
-        image_grid_thw=prompt.image_grid_thw, video_grid_thw=prompt.video_grid_thw,
-        video_second_per_grid=prompt.video_second_per_grid, audio_feature_lengths=prompt.audio_feature_lengths,
-        use_audio_in_video=prompt.use_audio_in_video,
-    )
+    positions, deltas = prompt_positions(model, prompt)  # [3, B, T], [B]
     next_position = valid.sum(-1).to(deltas.dtype) + deltas  # [B]
     rows = _RowState(prompt, params, model.cfg.text_config.vocab_size)
     while not rows.done:
