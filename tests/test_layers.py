@@ -213,6 +213,39 @@ def test_kv_cache_decode_matches_full_recompute_left_padded():
     torch.testing.assert_close(incremental[valid], full[valid], rtol=1e-5, atol=1e-5)
 
 
+def test_unpadded_prefill_takes_the_causal_kernel_and_equals_the_masked_path():
+    """A prefill into empty rows without padding gets mask None (SDPA's causal kernel, no [T, T] mask); its output
+    and the decode steps after it equal the explicit-mask path. Padding, a cut-in window or a filled row keep
+    the mask."""
+    layers = build_stack()
+    rotary = Rotary(32, 1e6, (6, 5, 5))
+    B, P, steps = 2, 7, 3
+    x = torch.randn(B, P + steps, 48)
+    positions = torch.arange(P + steps).float()[None, None].expand(3, B, -1)
+
+    def run(fast: bool):
+        cache = KVCache(2, B, 2, 16, 32, dtype=torch.float32, device="cpu")
+        slots = cache.append(P)
+        mask = cache.mask(slots)
+        assert mask is None  # empty rows, no padding
+        mask = mask if fast else attention_mask(slots, cache.valid[:, :P])
+        cos, sin = rotary(positions[:, :, :P])
+        outs = [run_stack(layers, x[:, :P], cos, sin, mask, cache, slots)]
+        for t in range(P, P + steps):
+            slots = cache.append(1)
+            assert cache.mask(slots) is not None  # a filled row: the decode step keeps its mask
+            cos, sin = rotary(positions[:, :, t : t + 1])
+            outs.append(run_stack(layers, x[:, t : t + 1], cos, sin, cache.mask(slots), cache, slots))
+        return torch.cat(outs, dim=1)
+
+    torch.testing.assert_close(run(fast=True), run(fast=False), rtol=1e-5, atol=1e-5)
+    padded = KVCache(1, 2, 1, 8, 8, dtype=torch.float32, device="cpu")
+    assert padded.mask(padded.append(4, torch.tensor([[False, True, True, True], [True] * 4]))) is not None
+    windowed = KVCache(1, 1, 1, 8, 8, dtype=torch.float32, device="cpu")
+    slots = windowed.append(4)
+    assert windowed.mask(slots, sliding_window=2) is not None and windowed.mask(slots, sliding_window=4) is None
+
+
 def test_kv_cache_overflow_is_an_error():
     cache = KVCache(1, 1, 1, 4, 8, dtype=torch.float32, device="cpu")
     cache.append(3)
