@@ -455,6 +455,22 @@ def test_a_client_that_goes_away_frees_every_stage(service, modalities):
     assert not busy, f"still serving a reply nobody reads: {busy}"
 
 
+def test_a_client_that_gives_up_on_a_whole_reply_frees_every_stage(service):
+    """The same for a non-streaming request whose client times out and closes the connection."""
+    from ray import serve
+
+    handles = {name: serve.get_deployment_handle(name, "omniray") for name in ("thinker", "talker", "code2wav")}
+    body = {"messages": COUNT, "max_tokens": 3000, "ignore_eos": True, "modalities": ["text", "audio"], **GREEDY}
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(service["url"] + "/v1/chat/completions", json=body, timeout=(10, 3))
+    deadline = time.monotonic() + 8
+    busy = {"not yet asked": True}
+    while busy and time.monotonic() < deadline:
+        time.sleep(0.5)
+        busy = {name: ids for name, h in handles.items() if (ids := h.describe.remote().result()["in_flight"])}
+    assert not busy, f"still serving a reply nobody reads: {busy}"
+
+
 def test_concurrent_requests(service, reference):
     """8 requests at once (two prompts, text and speech): each reply equals the one-by-one result."""
     prompts = [HELLO, COUNT]
