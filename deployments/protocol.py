@@ -46,34 +46,53 @@ async def read_body(request, limit: int) -> bytes:
     return bytes(body)
 
 
+MAX_JSON_DEPTH = 64  # far beyond any real request (tool schemas nest a few levels); deeper is an attack
+
+
 def parse_json_body(raw: bytes):
-    """The request body as JSON. Python's parser accepts `"\\ud800"`, a lone UTF-16 surrogate that is no Unicode
-    character (RFC 8259 leaves it undefined, I-JSON forbids it) and that the tokenizer cannot take: refused here,
-    naming the field."""
+    """The request body as JSON, refusing what Python's parser takes but JSON is not, or what would break later
+    stages: NaN and Infinity (not JSON), a lone UTF-16 surrogate such as `"\\ud800"` (no Unicode character: RFC
+    8259 leaves it undefined, I-JSON forbids it, the tokenizer cannot take it), and nesting deeper than
+    `MAX_JSON_DEPTH` (Python's parser and validators recurse: thousands of `[` were a RecursionError, a 500)."""
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        body = json.loads(raw, parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
         raise InvalidRequestError(f"request body is not valid JSON: {e}") from None
-    _check_unicode(body, "")
+    except RecursionError:
+        raise InvalidRequestError(f"request body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    _check_values(body)
     return body
 
 
-def _check_unicode(value, where: str) -> None:
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise InvalidRequestError(
-                f"{where or 'body'} holds {value[e.start:e.end]!r}, a lone UTF-16 surrogate, which is not valid Unicode",
-                param=where or None,
-            ) from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_unicode(key, where)
-            _check_unicode(item, f"{where}.{key}" if where else str(key))
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            _check_unicode(item, f"{where}[{i}]")
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _check_values(body) -> None:
+    """Depth and Unicode of every value, iteratively (a recursive walk would overflow where the parser did not)."""
+    stack = [(body, "", 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidRequestError(f"request body nests deeper than {MAX_JSON_DEPTH} levels", param=where or None)
+        if isinstance(value, str):
+            _check_unicode(value, where)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _check_unicode(key, where)
+                stack.append((item, f"{where}.{key}" if where else str(key), depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
+
+
+def _check_unicode(value: str, where: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(
+            f"{where or 'body'} holds {value[e.start:e.end]!r}, a lone UTF-16 surrogate, which is not valid Unicode",
+            param=where or None,
+        ) from None
 
 
 # --- content parts of a message ----------------------------------------------------------------------------------

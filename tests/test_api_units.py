@@ -757,6 +757,20 @@ def test_bodies_with_lone_surrogates_are_400s_naming_the_field():
         parse_json_body(b"{not json")
 
 
+@pytest.mark.parametrize("raw, words", [
+    (b"[" * 100_000 + b"]" * 100_000, "deeper"),  # Python's parser recursed out: a RecursionError, a 500
+    (b'{"messages": ' + b"[" * 80 + b"]" * 80 + b"}", "deeper"),  # parses, but deeper than any request
+    (b'{"messages": [], "temperature": NaN}', "NaN"),  # Python's parser takes NaN and Infinity; JSON has neither
+    (b'{"top_p": -Infinity}', "Infinity"),
+])
+def test_bodies_json_does_not_allow_are_400s(raw, words):
+    from deployments.protocol import parse_json_body
+
+    with pytest.raises(InvalidRequestError, match=words) as info:
+        parse_json_body(raw)
+    assert error_for(info.value)[0] == 400
+
+
 def test_request_bodies_are_capped():
     """A body past max_request_bytes is a 413, by its Content-Length or, without one, while it is read."""
     from starlette.requests import Request
