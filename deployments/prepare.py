@@ -61,13 +61,13 @@ def template_messages(req: ChatCompletionRequest, quote: Callable[[str], str] = 
     media: list[MediaItem] = []
     for i, message in enumerate(req.messages):
         role = "system" if message.role == "developer" else message.role
-        calls = {}
+        extras = {"name": quote(message.name)} if message.name is not None else {}  # for templates that use it
         if message.tool_calls:  # the template writes each as <tool_call>{"name": ..., "arguments": ...}</tool_call>
-            calls["tool_calls"] = [{"type": "function", "function": {"name": quote(c.function.name),
+            extras["tool_calls"] = [{"type": "function", "function": {"name": quote(c.function.name),
                                                                      "arguments": quote(c.function.arguments)}}
                                    for c in message.tool_calls]
         if message.content is None or isinstance(message.content, str):
-            messages.append({"role": role, "content": quote(message.content or ""), **calls})
+            messages.append({"role": role, "content": quote(message.content or ""), **extras})
             continue
         content = []
         for j, part in enumerate(message.content):
@@ -86,7 +86,7 @@ def template_messages(req: ChatCompletionRequest, quote: Callable[[str], str] = 
             elif isinstance(part, VideoURLPart):
                 content.append({"type": "video"})
                 media.append(MediaItem("video", part.video_url.url, f"{where}.video_url.url"))
-        messages.append({"role": role, "content": content, **calls})
+        messages.append({"role": role, "content": content, **extras})
     return messages, media
 
 
