@@ -175,6 +175,7 @@ def _sampling(
     seed: int | None,
     extra_stop_ids: list[int] | None,
     ignore_eos: bool = False,
+    min_new_tokens: int | None = None,
 ) -> SamplingParams:
     """Request values over the stage's defaults. A temperature of 0 means greedy, any other given temperature
     means sampling (OpenAI's meaning); top_k -1 or 0 means off (vLLM's). `ignore_eos` drops the default stop ids
@@ -191,6 +192,8 @@ def _sampling(
         changes["repetition_penalty"] = repetition_penalty
     if seed is not None:
         changes["seed"] = seed
+    if min_new_tokens is not None:
+        changes["min_new_tokens"] = min_new_tokens
     stop_ids = () if ignore_eos else defaults.stop_token_ids
     if extra_stop_ids or ignore_eos:
         changes["stop_token_ids"] = tuple(dict.fromkeys((*stop_ids, *(extra_stop_ids or ()))))
@@ -246,7 +249,17 @@ def thinker_sampling(
         _first(req.seed, stage.seed),
         stage.stop_token_ids,
         bool(_first(req.ignore_eos, stage.ignore_eos)),
+        _min_tokens(req, stage, max_new),
     )
+
+
+def _min_tokens(req: ChatCompletionRequest, stage: StageSampling, max_new: int) -> int | None:
+    min_tokens, param = (req.min_tokens, "min_tokens") if req.min_tokens is not None else \
+        (stage.min_tokens, "sampling_params_list[0].min_tokens")
+    if min_tokens is not None and min_tokens > max_new:
+        raise InvalidRequestError(f"{param} ({min_tokens}) is more than the reply may have ({max_new} tokens)",
+                                  param=param)
+    return min_tokens
 
 
 def talker_sampling(
@@ -263,8 +276,9 @@ def talker_sampling(
     (its KV cache is allocated for both: an unbounded `talker_max_tokens` would allocate without bound)."""
     defaults = SamplingParams(do_sample=thinker.do_sample, **TALKER_DEFAULTS)
     stage: StageSampling = req.stage_sampling(1)
-    if stage.ignore_eos:  # the talker's end is the end of speech, not a token to skip
-        raise InvalidRequestError("ignore_eos applies to the thinker only", param="sampling_params_list[1].ignore_eos")
+    for name in ("ignore_eos", "min_tokens"):  # the talker's end is the end of speech, not a token to skip
+        if getattr(stage, name):
+            raise InvalidRequestError(f"{name} applies to the thinker only", param=f"sampling_params_list[1].{name}")
     if req.talker_max_tokens is not None:
         asked, param = req.talker_max_tokens, "talker_max_tokens"
     else:

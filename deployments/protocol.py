@@ -265,6 +265,7 @@ class StageSampling(_Strict):
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None  # thinker only: generate max_tokens whatever the model says (benchmarks)
+    min_tokens: int | None = Field(default=None, ge=0)  # thinker only: stop ids are suppressed until then
     detokenize: bool | None = None
 
 
@@ -282,6 +283,8 @@ class ChatCompletionRequest(_Strict):
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     ignore_eos: bool | None = None  # vLLM's: the reply runs to max_tokens past the end-of-turn token
+    min_tokens: int | None = Field(default=None, ge=0)  # vLLM's: no stop token before this many (transformers'
+    # min_new_tokens)
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None

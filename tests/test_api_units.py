@@ -452,10 +452,20 @@ def test_stage_sampling_precedence():
     assert thinker_sampling(ignoring, defaults, settings, 10, cfg).stop_token_ids == (7,)
     listed = ChatCompletionRequest.model_validate({"messages": USER, "sampling_params_list": [{"ignore_eos": True}]})
     assert thinker_sampling(listed, defaults, settings, 10, cfg).stop_token_ids == ()
+    for name, value in (("ignore_eos", True), ("min_tokens", 3)):
+        with pytest.raises(InvalidRequestError) as info:
+            talker_sampling(ChatCompletionRequest.model_validate(
+                {"messages": USER, "sampling_params_list": [{}, {name: value}]}), thinker, settings, 10, cfg)
+        assert info.value.param == f"sampling_params_list[1].{name}"
+    # vLLM's min_tokens: transformers' min_new_tokens, within the reply's budget
+    assert thinker_sampling(ChatCompletionRequest.model_validate({"messages": USER, "min_tokens": 4}), defaults,
+                            settings, 10, cfg).min_new_tokens == 4
+    listed = ChatCompletionRequest.model_validate({"messages": USER, "sampling_params_list": [{"min_tokens": 2}]})
+    assert thinker_sampling(listed, defaults, settings, 10, cfg).min_new_tokens == 2
     with pytest.raises(InvalidRequestError) as info:
-        talker_sampling(ChatCompletionRequest.model_validate(
-            {"messages": USER, "sampling_params_list": [{}, {"ignore_eos": True}]}), thinker, settings, 10, cfg)
-    assert info.value.param == "sampling_params_list[1].ignore_eos"
+        thinker_sampling(ChatCompletionRequest.model_validate({"messages": USER, "max_tokens": 5, "min_tokens": 6}),
+                         defaults, settings, 10, cfg)
+    assert info.value.param == "min_tokens"
 
 
 def test_token_budgets_fit_the_context():
