@@ -29,6 +29,11 @@ class ServiceSettings(BaseModel):
     default_max_tokens: int = Field(default=512, ge=1)  # thinker tokens when the request names none
     max_tokens_limit: int = Field(default=8192, ge=1)
     default_talker_max_tokens: int = Field(default=4096, ge=1)  # codec frames (12.5 per second of speech)
+    # Continuous batching in each thinker replica: up to `thinker_batch_rows` requests decode together, each in a
+    # row of `thinker_batch_max_len` tokens (prompt + reply) of a preallocated KV cache; a longer request runs on
+    # its own. 0 rows: every request runs on its own.
+    thinker_batch_rows: int = Field(default=8, ge=0)
+    thinker_batch_max_len: int = Field(default=8192, ge=1)
     # Code2Wav decodes a small first chunk (time to first audio), then larger ones (fewer, fuller calls); the
     # defaults are OmniModel.generate's, so a greedy reply's speech equals OmniModel's bit for bit
     codec_initial_chunk_frames: int = Field(default=CodecChunking().initial_frames, ge=1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import aclosing
 from dataclasses import fields, replace
 
 import torch
@@ -20,6 +21,7 @@ from deployments.runtime import STAGE_DEFAULTS, StageReplica
 from deployments.settings import ServiceSettings
 from deployments.stop_strings import StopStrings
 from stages.thinker import ThinkerLM, ThinkerPrompt, stream_generate
+from stages.thinker_engine import ThinkerEngine
 
 logger = logging.getLogger("ray.serve")
 
@@ -33,6 +35,12 @@ class ThinkerStage(StageReplica):
         config = self.stage.config
         self.accept_hidden_layer = config.talker_config.accept_hidden_layer if config.has_talker else None
         self.tokenizer = OmniTokenizer.from_pretrained(self.stage.checkpoint)
+        self.engine = None
+        if self.settings.thinker_batch_rows:
+            context = config.thinker_config.text_config.max_position_embeddings
+            self.engine = ThinkerEngine(self.stage.module, max_rows=self.settings.thinker_batch_rows,
+                                        max_len=min(self.settings.thinker_batch_max_len, context),
+                                        accept_hidden_layer=self.accept_hidden_layer)
 
     async def generate(self, job: ThinkerJob):
         logger.info("thinker: %s (%s)", job.request_id, "for the talker" if job.for_talker else "text")
@@ -42,14 +50,10 @@ class ThinkerStage(StageReplica):
 
     async def _generate(self, job: ThinkerJob):
         prompt = await self._prompt(job)
-        steps = stream_generate(
-            self.stage.module, prompt, [job.sampling], request_ids=[job.request_id], speaking=[job.for_talker],
-            accept_hidden_layer=self.accept_hidden_layer if job.for_talker else None,
-        )
         reply = _ReplyText(self.tokenizer, job)
         prompt_tokens = int(prompt.input_ids.shape[1])
-        try:
-            while (step := await asyncio.to_thread(next, steps, None)) is not None:
+        async with aclosing(self._steps(job, prompt)) as steps:  # closed at once, even on an early return
+            async for step in steps:
                 ids, text, reason, hit_stop_string = reply.add(step.token_ids[0], step.finish_reasons[0])
                 if job.for_talker:
                     if step.talker_prompts is not None:
@@ -62,11 +66,45 @@ class ThinkerStage(StageReplica):
                 yield TextDelta(job.request_id, text, ids, prompt_tokens, reason)
                 if reason is not None:
                     return
+
+    def _steps(self, job: ThinkerJob, prompt: ThinkerPrompt):
+        """The request's steps: from the replica's batch when it fits a row, else from a generation of its own."""
+        if self.engine is not None and self.engine.fits(prompt, job.sampling):
+            return self._batched_steps(job, prompt)
+        return self._own_steps(job, prompt)
+
+    async def _batched_steps(self, job: ThinkerJob, prompt: ThinkerPrompt):
+        loop, steps = asyncio.get_running_loop(), asyncio.Queue()
+        self.engine.submit(job.request_id, prompt, job.sampling, job.for_talker,
+                           lambda step: loop.call_soon_threadsafe(steps.put_nowait, step))
+        try:
+            while True:
+                step = await steps.get()
+                if isinstance(step, BaseException):
+                    raise step
+                yield step
+                if step.finish_reasons[0] is not None:
+                    return
+        finally:  # also when the consumer went away: the engine frees the row before its next step
+            self.engine.cancel(job.request_id)
+
+    async def _own_steps(self, job: ThinkerJob, prompt: ThinkerPrompt):
+        steps = stream_generate(
+            self.stage.module, prompt, [job.sampling], request_ids=[job.request_id], speaking=[job.for_talker],
+            accept_hidden_layer=self.accept_hidden_layer if job.for_talker else None,
+        )
+        try:
+            while (step := await asyncio.to_thread(next, steps, None)) is not None:
+                yield step
         finally:
             try:
                 steps.close()
             except ValueError:  # cancelled while a step runs in its thread; the generator is collected after it
                 pass
+
+    def describe(self) -> dict:
+        """Also the requests decoding together in the replica's batch now."""
+        return {**super().describe(), "batch": self.engine.active if self.engine is not None else None}
 
     async def _prompt(self, job: ThinkerJob) -> ThinkerPrompt:
         """The processor's tensors plus the encoder outputs, fetched from the object store, on this device."""

@@ -471,6 +471,38 @@ def test_a_client_that_gives_up_on_a_whole_reply_frees_every_stage(service):
     assert not busy, f"still serving a reply nobody reads: {busy}"
 
 
+def test_concurrent_requests_decode_in_one_batch(service, client, reference):
+    """Requests in flight together share the thinker replica's batch (continuous batching), and each reply is
+    still the one it gets alone."""
+    from ray import serve
+
+    thinker = serve.get_deployment_handle("thinker", "omniray")
+    body = {"messages": HELLO, "max_tokens": 400, "min_tokens": 400, "stream": True, **GREEDY}
+    seen = []
+
+    async def stream_one():
+        async with httpx.AsyncClient(timeout=300) as http:
+            async with http.stream("POST", service["url"] + "/v1/chat/completions", json=body) as reply:
+                async for _ in reply.aiter_lines():
+                    pass
+
+    async def watch(tasks):
+        while not all(t.done() for t in tasks):
+            seen.append(len((await thinker.describe.remote())["batch"]))
+            await asyncio.sleep(0.1)
+
+    async def main():
+        tasks = [asyncio.create_task(stream_one()) for _ in range(3)]
+        await asyncio.gather(watch(tasks), *tasks)
+
+    import httpx
+
+    asyncio.run(main())
+    assert max(seen) >= 2, seen
+    whole = client.chat.completions.create(model=_model_id(client), messages=HELLO, max_tokens=12, extra_body=GREEDY)
+    assert whole.choices[0].token_ids == reference(HELLO, thinker_max_new_tokens=12, return_audio=False).token_ids
+
+
 def test_concurrent_requests(service, reference):
     """8 requests at once (two prompts, text and speech): each reply equals the one-by-one result."""
     prompts = [HELLO, COUNT]

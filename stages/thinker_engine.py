@@ -1,0 +1,222 @@
+"""Continuous batching for the thinker: requests join and leave a running batch between decode steps.
+
+One engine per replica owns a preallocated `KVCache` of `max_rows` rows × `max_len` slots and a thread that loops:
+admit waiting requests (each prefilled alone, its keys and values copied into a free row), then one decode step
+for every row at once, then per row: sample with the request's own `SamplingParams` and generator, record, and
+hand the request its `ThinkerStep`. A row is freed when its request finishes or is cancelled, and a waiting
+request takes it at the next step. Rows hold sequences of different lengths; the cache's validity mask keeps
+them apart, and each row keeps its own MRoPE position.
+
+Each request sees exactly what `stream_generate` yields for a batch of one (the same tokens under greedy decoding,
+the same talker messages), so the deployment consumes either the same way. Requests too long for a row
+(`prompt + max_new_tokens > max_len`) are not admitted: `fits` says so and the caller runs them alone.
+
+Shapes: R rows, S slots per row, V vocabulary, H hidden.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from common.messages import ThinkerTokens
+from common.sampling import SamplingParams
+from stages.kv_cache import KVCache
+from stages.sampling import make_generators, sample_next
+from stages.thinker import ThinkerLM, ThinkerPrompt, ThinkerStep, _talker_prompts, decode_step, prefill
+
+logger = logging.getLogger(__name__)
+
+StepSink = Callable[[ThinkerStep | BaseException], None]  # called on the engine thread
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: ThinkerPrompt  # one row, no padding
+    params: SamplingParams
+    speaking: bool
+    on_step: StepSink
+
+
+@dataclass
+class _Row:
+    """A request holding a row of the cache."""
+
+    request: _Request
+    history: torch.Tensor  # [T + max_new] prompt ids, then generated ids; the sentinel V where none yet
+    prompt_len: int
+    position: torch.Tensor  # [] MRoPE position of the next token fed
+    generator: torch.Generator | None
+    generated: list[int] = field(default_factory=list)
+    last_token: int = 0
+
+
+class ThinkerEngine:
+    def __init__(self, model: ThinkerLM, *, max_rows: int, max_len: int, accept_hidden_layer: int | None):
+        text = model.cfg.text_config
+        weight = model.lm_head.weight
+        self.model = model
+        self.max_rows, self.max_len = max_rows, max_len
+        self.accept_hidden_layer = accept_hidden_layer
+        self.vocab_size = text.vocab_size
+        self.cache = KVCache(text.num_hidden_layers, max_rows, text.num_key_value_heads, max_len, text.head_dim,
+                             dtype=weight.dtype, device=weight.device)
+        self.rows: list[_Row | None] = [None] * max_rows
+        self.waiting: queue.Queue[_Request | None] = queue.Queue()  # None only wakes the engine
+        self.queued: set[str] = set()  # ids submitted and not yet admitted
+        self.cancelled: set[str] = set()  # ids to stop, queued or running
+        self.lock = threading.Lock()  # guards `queued` and `cancelled` (callers write, the engine thread reads)
+        self.thread = threading.Thread(target=self._run, name="thinker-engine", daemon=True)
+        self.thread.start()
+
+    # --- called from any thread --------------------------------------------------------------------------------
+
+    def fits(self, prompt: ThinkerPrompt, params: SamplingParams) -> bool:
+        return prompt.input_ids.shape[0] == 1 and prompt.input_ids.shape[1] + params.max_new_tokens <= self.max_len
+
+    def submit(self, request_id: str, prompt: ThinkerPrompt, params: SamplingParams, speaking: bool,
+               on_step: StepSink) -> None:
+        """Queue a request; `on_step` then gets each of its steps (the last has a finish reason) or an error."""
+        if not self.fits(prompt, params):
+            raise ValueError(f"{request_id}: one row of at most {self.max_len} tokens (prompt + max_new_tokens)")
+        if speaking and self.accept_hidden_layer is None:
+            raise ValueError("speaking requests need accept_hidden_layer (talker_config.accept_hidden_layer)")
+        with self.lock:
+            self.queued.add(request_id)
+        self.waiting.put(_Request(request_id, prompt, params, speaking, on_step))
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request (its consumer went away); its row is freed before the next step. Harmless when done."""
+        with self.lock:
+            self.cancelled.add(request_id)
+        self.waiting.put(None)  # wakes an idle engine so the id is cleared
+
+    @property
+    def active(self) -> list[str]:
+        return [row.request.request_id for row in self.rows if row is not None]
+
+    # --- the engine thread -------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                self._admit(block=not any(self.rows))
+                self._drop_cancelled()
+                if any(self.rows):
+                    self._step_or_fail()
+
+    def _admit(self, block: bool) -> None:
+        """Move waiting requests into free rows (waiting for one when no row is busy)."""
+        while None in self.rows:
+            try:
+                request = self.waiting.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if request is None:
+                continue
+            with self.lock:
+                self.queued.discard(request.request_id)
+            if self._is_cancelled(request.request_id):
+                continue
+            try:
+                self._prefill_into(self.rows.index(None), request)
+            except Exception as exc:  # this request's fault or not, it ends here; the others go on
+                logger.exception("thinker engine: prefill of %s failed", request.request_id)
+                request.on_step(exc)
+
+    def _prefill_into(self, row: int, request: _Request) -> None:
+        """Prefill one request alone, copy its keys and values into `row`, and give it its first token."""
+        model, prompt = self.model, request.prompt
+        T = prompt.input_ids.shape[1]
+        alone = KVCache(len(self.cache.keys), 1, self.cache.keys[0].shape[1], T, self.cache.keys[0].shape[3],
+                        dtype=self.cache.keys[0].dtype, device=self.cache.keys[0].device)
+        capture = self.accept_hidden_layer if request.speaking else None
+        pre = prefill(model, prompt, alone, capture)
+        for layer in range(len(self.cache.keys)):
+            self.cache.keys[layer][row, :, :T] = alone.keys[layer][0]
+            self.cache.values[layer][row, :, :T] = alone.values[layer][0]
+        self.cache.valid[row] = False
+        self.cache.valid[row, :T] = prompt.attention_mask[0].bool()
+        self.cache.lengths[row] = T
+
+        history = torch.full((T + request.params.max_new_tokens,), self.vocab_size, dtype=torch.long,
+                             device=prompt.input_ids.device)
+        history[:T] = prompt.input_ids[0]
+        state = _Row(request, history, T, pre.next_positions[0],
+                     make_generators([request.params], prompt.input_ids.device)[0])
+        self.rows[row] = state
+        talker_prompt = None
+        if request.speaking:
+            talker_prompt = _talker_prompts(model, prompt, pre, [request.request_id], [True])[0]
+        self._advance(row, pre.logits[0:1], talker_prompt)
+
+    def _step_or_fail(self) -> None:
+        try:
+            self._step()
+        except Exception as exc:  # a fault of the batch: every request in it ends with the error
+            logger.exception("thinker engine: decode step failed")
+            for index, row in enumerate(self.rows):
+                if row is not None:
+                    row.request.on_step(exc)
+                    self._free(index)
+
+    def _step(self) -> None:
+        """One decode step for every busy row (free rows compute a throwaway token and are cleared after)."""
+        busy = [i for i, row in enumerate(self.rows) if row is not None]
+        device = self.cache.valid.device
+        tokens = torch.zeros(self.max_rows, dtype=torch.long, device=device)  # [R]
+        positions = torch.zeros(self.max_rows, dtype=self.rows[busy[0]].position.dtype, device=device)  # [R]
+        for i in busy:
+            tokens[i] = self.rows[i].last_token
+            positions[i] = self.rows[i].position
+        logits = decode_step(self.model, tokens, positions, self.cache)  # [R, V]
+        free = [i for i, row in enumerate(self.rows) if row is None]
+        if free:
+            self.cache.reset_rows(free)
+        for i in busy:
+            self.rows[i].position = self.rows[i].position + 1
+            self._advance(i, logits[i : i + 1], None)
+
+    def _advance(self, index: int, logits: torch.Tensor, talker_prompt) -> None:
+        """Sample the row's next token from `logits [1, V]`, record it and hand the request its step."""
+        row = self.rows[index]
+        request, params = row.request, row.request.params
+        token = int(sample_next(logits, [params], row.history[None], [row.generator], [len(row.generated)])[0])
+        row.generated.append(token)
+        row.history[row.prompt_len + len(row.generated) - 1] = token
+        row.last_token = token
+        reason = "stop" if token in params.stop_token_ids else \
+            "length" if len(row.generated) >= params.max_new_tokens else None
+        talker_tokens = None
+        if request.speaking:
+            embeds = self.model.embed_tokens(torch.tensor([token], device=logits.device))  # [1, H]
+            talker_tokens = [ThinkerTokens(request.request_id, [token], embeds, reason is not None, reason)]
+        step = ThinkerStep([token], [reason], [talker_prompt] if talker_prompt is not None else None, talker_tokens)
+        if reason is not None:
+            self._free(index)
+        request.on_step(step)
+
+    def _free(self, index: int) -> None:
+        self.rows[index] = None
+        self.cache.reset_rows([index])
+
+    def _is_cancelled(self, request_id: str) -> bool:
+        with self.lock:
+            if request_id in self.cancelled:
+                self.cancelled.discard(request_id)
+                return True
+        return False
+
+    def _drop_cancelled(self) -> None:
+        for index, row in enumerate(self.rows):
+            if row is not None and self._is_cancelled(row.request.request_id):
+                self._free(index)
+        with self.lock:  # forget ids of requests that had finished before their cancel came
+            self.cancelled &= self.queued | {row.request.request_id for row in self.rows if row is not None}

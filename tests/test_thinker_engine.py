@@ -1,0 +1,149 @@
+"""The continuously batched thinker engine against `stream_generate` on each request alone: the same tokens (greedy
+and seeded), the same talker messages, whatever joins or leaves the batch meanwhile."""
+
+import queue
+import threading
+import time
+
+import pytest
+import torch
+from test_thinker import BATCH, chirp, encoder_outputs, im_end, image, mixed_inputs
+
+from common.config import load_config
+from common.sampling import SamplingParams
+from stages.thinker import ThinkerLM, stream_generate
+from stages.thinker_engine import ThinkerEngine
+
+REQUESTS = BATCH + [
+    ("Count to three, please.", [], []),
+    ("Two pictures.", [image(64, 64, seed=1), image(48, 80, seed=2)], []),
+    ("Long audio", [], [chirp(4.5)]),
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_ckpt, hf_model, hf_processor):
+    proc, hf = hf_processor(tiny_ckpt), hf_model(tiny_ckpt)
+    prompts = [encoder_outputs(hf, mixed_inputs(proc, [item])) for item in REQUESTS]
+    layer = load_config(tiny_ckpt).talker_config.accept_hidden_layer
+    return ThinkerLM.from_pretrained(tiny_ckpt), prompts, im_end(proc), layer
+
+
+class Collector:
+    """Each request's steps as the engine hands them over (on its thread)."""
+
+    def __init__(self):
+        self.steps: dict[str, list] = {}
+        self.done: dict[str, threading.Event] = {}
+
+    def sink(self, request_id: str):
+        self.steps[request_id], self.done[request_id] = [], threading.Event()
+
+        def on_step(step):
+            self.steps[request_id].append(step)
+            if isinstance(step, BaseException) or step.finish_reasons[0] is not None:
+                self.done[request_id].set()
+        return on_step
+
+    def wait(self, timeout=120):
+        for request_id, event in self.done.items():
+            assert event.wait(timeout), f"{request_id} did not finish"
+
+
+def alone(model, prompt, params, speaking=False, layer=None, request_id="r"):
+    return list(stream_generate(model, prompt, [params], request_ids=[request_id], speaking=[speaking],
+                                accept_hidden_layer=layer))
+
+
+def test_staggered_requests_equal_each_alone(setup):
+    """Six requests on three rows: some wait for a row, some join mid-way; greedy and seeded-sampled mixed; each
+    gets exactly the tokens it gets alone."""
+    model, prompts, eos, layer = setup
+    params = [SamplingParams(max_new_tokens=n, min_new_tokens=n) for n in (60, 5, 9, 16, 7, 10)]  # exact lengths
+    params[2] = SamplingParams(max_new_tokens=9, do_sample=True, temperature=1.2, top_k=8, top_p=0.9, seed=11,
+                               stop_token_ids=(eos,))
+    params[4] = SamplingParams(max_new_tokens=7, repetition_penalty=1.3, stop_token_ids=(eos,))
+    engine = ThinkerEngine(model, max_rows=3, max_len=256, accept_hidden_layer=layer)
+    got = Collector()
+    batches = []  # the requests sharing the batch, seen at each step
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        sink = got.sink(f"r{i}")
+        engine.submit(f"r{i}", prompt, p, False, lambda step, sink=sink: (batches.append(set(engine.active)),
+                                                                         sink(step)))
+        if i == 2:
+            time.sleep(0.05)  # the first three are decoding when the rest arrive
+    got.wait()
+    assert max(map(len, batches)) == 3 and any({"r0", "r5"} <= b for b in batches)  # r5 joined r0 mid-way
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        expected = [s.token_ids[0] for s in alone(model, prompt, p)]
+        assert [s.token_ids[0] for s in got.steps[f"r{i}"]] == expected, i
+        assert got.steps[f"r{i}"][-1].finish_reasons[0] is not None
+    assert engine.active == []
+
+
+def test_talker_messages_equal_each_alone(setup):
+    model, prompts, eos, layer = setup
+    engine = ThinkerEngine(model, max_rows=2, max_len=256, accept_hidden_layer=layer)
+    got = Collector()
+    params = SamplingParams(max_new_tokens=6, stop_token_ids=(eos,))
+    engine.submit("text", prompts[1], params, False, got.sink("text"))
+    engine.submit("speak", prompts[0], params, True, got.sink("speak"))
+    got.wait()
+    expected = alone(model, prompts[0], params, speaking=True, layer=layer, request_id="speak")
+    steps = got.steps["speak"]
+    assert len(steps) == len(expected)
+    first, want = steps[0].talker_prompts[0], expected[0].talker_prompts[0]
+    assert first.request_id == "speak" and torch.equal(first.prompt_ids, want.prompt_ids)
+    torch.testing.assert_close(first.prompt_accept_hidden, want.prompt_accept_hidden, rtol=0, atol=1e-6)
+    assert torch.equal(first.image_grid_thw, want.image_grid_thw)
+    assert all(s.talker_prompts is None for s in steps[1:])
+    for step, ref in zip(steps, expected):
+        ours_tokens, their_tokens = step.talker_tokens[0], ref.talker_tokens[0]
+        assert ours_tokens.token_ids == their_tokens.token_ids and ours_tokens.finished == their_tokens.finished
+        assert torch.equal(ours_tokens.token_embeds, their_tokens.token_embeds)
+    assert all(s.talker_tokens is None and s.talker_prompts is None for s in got.steps["text"])
+
+
+def test_cancel_frees_the_row_for_a_waiting_request(setup):
+    model, prompts, eos, layer = setup
+    engine = ThinkerEngine(model, max_rows=1, max_len=512, accept_hidden_layer=layer)
+    long, short = SamplingParams(max_new_tokens=400), SamplingParams(max_new_tokens=4, stop_token_ids=(eos,))
+    steps: queue.Queue = queue.Queue()
+    got = Collector()
+    engine.submit("long", prompts[1], long, False, steps.put)
+    engine.submit("queued", prompts[3], short, False, got.sink("queued"))
+    engine.submit("cancelled while queued", prompts[2], short, False, got.sink("never"))
+    engine.cancel("cancelled while queued")
+    for _ in range(3):
+        steps.get(timeout=60)
+    engine.cancel("long")
+    assert got.done["queued"].wait(60)  # the only row came free
+    assert [s.token_ids[0] for s in got.steps["queued"]] == [s.token_ids[0] for s in alone(model, prompts[3], short)]
+    time.sleep(0.2)
+    assert got.steps["never"] == [] and engine.active == []
+    assert steps.qsize() < 400 - 3  # the long one stopped early
+
+
+def test_a_failing_request_ends_alone(setup):
+    """A prompt that cannot be prefilled (an image placeholder without features) gets its error; the engine goes
+    on serving the others."""
+    model, prompts, eos, layer = setup
+    engine = ThinkerEngine(model, max_rows=2, max_len=256, accept_hidden_layer=layer)
+    got = Collector()
+    broken = prompts[0]
+    broken = type(broken)(input_ids=broken.input_ids, attention_mask=broken.attention_mask)  # features dropped
+    params = SamplingParams(max_new_tokens=5, stop_token_ids=(eos,))
+    engine.submit("broken", broken, params, False, got.sink("broken"))
+    engine.submit("fine", prompts[1], params, False, got.sink("fine"))
+    got.wait()
+    assert len(got.steps["broken"]) == 1 and isinstance(got.steps["broken"][0], Exception)
+    assert [s.token_ids[0] for s in got.steps["fine"]] == [s.token_ids[0] for s in alone(model, prompts[1], params)]
+
+
+def test_requests_longer_than_a_row_are_not_admitted(setup):
+    model, prompts, eos, layer = setup
+    engine = ThinkerEngine(model, max_rows=1, max_len=64, accept_hidden_layer=layer)
+    params = SamplingParams(max_new_tokens=64)
+    assert not engine.fits(prompts[1], params)
+    with pytest.raises(ValueError, match="64 tokens"):
+        engine.submit("long", prompts[1], params, False, lambda step: None)
