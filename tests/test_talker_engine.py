@@ -1,0 +1,141 @@
+"""The continuously batched talker engine against `generate_codes` on each reply alone: the same frames (greedy and
+seeded), while replies join, leave, and wait for their thinker tokens to arrive."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from common.sampling import SamplingParams
+from stages.omni import OmniModel
+from stages.talker import TalkerRequest, generate_codes, speaker_codec_id, talker_sampling
+from stages.talker_engine import TalkerEngine
+from stages.thinker import generate as thinker_generate
+
+PROMPTS = ["The quick brown fox jumps.", "Hello there, who are you?", "Count to three, please.", "Sing a song.",
+           "What is the weather like today?"]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_ckpt, hf_processor):
+    """Per prompt: the thinker's reply (talker prompt and token chunks), as the talker stage receives them."""
+    model = OmniModel.from_pretrained(tiny_ckpt, device="cpu")
+    proc, cfg = hf_processor(tiny_ckpt), model.cfg
+    replies = []
+    for text in PROMPTS:
+        messages = [{"role": "user", "content": [{"type": "text", "text": text}]}]
+        inputs = proc(text=[proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)],
+                      return_tensors="pt")
+        prompt = model._thinker_prompt(dict(inputs), use_audio_in_video=False)
+        replies.append(thinker_generate(model.thinker, prompt, [SamplingParams(max_new_tokens=10)], speaking=[True],
+                                        accept_hidden_layer=cfg.talker_config.accept_hidden_layer)[0])
+    return model, replies
+
+
+def request(model, reply, voice="ethan", chunks=None):
+    cfg = model.cfg
+    r = TalkerRequest(cfg, reply.talker_prompt, speaker_codec_id(cfg.talker_config, voice))
+    for chunk in reply.talker_chunks[:chunks]:
+        r.push(chunk)
+    return r
+
+
+class Frames:
+    def __init__(self):
+        self.frames, self.reasons, self.done = {}, {}, {}
+
+    def sink(self, request_id):
+        self.frames[request_id], self.done[request_id] = [], threading.Event()
+
+        def on_frame(step):
+            if isinstance(step, BaseException):
+                self.reasons[request_id] = step
+                self.done[request_id].set()
+                return
+            if step.frames[0] is not None:
+                self.frames[request_id].append(step.frames[0])
+            if step.finish_reasons[0] is not None:
+                self.reasons[request_id] = step.finish_reasons[0]
+                self.done[request_id].set()
+        return on_frame
+
+    def codes(self, request_id, groups):
+        frames = self.frames[request_id]
+        return torch.stack(frames, dim=1) if frames else torch.zeros(groups, 0, dtype=torch.long)
+
+
+def test_replies_equal_each_alone_while_joining_and_waiting_for_text(setup):
+    """Five replies on two rows, greedy and seeded-sampled mixed, three of them fed their thinker tokens bit by bit
+    (the talker waits for each): every reply's codes equal `generate_codes` on it alone."""
+    model, replies = setup
+    cfg, groups = model.cfg, model.cfg.talker_config.num_code_groups
+    params = [talker_sampling(cfg.talker_config, SamplingParams(max_new_tokens=n, repetition_penalty=1.05))
+              for n in (14, 9, 20, 6, 12)]
+    params[1] = talker_sampling(cfg.talker_config, SamplingParams(max_new_tokens=9, do_sample=True, temperature=0.9,
+                                                                  top_k=20, top_p=0.8, seed=5))
+    expected = [generate_codes(model.talker, cfg, [request(model, reply)], [p])[0]
+                for reply, p in zip(replies, params)]
+
+    engine = TalkerEngine(model.talker, cfg, max_rows=2, max_len=256)
+    got = Frames()
+    streamed = {}
+    for i, (reply, p) in enumerate(zip(replies, params)):
+        partial = i % 2 == 0  # the thinker's tokens still arriving
+        streamed[i] = request(model, reply, chunks=1 if partial else None)
+        engine.submit(f"r{i}", streamed[i], p, got.sink(f"r{i}"))
+    for step in range(1, 12):  # the thinker goes on, slower than the talker
+        time.sleep(0.02)
+        for i in (0, 2, 4):
+            if step < len(replies[i].talker_chunks):
+                streamed[i].push(replies[i].talker_chunks[step])
+        engine.notify()
+    for i, event in got.done.items():
+        assert event.wait(120), i
+    for i, want in enumerate(expected):
+        assert torch.equal(got.codes(f"r{i}", groups), want), i
+        assert got.reasons[f"r{i}"] in ("stop", "length")
+    assert engine.active == []
+
+
+def test_cancel_frees_the_row(setup):
+    model, replies = setup
+    cfg = model.cfg
+    engine = TalkerEngine(model.talker, cfg, max_rows=1, max_len=512)
+    got = Frames()
+    long = talker_sampling(cfg.talker_config, SamplingParams(max_new_tokens=400, min_new_tokens=400))
+    engine.submit("long", request(model, replies[0]), long, got.sink("long"))
+    short = talker_sampling(cfg.talker_config, SamplingParams(max_new_tokens=5))
+    engine.submit("next", request(model, replies[1]), short, got.sink("next"))
+    deadline = time.monotonic() + 60
+    while len(got.frames["long"]) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.cancel("long")
+    assert got.done["next"].wait(60)
+    assert torch.equal(got.codes("next", cfg.talker_config.num_code_groups),
+                       generate_codes(model.talker, cfg, [request(model, replies[1])], [short])[0])
+    assert len(got.frames["long"]) < 399 and not got.done["long"].is_set()
+
+
+def test_an_empty_reply_ends_without_frames(setup):
+    """A reply with no token to voice (it ended at once) gets a finish and no frames."""
+    model, replies = setup
+    cfg = model.cfg
+    from common.messages import ThinkerTokens
+
+    empty = TalkerRequest(cfg, replies[0].talker_prompt, speaker_codec_id(cfg.talker_config, "ethan"))
+    hidden = replies[0].talker_chunks[0].token_embeds
+    empty.push(ThinkerTokens("e", [1], hidden, finished=True, finish_reason="stop"))
+    engine = TalkerEngine(model.talker, cfg, max_rows=1, max_len=256)
+    got = Frames()
+    engine.submit("e", empty, talker_sampling(cfg.talker_config, SamplingParams(max_new_tokens=5)), got.sink("e"))
+    assert got.done["e"].wait(30) and got.frames["e"] == [] and got.reasons["e"] == "stop"
+
+
+def test_replies_longer_than_a_row_are_not_admitted(setup):
+    model, replies = setup
+    engine = TalkerEngine(model.talker, model.cfg, max_rows=1, max_len=32)
+    params = talker_sampling(model.cfg.talker_config, SamplingParams(max_new_tokens=64))
+    assert not engine.fits(request(model, replies[0]), params)
+    with pytest.raises(ValueError, match="32 positions"):
+        engine.submit("long", request(model, replies[0]), params, lambda step: None)
