@@ -34,6 +34,10 @@ class ServiceSettings(BaseModel):
     # its own. 0 rows: every request runs on its own.
     thinker_batch_rows: int = Field(default=8, ge=0)
     thinker_batch_max_len: int = Field(default=8192, ge=1)
+    # the same for each talker replica: replies decode their codec frames together (a row holds the talker's
+    # prompt, the user turns, plus the reply's frames)
+    talker_batch_rows: int = Field(default=8, ge=0)
+    talker_batch_max_len: int = Field(default=8192, ge=1)
     # Code2Wav decodes a small first chunk (time to first audio), then larger ones (fewer, fuller calls); the
     # defaults are OmniModel.generate's, so a greedy reply's speech equals OmniModel's bit for bit
     codec_initial_chunk_frames: int = Field(default=CodecChunking().initial_frames, ge=1)

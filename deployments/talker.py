@@ -3,13 +3,16 @@
 Two things run at once for a request: a reader that consumes the thinker's stream (forwarding text deltas
 downstream at once and feeding `TalkerPrompt` / `ThinkerTokens` into the `TalkerRequest`), and the decode loop,
 which prefills as soon as the first reply tokens are in and then emits one frame per step, each step waiting
-only for the reply token it consumes. Both put their events on one queue that this generator drains.
+only for the reply token it consumes. Both put their events on one queue that this generator drains. The frames
+come from the replica's batch (`TalkerEngine`: replies decode together) when the reply fits a row, else from a
+decode loop of the reply's own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import aclosing
 
 import torch
 from ray import serve
@@ -20,6 +23,7 @@ from deployments.jobs import SpeechJob, TextDelta
 from deployments.runtime import STAGE_DEFAULTS, StageReplica
 from deployments.settings import ServiceSettings
 from stages.talker import Talker, TalkerRequest, speaker_codec_id, stream_frames, talker_sampling
+from stages.talker_engine import TalkerEngine
 
 logger = logging.getLogger("ray.serve")
 
@@ -38,6 +42,11 @@ class TalkerStage(StageReplica):
             load=lambda ckpt, cfg, dtype, device: Talker.from_pretrained(ckpt, cfg, dtype=dtype, device=device),
         )
         self.thinker = thinker
+        self.engine = None
+        if self.settings.talker_batch_rows:
+            context = self.stage.config.talker_config.text_config.max_position_embeddings
+            self.engine = TalkerEngine(self.stage.module, self.stage.config, max_rows=self.settings.talker_batch_rows,
+                                       max_len=min(self.settings.talker_batch_max_len, context))
 
     async def speak(self, job: SpeechJob):
         """Yields TextDelta (passed through from the thinker) and CodecFrames ([Q, 1] per step) events."""
@@ -72,11 +81,16 @@ class TalkerStage(StageReplica):
                     events.put_nowait(event)
                 else:
                     reply.add(event, self.stage.device)
+                    self._notify_engine()
             reply.close()
             events.put_nowait(_DONE)
         except Exception as exc:  # a thinker error ends the request (the ingress reports it)
             reply.close()
             events.put_nowait(exc)
+
+    def _notify_engine(self) -> None:
+        if self.engine is not None:
+            self.engine.notify()  # a reply in the batch may be able to take its next step
 
     async def _decode(self, job: SpeechJob, reply: "_Reply", events: asyncio.Queue) -> None:
         try:
@@ -86,26 +100,62 @@ class TalkerStage(StageReplica):
                 return
             params = talker_sampling(self.stage.config.talker_config, job.sampling)
             groups = self.stage.config.talker_config.num_code_groups
-            steps = stream_frames(self.stage.module, self.stage.config, [reply.request], [params])
-            calls = 0
+            async with aclosing(self._steps(job, reply, params)) as steps:
+                async for step in steps:
+                    frame, reason = step.frames[0], step.finish_reasons[0]
+                    codes = frame[:, None].cpu() if frame is not None else torch.zeros(groups, 0, dtype=torch.long)
+                    if frame is not None:
+                        self.metrics.stage_tokens("talker", 1)
+                    if frame is not None or reason is not None:
+                        events.put_nowait(CodecFrames(job.request_id, codes, finished=reason is not None))
+                    if reason is not None:
+                        break
+            events.put_nowait(_DONE)
+        except Exception as exc:
+            events.put_nowait(exc)
+
+    def _steps(self, job: SpeechJob, reply: "_Reply", params):
+        """The reply's frames: from the replica's batch when it fits a row, else from a decode loop of its own."""
+        if self.engine is not None and self.engine.fits(reply.request, params):
+            return self._batched_steps(job, reply, params)
+        return self._own_steps(reply, params)
+
+    async def _batched_steps(self, job: SpeechJob, reply: "_Reply", params):
+        loop, steps = asyncio.get_running_loop(), asyncio.Queue()
+        self.engine.submit(job.request_id, reply.request, params,
+                           lambda step: loop.call_soon_threadsafe(steps.put_nowait, step))
+        try:
+            while True:
+                step = await steps.get()
+                if isinstance(step, BaseException):
+                    raise step
+                yield step
+                if step.finish_reasons[0] is not None:
+                    return
+        finally:  # also when the request was cancelled: the engine frees the row
+            self.engine.cancel(job.request_id)
+
+    async def _own_steps(self, reply: "_Reply", params):
+        steps = stream_frames(self.stage.module, self.stage.config, [reply.request], [params])
+        calls = 0
+        try:
             while True:
                 if calls:  # after the first frame, step k consumes the text entry of step k - 1
                     await reply.wait(lambda r, k=calls - 1: r.entry_ready(k))
                 step = await asyncio.to_thread(next, steps, None)
                 calls += 1
                 if step is None:
-                    break
-                frame, reason = step.frames[0], step.finish_reasons[0]
-                codes = frame[:, None].cpu() if frame is not None else torch.zeros(groups, 0, dtype=torch.long)
-                if frame is not None:
-                    self.metrics.stage_tokens("talker", 1)
-                if frame is not None or reason is not None:
-                    events.put_nowait(CodecFrames(job.request_id, codes, finished=reason is not None))
-                if reason is not None:
-                    break
-            events.put_nowait(_DONE)
-        except Exception as exc:
-            events.put_nowait(exc)
+                    return
+                yield step
+        finally:
+            try:
+                steps.close()
+            except ValueError:  # cancelled while a step runs in its thread; the generator is collected after it
+                pass
+
+    def describe(self) -> dict:
+        """Also the replies decoding together in the replica's batch now."""
+        return {**super().describe(), "batch": self.engine.active if self.engine is not None else None}
 
 
 class _Reply:
