@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import statistics
 import time
 from pathlib import Path
@@ -53,7 +54,10 @@ def main() -> None:
     hf = common.load_transformers(ckpt, dtype, device)
     baseline = {case: transformers_serial(hf, ckpt, conversations, case == "speech", args, device, dtype)
                 for case in cases}
-    del hf
+    del hf  # the GPU memory goes to the stage replicas next
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
     with local_service(ckpt, args) as url:
         results = [service_case(url, case, conversations, baseline[case], args) for case in cases]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What a session with one GPU (H100/H200) runs, in order of value; about 20 minutes in all. Run it from the
+# What a session with one GPU (H100/H200) runs, in order of value; about 25 minutes in all. Run it from the
 # repository root, one step per call where a call is limited to 10 minutes: `bash bench/gpu_session.sh tests`.
 #
 # The oracle is transformers 5.23.0 (pinned in pyproject); a GPU image with another version must get that one
@@ -27,4 +27,8 @@ if run stages; then  # encoders, Code2Wav, thinker and talker at the real widths
 fi
 if run generate; then  # end to end, text and text+speech, batch 1 and 8
     $PY -m bench.bench_generate --device cuda --model full --layers 8 --new-tokens 64 --audio-frames 100 --batch 8
+fi
+if run serve; then   # through the service on one GPU (stages packed by fractional GPUs), 8 requests at once
+    $PY -m bench.bench_serve --device cuda --model full --layers 8 --serve-config serve_config.gpu_packed.yaml \
+        --new-tokens 64 --audio-frames 100 --concurrency 8
 fi
