@@ -36,7 +36,7 @@ from stages.talker import Talker, TalkerRequest, TalkerStep, talker_prompt_input
 logger = logging.getLogger(__name__)
 
 FrameSink = Callable[[TalkerStep | BaseException], None]  # called on the engine thread
-IDLE_WAIT_S = 0.05  # the longest a row waits for thinker tokens unseen (a missed notify costs no more)
+IDLE_WAIT_S = 0.5  # a safety net only: every change that lets a row move comes with `notify()`
 
 
 @dataclass
@@ -75,6 +75,7 @@ class TalkerEngine:
         self.cancelled: set[str] = set()
         self.lock = threading.Lock()  # guards `queued` and `cancelled`
         self.wake = threading.Event()
+        self.closed = False
         self.thread = threading.Thread(target=self._run, name="talker-engine", daemon=True)
         self.thread.start()
 
@@ -107,11 +108,17 @@ class TalkerEngine:
     def active(self) -> list[str]:
         return [row.reply.request_id for row in self.rows if row is not None]
 
+    def close(self) -> None:
+        """Stop the engine thread (replies still in it get no more frames)."""
+        self.closed = True
+        self.notify()
+        self.thread.join(timeout=60)
+
     # --- the engine thread -------------------------------------------------------------------------------------
 
     def _run(self) -> None:
         with torch.inference_mode():
-            while True:
+            while not self.closed:
                 self.wake.clear()
                 self._take_incoming()
                 self._drop_cancelled()

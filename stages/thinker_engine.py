@@ -72,6 +72,7 @@ class ThinkerEngine:
         self.queued: set[str] = set()  # ids submitted and not yet admitted
         self.cancelled: set[str] = set()  # ids to stop, queued or running
         self.lock = threading.Lock()  # guards `queued` and `cancelled` (callers write, the engine thread reads)
+        self.closed = False
         self.thread = threading.Thread(target=self._run, name="thinker-engine", daemon=True)
         self.thread.start()
 
@@ -101,11 +102,17 @@ class ThinkerEngine:
     def active(self) -> list[str]:
         return [row.request.request_id for row in self.rows if row is not None]
 
+    def close(self) -> None:
+        """Stop the engine thread (requests still in it get no more steps)."""
+        self.closed = True
+        self.waiting.put(None)
+        self.thread.join(timeout=60)
+
     # --- the engine thread -------------------------------------------------------------------------------------
 
     def _run(self) -> None:
         with torch.inference_mode():
-            while True:
+            while not self.closed:
                 self._admit(block=not any(self.rows))
                 self._drop_cancelled()
                 if any(self.rows):
@@ -120,6 +127,8 @@ class ThinkerEngine:
                 return
             block = False
             if request is None:
+                if self.closed:
+                    return
                 continue
             with self.lock:
                 self.queued.discard(request.request_id)

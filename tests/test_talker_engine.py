@@ -33,6 +33,21 @@ def setup(tiny_ckpt, hf_processor):
     return model, replies
 
 
+@pytest.fixture
+def engines():
+    """Makes engines; stops their threads after the test."""
+    made = []
+
+    def make(*args, **kwargs):
+        made.append(TalkerEngine(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for engine in made:
+        engine.close()
+        assert not engine.thread.is_alive()
+
+
 def request(model, reply, voice="ethan", chunks=None):
     cfg = model.cfg
     r = TalkerRequest(cfg, reply.talker_prompt, speaker_codec_id(cfg.talker_config, voice))
@@ -65,7 +80,7 @@ class Frames:
         return torch.stack(frames, dim=1) if frames else torch.zeros(groups, 0, dtype=torch.long)
 
 
-def test_replies_equal_each_alone_while_joining_and_waiting_for_text(setup):
+def test_replies_equal_each_alone_while_joining_and_waiting_for_text(setup, engines):
     """Five replies on two rows, greedy and seeded-sampled mixed, three of them fed their thinker tokens bit by bit
     (the talker waits for each): every reply's codes equal `generate_codes` on it alone."""
     model, replies = setup
@@ -77,7 +92,7 @@ def test_replies_equal_each_alone_while_joining_and_waiting_for_text(setup):
     expected = [generate_codes(model.talker, cfg, [request(model, reply)], [p])[0]
                 for reply, p in zip(replies, params)]
 
-    engine = TalkerEngine(model.talker, cfg, max_rows=2, max_len=256)
+    engine = engines(model.talker, cfg, max_rows=2, max_len=256)
     got = Frames()
     streamed = {}
     for i, (reply, p) in enumerate(zip(replies, params)):
@@ -98,10 +113,10 @@ def test_replies_equal_each_alone_while_joining_and_waiting_for_text(setup):
     assert engine.active == []
 
 
-def test_cancel_frees_the_row(setup):
+def test_cancel_frees_the_row(setup, engines):
     model, replies = setup
     cfg = model.cfg
-    engine = TalkerEngine(model.talker, cfg, max_rows=1, max_len=512)
+    engine = engines(model.talker, cfg, max_rows=1, max_len=512)
     got = Frames()
     long = talker_sampling(cfg.talker_config, SamplingParams(max_new_tokens=400, min_new_tokens=400))
     engine.submit("long", request(model, replies[0]), long, got.sink("long"))
@@ -117,7 +132,7 @@ def test_cancel_frees_the_row(setup):
     assert len(got.frames["long"]) < 399 and not got.done["long"].is_set()
 
 
-def test_an_empty_reply_ends_without_frames(setup):
+def test_an_empty_reply_ends_without_frames(setup, engines):
     """A reply with no token to voice (it ended at once) gets a finish and no frames."""
     model, replies = setup
     cfg = model.cfg
@@ -126,15 +141,15 @@ def test_an_empty_reply_ends_without_frames(setup):
     empty = TalkerRequest(cfg, replies[0].talker_prompt, speaker_codec_id(cfg.talker_config, "ethan"))
     hidden = replies[0].talker_chunks[0].token_embeds
     empty.push(ThinkerTokens("e", [1], hidden, finished=True, finish_reason="stop"))
-    engine = TalkerEngine(model.talker, cfg, max_rows=1, max_len=256)
+    engine = engines(model.talker, cfg, max_rows=1, max_len=256)
     got = Frames()
     engine.submit("e", empty, talker_sampling(cfg.talker_config, SamplingParams(max_new_tokens=5)), got.sink("e"))
     assert got.done["e"].wait(30) and got.frames["e"] == [] and got.reasons["e"] == "stop"
 
 
-def test_replies_longer_than_a_row_are_not_admitted(setup):
+def test_replies_longer_than_a_row_are_not_admitted(setup, engines):
     model, replies = setup
-    engine = TalkerEngine(model.talker, model.cfg, max_rows=1, max_len=32)
+    engine = engines(model.talker, model.cfg, max_rows=1, max_len=32)
     params = talker_sampling(model.cfg.talker_config, SamplingParams(max_new_tokens=64))
     assert not engine.fits(request(model, replies[0]), params)
     with pytest.raises(ValueError, match="32 positions"):

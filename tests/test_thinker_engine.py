@@ -29,6 +29,21 @@ def setup(tiny_ckpt, hf_model, hf_processor):
     return ThinkerLM.from_pretrained(tiny_ckpt), prompts, im_end(proc), layer
 
 
+@pytest.fixture
+def engines():
+    """Makes engines; stops their threads after the test."""
+    made = []
+
+    def make(*args, **kwargs):
+        made.append(ThinkerEngine(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for engine in made:
+        engine.close()
+        assert not engine.thread.is_alive()
+
+
 class Collector:
     """Each request's steps as the engine hands them over (on its thread)."""
 
@@ -55,7 +70,7 @@ def alone(model, prompt, params, speaking=False, layer=None, request_id="r"):
                                 accept_hidden_layer=layer))
 
 
-def test_staggered_requests_equal_each_alone(setup):
+def test_staggered_requests_equal_each_alone(setup, engines):
     """Six requests on three rows: some wait for a row, some join mid-way; greedy and seeded-sampled mixed; each
     gets exactly the tokens it gets alone."""
     model, prompts, eos, layer = setup
@@ -63,7 +78,7 @@ def test_staggered_requests_equal_each_alone(setup):
     params[2] = SamplingParams(max_new_tokens=9, do_sample=True, temperature=1.2, top_k=8, top_p=0.9, seed=11,
                                stop_token_ids=(eos,))
     params[4] = SamplingParams(max_new_tokens=7, repetition_penalty=1.3, stop_token_ids=(eos,))
-    engine = ThinkerEngine(model, max_rows=3, max_len=256, accept_hidden_layer=layer)
+    engine = engines(model, max_rows=3, max_len=256, accept_hidden_layer=layer)
     got = Collector()
     batches = []  # the requests sharing the batch, seen at each step
     for i, (prompt, p) in enumerate(zip(prompts, params)):
@@ -81,9 +96,9 @@ def test_staggered_requests_equal_each_alone(setup):
     assert engine.active == []
 
 
-def test_talker_messages_equal_each_alone(setup):
+def test_talker_messages_equal_each_alone(setup, engines):
     model, prompts, eos, layer = setup
-    engine = ThinkerEngine(model, max_rows=2, max_len=256, accept_hidden_layer=layer)
+    engine = engines(model, max_rows=2, max_len=256, accept_hidden_layer=layer)
     got = Collector()
     params = SamplingParams(max_new_tokens=6, stop_token_ids=(eos,))
     engine.submit("text", prompts[1], params, False, got.sink("text"))
@@ -104,9 +119,9 @@ def test_talker_messages_equal_each_alone(setup):
     assert all(s.talker_tokens is None and s.talker_prompts is None for s in got.steps["text"])
 
 
-def test_cancel_frees_the_row_for_a_waiting_request(setup):
+def test_cancel_frees_the_row_for_a_waiting_request(setup, engines):
     model, prompts, eos, layer = setup
-    engine = ThinkerEngine(model, max_rows=1, max_len=512, accept_hidden_layer=layer)
+    engine = engines(model, max_rows=1, max_len=512, accept_hidden_layer=layer)
     long, short = SamplingParams(max_new_tokens=400), SamplingParams(max_new_tokens=4, stop_token_ids=(eos,))
     steps: queue.Queue = queue.Queue()
     got = Collector()
@@ -124,11 +139,11 @@ def test_cancel_frees_the_row_for_a_waiting_request(setup):
     assert steps.qsize() < 400 - 3  # the long one stopped early
 
 
-def test_a_failing_request_ends_alone(setup):
+def test_a_failing_request_ends_alone(setup, engines):
     """A prompt that cannot be prefilled (an image placeholder without features) gets its error; the engine goes
     on serving the others."""
     model, prompts, eos, layer = setup
-    engine = ThinkerEngine(model, max_rows=2, max_len=256, accept_hidden_layer=layer)
+    engine = engines(model, max_rows=2, max_len=256, accept_hidden_layer=layer)
     got = Collector()
     broken = prompts[0]
     broken = type(broken)(input_ids=broken.input_ids, attention_mask=broken.attention_mask)  # features dropped
@@ -140,9 +155,9 @@ def test_a_failing_request_ends_alone(setup):
     assert [s.token_ids[0] for s in got.steps["fine"]] == [s.token_ids[0] for s in alone(model, prompts[1], params)]
 
 
-def test_requests_longer_than_a_row_are_not_admitted(setup):
+def test_requests_longer_than_a_row_are_not_admitted(setup, engines):
     model, prompts, eos, layer = setup
-    engine = ThinkerEngine(model, max_rows=1, max_len=64, accept_hidden_layer=layer)
+    engine = engines(model, max_rows=1, max_len=64, accept_hidden_layer=layer)
     params = SamplingParams(max_new_tokens=64)
     assert not engine.fits(prompts[1], params)
     with pytest.raises(ValueError, match="64 tokens"):
