@@ -38,6 +38,15 @@ class KVCache:
     def batch_size(self) -> int:
         return self.valid.shape[0]
 
+    def head(self, rows: int) -> "KVCache":
+        """The first `rows` rows as a cache of their own, sharing this one's memory (views: what a step writes or
+        appends there is written here). A batching engine steps only the rows up to its last busy one."""
+        view = object.__new__(KVCache)
+        view.keys = [k[:rows] for k in self.keys]
+        view.values = [v[:rows] for v in self.values]
+        view.valid, view.lengths, view.max_len = self.valid[:rows], self.lengths[:rows], self.max_len
+        return view
+
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The (keys, values) buffers of one layer, each `[B, kv_heads, S_max, D]`."""
         return self.keys[index], self.values[index]

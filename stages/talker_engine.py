@@ -225,19 +225,20 @@ class TalkerEngine:
         if not feeding:
             return False
         talker, tts = self.talker, self.talker.tts_text()
-        H = tts.shape[-1]
-        x = torch.zeros(self.max_rows, 1, H, dtype=tts.dtype, device=tts.device)  # [R, 1, H]
-        positions = torch.zeros(self.max_rows, dtype=torch.float32, device=tts.device)  # [R]
+        n = feeding[-1] + 1  # step the rows up to the last feeding one (replies take the lowest free row)
+        cache = self.cache.head(n)
+        x = torch.zeros(n, 1, tts.shape[-1], dtype=tts.dtype, device=tts.device)  # [n, 1, H]
+        positions = torch.zeros(n, dtype=torch.float32, device=tts.device)  # [n]
         for i in feeding:
             row = self.rows[i]
             x[i, 0] = row.embed_sum + text_entries(talker, row.reply.request, row.step, tts)
             positions[i] = row.position
-        slots = self.cache.append(1)  # [R, 1]
-        out = talker(x, positions[None, :, None].expand(3, -1, 1), self.cache.mask(slots), self.cache, slots)
-        sitting_out = [i for i in range(self.max_rows) if i not in feeding]
+        slots = cache.append(1)  # [n, 1]
+        out = talker(x, positions[None, :, None].expand(3, -1, 1), cache.mask(slots), cache, slots)
+        sitting_out = [i for i in range(n) if i not in feeding]
         if sitting_out:  # give the reserved slot back: their keys were never written for real
-            self.cache.lengths[sitting_out] -= 1
-            self.cache.valid[sitting_out, slots[sitting_out, 0]] = False
+            cache.lengths[sitting_out] -= 1
+            cache.valid[sitting_out, slots[sitting_out, 0]] = False
         for i in feeding:
             row = self.rows[i]
             row.hidden, row.embed_sum = out[i, 0], None

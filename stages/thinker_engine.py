@@ -177,16 +177,18 @@ class ThinkerEngine:
                     self._free(index)
 
     def _step(self) -> None:
-        """One decode step for every busy row (free rows compute a throwaway token and are cleared after)."""
+        """One decode step for the rows up to the last busy one (requests take the lowest free row, so that is
+        about as many as are busy); free rows among them compute a throwaway token and are cleared after."""
         busy = [i for i, row in enumerate(self.rows) if row is not None]
+        n = busy[-1] + 1
         device = self.cache.valid.device
-        tokens = torch.zeros(self.max_rows, dtype=torch.long, device=device)  # [R]
-        positions = torch.zeros(self.max_rows, dtype=self.rows[busy[0]].position.dtype, device=device)  # [R]
+        tokens = torch.zeros(n, dtype=torch.long, device=device)  # [n]
+        positions = torch.zeros(n, dtype=self.rows[busy[0]].position.dtype, device=device)  # [n]
         for i in busy:
             tokens[i] = self.rows[i].last_token
             positions[i] = self.rows[i].position
-        logits = decode_step(self.model, tokens, positions, self.cache)  # [R, V]
-        free = [i for i, row in enumerate(self.rows) if row is None]
+        logits = decode_step(self.model, tokens, positions, self.cache.head(n))  # [n, V]
+        free = [i for i in range(n) if self.rows[i] is None]
         if free:
             self.cache.reset_rows(free)
         for i in busy:
