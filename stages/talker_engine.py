@@ -152,14 +152,14 @@ class TalkerEngine:
                 continue
             self.waiting.remove(reply)
             if not reply.request.has_voice:  # nothing to say (an empty reply)
-                reply.on_frame(TalkerStep([None], ["stop"]))
+                self._hand(reply, TalkerStep([None], ["stop"]))
                 continue
             try:
                 self._prefill_into(self.rows.index(None), reply)
                 admitted = True
             except Exception as exc:
                 logger.exception("talker engine: prefill of %s failed", reply.request_id)
-                reply.on_frame(exc)
+                self._hand(reply, exc)
         return admitted
 
     def _prefill_into(self, index: int, reply: _Reply) -> None:
@@ -216,7 +216,7 @@ class TalkerEngine:
         frames = torch.cat([c0[:, None], residual], dim=1)  # [b, G]
         for k, row in enumerate(rows):
             row.hidden, row.embed_sum = None, embed_sum[k]
-            row.reply.on_frame(TalkerStep([frames[k]], [None]))
+            self._hand(row.reply, TalkerStep([frames[k]], [None]))
 
     def _feed_frames(self) -> bool:
         """One talker decode step for the rows whose next text entry is there; the others sit it out."""
@@ -249,7 +249,7 @@ class TalkerEngine:
     def _finish(self, index: int, reason: str) -> None:
         reply = self.rows[index].reply
         self._free(index)
-        reply.on_frame(TalkerStep([None], [reason]))
+        self._hand(reply, TalkerStep([None], [reason]))
 
     def _free(self, index: int) -> None:
         self.rows[index] = None
@@ -259,7 +259,7 @@ class TalkerEngine:
         for index, row in enumerate(self.rows):
             if row is not None:
                 self._free(index)
-                row.reply.on_frame(exc)
+                self._hand(row.reply, exc)
 
     def _drop_cancelled(self) -> None:
         with self.lock:  # an id still on its way in stays for the next round; others were done already
@@ -270,3 +270,12 @@ class TalkerEngine:
         for index, row in enumerate(self.rows):
             if row is not None and row.reply.request_id in cancelled:
                 self._free(index)
+
+    def _hand(self, request: _Reply, step) -> None:
+        """Give a request its step; a sink that fails (its consumer's event loop is gone) ends that request only."""
+        try:
+            request.on_frame(step)
+        except Exception:
+            logger.exception("engine: handing %s its step failed; the request is dropped", request.request_id)
+            with self.lock:
+                self.cancelled.add(request.request_id)

@@ -138,7 +138,7 @@ class ThinkerEngine:
                 self._prefill_into(self.rows.index(None), request)
             except Exception as exc:  # this request's fault or not, it ends here; the others go on
                 logger.exception("thinker engine: prefill of %s failed", request.request_id)
-                request.on_step(exc)
+                self._hand(request, exc)
 
     def _prefill_into(self, row: int, request: _Request) -> None:
         """Prefill one request alone, copy its keys and values into `row`, and give it its first token."""
@@ -173,7 +173,7 @@ class ThinkerEngine:
             logger.exception("thinker engine: decode step failed")
             for index, row in enumerate(self.rows):
                 if row is not None:
-                    row.request.on_step(exc)
+                    self._hand(row.request, exc)
                     self._free(index)
 
     def _step(self) -> None:
@@ -212,7 +212,7 @@ class ThinkerEngine:
         step = ThinkerStep([token], [reason], [talker_prompt] if talker_prompt is not None else None, talker_tokens)
         if reason is not None:
             self._free(index)
-        request.on_step(step)
+        self._hand(request, step)
 
     def _free(self, index: int) -> None:
         self.rows[index] = None
@@ -231,3 +231,12 @@ class ThinkerEngine:
                 self._free(index)
         with self.lock:  # forget ids of requests that had finished before their cancel came
             self.cancelled &= self.queued | {row.request.request_id for row in self.rows if row is not None}
+
+    def _hand(self, request: _Request, step) -> None:
+        """Give a request its step; a sink that fails (its consumer's event loop is gone) ends that request only."""
+        try:
+            request.on_step(step)
+        except Exception:
+            logger.exception("engine: handing %s its step failed; the request is dropped", request.request_id)
+            with self.lock:
+                self.cancelled.add(request.request_id)

@@ -155,6 +155,22 @@ def test_a_failing_request_ends_alone(setup, engines):
     assert [s.token_ids[0] for s in got.steps["fine"]] == [s.token_ids[0] for s in alone(model, prompts[1], params)]
 
 
+def test_a_consumer_that_fails_takes_only_its_own_request_down(setup, engines):
+    model, prompts, eos, layer = setup
+    engine = engines(model, max_rows=2, max_len=256, accept_hidden_layer=layer)
+    got = Collector()
+    params = SamplingParams(max_new_tokens=30, min_new_tokens=30)
+
+    def gone(step):
+        raise RuntimeError("event loop is closed")
+
+    engine.submit("gone", prompts[1], params, False, gone)
+    engine.submit("fine", prompts[3], params, False, got.sink("fine"))
+    got.wait()
+    assert [s.token_ids[0] for s in got.steps["fine"]] == [s.token_ids[0] for s in alone(model, prompts[3], params)]
+    assert engine.active == []
+
+
 def test_requests_longer_than_a_row_are_not_admitted(setup, engines):
     model, prompts, eos, layer = setup
     engine = engines(model, max_rows=1, max_len=64, accept_hidden_layer=layer)
