@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from ray.serve.metrics import Counter, Histogram
+from ray.serve.metrics import Counter, Gauge, Histogram
 
 _LATENCY_BOUNDARIES = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 _RTF_BOUNDARIES = [0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0]
@@ -47,6 +47,12 @@ class ServiceMetrics:
             "decoded).",
             tag_keys=("stage",),
         )
+        self.batch_rows = Gauge(
+            "omniray_batch_rows",
+            description="Requests in a replica's batching engine (thinker, talker): decoding together or waiting "
+            "for a row.",
+            tag_keys=("stage",),
+        )
         self.stage_requests = Counter(
             "omniray_stage_requests_total",
             description="Requests handled per stage.",
@@ -55,6 +61,9 @@ class ServiceMetrics:
 
     def error(self, kind: str, status: int) -> None:
         self.errors.inc(1, tags={"kind": kind, "status": str(status)})
+
+    def batch(self, stage: str, rows: int) -> None:
+        self.batch_rows.set(rows, tags={"stage": stage})
 
     def stage_tokens(self, stage: str, count: int) -> None:
         if count:

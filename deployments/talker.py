@@ -43,6 +43,7 @@ class TalkerStage(StageReplica):
         )
         self.thinker = thinker
         self.engine = None
+        self.in_engine = 0  # requests in the engine: decoding in its batch or waiting for a row
         if self.settings.talker_batch_rows:
             context = self.stage.config.talker_config.text_config.max_position_embeddings
             self.engine = TalkerEngine(self.stage.module, self.stage.config, max_rows=self.settings.talker_batch_rows,
@@ -124,6 +125,8 @@ class TalkerStage(StageReplica):
         loop, steps = asyncio.get_running_loop(), asyncio.Queue()
         self.engine.submit(job.request_id, reply.request, params,
                            lambda step: loop.call_soon_threadsafe(steps.put_nowait, step))
+        self.in_engine += 1
+        self.metrics.batch("talker", self.in_engine)
         try:
             while True:
                 step = await steps.get()
@@ -134,6 +137,8 @@ class TalkerStage(StageReplica):
                     return
         finally:  # also when the request was cancelled: the engine frees the row
             self.engine.cancel(job.request_id)
+            self.in_engine -= 1
+            self.metrics.batch("talker", self.in_engine)
 
     async def _own_steps(self, reply: "_Reply", params):
         steps = stream_frames(self.stage.module, self.stage.config, [reply.request], [params])

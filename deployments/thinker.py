@@ -36,6 +36,7 @@ class ThinkerStage(StageReplica):
         self.accept_hidden_layer = config.talker_config.accept_hidden_layer if config.has_talker else None
         self.tokenizer = OmniTokenizer.from_pretrained(self.stage.checkpoint)
         self.engine = None
+        self.in_engine = 0  # requests in the engine: decoding in its batch or waiting for a row
         if self.settings.thinker_batch_rows:
             context = config.thinker_config.text_config.max_position_embeddings
             self.engine = ThinkerEngine(self.stage.module, max_rows=self.settings.thinker_batch_rows,
@@ -77,6 +78,8 @@ class ThinkerStage(StageReplica):
         loop, steps = asyncio.get_running_loop(), asyncio.Queue()
         self.engine.submit(job.request_id, prompt, job.sampling, job.for_talker,
                            lambda step: loop.call_soon_threadsafe(steps.put_nowait, step))
+        self.in_engine += 1
+        self.metrics.batch("thinker", self.in_engine)
         try:
             while True:
                 step = await steps.get()
@@ -87,6 +90,8 @@ class ThinkerStage(StageReplica):
                     return
         finally:  # also when the consumer went away: the engine frees the row before its next step
             self.engine.cancel(job.request_id)
+            self.in_engine -= 1
+            self.metrics.batch("thinker", self.in_engine)
 
     async def _own_steps(self, job: ThinkerJob, prompt: ThinkerPrompt):
         steps = stream_generate(
