@@ -3,7 +3,9 @@ own weights, and describe what it holds (for `/health` and the tests)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +105,8 @@ class StageReplica:
         self.stage = load_stage(settings, self.stage_name, **load_args)
         self.metrics = service_metrics()
         self.in_flight: set[str] = set()
+        self.engine = None  # the thinker and talker set their batching engine here
+        self.in_engine = 0  # requests in the engine: decoding in its batch or waiting for a row
 
     @contextmanager
     def serving(self, request_id: str):
@@ -113,9 +117,41 @@ class StageReplica:
         finally:
             self.in_flight.discard(request_id)
 
+    async def engine_steps(self, request_id: str, submit: Callable[[Callable], None]):
+        """The steps the replica's batching engine hands one request, on this event loop. `submit(sink)` queues the
+        request with `sink`, which the engine calls on its thread; the request leaves the engine when it finishes,
+        fails, or its consumer goes away (the engine frees its row before the next step)."""
+        loop, steps = asyncio.get_running_loop(), asyncio.Queue()
+        submit(lambda step: loop.call_soon_threadsafe(steps.put_nowait, step))
+        self.in_engine += 1
+        self.metrics.batch(self.stage_name, self.in_engine)
+        try:
+            while True:
+                step = await steps.get()
+                if isinstance(step, BaseException):
+                    raise step
+                yield step
+                if step.finish_reasons[0] is not None:
+                    return
+        finally:
+            self.engine.cancel(request_id)
+            self.in_engine -= 1
+            self.metrics.batch(self.stage_name, self.in_engine)
+
     def ready(self) -> bool:
         return True
 
     def describe(self) -> dict:
-        """What the replica holds (prefixes, weight elements) and the ids of the requests it is serving."""
-        return {**describe(self.stage_name, self.stage.module), "in_flight": sorted(self.in_flight)}
+        """What the replica holds (prefixes, weight elements), the ids of the requests it is serving, and of those
+        decoding in its batch now (None for a stage without a batching engine)."""
+        batch = self.engine.active if self.engine is not None else None
+        return {**describe(self.stage_name, self.stage.module), "in_flight": sorted(self.in_flight), "batch": batch}
+
+
+def close_steps(steps) -> None:
+    """Close a request's step generator. One that is running a step in a worker thread (the request was cancelled
+    meanwhile) cannot be closed now; it is collected after that step."""
+    try:
+        steps.close()
+    except ValueError:
+        pass

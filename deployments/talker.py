@@ -20,7 +20,7 @@ from ray.serve.handle import DeploymentHandle
 
 from common.messages import CodecFrames, TalkerPrompt, ThinkerTokens
 from deployments.jobs import SpeechJob, TextDelta
-from deployments.runtime import STAGE_DEFAULTS, StageReplica
+from deployments.runtime import STAGE_DEFAULTS, StageReplica, close_steps
 from deployments.settings import ServiceSettings
 from stages.talker import Talker, TalkerRequest, speaker_codec_id, stream_frames, talker_sampling
 from stages.talker_engine import TalkerEngine
@@ -42,8 +42,6 @@ class TalkerStage(StageReplica):
             load=lambda ckpt, cfg, dtype, device: Talker.from_pretrained(ckpt, cfg, dtype=dtype, device=device),
         )
         self.thinker = thinker
-        self.engine = None
-        self.in_engine = 0  # requests in the engine: decoding in its batch or waiting for a row
         if self.settings.talker_batch_rows:
             context = self.stage.config.talker_config.text_config.max_position_embeddings
             self.engine = TalkerEngine(self.stage.module, self.stage.config, max_rows=self.settings.talker_batch_rows,
@@ -118,27 +116,9 @@ class TalkerStage(StageReplica):
     def _steps(self, job: SpeechJob, reply: "_Reply", params):
         """The reply's frames: from the replica's batch when it fits a row, else from a decode loop of its own."""
         if self.engine is not None and self.engine.fits(reply.request, params):
-            return self._batched_steps(job, reply, params)
+            return self.engine_steps(job.request_id, lambda sink: self.engine.submit(
+                job.request_id, reply.request, params, sink))
         return self._own_steps(reply, params)
-
-    async def _batched_steps(self, job: SpeechJob, reply: "_Reply", params):
-        loop, steps = asyncio.get_running_loop(), asyncio.Queue()
-        self.engine.submit(job.request_id, reply.request, params,
-                           lambda step: loop.call_soon_threadsafe(steps.put_nowait, step))
-        self.in_engine += 1
-        self.metrics.batch("talker", self.in_engine)
-        try:
-            while True:
-                step = await steps.get()
-                if isinstance(step, BaseException):
-                    raise step
-                yield step
-                if step.finish_reasons[0] is not None:
-                    return
-        finally:  # also when the request was cancelled: the engine frees the row
-            self.engine.cancel(job.request_id)
-            self.in_engine -= 1
-            self.metrics.batch("talker", self.in_engine)
 
     async def _own_steps(self, reply: "_Reply", params):
         steps = stream_frames(self.stage.module, self.stage.config, [reply.request], [params])
@@ -153,14 +133,8 @@ class TalkerStage(StageReplica):
                     return
                 yield step
         finally:
-            try:
-                steps.close()
-            except ValueError:  # cancelled while a step runs in its thread; the generator is collected after it
-                pass
+            close_steps(steps)
 
-    def describe(self) -> dict:
-        """Also the replies decoding together in the replica's batch now."""
-        return {**super().describe(), "batch": self.engine.active if self.engine is not None else None}
 
 
 class _Reply:

@@ -17,7 +17,7 @@ from ray import serve
 
 from common.tokenizer import OmniTokenizer
 from deployments.jobs import TextDelta, ThinkerJob
-from deployments.runtime import STAGE_DEFAULTS, StageReplica
+from deployments.runtime import STAGE_DEFAULTS, StageReplica, close_steps
 from deployments.settings import ServiceSettings
 from deployments.stop_strings import StopStrings
 from stages.thinker import ThinkerLM, ThinkerPrompt, stream_generate
@@ -35,8 +35,6 @@ class ThinkerStage(StageReplica):
         config = self.stage.config
         self.accept_hidden_layer = config.talker_config.accept_hidden_layer if config.has_talker else None
         self.tokenizer = OmniTokenizer.from_pretrained(self.stage.checkpoint)
-        self.engine = None
-        self.in_engine = 0  # requests in the engine: decoding in its batch or waiting for a row
         if self.settings.thinker_batch_rows:
             context = config.thinker_config.text_config.max_position_embeddings
             self.engine = ThinkerEngine(self.stage.module, max_rows=self.settings.thinker_batch_rows,
@@ -71,27 +69,9 @@ class ThinkerStage(StageReplica):
     def _steps(self, job: ThinkerJob, prompt: ThinkerPrompt):
         """The request's steps: from the replica's batch when it fits a row, else from a generation of its own."""
         if self.engine is not None and self.engine.fits(prompt, job.sampling):
-            return self._batched_steps(job, prompt)
+            return self.engine_steps(job.request_id, lambda sink: self.engine.submit(
+                job.request_id, prompt, job.sampling, job.for_talker, sink))
         return self._own_steps(job, prompt)
-
-    async def _batched_steps(self, job: ThinkerJob, prompt: ThinkerPrompt):
-        loop, steps = asyncio.get_running_loop(), asyncio.Queue()
-        self.engine.submit(job.request_id, prompt, job.sampling, job.for_talker,
-                           lambda step: loop.call_soon_threadsafe(steps.put_nowait, step))
-        self.in_engine += 1
-        self.metrics.batch("thinker", self.in_engine)
-        try:
-            while True:
-                step = await steps.get()
-                if isinstance(step, BaseException):
-                    raise step
-                yield step
-                if step.finish_reasons[0] is not None:
-                    return
-        finally:  # also when the consumer went away: the engine frees the row before its next step
-            self.engine.cancel(job.request_id)
-            self.in_engine -= 1
-            self.metrics.batch("thinker", self.in_engine)
 
     async def _own_steps(self, job: ThinkerJob, prompt: ThinkerPrompt):
         steps = stream_generate(
@@ -102,14 +82,7 @@ class ThinkerStage(StageReplica):
             while (step := await asyncio.to_thread(next, steps, None)) is not None:
                 yield step
         finally:
-            try:
-                steps.close()
-            except ValueError:  # cancelled while a step runs in its thread; the generator is collected after it
-                pass
-
-    def describe(self) -> dict:
-        """Also the requests decoding together in the replica's batch now."""
-        return {**super().describe(), "batch": self.engine.active if self.engine is not None else None}
+            close_steps(steps)
 
     async def _prompt(self, job: ThinkerJob) -> ThinkerPrompt:
         """The processor's tensors plus the encoder outputs, fetched from the object store, on this device."""
