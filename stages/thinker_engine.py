@@ -164,7 +164,7 @@ class ThinkerEngine:
         talker_prompt = None
         if request.speaking:
             talker_prompt = _talker_prompts(model, prompt, pre, [request.request_id], [True])[0]
-        self._advance(row, pre.logits[0:1], talker_prompt)
+        self._advance(row, self._sample([row], pre.logits[0:1])[0], talker_prompt)
 
     def _step_or_fail(self) -> None:
         try:
@@ -191,15 +191,26 @@ class ThinkerEngine:
         free = [i for i in range(n) if self.rows[i] is None]
         if free:
             self.cache.reset_rows(free)
-        for i in busy:
+        for i, token in zip(busy, self._sample(busy, logits[busy])):
             self.rows[i].position = self.rows[i].position + 1
-            self._advance(i, logits[i : i + 1], None)
+            self._advance(i, token, None)
 
-    def _advance(self, index: int, logits: torch.Tensor, talker_prompt) -> None:
-        """Sample the row's next token from `logits [1, V]`, record it and hand the request its step."""
+    def _sample(self, indices: list[int], logits: torch.Tensor) -> list[int]:
+        """The next token of each row in `indices` from its logits (`[k, V]`, in that order): one `sample_next` call
+        for all, each row with its own parameters, history and generator, as it would be alone."""
+        rows = [self.rows[i] for i in indices]
+        width = max(len(row.history) for row in rows)
+        history = torch.full((len(rows), width), self.vocab_size, dtype=torch.long, device=logits.device)  # [k, L]
+        for k, row in enumerate(rows):  # the sentinel V pads each history, as it marks ungenerated slots
+            history[k, : len(row.history)] = row.history
+        tokens = sample_next(logits, [row.request.params for row in rows], history, [row.generator for row in rows],
+                             [len(row.generated) for row in rows])
+        return tokens.tolist()
+
+    def _advance(self, index: int, token: int, talker_prompt) -> None:
+        """Record the row's next token and hand the request its step."""
         row = self.rows[index]
         request, params = row.request, row.request.params
-        token = int(sample_next(logits, [params], row.history[None], [row.generator], [len(row.generated)])[0])
         row.generated.append(token)
         row.history[row.prompt_len + len(row.generated) - 1] = token
         row.last_token = token
@@ -207,7 +218,7 @@ class ThinkerEngine:
             "length" if len(row.generated) >= params.max_new_tokens else None
         talker_tokens = None
         if request.speaking:
-            embeds = self.model.embed_tokens(torch.tensor([token], device=logits.device))  # [1, H]
+            embeds = self.model.embed_tokens(torch.tensor([token], device=row.history.device))  # [1, H]
             talker_tokens = [ThinkerTokens(request.request_id, [token], embeds, reason is not None, reason)]
         step = ThinkerStep([token], [reason], [talker_prompt] if talker_prompt is not None else None, talker_tokens)
         if reason is not None:
