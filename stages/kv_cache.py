@@ -47,6 +47,22 @@ class KVCache:
         view.valid, view.lengths, view.max_len = self.valid[:rows], self.lengths[:rows], self.max_len
         return view
 
+    def single_row(self, max_len: int) -> "KVCache":
+        """An empty one-row cache of the same layers, heads, dtype and device, `max_len` slots long: where a
+        batching engine prefills a request alone before `load_row` moves it into the batch."""
+        keys = self.keys[0]
+        return KVCache(len(self.keys), 1, keys.shape[1], max_len, keys.shape[3], dtype=keys.dtype, device=keys.device)
+
+    def load_row(self, row: int, source: "KVCache") -> None:
+        """Make `row` hold what the one-row cache `source` holds (its filled slots, which of them are valid and its
+        length), replacing whatever the row held."""
+        n = int(source.lengths[0])
+        for mine, theirs in zip(self.keys + self.values, source.keys + source.values):
+            mine[row, :, :n] = theirs[0, :, :n]
+        self.valid[row] = False
+        self.valid[row, :n] = source.valid[0, :n]
+        self.lengths[row] = n
+
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The (keys, values) buffers of one layer, each `[B, kv_heads, S_max, D]`."""
         return self.keys[index], self.values[index]

@@ -123,3 +123,20 @@ def sample_next(
         # one draw per row, each from its own generator, so a seeded request is reproducible in any batch
         next_ids[row] = torch.multinomial(probs[i : i + 1], 1, generator=gens[row])[0, 0]
     return next_ids
+
+
+def sample_ragged(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    histories: list[torch.Tensor],
+    generators: list[torch.Generator | None],
+    num_generated: list[int],
+) -> torch.Tensor:
+    """`sample_next` for rows whose histories have different lengths (a batching engine's requests): each history
+    is padded with the sentinel V, which the repetition penalty ignores, so every row is sampled as it would be
+    alone. `logits [B, V]`, `histories[b] [L_b]` → `[B]`."""
+    width = max(len(h) for h in histories)
+    history = torch.full((len(histories), width), logits.shape[-1], dtype=torch.long, device=logits.device)  # [B, L]
+    for row, h in enumerate(histories):
+        history[row, : len(h)] = h
+    return sample_next(logits, params, history, generators, num_generated)

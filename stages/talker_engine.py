@@ -28,9 +28,10 @@ import torch
 
 from common.config import OmniConfig
 from common.sampling import SamplingParams
+from stages.batching import Cancellations, hand_over
 from stages.code_predictor import predict_residual_codes, predictor_params
 from stages.kv_cache import KVCache
-from stages.sampling import make_generators, sample_next
+from stages.sampling import make_generators, sample_ragged
 from stages.talker import Talker, TalkerRequest, TalkerStep, talker_prompt_inputs, text_entries
 
 logger = logging.getLogger(__name__)
@@ -71,9 +72,7 @@ class TalkerEngine:
         self.rows: list[_Row | None] = [None] * max_rows
         self.waiting: list[_Reply] = []  # admitted in order once prefill_ready (engine thread only)
         self.incoming: queue.Queue[_Reply] = queue.Queue()
-        self.queued: set[str] = set()  # ids submitted and not yet taken in by the engine thread
-        self.cancelled: set[str] = set()
-        self.lock = threading.Lock()  # guards `queued` and `cancelled`
+        self.cancellations = Cancellations()
         self.wake = threading.Event()
         self.closed = False
         self.thread = threading.Thread(target=self._run, name="talker-engine", daemon=True)
@@ -90,8 +89,7 @@ class TalkerEngine:
         """Queue a reply; `on_frame` then gets each of its steps (the last has a finish reason) or an error."""
         if not self.fits(request, params):
             raise ValueError(f"{request_id}: one row holds {self.max_len} positions (prompt + frames)")
-        with self.lock:
-            self.queued.add(request_id)
+        self.cancellations.submitted(request_id)
         self.incoming.put(_Reply(request_id, request, params, on_frame))
         self.notify()
 
@@ -100,8 +98,7 @@ class TalkerEngine:
         self.wake.set()
 
     def cancel(self, request_id: str) -> None:
-        with self.lock:
-            self.cancelled.add(request_id)
+        self.cancellations.cancel(request_id)
         self.notify()
 
     @property
@@ -139,8 +136,7 @@ class TalkerEngine:
                 reply = self.incoming.get_nowait()
             except queue.Empty:
                 return
-            with self.lock:
-                self.queued.discard(reply.request_id)
+            self.cancellations.arrived(reply.request_id)
             self.waiting.append(reply)
 
     def _admit(self) -> bool:
@@ -166,16 +162,10 @@ class TalkerEngine:
         talker = self.talker
         embeds, positions, next_position = talker_prompt_inputs(talker, self.cfg, reply.request, talker.tts_text())
         T = embeds.shape[0]
-        alone = KVCache(len(self.cache.keys), 1, self.cache.keys[0].shape[1], T, self.cache.keys[0].shape[3],
-                        dtype=self.cache.keys[0].dtype, device=self.cache.keys[0].device)
+        alone = self.cache.single_row(T)
         slots = alone.append(T)
         hidden = talker(embeds[None], positions[:, None], alone.mask(slots), alone, slots)[0, -1]  # [H]
-        for layer in range(len(self.cache.keys)):
-            self.cache.keys[layer][index, :, :T] = alone.keys[layer][0]
-            self.cache.values[layer][index, :, :T] = alone.values[layer][0]
-        self.cache.valid[index] = False
-        self.cache.valid[index, :T] = True
-        self.cache.lengths[index] = T
+        self.cache.load_row(index, alone)
         history = torch.full((reply.params.max_new_tokens,), self.vocab_size, dtype=torch.long, device=hidden.device)
         generator = make_generators([reply.params], hidden.device)[0]
         self.rows[index] = _Row(reply, hidden, None, next_position, history, generator)
@@ -185,11 +175,12 @@ class TalkerEngine:
         ready = [i for i, row in enumerate(self.rows) if row is not None and row.hidden is not None]
         if not ready:
             return False
+        rows = [self.rows[i] for i in ready]
+        logits = self.talker.codec_head(torch.stack([row.hidden for row in rows]))  # [k, V]
+        codes = sample_ragged(logits, [row.reply.params for row in rows], [row.history for row in rows],
+                              [row.generator for row in rows], [row.generated for row in rows]).tolist()
         going_on = []
-        for i in ready:
-            row = self.rows[i]
-            logits = self.talker.codec_head(row.hidden[None])  # [1, V]
-            c0 = int(sample_next(logits, [row.reply.params], row.history[None], [row.generator], [row.generated])[0])
+        for i, row, c0 in zip(ready, rows, codes):
             row.history[row.generated] = c0
             row.generated += 1
             if c0 == self.talker.cfg.codec_eos_token_id:
@@ -262,8 +253,7 @@ class TalkerEngine:
                 self._hand(row.reply, exc)
 
     def _drop_cancelled(self) -> None:
-        with self.lock:  # an id still on its way in stays for the next round; others were done already
-            cancelled, self.cancelled = self.cancelled, self.cancelled & self.queued
+        cancelled = self.cancellations.take()
         if not cancelled:
             return
         self.waiting = [reply for reply in self.waiting if reply.request_id not in cancelled]
@@ -271,11 +261,5 @@ class TalkerEngine:
             if row is not None and row.reply.request_id in cancelled:
                 self._free(index)
 
-    def _hand(self, request: _Reply, step) -> None:
-        """Give a request its step; a sink that fails (its consumer's event loop is gone) ends that request only."""
-        try:
-            request.on_frame(step)
-        except Exception:
-            logger.exception("engine: handing %s its step failed; the request is dropped", request.request_id)
-            with self.lock:
-                self.cancelled.add(request.request_id)
+    def _hand(self, reply: _Reply, step) -> None:
+        hand_over(reply.on_frame, reply.request_id, step, self.cancellations)

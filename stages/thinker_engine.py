@@ -26,8 +26,9 @@ import torch
 
 from common.messages import ThinkerTokens
 from common.sampling import SamplingParams
+from stages.batching import Cancellations, hand_over
 from stages.kv_cache import KVCache
-from stages.sampling import make_generators, sample_next
+from stages.sampling import make_generators, sample_ragged
 from stages.thinker import ThinkerLM, ThinkerPrompt, ThinkerStep, _talker_prompts, decode_step, prefill
 
 logger = logging.getLogger(__name__)
@@ -68,10 +69,9 @@ class ThinkerEngine:
         self.cache = KVCache(text.num_hidden_layers, max_rows, text.num_key_value_heads, max_len, text.head_dim,
                              dtype=weight.dtype, device=weight.device)
         self.rows: list[_Row | None] = [None] * max_rows
-        self.waiting: queue.Queue[_Request | None] = queue.Queue()  # None only wakes the engine
-        self.queued: set[str] = set()  # ids submitted and not yet admitted
-        self.cancelled: set[str] = set()  # ids to stop, queued or running
-        self.lock = threading.Lock()  # guards `queued` and `cancelled` (callers write, the engine thread reads)
+        self.incoming: queue.Queue[_Request | None] = queue.Queue()  # None only wakes the engine
+        self.waiting: list[_Request] = []  # taken in, waiting for a free row (engine thread only)
+        self.cancellations = Cancellations()
         self.closed = False
         self.thread = threading.Thread(target=self._run, name="thinker-engine", daemon=True)
         self.thread.start()
@@ -88,15 +88,13 @@ class ThinkerEngine:
             raise ValueError(f"{request_id}: one row of at most {self.max_len} tokens (prompt + max_new_tokens)")
         if speaking and self.accept_hidden_layer is None:
             raise ValueError("speaking requests need accept_hidden_layer (talker_config.accept_hidden_layer)")
-        with self.lock:
-            self.queued.add(request_id)
-        self.waiting.put(_Request(request_id, prompt, params, speaking, on_step))
+        self.cancellations.submitted(request_id)
+        self.incoming.put(_Request(request_id, prompt, params, speaking, on_step))
 
     def cancel(self, request_id: str) -> None:
         """Stop a request (its consumer went away); its row is freed before the next step. Harmless when done."""
-        with self.lock:
-            self.cancelled.add(request_id)
-        self.waiting.put(None)  # wakes an idle engine so the id is cleared
+        self.cancellations.cancel(request_id)
+        self.incoming.put(None)  # wakes an idle engine so the id is cleared
 
     @property
     def active(self) -> list[str]:
@@ -105,7 +103,7 @@ class ThinkerEngine:
     def close(self) -> None:
         """Stop the engine thread (requests still in it get no more steps)."""
         self.closed = True
-        self.waiting.put(None)
+        self.incoming.put(None)
         self.thread.join(timeout=60)
 
     # --- the engine thread -------------------------------------------------------------------------------------
@@ -113,27 +111,28 @@ class ThinkerEngine:
     def _run(self) -> None:
         with torch.inference_mode():
             while not self.closed:
-                self._admit(block=not any(self.rows))
+                self._take_incoming(block=not any(self.rows) and not self.waiting)
                 self._drop_cancelled()
+                self._admit()
                 if any(self.rows):
                     self._step_or_fail()
 
-    def _admit(self, block: bool) -> None:
-        """Move waiting requests into free rows (waiting for one when no row is busy)."""
-        while None in self.rows:
+    def _take_incoming(self, block: bool) -> None:
+        """Move submitted requests to `waiting` (first waiting for one when the engine has nothing to do)."""
+        while True:
             try:
-                request = self.waiting.get(block=block)
+                request = self.incoming.get(block=block)
             except queue.Empty:
                 return
             block = False
-            if request is None:
-                if self.closed:
-                    return
-                continue
-            with self.lock:
-                self.queued.discard(request.request_id)
-            if self._is_cancelled(request.request_id):
-                continue
+            if request is not None:
+                self.cancellations.arrived(request.request_id)
+                self.waiting.append(request)
+
+    def _admit(self) -> None:
+        """Move waiting requests into free rows, in the order they came."""
+        while self.waiting and None in self.rows:
+            request = self.waiting.pop(0)
             try:
                 self._prefill_into(self.rows.index(None), request)
             except Exception as exc:  # this request's fault or not, it ends here; the others go on
@@ -144,16 +143,10 @@ class ThinkerEngine:
         """Prefill one request alone, copy its keys and values into `row`, and give it its first token."""
         model, prompt = self.model, request.prompt
         T = prompt.input_ids.shape[1]
-        alone = KVCache(len(self.cache.keys), 1, self.cache.keys[0].shape[1], T, self.cache.keys[0].shape[3],
-                        dtype=self.cache.keys[0].dtype, device=self.cache.keys[0].device)
+        alone = self.cache.single_row(T)
         capture = self.accept_hidden_layer if request.speaking else None
         pre = prefill(model, prompt, alone, capture)
-        for layer in range(len(self.cache.keys)):
-            self.cache.keys[layer][row, :, :T] = alone.keys[layer][0]
-            self.cache.values[layer][row, :, :T] = alone.values[layer][0]
-        self.cache.valid[row] = False
-        self.cache.valid[row, :T] = prompt.attention_mask[0].bool()
-        self.cache.lengths[row] = T
+        self.cache.load_row(row, alone)
 
         history = torch.full((T + request.params.max_new_tokens,), self.vocab_size, dtype=torch.long,
                              device=prompt.input_ids.device)
@@ -199,12 +192,8 @@ class ThinkerEngine:
         """The next token of each row in `indices` from its logits (`[k, V]`, in that order): one `sample_next` call
         for all, each row with its own parameters, history and generator, as it would be alone."""
         rows = [self.rows[i] for i in indices]
-        width = max(len(row.history) for row in rows)
-        history = torch.full((len(rows), width), self.vocab_size, dtype=torch.long, device=logits.device)  # [k, L]
-        for k, row in enumerate(rows):  # the sentinel V pads each history, as it marks ungenerated slots
-            history[k, : len(row.history)] = row.history
-        tokens = sample_next(logits, [row.request.params for row in rows], history, [row.generator for row in rows],
-                             [len(row.generated) for row in rows])
+        tokens = sample_ragged(logits, [row.request.params for row in rows], [row.history for row in rows],
+                               [row.generator for row in rows], [len(row.generated) for row in rows])
         return tokens.tolist()
 
     def _advance(self, index: int, token: int, talker_prompt) -> None:
@@ -229,25 +218,14 @@ class ThinkerEngine:
         self.rows[index] = None
         self.cache.reset_rows([index])
 
-    def _is_cancelled(self, request_id: str) -> bool:
-        with self.lock:
-            if request_id in self.cancelled:
-                self.cancelled.discard(request_id)
-                return True
-        return False
-
     def _drop_cancelled(self) -> None:
+        cancelled = self.cancellations.take()
+        if not cancelled:
+            return
+        self.waiting = [request for request in self.waiting if request.request_id not in cancelled]
         for index, row in enumerate(self.rows):
-            if row is not None and self._is_cancelled(row.request.request_id):
+            if row is not None and row.request.request_id in cancelled:
                 self._free(index)
-        with self.lock:  # forget ids of requests that had finished before their cancel came
-            self.cancelled &= self.queued | {row.request.request_id for row in self.rows if row is not None}
 
     def _hand(self, request: _Request, step) -> None:
-        """Give a request its step; a sink that fails (its consumer's event loop is gone) ends that request only."""
-        try:
-            request.on_step(step)
-        except Exception:
-            logger.exception("engine: handing %s its step failed; the request is dropped", request.request_id)
-            with self.lock:
-                self.cancelled.add(request.request_id)
+        hand_over(request.on_step, request.request_id, step, self.cancellations)

@@ -258,6 +258,23 @@ def test_kv_cache_head_is_a_view_of_the_first_rows():
     assert head.mask(slots).shape == (2, 1, 1, 3)
 
 
+def test_kv_cache_load_row_takes_a_single_row_prefill():
+    """A request prefilled alone (`single_row`), left-padded, moved into row 1 of a batch that held something
+    longer there: its keys, validity and length replace the row's; the other rows are untouched."""
+    batch = KVCache(2, 3, 1, 8, 4, dtype=torch.float32, device="cpu")
+    batch.append(6)
+    batch.keys[0].fill_(5.0)
+    alone = batch.single_row(4)
+    slots = alone.append(4, torch.tensor([[False, True, True, True]]))
+    for layer in alone.keys + alone.values:
+        layer[0, :, slots[0]] = torch.arange(4.0)[:, None]
+    batch.load_row(1, alone)
+    assert batch.lengths.tolist() == [6, 4, 6]
+    assert batch.valid[1].tolist() == [False, True, True, True] + [False] * 4
+    assert batch.keys[1][1, 0, :4, 0].tolist() == [0, 1, 2, 3] and batch.values[0][1, 0, :4, 0].tolist() == [0, 1, 2, 3]
+    assert batch.keys[0][0].eq(5).all() and batch.keys[0][2].eq(5).all()
+
+
 def test_kv_cache_overflow_is_an_error():
     cache = KVCache(1, 1, 1, 4, 8, dtype=torch.float32, device="cpu")
     cache.append(3)

@@ -11,7 +11,7 @@ from transformers.generation.logits_process import (
 
 from common.errors import InvalidRequestError
 from common.sampling import SamplingParams
-from stages.sampling import make_generators, process_logits, sample_next, warp_logits
+from stages.sampling import make_generators, process_logits, sample_next, sample_ragged, warp_logits
 
 V = 50
 
@@ -123,3 +123,16 @@ def test_from_generation_config():
          "eos_token_id": [5, 6], "pad_token_id": 1}, max_new_tokens=7)
     assert params == SamplingParams(max_new_tokens=7, do_sample=True, temperature=0.7, top_k=20, top_p=0.8,
                                     repetition_penalty=1.05, stop_token_ids=(5, 6))
+
+
+def test_ragged_histories_sample_each_row_as_alone():
+    """`sample_ragged` (a batching engine's rows, histories of different lengths) gives each row the token
+    `sample_next` gives it alone, greedy or seeded, with its repetition penalty."""
+    x = logits()
+    histories = [torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 9, 1, 6)]
+    params = [SamplingParams(repetition_penalty=1.5), SamplingParams(do_sample=True, temperature=0.8, seed=3),
+              SamplingParams(), SamplingParams(do_sample=True, top_k=5, repetition_penalty=1.2, seed=9)]
+    together = sample_ragged(x, params, histories, make_generators(params, "cpu"), [0, 2, 0, 1])
+    alone = [sample_next(x[r : r + 1], [params[r]], histories[r][None], make_generators([params[r]], "cpu"),
+                         [[0, 2, 0, 1][r]])[0] for r in range(4)]
+    assert together.tolist() == [int(t) for t in alone]

@@ -1,0 +1,51 @@
+"""What the thinker's and the talker's batching engines share: the requests cancelled from other threads, and handing
+a step to a request's sink without letting one failing consumer take the batch down."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+logger = logging.getLogger(__name__)
+
+
+class Cancellations:
+    """Ids of requests to stop: cancelled from any thread, taken by the engine thread between steps.
+
+    An id whose request is still on its way in (submitted, not yet taken in by the engine thread) is kept until the
+    request arrives; any other id is dropped once taken: its request is in the engine (which stops it) or was done
+    already (a consumer cancels when it stops listening, whether or not the reply had finished)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._on_the_way: set[str] = set()
+        self._ids: set[str] = set()
+
+    def submitted(self, request_id: str) -> None:
+        with self._lock:
+            self._on_the_way.add(request_id)
+
+    def arrived(self, request_id: str) -> None:
+        with self._lock:
+            self._on_the_way.discard(request_id)
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            self._ids.add(request_id)
+
+    def take(self) -> set[str]:
+        """The ids cancelled since the last take (those of requests still on their way in stay for the next)."""
+        with self._lock:
+            taken, self._ids = self._ids, self._ids & self._on_the_way
+        return taken
+
+
+def hand_over(sink: Callable, request_id: str, step, cancellations: Cancellations) -> None:
+    """Give a request its step (or the error that ended it). A sink that fails (its consumer's event loop is gone)
+    ends that request only: it is cancelled, and the engine goes on with the others."""
+    try:
+        sink(step)
+    except Exception:
+        logger.exception("engine: handing %s its step failed; the request is dropped", request_id)
+        cancellations.cancel(request_id)
