@@ -75,11 +75,12 @@ def main() -> None:
 
 def transformers_serial(hf, ckpt: Path, conversations, speech: bool, args, device, dtype) -> dict:
     """Wall times of serving every conversation in turn (`--repeats` passes), and each one's token ids."""
+    from common.config import load_generation_config
     from common.processor import OmniProcessor
 
     processor = OmniProcessor.from_pretrained(ckpt)
     eos = common.generation_eos_ids(ckpt)
-    penalty = _generation_config(ckpt).get("repetition_penalty", 1.0)
+    penalty = load_generation_config(ckpt).get("repetition_penalty", 1.0)
     n = args.new_tokens
 
     def one(conversation):
@@ -106,13 +107,6 @@ def transformers_serial(hf, ckpt: Path, conversations, speech: bool, args, devic
         walls.append(done[-1])
         finishes.append(done)
     return {"walls": walls, "latency_p50": statistics.median(finishes[-1]), "tokens": tokens}
-
-
-def _generation_config(ckpt: Path) -> dict:
-    import json
-
-    path = ckpt / "generation_config.json"
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 # --- ours, through the service -----------------------------------------------------------------------------------

@@ -165,6 +165,12 @@ def _first(*values):
     return next((v for v in values if v is not None), None)
 
 
+def _given(*fields: tuple[object, str]) -> tuple[object, str]:
+    """The first of `(value, request field)` the request gave (not None), with the field's name for errors; else
+    (None, the last name)."""
+    return next(((v, name) for v, name in fields if v is not None), (None, fields[-1][1]))
+
+
 def _sampling(
     defaults: SamplingParams,
     max_new_tokens: int,
@@ -227,12 +233,8 @@ def thinker_sampling(
     cfg: OmniConfig,
 ) -> SamplingParams:
     stage = req.stage_sampling(0)
-    if req.max_completion_tokens is not None:
-        asked, param = req.max_completion_tokens, "max_completion_tokens"
-    elif req.max_tokens is not None:
-        asked, param = req.max_tokens, "max_tokens"
-    else:
-        asked, param = stage.max_tokens, "sampling_params_list[0].max_tokens"
+    asked, param = _given((req.max_completion_tokens, "max_completion_tokens"), (req.max_tokens, "max_tokens"),
+                          (stage.max_tokens, "sampling_params_list[0].max_tokens"))
     if asked is not None and asked > settings.max_tokens_limit:
         raise TooManyTokensError(
             f"{param} {asked} is above this service's limit of {settings.max_tokens_limit}", param=param
@@ -254,8 +256,7 @@ def thinker_sampling(
 
 
 def _min_tokens(req: ChatCompletionRequest, stage: StageSampling, max_new: int) -> int | None:
-    min_tokens, param = (req.min_tokens, "min_tokens") if req.min_tokens is not None else \
-        (stage.min_tokens, "sampling_params_list[0].min_tokens")
+    min_tokens, param = _given((req.min_tokens, "min_tokens"), (stage.min_tokens, "sampling_params_list[0].min_tokens"))
     if min_tokens is not None and min_tokens > max_new:
         raise InvalidRequestError(f"{param} ({min_tokens}) is more than the reply may have ({max_new} tokens)",
                                   param=param)
@@ -279,10 +280,8 @@ def talker_sampling(
     for name in ("ignore_eos", "min_tokens"):  # the talker's end is the end of speech, not a token to skip
         if getattr(stage, name):
             raise InvalidRequestError(f"{name} applies to the thinker only", param=f"sampling_params_list[1].{name}")
-    if req.talker_max_tokens is not None:
-        asked, param = req.talker_max_tokens, "talker_max_tokens"
-    else:
-        asked, param = stage.max_tokens, "sampling_params_list[1].max_tokens"
+    asked, param = _given((req.talker_max_tokens, "talker_max_tokens"),
+                          (stage.max_tokens, "sampling_params_list[1].max_tokens"))
     context = cfg.talker_config.text_config.max_position_embeddings
     max_new = _max_new_tokens(asked, settings.default_talker_max_tokens, prompt_tokens, context, "talker", param)
     return _sampling(

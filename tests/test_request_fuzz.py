@@ -86,7 +86,7 @@ def _mutate(body: dict, rng: random.Random) -> dict:
 
 @pytest.fixture(scope="module")
 def pipeline(tiny_ckpt):
-    from common.config import load_config
+    from common.config import load_config, load_generation_config
     from common.processor import OmniProcessor
     from common.sampling import SamplingParams
     from deployments.prepare import (
@@ -96,8 +96,7 @@ def pipeline(tiny_ckpt):
 
     cfg, processor = load_config(tiny_ckpt), OmniProcessor.from_pretrained(tiny_ckpt)
     settings = ServiceSettings()
-    defaults = SamplingParams.from_generation_config(
-        json.loads((tiny_ckpt / "generation_config.json").read_text()))
+    defaults = SamplingParams.from_generation_config(load_generation_config(tiny_ckpt))
     quote = processor.tokenizer.quote_specials
 
     def answer(raw: bytes) -> int:
