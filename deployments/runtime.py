@@ -137,8 +137,11 @@ class StageReplica:
             self.in_engine -= 1
             self.metrics.batch(self.stage_name, self.in_engine)
 
-    def ready(self) -> bool:
-        return True
+    def check_health(self) -> None:
+        """Serve's periodic replica health check (a replica that fails it is replaced, and `/health` names the
+        stage meanwhile): a batching engine whose thread has stopped would leave every request it holds waiting."""
+        if self.engine is not None and not self.engine.thread.is_alive():
+            raise RuntimeError(f"{self.stage_name}: the batching engine's thread has stopped")
 
     def describe(self) -> dict:
         """What the replica holds (prefixes, weight elements), the ids of the requests it is serving, and of those

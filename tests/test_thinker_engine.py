@@ -178,3 +178,17 @@ def test_requests_longer_than_a_row_are_not_admitted(setup, engines):
     assert not engine.fits(prompts[1], params)
     with pytest.raises(ValueError, match="64 tokens"):
         engine.submit("long", prompts[1], params, False, lambda step: None)
+
+
+def test_a_replica_whose_engine_stopped_fails_its_health_check(setup, engines):
+    """Serve replaces a replica whose `check_health` raises: one whose engine thread is gone would hang its
+    requests."""
+    from deployments.runtime import StageReplica
+
+    model, prompts, eos, layer = setup
+    replica = object.__new__(StageReplica)
+    replica.stage_name, replica.engine = "thinker", engines(model, max_rows=1, max_len=64, accept_hidden_layer=layer)
+    replica.check_health()
+    replica.engine.close()
+    with pytest.raises(RuntimeError, match="engine's thread has stopped"):
+        replica.check_health()
