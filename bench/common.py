@@ -9,6 +9,7 @@ Run benchmarks as modules from the repository root (`python -m bench.bench_moe .
 
 Checkpoints (`--model`):
 - `tiny`, `tiny-alt`: `common.tiny.write_tiny_checkpoint` (the tests' model; timings are mostly overhead).
+- `small`: the same writer's "small" shape (thinker hidden 256, 16 experts, 16 code groups): compute shows.
 - `full`: the real model's widths (`bench/data/qwen3_omni_30b_a3b_widths.json`, copied from the real
   config.json) with every layer stack capped at `--layers`, random weights written in `--dtype` through the same
   writer (`common.tiny.write_checkpoint`). Meant for a GPU: `--layers 8` is 7.7 B parameters
@@ -63,7 +64,7 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=["tiny", "tiny-alt", "full"], default="tiny",
+    p.add_argument("--model", choices=["tiny", "tiny-alt", "small", "full"], default="tiny",
                    help="which random checkpoint to build (ignored with --checkpoint)")
     p.add_argument("--layers", type=int, default=8, help="--model full: cap on every layer stack (≥ 3)")
     p.add_argument("--checkpoint", type=Path, default=None, help="an existing checkpoint folder instead")
@@ -244,8 +245,8 @@ def build_checkpoint(args: argparse.Namespace, dtype: torch.dtype) -> Path:
 
     if args.checkpoint is not None:
         return args.checkpoint
-    if args.model in ("tiny", "tiny-alt"):
-        variant = "default" if args.model == "tiny" else "alt"
+    if args.model in ("tiny", "tiny-alt", "small"):
+        variant = {"tiny": "default", "tiny-alt": "alt", "small": "small"}[args.model]
         out = args.cache_dir / f"{args.model}-seed{args.seed}"
         if not (out / "config.json").is_file():
             write_tiny_checkpoint(out, seed=args.seed, variant=variant)

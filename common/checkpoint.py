@@ -9,7 +9,9 @@ Loading contract (see docs/internals.md, "Weights"):
   it allocates nothing; `load_stage_weights` assigns the file tensors (converted to `dtype`, on `device`), so
   peak memory is about the stage's weights plus one tensor.
 - Parameter names are the hub names with the stage's prefix replaced (`prefix_map`), except MoE experts, which
-  we hold stacked (`STACKED_EXPERTS`).
+  we hold stacked (`STACKED_EXPERTS`), and projections of one input that a module holds fused
+  (`stages.layers.FusedLinear`: e.g. `self_attn.qkv_proj.weight` is the rows of the hub's `self_attn.q_proj.weight`,
+  `k_proj`, `v_proj`), so checkpoints stay as the hub has them.
 - Non-persistent buffers (rotary `inv_freq`, sinusoid tables, code offsets) are not in the files. After the
   weights are assigned they are allocated on `device` and every module that owns one must define
   `reset_buffers()`, which fills them; it is called once per module, parents before children.
@@ -134,28 +136,70 @@ def shards_for_prefixes(names_to_files: dict[str, str], prefixes: Iterable[str] 
 
 @dataclass(frozen=True)
 class _Source:
-    """One file tensor and where it goes: our parameter `name`, and for stacked experts its (expert, part)."""
+    """One file tensor and where it goes: our parameter `name`, for stacked experts its (expert, part), for a fused
+    projection its output `rows` [start, end)."""
 
     hub_name: str
     file: str
     name: str
     expert: int | None = None
     part: int | None = None
+    rows: tuple[int, int] | None = None
 
 
-def _to_ours(hub_name: str, prefix_map: dict[str, str]) -> tuple[str, int | None, int | None] | None:
-    """Hub tensor name -> (our parameter, expert, part), or None when outside the stage's prefixes."""
+@dataclass(frozen=True)
+class _FusedPart:
+    param: str  # our fused parameter, e.g. `layers.0.self_attn.qkv_proj.weight`
+    rows: tuple[int, int]  # the part's output rows in it
+
+
+def fused_parts(module: nn.Module) -> dict[str, _FusedPart]:
+    """The module's fused projections, unfused: the name a part has in the checkpoint (with the stage's module
+    prefix, e.g. `layers.0.self_attn.k_proj.bias`) -> where it lives in our parameter."""
+    out = {}
+    for path, sub in module.named_modules():
+        parts = getattr(sub, "parts", None)
+        if not isinstance(sub, nn.Linear) or not isinstance(parts, dict):
+            continue
+        parent = path.rsplit(".", 1)[0] + "." if "." in path else ""
+        for kind in ("weight", "bias") if sub.bias is not None else ("weight",):
+            start = 0
+            for hub_proj, rows in parts.items():
+                out[f"{parent}{hub_proj}.{kind}"] = _FusedPart(f"{path}.{kind}", (start, start + rows))
+                start += rows
+    return out
+
+
+def fuse_projections(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict that holds the hub's separate projections (as transformers' modules do) -> one for `module`,
+    whose fused projections get the parts' rows concatenated; every other entry is passed through."""
+    out = dict(state_dict)
+    pieces: dict[str, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+    for part_name, part in fused_parts(module).items():
+        if part_name in out:
+            pieces[part.param].append((part.rows[0], out.pop(part_name)))
+    for param, rows in pieces.items():
+        out[param] = torch.cat([tensor for _, tensor in sorted(rows, key=lambda r: r[0])])
+    return out
+
+
+def _to_ours(
+    hub_name: str, prefix_map: dict[str, str], fused: dict[str, _FusedPart]
+) -> tuple[str, int | None, int | None, tuple[int, int] | None] | None:
+    """Hub tensor name -> (our parameter, expert, part, rows), or None when outside the stage's prefixes."""
     for hub_prefix, our_prefix in sorted(prefix_map.items(), key=lambda kv: -len(kv[0])):
         if hub_name.startswith(hub_prefix):
             name = our_prefix + hub_name[len(hub_prefix):]
             break
     else:
         return None
+    if name in fused:
+        return fused[name].param, None, None, fused[name].rows
     match = _HUB_EXPERT.match(name)
     if match and match["proj"] in _HUB_PROJ:
         stacked, part = _HUB_PROJ[match["proj"]]
-        return f"{match['experts']}.{stacked}", int(match["expert"]), part
-    return name, None, None
+        return f"{match['experts']}.{stacked}", int(match["expert"]), part, None
+    return name, None, None, None
 
 
 def _is_stacked(name: str) -> bool:
@@ -186,11 +230,18 @@ def hub_names(name: str, prefix_map: dict[str, str], num_experts: int | None = N
     return [f"{match['experts']}.{e}.{proj}.weight" for e in range(num_experts) for proj in projs]
 
 
-def to_hub_state_dict(state_dict: dict[str, torch.Tensor], prefix_map: dict[str, str]) -> dict[str, torch.Tensor]:
-    """Our stage state dict -> hub-named tensors (experts unstacked), each its own contiguous copy, ready for
-    `safetensors.torch.save_file`."""
+def to_hub_state_dict(module: nn.Module, prefix_map: dict[str, str]) -> dict[str, torch.Tensor]:
+    """A loaded stage module -> hub-named tensors (experts unstacked, fused projections split), each its own
+    contiguous copy, ready for `safetensors.torch.save_file`."""
     out = {}
+    state_dict = module.state_dict()
+    fused = fused_parts(module)
+    for part_name, part in fused.items():
+        start, end = part.rows
+        out[_hub_prefixed(part_name, prefix_map)] = state_dict[part.param][start:end].detach().clone()
     for name, tensor in state_dict.items():
+        if any(part.param == name for part in fused.values()):
+            continue
         if not _is_stacked(name):
             out[_hub_prefixed(name, prefix_map)] = tensor.detach().clone()
             continue
@@ -221,32 +272,43 @@ def load_stage_weights(
     ckpt_dir = Path(ckpt_dir)
     device = torch.device(device)
     expected = module.state_dict(keep_vars=True)  # name -> tensor (on meta: shape and dtype only)
-    sources = _plan(weight_map(ckpt_dir), prefix_map)
-    _check_names(sources, expected, prefix_map)
+    fused = fused_parts(module)
+    sources = _plan(weight_map(ckpt_dir), prefix_map, fused)
+    _check_names(sources, expected, prefix_map, fused)
     tensors = _read(sources, expected, ckpt_dir, dtype, device)
     module.load_state_dict(tensors, strict=True, assign=True)
     _materialise_buffers(module, device)
     return module
 
 
-def _plan(names_to_files: dict[str, str], prefix_map: dict[str, str]) -> dict[str, list[_Source]]:
+def _plan(
+    names_to_files: dict[str, str], prefix_map: dict[str, str], fused: dict[str, _FusedPart]
+) -> dict[str, list[_Source]]:
     """Our parameter name -> the file tensors it is made of."""
     sources: dict[str, list[_Source]] = defaultdict(list)
     for hub_name, file in names_to_files.items():
-        ours = _to_ours(hub_name, prefix_map)
+        ours = _to_ours(hub_name, prefix_map, fused)
         if ours is not None:
-            name, expert, part = ours
-            sources[name].append(_Source(hub_name, file, name, expert, part))
+            name, expert, part, rows = ours
+            sources[name].append(_Source(hub_name, file, name, expert, part, rows))
     return dict(sources)
 
 
-def _check_names(sources: dict[str, list[_Source]], expected: dict[str, torch.Tensor], prefix_map) -> None:
+def _check_names(
+    sources: dict[str, list[_Source]], expected: dict[str, torch.Tensor], prefix_map, fused: dict[str, _FusedPart]
+) -> None:
     missing, unexpected = [], []
+    parts_of: dict[str, list[str]] = defaultdict(list)  # our fused parameter -> its parts' hub names
+    for part_name, part in fused.items():
+        parts_of[part.param].append(_hub_prefixed(part_name, prefix_map))
     for name, group in sources.items():
         if name not in expected:
             unexpected += [s.hub_name for s in group]
     for name, tensor in expected.items():
-        wanted = hub_names(name, prefix_map, num_experts=tensor.shape[0] if _is_stacked(name) else None)
+        if name in parts_of:
+            wanted = parts_of[name]
+        else:
+            wanted = hub_names(name, prefix_map, num_experts=tensor.shape[0] if _is_stacked(name) else None)
         have = {s.hub_name for s in sources.get(name, [])}
         missing += [hub for hub in wanted if hub not in have]
         unexpected += have - set(wanted)  # e.g. an expert index beyond the module's E
@@ -280,6 +342,16 @@ def _read(sources, expected, ckpt_dir: Path, dtype: torch.dtype, device: torch.d
                 target = expected[s.name]
                 tensor = f.get_tensor(s.hub_name)
                 to_dtype = dtype if tensor.is_floating_point() else tensor.dtype
+                if s.rows is not None:  # one projection's rows of a fused one
+                    start, end = s.rows
+                    if tensor.shape != (end - start, *target.shape[1:]):
+                        bad_shapes.append(f"{s.hub_name} {list(tensor.shape)} does not fit rows {start}:{end} of "
+                                          f"{s.name} {list(target.shape)}")
+                        continue
+                    if s.name not in out:
+                        out[s.name] = torch.empty(target.shape, dtype=to_dtype, device=device)
+                    out[s.name][start:end].copy_(tensor)
+                    continue
                 if s.expert is None:
                     if tensor.shape != target.shape:
                         bad_shapes.append(f"{s.hub_name} {list(tensor.shape)} ≠ {s.name} {list(target.shape)}")

@@ -10,8 +10,9 @@ thousand parameters.
 Weights are drawn at unit scale (fan-in-scaled normals, norms near 1, LayerScale and ConvNeXt gamma near 0.5,
 damped vocoder residuals): the real initialisation would give ~1e-7 waveforms, which any tolerance accepts.
 
-Two shapes: "default" (the shapes of the reference oracle) and "alt" (head_dim ≠ hidden/heads, top-3 routing,
-three DeepStack levels, 8 code groups, odd sizes, a short Code2Wav sliding window, rope_parameters form).
+Three shapes: "default" (the shapes of the reference oracle) and "alt" (head_dim ≠ hidden/heads, top-3 routing,
+three DeepStack levels, 8 code groups, odd sizes, a short Code2Wav sliding window, rope_parameters form), and "small" (hidden 256, 16 experts: the benchmarks'
+model, where compute shows next to per-call overhead).
 """
 
 from __future__ import annotations
@@ -155,6 +156,19 @@ VARIANTS = {
         predictor=dict(layers=2, heads=4, kv=2, head_dim=16, ffn=56),
         code2wav=dict(hidden=24, layers=2, heads=4, ffn=40, window=5, decoder_dim=48),
         legacy_rope=False,
+    ),
+    # the benchmarks' "small" model: wide enough that compute, not only per-call overhead, shows on a CPU
+    "small": dict(
+        vocab=448, n_mels=32,
+        audio=dict(d_model=64, layers=2, heads=4, ffn=128, conv=32, n_window_infer=200),
+        vision=dict(depth=2, hidden=64, heads=4, mlp=128, pos_grid=8, deepstack=[0, 1]),
+        text=dict(hidden=256, layers=4, heads=8, kv=2, head_dim=32, mrope=[6, 5, 5], experts=16, topk=4, moe=128),
+        talker=dict(hidden=128, layers=3, heads=4, kv=2, head_dim=32, mrope=[6, 5, 5], experts=16, topk=4, moe=64,
+                    shared=128, norm_topk=True, accept_hidden_layer=2),
+        codebook=256, code_groups=16,
+        predictor=dict(layers=3, heads=4, kv=2, head_dim=32, ffn=256),
+        code2wav=dict(hidden=64, layers=2, heads=4, ffn=128, window=72, decoder_dim=64),
+        legacy_rope=True,
     ),
 }
 

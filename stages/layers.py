@@ -4,8 +4,10 @@ Shapes: B batch, T query length, S key length (cache slots), H hidden, D head di
 E experts, I expert intermediate size, K experts per token.
 
 The modules hold weights only. Positions (as cos/sin), attention masks and KV caches are passed in, so one
-module serves prefill, decode and (later) continuously batched rows without knowing which.
-Parameter names follow the hub checkpoint (`q_proj`, `k_norm`, `gate_up_proj`, ...).
+module serves prefill, decode and continuously batched rows without knowing which.
+Parameter names follow the hub checkpoint (`k_norm`, `o_proj`, ...), except the projections that read the same
+input, which are held fused so a step makes one matmul instead of two or three (`FusedLinear`: `qkv_proj` holds the
+hub's `q_proj`, `k_proj`, `v_proj` rows, `gate_up_proj` the `gate_proj`, `up_proj` rows; the loader fills them).
 """
 
 from __future__ import annotations
@@ -24,10 +26,21 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # one fused kernel; the same float32 arithmetic as x · rsqrt(mean(x²) + eps), bit for bit
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+
+
+class FusedLinear(nn.Linear):
+    """Several hub projections of the same input held as one `nn.Linear`: `parts` names each hub projection (the
+    sibling module name in the checkpoint, e.g. `q_proj`) and its output rows, in row order. The checkpoint loader
+    copies each hub tensor into its rows; `split` cuts an output back into the parts."""
+
+    def __init__(self, in_features: int, parts: dict[str, int], bias: bool):
+        super().__init__(in_features, sum(parts.values()), bias=bias)
+        self.parts = parts
+
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return y.split(list(self.parts.values()), dim=-1)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -167,9 +180,10 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = head_dim**-0.5 if scale is None else scale
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        kv_rows = num_kv_heads * head_dim
+        self.qkv_proj = FusedLinear(
+            hidden_size, {"q_proj": num_heads * head_dim, "k_proj": kv_rows, "v_proj": kv_rows}, bias=bias
+        )
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
         if qk_norm_eps is not None:
             self.q_norm = RMSNorm(head_dim, qk_norm_eps)
@@ -187,9 +201,10 @@ class Attention(nn.Module):
         write_slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
             k = self.k_norm(k)
@@ -223,12 +238,13 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.gate_up_proj = FusedLinear(hidden_size, {"gate_proj": intermediate_size, "up_proj": intermediate_size},
+                                        bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Experts(nn.Module):

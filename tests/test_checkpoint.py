@@ -26,6 +26,7 @@ from common.checkpoint import (
     weight_map,
 )
 from common.errors import CheckpointError
+from stages.layers import FusedLinear
 
 E, H, I, V, L = 4, 8, 6, 16, 2  # experts, hidden, expert intermediate, vocab, layers
 
@@ -53,7 +54,7 @@ class Experts(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, inter):
         super().__init__()
-        self.gate_proj, self.up_proj = nn.Linear(H, inter, bias=False), nn.Linear(H, inter, bias=False)
+        self.gate_up_proj = FusedLinear(H, {"gate_proj": inter, "up_proj": inter}, bias=False)
         self.down_proj = nn.Linear(inter, H, bias=False)
 
 
@@ -74,6 +75,9 @@ class Layer(nn.Module):
         self.input_layernorm.weight = nn.Parameter(torch.empty(H))
         self.q_proj = nn.Linear(H, H, bias=True)
         self.mlp = MoE(shared)
+        if shared:  # the talker's layers: attention projections held fused, of unequal widths
+            self.self_attn = nn.Module()
+            self.self_attn.qkv_proj = FusedLinear(H, {"q_proj": H, "k_proj": 2, "v_proj": 2}, bias=True)
 
 
 class Decoder(nn.Module):
@@ -120,6 +124,8 @@ def _decoder_hub_shapes(prefix, shared):
         if shared:
             shapes |= {p + "mlp.shared_expert.gate_proj.weight": (5, H), p + "mlp.shared_expert.up_proj.weight": (5, H),
                        p + "mlp.shared_expert.down_proj.weight": (H, 5), p + "mlp.shared_expert_gate.weight": (1, H)}
+            for name, rows in (("q_proj", H), ("k_proj", 2), ("v_proj", 2)):
+                shapes |= {p + f"self_attn.{name}.weight": (rows, H), p + f"self_attn.{name}.bias": (rows,)}
     return shapes
 
 
@@ -208,13 +214,19 @@ def test_stacked_experts_equal_per_expert_tensors(sharded, tensors):
             assert torch.equal(experts.gate_up_proj[e, :I], tensors[p + "gate_proj.weight"])  # gate rows first
             assert torch.equal(experts.gate_up_proj[e, I:], tensors[p + "up_proj.weight"])
             assert torch.equal(experts.down_proj[e], tensors[p + "down_proj.weight"])
-        shared = talker.model.layers[n].mlp.shared_expert  # not an expert table: loaded as is
-        assert torch.equal(shared.gate_proj.weight, tensors[f"talker.model.layers.{n}.mlp.shared_expert.gate_proj.weight"])
+        shared = talker.model.layers[n].mlp.shared_expert  # not an expert table: one fused projection
+        p = f"talker.model.layers.{n}."
+        assert torch.equal(shared.gate_up_proj.weight[:5], tensors[p + "mlp.shared_expert.gate_proj.weight"])
+        assert torch.equal(shared.gate_up_proj.weight[5:], tensors[p + "mlp.shared_expert.up_proj.weight"])
+        qkv = talker.model.layers[n].self_attn.qkv_proj
+        for name, rows in (("q_proj", slice(0, H)), ("k_proj", slice(H, H + 2)), ("v_proj", slice(H + 2, H + 4))):
+            assert torch.equal(qkv.weight[rows], tensors[p + f"self_attn.{name}.weight"])
+            assert torch.equal(qkv.bias[rows], tensors[p + f"self_attn.{name}.bias"])
 
 
 def test_inverse_mapping_round_trip(sharded, tensors):
     talker = load_stage_weights(build_on_meta(Talker), sharded, STAGE_PREFIXES["talker"], torch.float32, "cpu")
-    back = to_hub_state_dict(talker.state_dict(), STAGE_PREFIXES["talker"])
+    back = to_hub_state_dict(talker, STAGE_PREFIXES["talker"])
     talker_names = {n for n in tensors if n.startswith("talker.")}
     assert set(back) == talker_names
     assert all(torch.equal(back[n], tensors[n]) for n in talker_names)

@@ -10,6 +10,7 @@ however the frames arrive: that is what makes the service's speech equal OmniMod
 import pytest
 import torch
 
+from common.checkpoint import fuse_projections
 from common.config import load_config
 from stages.code2wav import ChunkedDecode, Code2Wav, Code2WavStream, CodecChunking, decode_chunked
 
@@ -22,7 +23,7 @@ def pair(request, hf_model):
     path = request.getfixturevalue("tiny_ckpt" if request.param == "default" else "tiny_ckpt_alt")
     hf = hf_model(path).code2wav
     ours = Code2Wav(load_config(path).code2wav_config).eval()
-    ours.load_state_dict(hf.state_dict(), strict=True)  # our parameter names are the hub's
+    ours.load_state_dict(fuse_projections(ours, hf.state_dict()), strict=True)  # the hub's names, projections fused
     return ours, hf
 
 

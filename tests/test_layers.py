@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+
+from common.checkpoint import fuse_projections
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
 from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (
     Qwen3OmniMoeCode2WavConfig,
@@ -106,7 +108,7 @@ def test_attention_matches_reference_with_left_padding():
     cfg = text_config()
     ref = randomize(hf.Qwen3OmniMoeThinkerTextAttention(cfg, layer_idx=0))
     ours = Attention(48, 4, 2, 32, qk_norm_eps=1e-6)
-    ours.load_state_dict(ref.state_dict())
+    ours.load_state_dict(fuse_projections(ours, ref.state_dict()))
     B, T = 2, 6
     x = torch.randn(B, T, 48)
     pad = torch.tensor([[1] * T, [0, 0] + [1] * (T - 2)]).bool()
@@ -123,7 +125,7 @@ def test_moe_matches_reference():
     cfg = text_config()
     ref = randomize(hf.Qwen3OmniMoeThinkerTextSparseMoeBlock(cfg))
     ours = MoE(48, 24, num_experts=5, top_k=3, norm_topk_prob=True)
-    ours.load_state_dict(ref.state_dict())
+    ours.load_state_dict(fuse_projections(ours, ref.state_dict()))
     x = torch.randn(3, 7, 48)
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-6)
 
@@ -135,8 +137,8 @@ def test_moe_with_shared_expert_matches_talker_reference():
     )
     ref = randomize(hf.Qwen3OmniMoeTalkerTextSparseMoeBlock(cfg), seed=1)
     ours = MoE(40, 16, num_experts=6, top_k=2, norm_topk_prob=False, shared_expert_intermediate_size=24)
-    ours.load_state_dict(ref.state_dict())
-    assert set(ours.state_dict()) == set(ref.state_dict())
+    ours.load_state_dict(fuse_projections(ours, ref.state_dict()))  # every hub tensor, each once
+    assert set(ours.state_dict()) == set(fuse_projections(ours, ref.state_dict()))
     x = torch.randn(2, 5, 40)
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-6)
 
@@ -160,9 +162,11 @@ def test_sliding_window_stack_matches_code2wav_transformer():
     for i in range(2):
         p = f"layers.{i}."
         attn = Attention(hidden, 2, 2, 16)
-        attn.load_state_dict({k[len(p + "self_attn."):]: v for k, v in state.items() if k.startswith(p + "self_attn.")})
+        attn.load_state_dict(fuse_projections(
+            attn, {k[len(p + "self_attn."):]: v for k, v in state.items() if k.startswith(p + "self_attn.")}))
         mlp = SwiGLU(hidden, 48)
-        mlp.load_state_dict({k[len(p + "mlp."):]: v for k, v in state.items() if k.startswith(p + "mlp.")})
+        mlp.load_state_dict(fuse_projections(
+            mlp, {k[len(p + "mlp."):]: v for k, v in state.items() if k.startswith(p + "mlp.")}))
         n1, n2 = RMSNorm(hidden, 1e-5), RMSNorm(hidden, 1e-5)
         n1.weight.data.copy_(state[p + "input_layernorm.weight"])
         n2.weight.data.copy_(state[p + "post_attention_layernorm.weight"])
