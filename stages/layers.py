@@ -260,27 +260,37 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x `[N, H]`, expert_ids / weights `[N, K]` → Σ_k weights·expert_k(x) `[N, H]`.
 
-        Token-expert pairs are sorted by expert so each expert runs one matmul over all its tokens; outputs are
-        accumulated expert by expert (ascending id), the same summation order as the reference.
+        Token-expert pairs are sorted by expert and every expert runs one matmul over its tokens, all in one grouped
+        matmul whose group ends are a device tensor: nothing is read back to the host, so a decode step can be
+        compiled or captured whole. Outputs are accumulated in sorted order (by expert, ascending), the same
+        summation order as the reference's expert-by-expert loop.
         """
         N, K = expert_ids.shape
         flat_experts = expert_ids.reshape(-1)  # [N·K]
         order = torch.argsort(flat_experts, stable=True)  # [N·K]
         token_of_pair = order // K  # [N·K] token index of each sorted pair
         pair_weights = weights.reshape(-1)[order]  # [N·K]
-        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()  # one host sync per block
+        counts = torch.bincount(flat_experts, minlength=self.num_experts)  # [E]
+        ends = counts.cumsum(0).to(torch.int32)  # [E] where each expert's pairs end
+        gate, up = _grouped_linear(x[token_of_pair], self.gate_up_proj, ends).chunk(2, dim=-1)  # [N·K, I] each
+        y = _grouped_linear(F.silu(gate) * up, self.down_proj, ends)  # [N·K, H]
+        return torch.zeros_like(x).index_add_(0, token_of_pair, y * pair_weights[:, None])
 
-        out = torch.zeros_like(x)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            tokens = token_of_pair[start : start + count]  # [n]
-            gate, up = F.linear(x[tokens], self.gate_up_proj[expert]).chunk(2, dim=-1)  # [n, I] each
-            y = F.linear(F.silu(gate) * up, self.down_proj[expert])  # [n, H]
-            out.index_add_(0, tokens, y * pair_weights[start : start + count, None])
-            start += count
-        return out
+
+def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Rows of x `[n, in]` grouped by `ends [E]`, each group times its expert's `weight [E, out, in]` → `[n, out]`.
+
+    `F.grouped_mm` runs on CPU and on CUDA in bfloat16; CUDA in other dtypes takes the per-expert loop, which reads
+    the group sizes back to the host.
+    """
+    if x.device.type == "cpu" or x.dtype == torch.bfloat16:
+        return F.grouped_mm(x, weight.transpose(1, 2), offs=ends)
+    out = x.new_empty(x.shape[0], weight.shape[1])
+    start = 0
+    for expert, end in enumerate(ends.tolist()):
+        out[start:end] = F.linear(x[start:end], weight[expert])
+        start = end
+    return out
 
 
 class MoE(nn.Module):

@@ -110,6 +110,8 @@ def sample_next(
     `generators`: per-row RNG (None = global); `num_generated`: tokens generated so far per row (min_new_tokens).
     """
     B = logits.shape[0]
+    if all(_plain_argmax(p) for p in params):  # nothing to process: skip building per-row tensors
+        return logits.float().argmax(dim=-1)
     scores = process_logits(logits, params, history, num_generated)
     next_ids = scores.argmax(dim=-1)  # greedy rows keep this
     sampled = [row for row, p in enumerate(params) if not p.greedy]
@@ -123,6 +125,13 @@ def sample_next(
         # one draw per row, each from its own generator, so a seeded request is reproducible in any batch
         next_ids[row] = torch.multinomial(probs[i : i + 1], 1, generator=gens[row])[0, 0]
     return next_ids
+
+
+def _plain_argmax(p: SamplingParams) -> bool:
+    """Whether a row's next token is the argmax of its raw logits (greedy, no penalty, nothing suppressed; a
+    min_new_tokens without stop tokens suppresses nothing)."""
+    return p.greedy and p.repetition_penalty == 1 and not p.suppress_ranges and not (
+        p.min_new_tokens and p.stop_token_ids)
 
 
 def sample_ragged(
