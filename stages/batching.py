@@ -1,5 +1,5 @@
-"""What the thinker's and the talker's batching engines share: the requests cancelled from other threads, and handing
-a step to a request's sink without letting one failing consumer take the batch down."""
+"""What the thinker's and the talker's batching engines share: the requests cancelled from other threads, handing a
+step to a request's sink without letting one failing consumer take the batch down, and the attention span of a step."""
 
 from __future__ import annotations
 
@@ -8,6 +8,18 @@ import threading
 from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
+
+
+MIN_SPAN = 256  # the shortest attention span of a decode step
+
+
+def span_for(length: int, max_len: int) -> int:
+    """The attention span of a decode step whose longest row holds `length` slots after it: the next power of two
+    (at least `MIN_SPAN`, at most the cache's `max_len`), so a compiled step meets a few spans, not every length."""
+    span = MIN_SPAN
+    while span < length:
+        span *= 2
+    return min(span, max_len)
 
 
 class Cancellations:

@@ -27,6 +27,7 @@ from common.errors import ConfigError
 from common.sampling import SamplingParams
 from stages.kv_cache import KVCache
 from stages.layers import Attention, DecoderLayer, RMSNorm, Rotary, SwiGLU, rotate_half
+from stages.compile import batch_buckets, bucket_for, compile_step
 from stages.sampling import sample_next
 
 
@@ -87,12 +88,15 @@ class CodePredictor(nn.Module):
         return self.model.norm(x)
 
 
+GREEDY = SamplingParams(max_new_tokens=1)
+
+
 def predictor_params(talker_params: SamplingParams) -> SamplingParams:
     """Sampling of the residual codes for a talker row: greedy when the talker is greedy, otherwise
     transformers' fixed choice (top-k 50, top-p 0.8, temperature 1: the talker's own sampling settings do not reach
     the predictor there, and they do not here either, to stay comparable)."""
     if talker_params.greedy:
-        return SamplingParams(max_new_tokens=1)
+        return GREEDY
     return SamplingParams(max_new_tokens=1, do_sample=True, temperature=1.0, top_k=50, top_p=0.8)
 
 
@@ -129,26 +133,43 @@ class FramePredictor:
     """`predict_residual_codes` on fixed shapes, for up to `max_rows` rows at once: the talker engine's fast path.
 
     Every row of a frame is at the same slots (0 and 1 for the talker state and c0, then one slot per code), so the
-    G-slot key/value buffers, the rotary tables of the G slots and the attention spans are the same for every
-    frame: nothing is allocated, masked or read back per call. Attention over slots 0..t needs no mask (a query
-    sees every filled slot, and the two-slot first call is plain causal); a sliding window shorter than G cuts the
-    keys a query sees.
+    G-slot key/value buffers and the rotary tables of the G slots are allocated once, and every code after the first
+    runs the same step — `code_step`, whose slot is a tensor — so, compiled, one graph per batch bucket serves all
+    G-2 of them. A code's draw stays outside the steps (eager), so sampling with a request's own generator is exactly
+    the oracle's. Compiled, a frame of B rows runs at the smallest bucket ≥ B (extra rows are zeros, drawn greedily
+    and dropped).
     """
 
-    def __init__(self, predictor: CodePredictor, max_rows: int):
+    def __init__(self, predictor: CodePredictor, max_rows: int, compiled: bool = False):
         cfg = predictor.cfg
-        if any(w is not None and w < 2 for w in predictor.windows):
-            raise ConfigError("code predictor sliding_window must be at least 2 (the first call attends two slots)")
         self.predictor = predictor
         self.groups = cfg.num_code_groups
-        self.max_rows = max_rows
+        self.buckets = batch_buckets(max_rows)
         weight = predictor.lm_head[0].weight
-        slots = torch.arange(self.groups, device=weight.device)[None]  # [1, G]
-        cos, sin = predictor.model.rotary(slots)  # [1, G, D] each
+        slots = torch.arange(self.groups, device=weight.device)
+        cos, sin = predictor.model.rotary(slots[None])  # [1, G, D] each
         self.cos, self.sin = cos[0].to(weight.dtype), sin[0].to(weight.dtype)  # [G, D]
+        self.slots = slots  # [G]
+        # per layer: the key slots a query at each slot sees (causal, within the sliding window if any)
+        self.visible = [self._visible(window) for window in predictor.windows]  # L × [G, G] bool
         shape = (max_rows, cfg.num_key_value_heads, self.groups, cfg.head_dim)
         self.keys = [weight.new_zeros(shape) for _ in predictor.model.layers]  # L × [R, kv, G, D]
         self.values = [weight.new_zeros(shape) for _ in predictor.model.layers]
+        self.compiled = compiled
+        self.first_step, self.code_step = self._first_step, self._code_step
+        if compiled:
+            self.first_step = compile_step(self._first_step, weight.device)
+            self.code_step = compile_step(self._code_step, weight.device)
+            for rows in self.buckets:  # compile every bucket now, not on a request's time
+                zeros = weight.new_zeros(rows, cfg.hidden_size)
+                self(zeros, zeros, [GREEDY] * rows, [None] * rows)
+
+    def _visible(self, window: int | None) -> torch.Tensor:
+        query, key = self.slots[:, None], self.slots[None, :]
+        visible = key <= query
+        if window is not None:
+            visible &= query - key < window
+        return visible  # [G, G]
 
     @torch.no_grad()
     def __call__(
@@ -160,45 +181,78 @@ class FramePredictor:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """talker_hidden, c0_embeds [B, H] -> (codes [B, G-1], the frame's summed code embeddings [B, H]), as
         `predict_residual_codes` returns them."""
+        B, limit = talker_hidden.shape[0], self.buckets[-1]
+        if B > limit:  # more rows than the buffers hold (the engine's replies in caches of their own): in parts
+            parts = [self(talker_hidden[i : i + limit], c0_embeds[i : i + limit], params[i : i + limit],
+                          generators[i : i + limit]) for i in range(0, B, limit)]
+            return torch.cat([codes for codes, _ in parts]), torch.cat([sums for _, sums in parts])
+        if self.compiled and B not in self.buckets:
+            extra = bucket_for(B, self.buckets) - B
+            codes, embed_sum = self(
+                torch.cat([talker_hidden, talker_hidden.new_zeros(extra, talker_hidden.shape[1])]),
+                torch.cat([c0_embeds, c0_embeds.new_zeros(extra, c0_embeds.shape[1])]),
+                [*params, *[GREEDY] * extra], [*generators, *[None] * extra],
+            )
+            return codes[:B], embed_sum[:B]
         predictor = self.predictor
-        hidden = self._forward(torch.stack([talker_hidden, c0_embeds], dim=1), 0)[:, -1]  # [B, H]
+        logits = self.first_step(talker_hidden, c0_embeds, predictor.lm_head[0].weight)  # [B, V]
         codes, embeds = [], [c0_embeds]
         for g in range(1, self.groups):
-            logits = F.linear(hidden, predictor.lm_head[g - 1].weight)  # [B, V]
             code = sample_next(logits, params, generators=generators)  # [B]
             codes.append(code)
             embeds.append(F.embedding(code, predictor.model.codec_embedding[g - 1].weight))  # [B, H]
             if g < self.groups - 1:
-                hidden = self._forward(embeds[-1][:, None], g + 1)[:, 0]
+                logits = self.code_step(embeds[-1], self.slots[g + 1], predictor.lm_head[g].weight)
         return torch.stack(codes, dim=1), torch.stack(embeds, dim=1).sum(1)
 
-    def _forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x [B, T, H] at slots start .. start+T-1 -> final-normed [B, T, H]."""
+    def _first_step(self, talker_hidden: torch.Tensor, c0_embeds: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        """Slots 0 and 1 (talker state, c0) -> the logits of code 1 [B, V] (`head`: lm_head[0]'s weight)."""
+        x = torch.stack([talker_hidden, c0_embeds], dim=1)  # [B, 2, H]
+        B = x.shape[0]
+        keys = [k[:B] for k in self.keys]
+        values = [v[:B] for v in self.values]
+        for k, v in zip(keys, values):
+            k[:, :, 2:].zero_()  # the previous frame's codes: invisible anyway, cleared so every frame is alike
+            v[:, :, 2:].zero_()
+        visible = [m[:2, :2] for m in self.visible]
+        hidden = self._layers(x, self.cos[:2], self.sin[:2], keys, values, visible, self.slots[:2])
+        return F.linear(hidden[:, -1], head)
+
+    def _code_step(self, embed: torch.Tensor, slot: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        """The embedding of the last code [B, H] at `slot` (a 0-d tensor) -> the next code's logits [B, V]."""
+        B = embed.shape[0]
+        keys = [k[:B] for k in self.keys]
+        values = [v[:B] for v in self.values]
+        visible = [m.index_select(0, slot[None]) for m in self.visible]  # L × [1, G]
+        cos, sin = self.cos.index_select(0, slot[None]), self.sin.index_select(0, slot[None])  # [1, D]
+        hidden = self._layers(embed[:, None], cos, sin, keys, values, visible, slot[None])
+        return F.linear(hidden[:, 0], head)
+
+    def _layers(self, x, cos, sin, keys, values, visible, write_slots) -> torch.Tensor:
+        """x [B, T, H] written at `write_slots [T]` -> final-normed [B, T, H]; each layer's queries see the key slots
+        `visible [T, S]` of its buffers (S: the first S slots)."""
         model = self.predictor.model
-        end = start + x.shape[1]
-        cos, sin = self.cos[start:end], self.sin[start:end]  # [T, D]
-        for index, (layer, window) in enumerate(zip(model.layers, self.predictor.windows)):
-            first = 0 if window is None else max(0, end - window)
-            h = x + self._attention(layer, _norm(layer.input_layernorm, x), cos, sin, index, start, first)
+        for layer, k_buf, v_buf, seen in zip(model.layers, keys, values, visible):
+            h = x + self._attention(layer.self_attn, _norm(layer.input_layernorm, x), cos, sin, k_buf, v_buf, seen,
+                                    write_slots)
             mlp = layer.mlp
             gate, up = mlp.gate_up_proj.split(F.linear(_norm(layer.post_attention_layernorm, h), mlp.gate_up_proj.weight))
             x = h + F.linear(F.silu(gate) * up, mlp.down_proj.weight)
         return _norm(model.norm, x)
 
-    def _attention(self, layer, x, cos, sin, index: int, start: int, first: int) -> torch.Tensor:
-        """Self-attention of x [B, T, H] at slots start.. over the buffer's slots first .. start+T-1."""
-        attn = layer.self_attn
+    @staticmethod
+    def _attention(attn, x, cos, sin, k_buf, v_buf, visible, write_slots) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = attn.qkv_proj.split(F.linear(x, attn.qkv_proj.weight, attn.qkv_proj.bias))
         q = _norm(attn.q_norm, q.view(B, T, attn.num_heads, attn.head_dim)).transpose(1, 2)  # [B, heads, T, D]
         k = _norm(attn.k_norm, k.view(B, T, attn.num_kv_heads, attn.head_dim)).transpose(1, 2)  # [B, kv, T, D]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        keys, values = self.keys[index][:B], self.values[index][:B]
-        keys[:, :, start : start + T] = k
-        values[:, :, start : start + T] = v.view(B, T, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+        k_buf.index_copy_(2, write_slots, k)
+        v_buf.index_copy_(2, write_slots, v.view(B, T, attn.num_kv_heads, attn.head_dim).transpose(1, 2))
+        S = visible.shape[-1]
         out = F.scaled_dot_product_attention(
-            q, keys[:, :, first : start + T], values[:, :, first : start + T], is_causal=T > 1, scale=attn.scale,
+            q, k_buf[:, :, :S], v_buf[:, :, :S], attn_mask=visible, scale=attn.scale,
             enable_gqa=attn.num_heads != attn.num_kv_heads,
         )  # [B, heads, T, D]
         return F.linear(out.transpose(1, 2).reshape(B, T, -1), attn.o_proj.weight, attn.o_proj.bias)

@@ -96,6 +96,18 @@ class KVCache:
             return None
         return attention_mask(write_slots, self.valid[:, :span], causal=causal, sliding_window=sliding_window)
 
+    def decode_slots(self, span: int, advancing: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step's write slots `[B, 1]` (each row's next free slot) and its attention mask `[B, 1, 1, span]`,
+        with nothing read back to the host, so a batching engine's step can be compiled or captured: the caller
+        knows the longest row and passes `span` ≥ its length after this step. Rows where `advancing [B]` is False
+        (rows sitting the step out, free rows) compute a throwaway token: their slot stays invalid and their length
+        unchanged, so the next step overwrites it."""
+        slots = self.lengths[:, None].clone()  # [B, 1] (a copy: the lengths move on below)
+        real = torch.ones_like(slots, dtype=torch.bool) if advancing is None else advancing[:, None]  # [B, 1]
+        self.valid.scatter_(1, slots, real)
+        self.lengths += real[:, 0]
+        return slots, attention_mask(slots, self.valid[:, :span])
+
     def reset_rows(self, rows: torch.Tensor | list[int]) -> None:
         """Free rows for new sequences (stale keys stay in memory but are invalid)."""
         self.valid[rows] = False

@@ -50,6 +50,24 @@ from stages.sampling import make_generators, sample_next
 
 # Offsets of the talker-side text specials in `Talker.tts_embeds`.
 TTS_BOS, TTS_EOS, TTS_PAD = 0, 1, 2
+# The assistant part of a talker prompt (see the module docstring): the opener of the assistant turn as the chat
+# template writes it (`<|im_start|>`, `assistant`, `\n`: thinker tokens voiced as P(x)), then the codec channel's
+# `codec_prefix` (think markers and the speaker, under T(tts_pad) each), codec_pad under T(tts_bos), and codec_bos
+# under the first reply token.
+ASSISTANT_OPENER = 3
+FIRST_ENTRY = ASSISTANT_OPENER + 1  # `assistant_embeds` index of the first text entry (reply token 2)
+
+
+def codec_prefix(cfg: TalkerConfig, speaker_id: int) -> tuple[int, ...]:
+    """The codec ids under T(tts_pad) in the assistant part: no thinking, an empty think block, the voice."""
+    return cfg.codec_nothink_id, cfg.codec_think_bos_id, cfg.codec_think_eos_id, speaker_id
+
+
+def assistant_positions(cfg: TalkerConfig) -> int:
+    """Positions of the assistant part: the opener, the codec prefix, codec_pad and codec_bos (9 for Qwen3-Omni)."""
+    return ASSISTANT_OPENER + len(codec_prefix(cfg, 0)) + 2
+
+
 # Codec-vocabulary ids above the codebook that may never be sampled: transformers suppresses the top 1024 ids
 # of the talker vocabulary except the codec EOS.
 CODEC_SPECIAL_SLOTS = 1024
@@ -212,7 +230,8 @@ class TalkerRequest:
             raise InvalidRequestError("audio output needs a prompt that opens an assistant turn")
         self.prompt = prompt
         self.speaker_id = speaker_id
-        # this row's own last assistant turn (transformers takes row 0's for the whole batch, §11 bug 7)
+        self.max_prompt_len = len(ids) + assistant_positions(cfg.talker_config)  # a bound: user turns are kept only
+        # this row's own last assistant turn (transformers takes the assistant start of row 0 for the whole batch)
         self.assistant_start = int(opens[-1])
         self.assistant_embeds: list[torch.Tensor] = list(prompt.prompt_embeds[self.assistant_start :])
         self.finished = False
@@ -227,29 +246,30 @@ class TalkerRequest:
         self.assistant_embeds.extend(embeds)
         self.finished = tokens.finished
 
-    # positions 0-2 and 8 of the assistant part are assistant tokens 0-3; text entries start at token 4
     @property
     def has_voice(self) -> bool:
         """False when the reply has no token to voice (transformers would build a malformed prompt)."""
-        return len(self.assistant_embeds) >= 4
+        return len(self.assistant_embeds) >= FIRST_ENTRY
 
     @property
     def prefill_ready(self) -> bool:
         return self.has_voice or self.finished
 
     def entry_ready(self, step: int) -> bool:
-        return self.finished or 4 + step < len(self.assistant_embeds)
+        return self.finished or FIRST_ENTRY + step < len(self.assistant_embeds)
 
 
 def _assistant_part(talker: Talker, request: TalkerRequest, tts: torch.Tensor) -> torch.Tensor:
-    """The 9 assistant positions [9, H]: text channel + codec channel."""
+    """The assistant positions [A, H] (A = `assistant_positions`): text channel + codec channel."""
     cfg = talker.cfg
-    head = talker.text_projection(torch.stack(request.assistant_embeds[:4]))  # [4, H]
-    text = torch.cat([head[:3], tts[TTS_PAD].expand(4, -1), tts[TTS_BOS : TTS_BOS + 1], head[3:4]])  # [9, H]
-    codec_ids = [cfg.codec_nothink_id, cfg.codec_think_bos_id, cfg.codec_think_eos_id, request.speaker_id,
-                 cfg.codec_pad_id, cfg.codec_bos_id]
-    codec = talker.model.codec_embedding(torch.tensor(codec_ids, device=head.device))  # [6, H]
-    return text + torch.cat([codec.new_zeros(3, codec.shape[-1]), codec])
+    prefix = codec_prefix(cfg, request.speaker_id)
+    head = talker.text_projection(torch.stack(request.assistant_embeds[:FIRST_ENTRY]))  # [opener + 1, H]
+    text = torch.cat([
+        head[:ASSISTANT_OPENER], tts[TTS_PAD].expand(len(prefix), -1), tts[TTS_BOS : TTS_BOS + 1], head[-1:],
+    ])  # [A, H]
+    codec_ids = [*prefix, cfg.codec_pad_id, cfg.codec_bos_id]
+    codec = talker.model.codec_embedding(torch.tensor(codec_ids, device=head.device))  # [A - opener, H]
+    return text + torch.cat([codec.new_zeros(ASSISTANT_OPENER, codec.shape[-1]), codec])
 
 
 def talker_prompt_inputs(
@@ -282,7 +302,7 @@ def talker_prompt_inputs(
 
 def text_entries(talker: Talker, request: TalkerRequest, step: int, tts: torch.Tensor) -> torch.Tensor:
     """Text input of decode step `step` [H]: P(reply token step+2), then T(tts_eos), then T(tts_pad)."""
-    index = 4 + step
+    index = FIRST_ENTRY + step
     if index < len(request.assistant_embeds):
         return talker.text_projection(request.assistant_embeds[index].to(tts.dtype))
     if not request.finished:

@@ -1,17 +1,26 @@
 """Continuous batching for the talker: replies join and leave a running batch between codec frames.
 
+The talker's only fast loop: the deployment, `OmniModel.generate` and the batch job all decode frames here.
+`stream_frames` (stages/talker.py) is the simple loop it is tested against.
+
 One engine per replica owns a preallocated talker `KVCache` of `max_rows` rows × `max_len` slots and a thread.
 A reply is admitted once its prefill can run (`TalkerRequest.prefill_ready`): its prompt is prefilled alone and
-copied into a free row. Then, frame after frame, every row whose state allows it moves on:
+copied into a free row (a reply too long for a row gets a one-row cache sized for it, and runs the same loop).
+Then, frame after frame, every row whose state allows it moves on:
 - a row with a fresh talker state samples its first code (c0) with its own parameters and generator; the rows
-  that did not finish get their residual codes from the code predictor together, and their frame is handed over;
+  that did not finish get their residual codes from the code predictor together (`FramePredictor`), and their
+  frame is handed over;
 - a row whose next text entry has arrived from the thinker (`entry_ready`) feeds the frame back: all such rows
-  take one talker decode step together. A row still waiting for the thinker sits the step out (its reserved slot
-  is given back), so a slow thinker stream holds back only its own reply.
+  take one talker decode step together. A row still waiting for the thinker sits the step out (it computes a
+  throwaway token that takes no slot), so a slow thinker stream holds back only its own reply.
+
+A decode step reads nothing back to the host: the engine knows every row's length, so it passes the attention span
+(`KVCache.decode_slots`), and steps run on fixed batch buckets and spans, compiled when `compiled` (see
+stages/compile.py).
 
 Each reply gets exactly the frames `stream_frames` gives it alone (greedy, or seeded: one generator per reply, drawn
 in the same order). The caller feeds the thinker's tokens into the `TalkerRequest` from any thread, then calls
-`notify()`.
+`notify()`; the engine thread sleeps until something calls it.
 
 Shapes: R rows, S slots per row, H hidden, G code groups.
 """
@@ -28,8 +37,9 @@ import torch
 
 from common.config import OmniConfig
 from common.sampling import SamplingParams
-from stages.batching import Cancellations, hand_over
-from stages.code_predictor import predict_residual_codes, predictor_params
+from stages.batching import Cancellations, hand_over, span_for
+from stages.code_predictor import FramePredictor, predictor_params
+from stages.compile import batch_buckets, bucket_for, compile_step
 from stages.kv_cache import KVCache
 from stages.sampling import make_generators, sample_ragged
 from stages.talker import Talker, TalkerRequest, TalkerStep, talker_prompt_inputs, text_entries
@@ -37,7 +47,6 @@ from stages.talker import Talker, TalkerRequest, TalkerStep, talker_prompt_input
 logger = logging.getLogger(__name__)
 
 FrameSink = Callable[[TalkerStep | BaseException], None]  # called on the engine thread
-IDLE_WAIT_S = 0.5  # a safety net only: every change that lets a row move comes with `notify()`
 
 
 @dataclass
@@ -51,6 +60,9 @@ class _Reply:
 @dataclass
 class _Row:
     reply: _Reply
+    cache: KVCache  # the engine's batch cache, or a one-row cache of its own (a reply too long for a row)
+    index: int  # its row in `cache`
+    length: int  # slots filled in its row (host-side: a step needs no read back to know the span)
     hidden: torch.Tensor | None  # [H] talker state that gives the next c0; None while waiting to feed a frame
     embed_sum: torch.Tensor | None  # [H] the last frame's summed code embeddings, to feed back
     position: float  # MRoPE position of the next fed frame (same in all three rows)
@@ -61,7 +73,7 @@ class _Row:
 
 
 class TalkerEngine:
-    def __init__(self, talker: Talker, cfg: OmniConfig, *, max_rows: int, max_len: int):
+    def __init__(self, talker: Talker, cfg: OmniConfig, *, max_rows: int, max_len: int, compiled: bool = False):
         text = talker.cfg.text_config
         weight = talker.codec_head.weight
         self.talker, self.cfg = talker, cfg
@@ -69,7 +81,16 @@ class TalkerEngine:
         self.vocab_size = text.vocab_size
         self.cache = KVCache(text.num_hidden_layers, max_rows, text.num_key_value_heads, max_len, text.head_dim,
                              dtype=weight.dtype, device=weight.device)
+        self.buckets = batch_buckets(max_rows)
+        self.decode = compile_step(talker.forward, weight.device) if compiled else talker.forward
+        # compiled steps attend over a bucketed span (a few shapes); eager ones over the longest row, which keeps a
+        # row's arithmetic that of the reply alone (attention sums round differently over masked slots)
+        self.span = span_for if compiled else (lambda longest, max_len: longest)
+        self.frames = FramePredictor(talker.code_predictor, max_rows, compiled=compiled)
+        if compiled:
+            self._warm_up()
         self.rows: list[_Row | None] = [None] * max_rows
+        self.solo: list[_Row] = []  # replies too long for a row, each in a cache of its own
         self.waiting: list[_Reply] = []  # admitted in order once prefill_ready (engine thread only)
         self.incoming: queue.Queue[_Reply] = queue.Queue()
         self.cancellations = Cancellations()
@@ -81,14 +102,13 @@ class TalkerEngine:
     # --- called from any thread --------------------------------------------------------------------------------
 
     def fits(self, request: TalkerRequest, params: SamplingParams) -> bool:
-        """Whether the reply's prompt plus `params.max_new_tokens` frames fit a row (the prompt is the user turns
-        and 9 assistant positions: bounded before the reply's text is known)."""
-        return len(request.prompt.prompt_ids) + 9 + params.max_new_tokens <= self.max_len
+        """Whether the reply fits a row of the batch (the prompt is the user turns and the assistant part, bounded
+        before the reply's text is known, plus `params.max_new_tokens` frames); one that does not still runs, in a
+        cache of its own."""
+        return request.max_prompt_len + params.max_new_tokens <= self.max_len
 
     def submit(self, request_id: str, request: TalkerRequest, params: SamplingParams, on_frame: FrameSink) -> None:
         """Queue a reply; `on_frame` then gets each of its steps (the last has a finish reason) or an error."""
-        if not self.fits(request, params):
-            raise ValueError(f"{request_id}: one row holds {self.max_len} positions (prompt + frames)")
         self.cancellations.submitted(request_id)
         self.incoming.put(_Reply(request_id, request, params, on_frame))
         self.notify()
@@ -101,9 +121,12 @@ class TalkerEngine:
         self.cancellations.cancel(request_id)
         self.notify()
 
+    def healthy(self) -> bool:
+        return self.thread.is_alive()
+
     @property
     def active(self) -> list[str]:
-        return [row.reply.request_id for row in self.rows if row is not None]
+        return [row.reply.request_id for row in self._busy()]
 
     def close(self) -> None:
         """Stop the engine thread (replies still in it get no more frames)."""
@@ -127,8 +150,11 @@ class TalkerEngine:
                     logger.exception("talker engine: step failed")
                     self._fail_all(exc)
                     moved = True
-                if not moved:
-                    self.wake.wait(IDLE_WAIT_S)
+                if not moved:  # every row waits for the thinker (or none is busy): sleep until notified
+                    self.wake.wait()
+
+    def _busy(self) -> list[_Row]:
+        return [row for row in self.rows if row is not None] + self.solo
 
     def _take_incoming(self) -> None:
         while True:
@@ -142,8 +168,9 @@ class TalkerEngine:
     def _admit(self) -> bool:
         admitted = False
         for reply in list(self.waiting):
-            if None not in self.rows:
-                break
+            fits = self.fits(reply.request, reply.params)
+            if fits and None not in self.rows:
+                continue  # a later reply may still be admitted alone (one too long for a row)
             if not reply.request.prefill_ready:
                 continue
             self.waiting.remove(reply)
@@ -151,58 +178,60 @@ class TalkerEngine:
                 self._hand(reply, TalkerStep([None], ["stop"]))
                 continue
             try:
-                self._prefill_into(self.rows.index(None), reply)
+                self._prefill(reply, fits)
                 admitted = True
             except Exception as exc:
                 logger.exception("talker engine: prefill of %s failed", reply.request_id)
                 self._hand(reply, exc)
         return admitted
 
-    def _prefill_into(self, index: int, reply: _Reply) -> None:
+    def _prefill(self, reply: _Reply, into_batch: bool) -> None:
+        """Prefill the reply alone, then copy it into a free row of the batch, or keep its own sized cache."""
         talker = self.talker
         embeds, positions, next_position = talker_prompt_inputs(talker, self.cfg, reply.request, talker.tts_text())
         T = embeds.shape[0]
-        alone = self.cache.single_row(T)
+        alone = self.cache.single_row(T if into_batch else T + reply.params.max_new_tokens)
         slots = alone.append(T)
         hidden = talker(embeds[None], positions[:, None], alone.mask(slots), alone, slots)[0, -1]  # [H]
-        self.cache.load_row(index, alone)
         history = torch.full((reply.params.max_new_tokens,), self.vocab_size, dtype=torch.long, device=hidden.device)
         generator = make_generators([reply.params], hidden.device)[0]
-        self.rows[index] = _Row(reply, hidden, None, next_position, history, generator)
+        if into_batch:
+            index = self.rows.index(None)
+            self.cache.load_row(index, alone)
+            self.rows[index] = _Row(reply, self.cache, index, T, hidden, None, next_position, history, generator)
+        else:
+            self.solo.append(_Row(reply, alone, 0, T, hidden, None, next_position, history, generator))
 
     def _sample_frames(self) -> bool:
         """Rows with a fresh state: c0, then (for rows that go on) the residual codes together; frames handed over."""
-        ready = [i for i, row in enumerate(self.rows) if row is not None and row.hidden is not None]
-        if not ready:
+        rows = [row for row in self._busy() if row.hidden is not None]
+        if not rows:
             return False
-        rows = [self.rows[i] for i in ready]
         logits = self.talker.codec_head(torch.stack([row.hidden for row in rows]))  # [k, V]
         codes = sample_ragged(logits, [row.reply.params for row in rows], [row.history for row in rows],
                               [row.generator for row in rows], [row.generated for row in rows]).tolist()
         going_on = []
-        for i, row, c0 in zip(ready, rows, codes):
+        for row, c0 in zip(rows, codes):
             row.history[row.generated] = c0
             row.generated += 1
             if c0 == self.talker.cfg.codec_eos_token_id:
-                self._finish(i, "stop")
+                self._finish(row, "stop")
             elif row.generated >= row.reply.params.max_new_tokens:
-                self._finish(i, "length")  # this c0 gets no residual codes: no frame
+                self._finish(row, "length")  # this c0 gets no residual codes: no frame
             else:
-                going_on.append((i, c0))
+                going_on.append((row, c0))
         if going_on:
             self._residual_codes(going_on)
         return True
 
-    def _residual_codes(self, going_on: list[tuple[int, int]]) -> None:
-        rows = [self.rows[i] for i, _ in going_on]
+    def _residual_codes(self, going_on: list[tuple[_Row, int]]) -> None:
+        rows = [row for row, _ in going_on]
         device = rows[0].hidden.device
         c0 = torch.tensor([code for _, code in going_on], device=device)  # [b]
         hidden = torch.stack([row.hidden for row in rows])  # [b, H]
         c0_embeds = self.talker.model.codec_embedding(c0)  # [b, H]
-        predictor = self.talker.code_predictor
-        residual, embed_sum = predict_residual_codes(
-            predictor, hidden, c0_embeds, predictor.new_cache(len(rows)),
-            [predictor_params(row.reply.params) for row in rows], [row.generator for row in rows],
+        residual, embed_sum = self.frames(
+            hidden, c0_embeds, [predictor_params(row.reply.params) for row in rows], [row.generator for row in rows]
         )  # [b, G-1], [b, H]
         frames = torch.cat([c0[:, None], residual], dim=1)  # [b, G]
         for k, row in enumerate(rows):
@@ -211,55 +240,76 @@ class TalkerEngine:
 
     def _feed_frames(self) -> bool:
         """One talker decode step for the rows whose next text entry is there; the others sit it out."""
-        feeding = [i for i, row in enumerate(self.rows)
-                   if row is not None and row.hidden is None and row.reply.request.entry_ready(row.step)]
+        feeding = [row for row in self._busy()
+                   if row.hidden is None and row.reply.request.entry_ready(row.step)]
         if not feeding:
             return False
-        talker, tts = self.talker, self.talker.tts_text()
-        n = feeding[-1] + 1  # step the rows up to the last feeding one (replies take the lowest free row)
-        cache = self.cache.head(n)
-        x = torch.zeros(n, 1, tts.shape[-1], dtype=tts.dtype, device=tts.device)  # [n, 1, H]
-        positions = torch.zeros(n, dtype=torch.float32, device=tts.device)  # [n]
-        for i in feeding:
-            row = self.rows[i]
-            x[i, 0] = row.embed_sum + text_entries(talker, row.reply.request, row.step, tts)
-            positions[i] = row.position
-        slots = cache.append(1)  # [n, 1]
-        out = talker(x, positions[None, :, None].expand(3, -1, 1), cache.mask(slots), cache, slots)
-        sitting_out = [i for i in range(n) if i not in feeding]
-        if sitting_out:  # give the reserved slot back: their keys were never written for real
-            cache.lengths[sitting_out] -= 1
-            cache.valid[sitting_out, slots[sitting_out, 0]] = False
-        for i in feeding:
-            row = self.rows[i]
-            row.hidden, row.embed_sum = out[i, 0], None
-            row.position += 1
-            row.step += 1
+        in_batch = [row for row in feeding if row.cache is self.cache]
+        if in_batch:
+            self._decode(self.cache, in_batch)
+        for row in feeding:
+            if row.cache is not self.cache:
+                self._decode(row.cache, [row])
         return True
 
-    def _finish(self, index: int, reason: str) -> None:
-        reply = self.rows[index].reply
-        self._free(index)
-        self._hand(reply, TalkerStep([None], [reason]))
+    def _decode(self, cache: KVCache, feeding: list[_Row]) -> None:
+        """One decode step of `cache`'s rows up to the last feeding one (at the smallest batch bucket that holds
+        them; replies take the lowest free row, so that is about as many as are busy)."""
+        talker, tts = self.talker, self.talker.tts_text()
+        n = bucket_for(max(row.index for row in feeding) + 1, self.buckets) if cache is self.cache else 1
+        x = torch.zeros(n, 1, tts.shape[-1], dtype=tts.dtype, device=tts.device)  # [n, 1, H]
+        positions = [0.0] * n
+        advancing = [False] * n
+        for row in feeding:
+            x[row.index, 0] = row.embed_sum + text_entries(talker, row.reply.request, row.step, tts)
+            positions[row.index] = row.position
+            advancing[row.index] = True
+        view = cache.head(n)
+        longest = max(row.length for row in self._busy() if row.cache is cache and row.index < n) + 1
+        slots, mask = view.decode_slots(self.span(longest, cache.max_len), torch.tensor(advancing, device=tts.device))
+        position_ids = torch.tensor(positions, device=tts.device)[None, :, None].expand(3, -1, 1)  # [3, n, 1]
+        out = self.decode(x, position_ids, mask, view, slots)  # [n, 1, H]
+        for row in feeding:
+            row.hidden, row.embed_sum = out[row.index, 0], None
+            row.position += 1
+            row.length += 1
+            row.step += 1
 
-    def _free(self, index: int) -> None:
-        self.rows[index] = None
-        self.cache.reset_rows([index])
+    def _warm_up(self) -> None:
+        """Compile the decode step of every batch bucket now (at the shortest span), not on a reply's time."""
+        tts = self.talker.tts_text()
+        with torch.inference_mode():
+            for n in self.buckets:
+                view = self.cache.head(n)
+                slots, mask = view.decode_slots(span_for(1, self.max_len))
+                x = torch.zeros(n, 1, tts.shape[-1], dtype=tts.dtype, device=tts.device)
+                self.decode(x, torch.zeros(3, n, 1, device=tts.device), mask, view, slots)
+                view.reset_rows(list(range(n)))
+
+    def _finish(self, row: _Row, reason: str) -> None:
+        self._free(row)
+        self._hand(row.reply, TalkerStep([None], [reason]))
+
+    def _free(self, row: _Row) -> None:
+        if row.cache is self.cache:
+            self.rows[row.index] = None
+            self.cache.reset_rows([row.index])
+        else:
+            self.solo.remove(row)
 
     def _fail_all(self, exc: BaseException) -> None:
-        for index, row in enumerate(self.rows):
-            if row is not None:
-                self._free(index)
-                self._hand(row.reply, exc)
+        for row in self._busy():
+            self._free(row)
+            self._hand(row.reply, exc)
 
     def _drop_cancelled(self) -> None:
         cancelled = self.cancellations.take()
         if not cancelled:
             return
         self.waiting = [reply for reply in self.waiting if reply.request_id not in cancelled]
-        for index, row in enumerate(self.rows):
-            if row is not None and row.reply.request_id in cancelled:
-                self._free(index)
+        for row in self._busy():
+            if row.reply.request_id in cancelled:
+                self._free(row)
 
     def _hand(self, reply: _Reply, step) -> None:
         hand_over(reply.on_frame, reply.request_id, step, self.cancellations)

@@ -108,7 +108,7 @@ def test_replies_equal_each_alone_while_joining_and_waiting_for_text(setup, engi
     for i, event in got.done.items():
         assert event.wait(120), i
     for i, want in enumerate(expected):
-        assert torch.equal(got.codes(f"r{i}", groups), want), i
+        assert torch.equal(got.codes(f"r{i}", groups), want), (i, got.codes(f"r{i}", groups)[0], want[0])
         assert got.reasons[f"r{i}"] in ("stop", "length")
     assert engine.active == []
 
@@ -147,10 +147,20 @@ def test_an_empty_reply_ends_without_frames(setup, engines):
     assert got.done["e"].wait(30) and got.frames["e"] == [] and got.reasons["e"] == "stop"
 
 
-def test_replies_longer_than_a_row_are_not_admitted(setup, engines):
+def test_a_reply_longer_than_a_row_runs_in_a_cache_of_its_own(setup, engines):
+    """A reply that does not fit a row of the batch gets a one-row cache sized for it and runs the same loop, beside
+    the batch: the same frames as alone."""
     model, replies = setup
-    engine = engines(model.talker, model.cfg, max_rows=1, max_len=32)
-    params = talker_sampling(model.cfg.talker_config, SamplingParams(max_new_tokens=64))
-    assert not engine.fits(request(model, replies[0]), params)
-    with pytest.raises(ValueError, match="32 positions"):
-        engine.submit("long", request(model, replies[0]), params, lambda step: None)
+    cfg = model.cfg
+    engine = engines(model.talker, cfg, max_rows=1, max_len=40)
+    long = talker_sampling(cfg.talker_config, SamplingParams(max_new_tokens=30))
+    short = talker_sampling(cfg.talker_config, SamplingParams(max_new_tokens=3))
+    assert not engine.fits(request(model, replies[0]), long) and engine.fits(request(model, replies[1]), short)
+    got = Frames()
+    engine.submit("long", request(model, replies[0]), long, got.sink("long"))
+    engine.submit("short", request(model, replies[1]), short, got.sink("short"))
+    assert got.done["long"].wait(60) and got.done["short"].wait(60)
+    for name, reply, params in (("long", replies[0], long), ("short", replies[1], short)):
+        expected = generate_codes(model.talker, cfg, [request(model, reply)], [params])[0]
+        assert torch.equal(torch.stack(got.frames[name], dim=1), expected), name
+    assert engine.active == []
