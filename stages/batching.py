@@ -7,6 +7,8 @@ import logging
 import threading
 from collections.abc import Callable
 
+from common.sampling import SamplingParams
+
 logger = logging.getLogger(__name__)
 
 
@@ -20,6 +22,16 @@ def span_for(length: int, max_len: int) -> int:
     while span < length:
         span *= 2
     return min(span, max_len)
+
+
+def finish_reason(token: int, generated: int, params: SamplingParams) -> str | None:
+    """Why a reply ends with `token`, its `generated`-th: "stop" on a stop token, "length" at `max_new_tokens`, else
+    None (still going). The one rule every loop — engines and reference loops, thinker and talker — applies."""
+    if token in params.stop_token_ids:
+        return "stop"
+    if generated >= params.max_new_tokens:
+        return "length"
+    return None
 
 
 class Cancellations:

@@ -43,6 +43,7 @@ from common.errors import ConfigError, InvalidRequestError, UnknownVoiceError
 from common.messages import TalkerPrompt, ThinkerTokens
 from common.sampling import SamplingParams
 from stages.code_predictor import CodePredictor, predict_residual_codes, predictor_params
+from stages.batching import finish_reason
 from stages.kv_cache import KVCache
 from stages.layers import MoE, Attention, DecoderLayer, RMSNorm, Rotary
 from stages.rope_index import RopeIndexSpec, count_blocks, get_rope_index
@@ -390,11 +391,7 @@ def stream_frames(
                 continue
             history[row, generated[row]] = code
             generated[row] += 1
-            if code == tcfg.codec_eos_token_id:
-                reasons[row] = "stop"
-            elif generated[row] >= params[row].max_new_tokens:
-                reasons[row] = "length"  # this c0 gets no residual codes: no frame
-            finish[row] = reasons[row]
+            reasons[row] = finish[row] = finish_reason(code, generated[row], params[row])  # "length": no frame
         if all(f is not None for f in finish):
             yield TalkerStep([None] * B, reasons)
             return

@@ -37,7 +37,7 @@ import torch
 
 from common.config import OmniConfig
 from common.sampling import SamplingParams
-from stages.batching import Cancellations, hand_over, span_for
+from stages.batching import Cancellations, finish_reason, hand_over, span_for
 from stages.code_predictor import FramePredictor, predictor_params
 from stages.compile import batch_buckets, bucket_for, compile_step
 from stages.kv_cache import KVCache
@@ -214,10 +214,9 @@ class TalkerEngine:
         for row, c0 in zip(rows, codes):
             row.history[row.generated] = c0
             row.generated += 1
-            if c0 == self.talker.cfg.codec_eos_token_id:
-                self._finish(row, "stop")
-            elif row.generated >= row.reply.params.max_new_tokens:
-                self._finish(row, "length")  # this c0 gets no residual codes: no frame
+            reason = finish_reason(c0, row.generated, row.reply.params)  # the codec EOS is the talker's stop token
+            if reason is not None:
+                self._finish(row, reason)  # a c0 that ends the reply gets no residual codes: no frame
             else:
                 going_on.append((row, c0))
         if going_on:

@@ -26,6 +26,7 @@ from common.config import ThinkerConfig, ThinkerTextConfig, load_config
 from common.errors import ConfigError, InvalidRequestError
 from common.messages import TalkerPrompt, ThinkerTokens
 from common.sampling import SamplingParams
+from stages.batching import finish_reason
 from stages.kv_cache import KVCache
 from stages.layers import MoE, Attention, DecoderLayer, RMSNorm, Rotary, SwiGLU, attention_mask
 from stages.rope_index import RopeIndexSpec, count_blocks, get_rope_index
@@ -225,10 +226,17 @@ def prefill(model: ThinkerLM, prompt: ThinkerPrompt, cache: KVCache, capture_lay
 
 def decode_step(model: ThinkerLM, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Feed one token per row (`tokens [B]` at MRoPE `positions [B]`, same in all three rows) → logits `[B, V]`."""
+    slots = cache.append(1)  # [B, 1]
+    return decode_logits(model, tokens, positions, cache.mask(slots), cache, slots)
+
+
+def decode_logits(model: ThinkerLM, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                  cache: KVCache, write_slots: torch.Tensor) -> torch.Tensor:
+    """The model part of a decode step, on tensors only (the step the engine compiles): `tokens [B]` written at
+    `write_slots [B, 1]`, attending by `mask [B, 1, 1, S]` → logits `[B, V]`."""
     embeds = model.embed_tokens(tokens)[:, None]  # [B, 1, H]
     position_ids = positions[None, :, None].expand(3, -1, 1)  # [3, B, 1]
-    slots = cache.append(1)  # [B, 1]
-    hidden, _ = model(embeds, position_ids, cache.mask(slots), cache, slots)
+    hidden, _ = model(embeds, position_ids, mask, cache, write_slots)
     return model.logits(hidden[:, 0])
 
 
@@ -280,13 +288,9 @@ class _RowState:
                 out.append(None)
                 reasons.append(None)
                 continue
-            p = self.params[row]
             self.generated[row].append(token)
             self.history[row, self.prompt_len + len(self.generated[row]) - 1] = token
-            if token in p.stop_token_ids:
-                self.finish[row] = "stop"
-            elif len(self.generated[row]) >= p.max_new_tokens:
-                self.finish[row] = "length"
+            self.finish[row] = finish_reason(token, len(self.generated[row]), self.params[row])
             out.append(token)
             reasons.append(self.finish[row])
         return out, reasons

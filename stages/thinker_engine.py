@@ -1,15 +1,21 @@
 """Continuous batching for the thinker: requests join and leave a running batch between decode steps.
 
+The thinker's only fast loop: the deployment, `OmniModel.generate` and the batch job all generate here.
+`stream_generate` (stages/thinker.py) is the simple loop it is tested against.
+
 One engine per replica owns a preallocated `KVCache` of `max_rows` rows × `max_len` slots and a thread that loops:
-admit waiting requests (each prefilled alone, its keys and values copied into a free row), then one decode step
-for every row at once, then per row: sample with the request's own `SamplingParams` and generator, record, and
-hand the request its `ThinkerStep`. A row is freed when its request finishes or is cancelled, and a waiting
-request takes it at the next step. Rows hold sequences of different lengths; the cache's validity mask keeps
-them apart, and each row keeps its own MRoPE position.
+admit waiting requests (each prefilled alone, its keys and values copied into a free row; a request too long for a
+row gets a one-row cache sized for it and runs the same loop), then one decode step for every row at once, then per
+row: sample with the request's own `SamplingParams` and generator, record, and hand the request its `ThinkerStep`.
+A row is freed when its request finishes or is cancelled, and a waiting request takes it at the next step. Rows hold
+sequences of different lengths; the cache's validity mask keeps them apart, and each row keeps its own MRoPE position.
+
+A decode step reads nothing back to the host: the engine knows every row's length, so it passes the attention span
+(`KVCache.decode_slots`), and steps run on fixed batch buckets and spans, compiled when `compiled` (see
+stages/compile.py). The sampled tokens are read back once per step, after it.
 
 Each request sees exactly what `stream_generate` yields for a batch of one (the same tokens under greedy decoding,
-the same talker messages), so the deployment consumes either the same way. Requests too long for a row
-(`prompt + max_new_tokens > max_len`) are not admitted: `fits` says so and the caller runs them alone.
+the same talker messages).
 
 Shapes: R rows, S slots per row, V vocabulary, H hidden.
 """
@@ -26,10 +32,11 @@ import torch
 
 from common.messages import ThinkerTokens
 from common.sampling import SamplingParams
-from stages.batching import Cancellations, hand_over
+from stages.batching import Cancellations, finish_reason, hand_over, span_for
+from stages.compile import batch_buckets, bucket_for, compile_step
 from stages.kv_cache import KVCache
 from stages.sampling import make_generators, sample_ragged
-from stages.thinker import ThinkerLM, ThinkerPrompt, ThinkerStep, _talker_prompts, decode_step, prefill
+from stages.thinker import ThinkerLM, ThinkerPrompt, ThinkerStep, _talker_prompts, decode_logits, prefill
 
 logger = logging.getLogger(__name__)
 
@@ -47,19 +54,23 @@ class _Request:
 
 @dataclass
 class _Row:
-    """A request holding a row of the cache."""
+    """A request holding a row of a cache."""
 
     request: _Request
+    cache: KVCache  # the engine's batch cache, or a one-row cache of its own (a request too long for a row)
+    index: int  # its row in `cache`
+    length: int  # slots filled in its row (host-side: a step needs no read back to know the span)
     history: torch.Tensor  # [T + max_new] prompt ids, then generated ids; the sentinel V where none yet
     prompt_len: int
-    position: torch.Tensor  # [] MRoPE position of the next token fed
+    position: float  # MRoPE position of the next token fed
     generator: torch.Generator | None
     generated: list[int] = field(default_factory=list)
     last_token: int = 0
 
 
 class ThinkerEngine:
-    def __init__(self, model: ThinkerLM, *, max_rows: int, max_len: int, accept_hidden_layer: int | None):
+    def __init__(self, model: ThinkerLM, *, max_rows: int, max_len: int, accept_hidden_layer: int | None,
+                 compiled: bool = False):
         text = model.cfg.text_config
         weight = model.lm_head.weight
         self.model = model
@@ -68,7 +79,13 @@ class ThinkerEngine:
         self.vocab_size = text.vocab_size
         self.cache = KVCache(text.num_hidden_layers, max_rows, text.num_key_value_heads, max_len, text.head_dim,
                              dtype=weight.dtype, device=weight.device)
+        self.buckets = batch_buckets(max_rows)
+        self.compiled = compiled
+        self.decode = compile_step(decode_logits, weight.device) if compiled else decode_logits
+        if compiled:
+            self._warm_up()
         self.rows: list[_Row | None] = [None] * max_rows
+        self.solo: list[_Row] = []  # requests too long for a row, each in a cache of its own
         self.incoming: queue.Queue[_Request | None] = queue.Queue()  # None only wakes the engine
         self.waiting: list[_Request] = []  # taken in, waiting for a free row (engine thread only)
         self.cancellations = Cancellations()
@@ -79,13 +96,15 @@ class ThinkerEngine:
     # --- called from any thread --------------------------------------------------------------------------------
 
     def fits(self, prompt: ThinkerPrompt, params: SamplingParams) -> bool:
-        return prompt.input_ids.shape[0] == 1 and prompt.input_ids.shape[1] + params.max_new_tokens <= self.max_len
+        """Whether the request fits a row of the batch; one that does not still runs, in a cache of its own."""
+        return prompt.input_ids.shape[1] + params.max_new_tokens <= self.max_len
 
     def submit(self, request_id: str, prompt: ThinkerPrompt, params: SamplingParams, speaking: bool,
                on_step: StepSink) -> None:
-        """Queue a request; `on_step` then gets each of its steps (the last has a finish reason) or an error."""
-        if not self.fits(prompt, params):
-            raise ValueError(f"{request_id}: one row of at most {self.max_len} tokens (prompt + max_new_tokens)")
+        """Queue a request (one row, no padding); `on_step` then gets each of its steps (the last has a finish
+        reason) or an error."""
+        if prompt.input_ids.shape[0] != 1:
+            raise ValueError(f"{request_id}: the engine takes one prompt per request, got {prompt.input_ids.shape[0]}")
         if speaking and self.accept_hidden_layer is None:
             raise ValueError("speaking requests need accept_hidden_layer (talker_config.accept_hidden_layer)")
         self.cancellations.submitted(request_id)
@@ -96,9 +115,12 @@ class ThinkerEngine:
         self.cancellations.cancel(request_id)
         self.incoming.put(None)  # wakes an idle engine so the id is cleared
 
+    def healthy(self) -> bool:
+        return self.thread.is_alive()
+
     @property
     def active(self) -> list[str]:
-        return [row.request.request_id for row in self.rows if row is not None]
+        return [row.request.request_id for row in self._busy()]
 
     def close(self) -> None:
         """Stop the engine thread (requests still in it get no more steps)."""
@@ -111,11 +133,14 @@ class ThinkerEngine:
     def _run(self) -> None:
         with torch.inference_mode():
             while not self.closed:
-                self._take_incoming(block=not any(self.rows) and not self.waiting)
+                self._take_incoming(block=not self._busy() and not self.waiting)
                 self._drop_cancelled()
                 self._admit()
-                if any(self.rows):
+                if self._busy():
                     self._step_or_fail()
+
+    def _busy(self) -> list[_Row]:
+        return [row for row in self.rows if row is not None] + self.solo
 
     def _take_incoming(self, block: bool) -> None:
         """Move submitted requests to `waiting` (first waiting for one when the engine has nothing to do)."""
@@ -130,102 +155,144 @@ class ThinkerEngine:
                 self.waiting.append(request)
 
     def _admit(self) -> None:
-        """Move waiting requests into free rows, in the order they came."""
-        while self.waiting and None in self.rows:
-            request = self.waiting.pop(0)
+        """Move waiting requests into free rows (or caches of their own), in the order they came."""
+        for request in list(self.waiting):
+            fits = self.fits(request.prompt, request.params)
+            if fits and None not in self.rows:
+                continue
+            self.waiting.remove(request)
             try:
-                self._prefill_into(self.rows.index(None), request)
+                self._prefill(request, fits)
             except Exception as exc:  # this request's fault or not, it ends here; the others go on
                 logger.exception("thinker engine: prefill of %s failed", request.request_id)
                 self._hand(request, exc)
 
-    def _prefill_into(self, row: int, request: _Request) -> None:
-        """Prefill one request alone, copy its keys and values into `row`, and give it its first token."""
+    def _prefill(self, request: _Request, into_batch: bool) -> None:
+        """Prefill one request alone, copy its keys and values into a free row (or keep its own sized cache), and
+        give it its first token."""
         model, prompt = self.model, request.prompt
         T = prompt.input_ids.shape[1]
-        alone = self.cache.single_row(T)
+        alone = self.cache.single_row(T if into_batch else T + request.params.max_new_tokens)
         capture = self.accept_hidden_layer if request.speaking else None
         pre = prefill(model, prompt, alone, capture)
-        self.cache.load_row(row, alone)
-
         history = torch.full((T + request.params.max_new_tokens,), self.vocab_size, dtype=torch.long,
                              device=prompt.input_ids.device)
         history[:T] = prompt.input_ids[0]
-        state = _Row(request, history, T, pre.next_positions[0],
-                     make_generators([request.params], prompt.input_ids.device)[0])
-        self.rows[row] = state
+        generator = make_generators([request.params], prompt.input_ids.device)[0]
+        position = float(pre.next_positions[0])
+        if into_batch:
+            index = self.rows.index(None)
+            self.cache.load_row(index, alone)
+            row = self.rows[index] = _Row(request, self.cache, index, T, history, T, position, generator)
+        else:
+            row = _Row(request, alone, 0, T, history, T, position, generator)
+            self.solo.append(row)
         talker_prompt = None
         if request.speaking:
             talker_prompt = _talker_prompts(model, prompt, pre, [request.request_id], [True])[0]
-        self._advance(row, self._sample([row], pre.logits[0:1])[0], talker_prompt)
+        token = self._sample([row], pre.logits[0:1])[0]
+        self._advance(row, token, self._embeds([row], [token]), talker_prompt)
 
     def _step_or_fail(self) -> None:
         try:
             self._step()
         except Exception as exc:  # a fault of the batch: every request in it ends with the error
             logger.exception("thinker engine: decode step failed")
-            for index, row in enumerate(self.rows):
-                if row is not None:
-                    self._hand(row.request, exc)
-                    self._free(index)
+            for row in self._busy():
+                self._free(row)
+                self._hand(row.request, exc)
 
     def _step(self) -> None:
-        """One decode step for the rows up to the last busy one (requests take the lowest free row, so that is
-        about as many as are busy); free rows among them compute a throwaway token and are cleared after."""
-        busy = [i for i, row in enumerate(self.rows) if row is not None]
-        n = busy[-1] + 1
-        device = self.cache.valid.device
-        tokens = torch.zeros(n, dtype=torch.long, device=device)  # [n]
-        positions = torch.zeros(n, dtype=self.rows[busy[0]].position.dtype, device=device)  # [n]
-        for i in busy:
-            tokens[i] = self.rows[i].last_token
-            positions[i] = self.rows[i].position
-        logits = decode_step(self.model, tokens, positions, self.cache.head(n))  # [n, V]
-        free = [i for i in range(n) if self.rows[i] is None]
-        if free:
-            self.cache.reset_rows(free)
-        for i, token in zip(busy, self._sample(busy, logits[busy])):
-            self.rows[i].position = self.rows[i].position + 1
-            self._advance(i, token, None)
+        """One decode step for every busy row: the batch's rows together, each request with a cache of its own
+        alone. Then every row samples its next token (one call for all) and is handed its step."""
+        rows, logits = [], []
+        in_batch = [row for row in self.rows if row is not None]
+        if in_batch:
+            rows += in_batch
+            logits.append(self._decode(self.cache, in_batch))
+        for row in list(self.solo):
+            rows.append(row)
+            logits.append(self._decode(row.cache, [row]))
+        logits = torch.cat(logits)  # [busy, V]
+        tokens = self._sample(rows, logits)
+        embeds = self._embeds(rows, tokens)
+        for k, (row, token) in enumerate(zip(rows, tokens)):
+            row.position += 1
+            row.length += 1
+            self._advance(row, token, None if embeds is None else embeds[k : k + 1], None)
 
-    def _sample(self, indices: list[int], logits: torch.Tensor) -> list[int]:
-        """The next token of each row in `indices` from its logits (`[k, V]`, in that order): one `sample_next` call
-        for all, each row with its own parameters, history and generator, as it would be alone."""
-        rows = [self.rows[i] for i in indices]
+    def _decode(self, cache: KVCache, rows: list[_Row]) -> torch.Tensor:
+        """One decode step of `cache`'s rows up to the last busy one (at the smallest batch bucket that holds them
+        when compiled; requests take the lowest free row, so that is about as many as are busy); free rows among
+        them compute a throwaway token that takes no slot. Returns the logits of `rows`, in order, [k, V]."""
+        last = max(row.index for row in rows) + 1
+        n = bucket_for(last, self.buckets) if self.compiled and cache is self.cache else last
+        device = cache.valid.device
+        tokens, positions, busy = [0] * n, [0.0] * n, [False] * n
+        for row in rows:
+            tokens[row.index], positions[row.index], busy[row.index] = row.last_token, row.position, True
+        view = cache.head(n)
+        longest = max(row.length for row in rows) + 1
+        span = span_for(longest, cache.max_len) if self.compiled else longest
+        slots, mask = view.decode_slots(span, torch.tensor(busy, device=device))
+        logits = self.decode(self.model, torch.tensor(tokens, device=device),
+                             torch.tensor(positions, device=device), mask, view, slots)  # [n, V]
+        return logits[[row.index for row in rows]]
+
+    def _warm_up(self) -> None:
+        """Compile the decode step of every batch bucket now (at the shortest span), not on a request's time."""
+        device = self.cache.valid.device
+        with torch.inference_mode():
+            for n in self.buckets:
+                view = self.cache.head(n)
+                slots, mask = view.decode_slots(span_for(1, self.max_len))
+                zeros = torch.zeros(n, dtype=torch.long, device=device)
+                self.decode(self.model, zeros, zeros.float(), mask, view, slots)
+                view.reset_rows(list(range(n)))
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """The next token of each row from its logits (`[k, V]`, in that order): one `sample_next` call for all,
+        each row with its own parameters, history and generator, as it would be alone."""
         tokens = sample_ragged(logits, [row.request.params for row in rows], [row.history for row in rows],
                                [row.generator for row in rows], [len(row.generated) for row in rows])
         return tokens.tolist()
 
-    def _advance(self, index: int, token: int, talker_prompt) -> None:
-        """Record the row's next token and hand the request its step."""
-        row = self.rows[index]
+    def _embeds(self, rows: list[_Row], tokens: list[int]) -> torch.Tensor | None:
+        """Thinker input embeddings of the rows' new tokens [k, H], for the talker (None when no row speaks)."""
+        if not any(row.request.speaking for row in rows):
+            return None
+        return self.model.embed_tokens(torch.tensor(tokens, device=rows[0].history.device))
+
+    def _advance(self, row: _Row, token: int, embeds: torch.Tensor | None, talker_prompt) -> None:
+        """Record the row's next token and hand the request its step (`embeds [1, H]`: the token's, when speaking)."""
         request, params = row.request, row.request.params
         row.generated.append(token)
         row.history[row.prompt_len + len(row.generated) - 1] = token
         row.last_token = token
-        reason = "stop" if token in params.stop_token_ids else \
-            "length" if len(row.generated) >= params.max_new_tokens else None
+        reason = finish_reason(token, len(row.generated), params)
         talker_tokens = None
         if request.speaking:
-            embeds = self.model.embed_tokens(torch.tensor([token], device=row.history.device))  # [1, H]
             talker_tokens = [ThinkerTokens(request.request_id, [token], embeds, reason is not None, reason)]
         step = ThinkerStep([token], [reason], [talker_prompt] if talker_prompt is not None else None, talker_tokens)
         if reason is not None:
-            self._free(index)
+            self._free(row)
         self._hand(request, step)
 
-    def _free(self, index: int) -> None:
-        self.rows[index] = None
-        self.cache.reset_rows([index])
+    def _free(self, row: _Row) -> None:
+        if row.cache is self.cache:
+            self.rows[row.index] = None
+            self.cache.reset_rows([row.index])
+        elif row in self.solo:
+            self.solo.remove(row)
 
     def _drop_cancelled(self) -> None:
         cancelled = self.cancellations.take()
         if not cancelled:
             return
         self.waiting = [request for request in self.waiting if request.request_id not in cancelled]
-        for index, row in enumerate(self.rows):
-            if row is not None and row.request.request_id in cancelled:
-                self._free(index)
+        for row in self._busy():
+            if row.request.request_id in cancelled:
+                self._free(row)
 
     def _hand(self, request: _Request, step) -> None:
         hand_over(request.on_step, request.request_id, step, self.cancellations)

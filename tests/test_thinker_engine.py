@@ -171,13 +171,24 @@ def test_a_consumer_that_fails_takes_only_its_own_request_down(setup, engines):
     assert engine.active == []
 
 
-def test_requests_longer_than_a_row_are_not_admitted(setup, engines):
+def test_a_request_longer_than_a_row_runs_in_a_cache_of_its_own(setup, engines):
+    """A request that does not fit a row of the batch gets a one-row cache sized for it and runs the same loop,
+    beside the batch: the same tokens and talker messages as alone."""
     model, prompts, eos, layer = setup
     engine = engines(model, max_rows=1, max_len=64, accept_hidden_layer=layer)
-    params = SamplingParams(max_new_tokens=64)
-    assert not engine.fits(prompts[1], params)
-    with pytest.raises(ValueError, match="64 tokens"):
-        engine.submit("long", prompts[1], params, False, lambda step: None)
+    long, short = SamplingParams(max_new_tokens=64), SamplingParams(max_new_tokens=6)
+    assert not engine.fits(prompts[1], long) and engine.fits(prompts[2], short)
+    got = Collector()
+    engine.submit("long", prompts[1], long, True, got.sink("long"))
+    engine.submit("short", prompts[2], short, False, got.sink("short"))
+    got.wait()
+    want_long = alone(model, prompts[1], long, speaking=True, layer=layer, request_id="long")
+    assert [s.token_ids[0] for s in got.steps["long"]] == [s.token_ids[0] for s in want_long]
+    for ours, theirs in zip(got.steps["long"], want_long):
+        torch.testing.assert_close(ours.talker_tokens[0].token_embeds, theirs.talker_tokens[0].token_embeds,
+                                   rtol=0, atol=0)
+    assert [s.token_ids[0] for s in got.steps["short"]] == [s.token_ids[0] for s in alone(model, prompts[2], short)]
+    assert engine.active == []
 
 
 def test_a_replica_whose_engine_stopped_fails_its_health_check(setup, engines):
