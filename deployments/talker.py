@@ -1,7 +1,7 @@
 """The talker deployment (with its code predictor): pulls the thinker's states, streams codec frames.
 
-Two things run at once for a request: a reader that consumes the thinker's stream (forwarding text deltas and
-the thinker's times downstream at once and feeding `TalkerPrompt` / `ThinkerTokens` into the `TalkerRequest`),
+Two things run at once for a request: a reader that consumes the thinker's `TalkerInput`s (forwarding their text
+and the thinker's times downstream at once and feeding the prompt and tokens into the `TalkerRequest`),
 and the decode loop, which prefills as soon as the first reply token is in, each step then waiting only for the
 reply token it consumes, and sends the frames ready as one message (all those the engine made since the last
 send). Both put their events on one queue that this generator drains. The frames come from the replica's batch
@@ -19,7 +19,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from common.messages import CodecFrames, TalkerPrompt, ThinkerTokens
-from deployments.jobs import SpeechJob, TextDelta
+from deployments.jobs import SpeechJob, TalkerInput
 from deployments.runtime import STAGE_DEFAULTS, StageReplica, close_steps
 from deployments.settings import ServiceSettings
 from deployments.timeline import StageClock, StageTimes
@@ -82,11 +82,13 @@ class TalkerStage(StageReplica):
         try:
             async for event in self.thinker.options(stream=True).generate.remote(job.thinker):
                 clock.mark("input")
-                if isinstance(event, (TextDelta, StageTimes)):
-                    events.put_nowait(event)
-                else:
-                    reply.add(event, self.stage.device)
+                if isinstance(event, TalkerInput):
+                    if event.prompt is not None:
+                        reply.start(event.prompt, self.stage.device)
+                    reply.push(event.tokens, self.stage.device)
                     self._notify_engine()
+                    event = event.text
+                events.put_nowait(event)  # the text, or the thinker's times
             reply.close()
             events.put_nowait(_DONE)
         except Exception as exc:  # a thinker error ends the request (the ingress reports it)
@@ -158,12 +160,12 @@ class _Reply:
         self.closed = False  # the thinker's stream ended (normally or not)
         self.changed = asyncio.Event()
 
-    def add(self, message: TalkerPrompt | ThinkerTokens, device: torch.device) -> None:
-        if isinstance(message, TalkerPrompt):
-            self.request = TalkerRequest(self.config, _to(message, device), self.speaker_id)
-        else:
-            message.token_embeds = message.token_embeds.to(device)
-            self.request.push(message)
+    def start(self, prompt: TalkerPrompt, device: torch.device) -> None:
+        self.request = TalkerRequest(self.config, _to(prompt, device), self.speaker_id)
+
+    def push(self, tokens: ThinkerTokens, device: torch.device) -> None:
+        tokens.token_embeds = tokens.token_embeds.to(device)
+        self.request.push(tokens)
         self.changed.set()
 
     def close(self) -> None:

@@ -1,9 +1,10 @@
 """The thinker deployment: fetches the encoder outputs by reference, prefills, decodes, and streams.
 
-For a text reply it yields `TextDelta`s to the ingress. For a spoken one the caller is the talker, and it also
-yields the talker's inputs: one `TalkerPrompt` after the prefill, then `ThinkerTokens` (the last with
-finished=True). Each send carries every token produced since the last one (one `TextDelta`, one `ThinkerTokens`
-of n tokens), so a reply costs a message per batch of ready steps, not per token, and nothing waits to fill one.
+For a text reply it yields `TextDelta`s to the ingress. For a spoken one the caller is the talker, and it yields
+`TalkerInput`s: the text, plus the talker's inputs (the `TalkerPrompt` in the first, then `ThinkerTokens`, the
+last with finished=True). Each send carries every token produced since the last one (one `TextDelta`, one
+`ThinkerTokens` of n tokens), so a reply costs a message per batch of ready steps, not per token, and nothing
+waits to fill one.
 Text is detokenized here, so stop sequences end generation where they appear. The last event is the stage's
 `StageTimes`.
 """
@@ -20,7 +21,7 @@ from ray import serve
 
 from common.messages import ThinkerTokens
 from common.tokenizer import OmniTokenizer
-from deployments.jobs import TextDelta, ThinkerJob
+from deployments.jobs import TalkerInput, TextDelta, ThinkerJob
 from deployments.runtime import STAGE_DEFAULTS, StageReplica, close_steps
 from deployments.settings import ServiceSettings
 from deployments.stop_strings import StopStrings
@@ -63,22 +64,23 @@ class ThinkerStage(StageReplica):
         async with aclosing(self._steps(job, prompt, clock)) as steps:  # closed at once, even on an early return
             async for ready in steps:
                 clock.mark("first_token")
-                text, tokens = _Delta(job.request_id, prompt_tokens), []
+                text, tokens, talker_prompt = _Delta(job.request_id, prompt_tokens), [], None
                 for step in ready:
                     ids, piece, reason, hit_stop_string = reply.add(step.token_ids[0], step.finish_reasons[0])
                     text.add(ids, piece, reason)
                     if job.for_talker:
                         if step.talker_prompts is not None:
-                            yield _on_host(step.talker_prompts[0])
+                            talker_prompt = _on_host(step.talker_prompts[0])
                         tokens.append(step.talker_tokens[0])
                         if hit_stop_string:  # the reply ends on an ordinary token, which is voiced
                             tokens[-1] = replace(tokens[-1], finished=True, finish_reason="stop_sequence")
                     if reason is not None:  # the steps after a stop sequence are not the reply's
                         break
-                if tokens:
-                    yield _on_host(_joined(tokens))
                 self.metrics.stage_tokens("thinker", len(text.token_ids))
-                yield text.delta()
+                if job.for_talker:
+                    yield TalkerInput(text.delta(), _on_host(_joined(tokens)), talker_prompt)
+                else:
+                    yield text.delta()
                 if text.finish_reason is not None:
                     return
 
