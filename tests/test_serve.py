@@ -667,7 +667,8 @@ def test_models_health_and_metrics(service, client):
         client.chat.completions.create(model=models[0].id, messages=HELLO, n=2)
     wanted = ["ray_omniray_time_to_first_token_seconds", "ray_omniray_time_to_first_audio_seconds",
               "ray_omniray_audio_real_time_factor", "ray_omniray_stage_tokens_total", "ray_omniray_errors_total",
-              "ray_omniray_batch_rows"]
+              "ray_omniray_batch_rows", "ray_omniray_stage_queue_wait_seconds",
+              "ray_omniray_stage_time_to_first_output_seconds"]
     # each replica pushes its metrics on its own schedule: wait for every name and every stage's label
     wanted += ['stage="thinker"', 'stage="talker"', 'stage="code2wav"']
     deadline = time.monotonic() + 90
