@@ -22,7 +22,7 @@ from common.messages import CodecFrames, TalkerPrompt, ThinkerTokens
 from deployments.jobs import SpeechJob, TalkerInput
 from deployments.runtime import STAGE_DEFAULTS, StageReplica, close_steps
 from deployments.settings import ServiceSettings
-from deployments.timeline import StageClock, StageTimes
+from deployments.timeline import StageClock
 from stages.talker import Talker, TalkerRequest, speaker_codec_id, stream_frames, talker_sampling
 from stages.talker_engine import TalkerEngine
 
@@ -115,9 +115,9 @@ class TalkerStage(StageReplica):
                     if frames:
                         clock.mark("first_frame")
                         self.metrics.stage_tokens("talker", len(frames))
-                    codes = torch.stack(frames, dim=1).cpu() if frames else torch.zeros(groups, 0, dtype=torch.long)
+                    codes = torch.stack(frames, dim=1) if frames else torch.zeros(groups, 0, dtype=torch.long)  # [Q, F]
                     if frames or reason is not None:
-                        events.put_nowait(CodecFrames(job.request_id, codes, finished=reason is not None))  # [Q, F]
+                        events.put_nowait(CodecFrames(job.request_id, codes.cpu(), finished=reason is not None))
                     if reason is not None:
                         break
             events.put_nowait(_DONE)

@@ -4,9 +4,8 @@ For a text reply it yields `TextDelta`s to the ingress. For a spoken one the cal
 `TalkerInput`s: the text, plus the talker's inputs (the `TalkerPrompt` in the first, then `ThinkerTokens`, the
 last with finished=True). Each send carries every token produced since the last one (one `TextDelta`, one
 `ThinkerTokens` of n tokens), so a reply costs a message per batch of ready steps, not per token, and nothing
-waits to fill one.
-Text is detokenized here, so stop sequences end generation where they appear. The last event is the stage's
-`StageTimes`.
+waits to fill one. Text is detokenized here, so stop sequences end generation where they appear. The last event
+is the stage's `StageTimes`.
 """
 
 from __future__ import annotations
@@ -76,7 +75,7 @@ class ThinkerStage(StageReplica):
                             tokens[-1] = replace(tokens[-1], finished=True, finish_reason="stop_sequence")
                     if reason is not None:  # the steps after a stop sequence are not the reply's
                         break
-                self.metrics.stage_tokens("thinker", len(text.token_ids))
+                self.metrics.stage_tokens("thinker", len(ready))
                 if job.for_talker:
                     yield TalkerInput(text.delta(), _on_host(_joined(tokens)), talker_prompt)
                 else:

@@ -69,7 +69,8 @@ class Timeline:
         origin = self.ingress.started_at
         rows = [(seconds, "ingress", event) for event, seconds in self.ingress.events.items()]
         for times in self.stages:
-            rows += [(times.started_at - origin + seconds, times.stage, event) for event, seconds in times.events.items()]
+            offset = times.started_at - origin  # wall clock: the stage may be another process or machine
+            rows += [(offset + seconds, times.stage, event) for event, seconds in times.events.items()]
         return sorted(rows, key=lambda row: row[0])
 
     def describe(self) -> str:
