@@ -12,6 +12,15 @@ Both decode greedily and produce exactly `--new-tokens` text tokens per request 
 transformers: `thinker_min_new_tokens`), speech until the codec end or `--audio-frames`. One non-streaming pass
 of every request checks ours gives transformers' token ids before anything is timed.
 
+At `--concurrency 1` the service is also compared with `OmniModel.generate` in this process (no Ray, no HTTP),
+the service's overhead alone:
+- text: the processor and a whole `generate` of the reply, against the service's end-to-end latency;
+- first audio: `OmniModel.generate` streams no audio, so its first audio is timed as the work that has to come
+  before the first PCM, one stage after another: the processor and a `generate` with `F` reply tokens and `F`
+  codec frames, `F` the first Code2Wav chunk's frames (the thinker's prefill and the `F` tokens those frames
+  read, the talker's prefill and `F` frames, one Code2Wav call of `F` frames). Against it: the service's time
+  to the first audio delta at the client. The issue's target is at most 1.5× that + 50 ms.
+
     python -m bench.bench_serve                                          # CPU, tiny checkpoint, 8 at once
     python -m bench.bench_serve --device cuda --model full --layers 8 --serve-config serve_config.gpu_packed.yaml
 """
@@ -55,12 +64,14 @@ def main() -> None:
     baseline = {case: transformers_serial(hf, ckpt, conversations, case == "speech", args, device, dtype)
                 for case in cases}
     del hf  # the GPU memory goes to the stage replicas next
+    in_process = omni_in_process(ckpt, conversations[0], cases, args, device, dtype) if args.concurrency == 1 else {}
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
     with local_service(ckpt, args) as url:
         results = [service_case(url, case, conversations, baseline[case], args) for case in cases]
+    results += [against_in_process(result, in_process) for result in results if in_process]
 
     settings = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "model": args.model,
                 **({"layers": args.layers} if args.model == "full" and args.checkpoint is None else {}),
@@ -107,6 +118,61 @@ def transformers_serial(hf, ckpt: Path, conversations, speech: bool, args, devic
         walls.append(done[-1])
         finishes.append(done)
     return {"walls": walls, "latency_p50": statistics.median(finishes[-1]), "tokens": tokens}
+
+
+# --- OmniModel in this process (the --concurrency 1 comparisons) -------------------------------------------------
+
+
+def omni_in_process(ckpt: Path, conversation, cases: list[str], args, device, dtype) -> dict[str, common.Timing]:
+    """Seconds of the in-process counterparts (module docstring): "text" (the whole reply) and "speech" (to the
+    first Code2Wav chunk), each with the processor, `--repeats` runs after `--warmup`."""
+    from common.processor import OmniProcessor
+    from stages.code2wav import CodecChunking
+    from stages.omni import OmniModel
+
+    model = OmniModel.from_pretrained(ckpt, device=device, dtype=dtype)
+    processor = OmniProcessor.from_pretrained(ckpt)
+    eos = common.generation_eos_ids(ckpt)
+    first = CodecChunking().initial_frames  # the service's default first chunk
+    runs = {"text": dict(return_audio=False, thinker_max_new_tokens=args.new_tokens,
+                         thinker_min_new_tokens=args.new_tokens),
+            "speech": dict(return_audio=True, thinker_max_new_tokens=first, thinker_min_new_tokens=first,
+                           talker_max_new_tokens=first + 1, talker_min_new_tokens=first + 1)}
+
+    def one(case: str) -> float:
+        start = time.perf_counter()
+        inputs = processor([processor.apply_chat_template(conversation, add_generation_prompt=True)])
+        inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+        out = model.generate(inputs, speaker="ethan", do_sample=False, thinker_eos_token_id=eos, **runs[case])[0]
+        common.sync(device)
+        if case == "speech":
+            assert out.codes.shape[-1] == first, out.codes.shape  # exactly the first chunk's frames
+        return time.perf_counter() - start
+
+    timings = {}
+    for case in cases:
+        for _ in range(args.warmup):
+            one(case)
+        timings[case] = common.Timing([one(case) for _ in range(args.repeats)])
+    del model
+    return timings
+
+
+def against_in_process(result: common.Result, in_process: dict[str, common.Timing]) -> common.Result:
+    """A --concurrency 1 service result against OmniModel in this process: text latency, or time to first audio."""
+    speech = "ttfa_runs_s" in result.extra
+    ours = common.Timing(result.extra["ttfa_runs_s"] if speech else result.ours.seconds)
+    theirs = in_process["speech" if speech else "text"]
+    if speech:
+        target = 1.5 * theirs.median + 0.05
+        text = (f"first audio ours {ours.median * 1e3:.0f} ms / in-process {theirs.median * 1e3:.0f} ms; "
+                f"target ≤ 1.5× + 50 ms = {target * 1e3:.0f} ms")
+    else:
+        text = (f"text latency ours {ours.median * 1e3:.0f} ms / in-process {theirs.median * 1e3:.0f} ms; "
+                f"target ≤ 1.1× = {1.1 * theirs.median * 1e3:.0f} ms")
+    name = "first audio ×1" if speech else "text ×1"
+    return common.Result(f"{name} vs OmniModel in-process (in the transformers column)", ours, theirs,
+                         {"extra": text, "ratio_ours_over_in_process": ours.median / theirs.median})
 
 
 # --- ours, through the service -----------------------------------------------------------------------------------
@@ -197,7 +263,9 @@ async def _service_case(url: str, case: str, conversations, baseline: dict, args
     if speech:
         ttfa = statistics.median(m["first_audio"] for m in marks if m["first_audio"] is not None)
         seconds = np.mean([m["samples"] / SAMPLE_RATE_OUT for m in marks])
-        extra.update(ours_ttfa_p50_s=ttfa, speech_seconds_per_reply=float(seconds))
+        ttfa_runs = [statistics.median(m["first_audio"] for m in run if m["first_audio"] is not None)
+                     for _, run in runs]
+        extra.update(ours_ttfa_p50_s=ttfa, speech_seconds_per_reply=float(seconds), ttfa_runs_s=ttfa_runs)
         text.append(f"TTFA p50 ours {ttfa * 1e3:.0f} ms; {seconds:.2f} s of speech per reply")
     extra["extra"] = "; ".join(text)
     return common.Result(f"{case} ×{len(conversations)} concurrent", common.Timing(walls),

@@ -7,7 +7,7 @@ Shapes: T prompt length (one row, no padding), H thinker hidden size, n tokens i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -41,4 +41,3 @@ class CodecFrames:
     request_id: str
     codes: torch.Tensor  # [Q, F] int64: F new frames of Q codebook codes
     finished: bool = False
-    meta: dict = field(default_factory=dict)

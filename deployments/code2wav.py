@@ -4,7 +4,7 @@ Frames are decoded incrementally (`Code2WavStream` carries the convolution and a
 concatenated chunks equal a full decode) on the `CodecChunking` schedule of the settings: a small first chunk for
 a short time to first audio, larger ones after. `ChunkedDecode` makes the same calls however the frames arrive and
 `OmniModel.generate` decodes with it too, so a greedy reply's samples equal OmniModel's bit for bit. Text deltas
-from upstream pass straight through.
+and the upstream stages' times pass straight through.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from common.messages import CodecFrames
 from deployments.jobs import PcmChunk, SpeechJob, TextDelta
 from deployments.runtime import STAGE_DEFAULTS, StageReplica
 from deployments.settings import ServiceSettings
+from deployments.timeline import StageClock, StageTimes
 from stages.code2wav import ChunkedDecode, Code2Wav
 from stages.omni import SAMPLE_RATE
 
@@ -36,19 +37,23 @@ class Code2WavStage(StageReplica):
         self.talker = talker
 
     async def synthesize(self, job: SpeechJob):
-        """Yields TextDelta (passed through) and PcmChunk events for one spoken reply."""
+        """Yields TextDelta and StageTimes (passed through), PcmChunk events, and last this stage's StageTimes."""
         logger.info("code2wav: %s", job.request_id)
-        with self.serving(job.request_id):
-            async for event in self._synthesize(job):
+        with self.serving(job.request_id) as clock:
+            async for event in self._synthesize(job, clock):
+                if isinstance(event, PcmChunk):
+                    clock.mark("first_out")
                 yield event
+            yield self.finish_times(clock)
 
-    async def _synthesize(self, job: SpeechJob):
+    async def _synthesize(self, job: SpeechJob, clock: StageClock):
         decoder = ChunkedDecode(self.stage.module, self.settings.codec_chunking())
         async for event in self.talker.options(stream=True).speak.remote(job):
-            if isinstance(event, TextDelta):
+            if isinstance(event, (TextDelta, StageTimes)):
                 yield event
                 continue
             assert isinstance(event, CodecFrames)
+            clock.mark("first_frames")
             samples = await asyncio.to_thread(self._decode, decoder, event.codes, event.finished)
             if samples.size or event.finished:
                 yield PcmChunk(job.request_id, samples, SAMPLE_RATE, finished=event.finished)

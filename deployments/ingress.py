@@ -10,6 +10,7 @@ import base64
 import logging
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +57,7 @@ from deployments.protocol import (
 )
 from deployments.settings import ServiceSettings
 from deployments.sse import DONE, ChunkWriter
+from deployments.timeline import StageTimes, Timeline
 from deployments.tool_calls import ToolCallStream, parse_tool_calls
 from stages.omni import SAMPLE_RATE
 
@@ -103,8 +105,6 @@ class Reply:
     pcm: list | None = None
     finish_reason: str = "stop"
     sample_rate: int = SAMPLE_RATE
-    first_token_at: float | None = None
-    first_audio_at: float | None = None
 
 
 # Module helpers stay above the deployment class: Serve ships the class to its replicas by value, and its
@@ -206,25 +206,26 @@ class OmniIngress:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        arrival = time.monotonic()
+        timeline = Timeline(f"chatcmpl-{uuid.uuid4().hex}")  # from the request's arrival
         try:
             check_api_key(request.headers.get("authorization"), self.settings.api_key)
             req = ChatCompletionRequest.model_validate(
                 parse_json_body(await read_body(request, self.settings.max_request_bytes)))
-            prepared = await self._prepare(req)
+            prepared = await self._prepare(req, timeline.request_id)
         except Exception as exc:
             return self._error(exc)
+        timeline.ingress.mark("prepared")
         self.metrics.requests.inc(1, tags={"modalities": "+".join(prepared.modalities), "stream": str(req.stream)})
         if req.stream:
-            return StreamingResponse(self._stream(prepared, arrival), media_type="text/event-stream")
+            return StreamingResponse(self._stream(prepared, timeline), media_type="text/event-stream")
         try:
-            return JSONResponse(await self._complete(prepared, arrival))
+            return JSONResponse(await self._complete(prepared, timeline))
         except Exception as exc:
             return self._error(exc)
 
     # --- preparing a request ---------------------------------------------------------------------------------------
 
-    async def _prepare(self, req: ChatCompletionRequest) -> Prepared:
+    async def _prepare(self, req: ChatCompletionRequest, request_id: str) -> Prepared:
         if req.model is not None:
             self._check_model(req.model)
         modalities = req.output_modalities(self.settings.default_modalities)
@@ -252,7 +253,6 @@ class OmniIngress:
         prompt_tokens = int(inputs["input_ids"].shape[1])
         sampling = thinker_sampling(req, self.thinker_defaults, self.settings, prompt_tokens, self.config)
 
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
         job = ThinkerJob(
             request_id=request_id,
             inputs={k: v for k, v in inputs.items() if k not in ENCODER_INPUTS},
@@ -297,32 +297,57 @@ class OmniIngress:
 
     # --- running it ------------------------------------------------------------------------------------------------
 
-    def _events(self, prepared: Prepared):
-        """The reply's events (TextDelta, PcmChunk) from the last stage it needs."""
-        if prepared.speech:
-            return self.stages["code2wav"].options(stream=True).synthesize.remote(prepared.job)
-        return self.stages["thinker"].options(stream=True).generate.remote(prepared.job)
+    async def _events(self, prepared: Prepared, reply: Reply, timeline: Timeline):
+        """The reply's events (TextDelta, PcmChunk) from the last stage it needs (the stages' times go to the
+        timeline).
 
-    def _observe(self, reply: Reply, event, arrival: float) -> None:
-        now = time.monotonic()
+        A spoken reply's text comes down the whole chain (thinker → talker → Code2Wav → here) rather than from the
+        thinker directly: measured with the timeline on the tiny model at one request at a time, the two hops
+        more cost a delta about 11 ms (14 ms from the thinker against 3 ms for a text reply), and it still arrives
+        ~180 ms before the first audio it is the transcript of; a direct path would need the thinker to stream
+        one run to two consumers (the ingress and the talker), which a Serve handle call does not do."""
+        if prepared.speech:
+            stream = self.stages["code2wav"].options(stream=True).synthesize.remote(prepared.job)
+        else:
+            stream = self.stages["thinker"].options(stream=True).generate.remote(prepared.job)
+        async for event in stream:
+            if isinstance(event, StageTimes):
+                timeline.add(event)
+                continue
+            self._observe(reply, event, timeline)
+            yield event
+
+    def _observe(self, reply: Reply, event, timeline: Timeline) -> None:
+        clock = timeline.ingress
         if isinstance(event, TextDelta):
-            if reply.first_token_at is None and event.token_ids:
-                reply.first_token_at = now
-                self.metrics.ttft.observe(now - arrival)
+            if "first_text" not in clock.events and event.token_ids:
+                clock.mark("first_text")
+                self.metrics.ttft.observe(clock.events["first_text"])
             if event.finish_reason is not None:
                 reply.finish_reason = event.finish_reason
-        elif isinstance(event, PcmChunk) and reply.first_audio_at is None and len(event.samples):
-            reply.first_audio_at = now
-            self.metrics.ttfa.observe(now - arrival)
+        elif isinstance(event, PcmChunk) and "first_audio" not in clock.events and len(event.samples):
+            clock.mark("first_audio")
+            self.metrics.ttfa.observe(clock.events["first_audio"])
 
-    def _audio_done(self, reply: Reply, samples: int, arrival: float) -> None:
+    def _audio_done(self, reply: Reply, samples: int, timeline: Timeline) -> None:
+        timeline.ingress.mark("audio_done")
         if samples:
-            self.metrics.audio_rtf.observe((time.monotonic() - arrival) / (samples / reply.sample_rate))
+            self.metrics.audio_rtf.observe(timeline.ingress.events["audio_done"] / (samples / reply.sample_rate))
 
-    async def _complete(self, prepared: Prepared, arrival: float) -> dict:
+    def _log(self, timeline: Timeline) -> None:
+        """The request's timeline, one line per request, when its reply ended (or failed, or its client left)."""
+        timeline.ingress.mark("done")
+        logger.info(timeline.describe())
+
+    async def _complete(self, prepared: Prepared, timeline: Timeline) -> dict:
+        try:
+            return await self._completion(prepared, timeline)
+        finally:
+            self._log(timeline)
+
+    async def _completion(self, prepared: Prepared, timeline: Timeline) -> dict:
         reply = Reply(token_ids=[], pcm=[])
-        async for event in self._events(prepared):
-            self._observe(reply, event, arrival)
+        async for event in self._events(prepared, reply, timeline):
             if isinstance(event, TextDelta):
                 reply.text += event.text
                 reply.token_ids.extend(event.token_ids)
@@ -333,7 +358,7 @@ class OmniIngress:
         audio = None
         if prepared.speech:
             samples = _concat(reply.pcm)
-            self._audio_done(reply, len(samples), arrival)
+            self._audio_done(reply, len(samples), timeline)
             data = await asyncio.to_thread(encode_audio, samples, reply.sample_rate, _audio_format(req))
             audio = AudioReply(id=f"audio-{prepared.request_id}", data=base64.b64encode(data).decode(),
                                transcript=reply.text, expires_at=prepared.created)
@@ -352,7 +377,15 @@ class OmniIngress:
         completion["choices"][0]["token_ids"] = reply.token_ids  # vLLM's `return_token_ids` extension, always on
         return completion
 
-    async def _stream(self, prepared: Prepared, arrival: float):
+    async def _stream(self, prepared: Prepared, timeline: Timeline):
+        try:
+            async with aclosing(self._chunks(prepared, timeline)) as chunks:  # a client gone closes the stage calls
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            self._log(timeline)
+
+    async def _chunks(self, prepared: Prepared, timeline: Timeline):
         writer = ChunkWriter(prepared.request_id, self.model_id, prepared.created)
         audio_id = f"audio-{prepared.request_id}"
         text_out = "text" in prepared.modalities
@@ -361,21 +394,21 @@ class OmniIngress:
         completion_tokens = samples = 0
         yield writer.role()
         try:
-            async for event in self._events(prepared):
-                self._observe(reply, event, arrival)
-                if isinstance(event, TextDelta):
-                    completion_tokens += len(event.token_ids)
-                    text = calls.push(event.text) if calls is not None else event.text
-                    if text and text_out:
-                        yield writer.text(text)
-                    if event.text and prepared.speech:
-                        yield writer.audio(audio_id, None, event.text)
-                elif len(event.samples):
-                    samples += len(event.samples)
-                    reply.sample_rate = event.sample_rate
-                    yield writer.audio(audio_id, base64.b64encode(to_pcm16(event.samples)).decode(), None)
+            async with aclosing(self._events(prepared, reply, timeline)) as events:
+                async for event in events:
+                    if isinstance(event, TextDelta):
+                        completion_tokens += len(event.token_ids)
+                        text = calls.push(event.text) if calls is not None else event.text
+                        if text and text_out:
+                            yield writer.text(text)
+                        if event.text and prepared.speech:
+                            yield writer.audio(audio_id, None, event.text)
+                    elif len(event.samples):
+                        samples += len(event.samples)
+                        reply.sample_rate = event.sample_rate
+                        yield writer.audio(audio_id, base64.b64encode(to_pcm16(event.samples)).decode(), None)
             if prepared.speech:
-                self._audio_done(reply, samples, arrival)
+                self._audio_done(reply, samples, timeline)
                 yield writer.audio_done(audio_id, prepared.created)
             if calls is not None:  # tools mean a text-only reply
                 tail, tool_calls = calls.finish()

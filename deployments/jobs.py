@@ -3,8 +3,9 @@
 The ingress builds one `ThinkerJob` per request (plus a `SpeechJob` around it when speech is asked for) and
 calls one streaming stage: the thinker for a text reply, Code2Wav for a spoken one (Code2Wav pulls frames from
 the talker, the talker pulls states from the thinker). Encoder outputs ride along as `ObjectRef`s nested in the
-job, so only the thinker replica ever fetches them; every stage the job passes forwards `TextDelta`s untouched,
-so the ingress sees text and PCM only.
+job, so only the thinker replica ever fetches them. The talker forwards the text of the thinker's `TalkerInput`s
+as `TextDelta`s, Code2Wav forwards those untouched, so the ingress sees text and PCM (and each stage's
+`StageTimes`, `deployments.timeline`) only.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import ray
 import torch
 
+from common.messages import TalkerPrompt, ThinkerTokens
 from common.sampling import SamplingParams
 
 
@@ -32,7 +34,7 @@ class ThinkerJob:
     image_embeds: ray.ObjectRef | None = None
     video_embeds: ray.ObjectRef | None = None
     audio_embeds: ray.ObjectRef | None = None
-    # True when a talker consumes this thinker run: then the thinker also yields TalkerPrompt / ThinkerTokens.
+    # True when a talker consumes this thinker run: then the thinker yields `TalkerInput`s instead of `TextDelta`s.
     for_talker: bool = False
 
 
@@ -56,6 +58,17 @@ class TextDelta:
     token_ids: list[int]
     prompt_tokens: int
     finish_reason: str | None = None  # "stop" | "length" on the last delta
+
+
+@dataclass
+class TalkerInput:
+    """One send of the thinker to the talker, with everything ready since the last one: the reply's new text (which
+    the talker forwards towards the client) and the talker's inputs for the same tokens. One message, so the talker
+    has its prompt and first token together and each later send costs one hop, not two."""
+
+    text: TextDelta
+    tokens: ThinkerTokens
+    prompt: TalkerPrompt | None = None  # the first send only
 
 
 @dataclass

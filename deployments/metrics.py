@@ -10,6 +10,8 @@ from functools import lru_cache
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
+from deployments.timeline import StageClock
+
 _LATENCY_BOUNDARIES = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 _RTF_BOUNDARIES = [0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0]
 
@@ -41,6 +43,21 @@ class ServiceMetrics:
             description="Wall time from request arrival to the last PCM chunk, divided by the speech's duration.",
             boundaries=_RTF_BOUNDARIES,
         )
+        self.stage_queue_wait = Histogram(
+            "omniray_stage_queue_wait_seconds",
+            description="Per stage with a batching engine (thinker, talker): from handing a request to the engine to "
+            "the first step it hands back, i.e. the wait for a row plus the prefill (the engines signal admission by "
+            "that step).",
+            boundaries=_LATENCY_BOUNDARIES,
+            tag_keys=("stage",),
+        )
+        self.stage_first_output = Histogram(
+            "omniray_stage_time_to_first_output_seconds",
+            description="Per stage: from the stage being called for a request to its first message out (thinker: "
+            "text and talker inputs; talker: codec frames; code2wav: PCM).",
+            boundaries=_LATENCY_BOUNDARIES,
+            tag_keys=("stage",),
+        )
         self.tokens = Counter(
             "omniray_stage_tokens_total",
             description="Tokens produced per stage (thinker: text tokens; talker: codec frames; code2wav: frames "
@@ -64,6 +81,13 @@ class ServiceMetrics:
 
     def batch(self, stage: str, rows: int) -> None:
         self.batch_rows.set(rows, tags={"stage": stage})
+
+    def stage_times(self, clock: StageClock) -> None:
+        tags = {"stage": clock.stage}
+        if (wait := clock.since("submitted", "admitted")) is not None:
+            self.stage_queue_wait.observe(wait, tags=tags)
+        if (first := clock.since("called", "first_out")) is not None:
+            self.stage_first_output.observe(first, tags=tags)
 
     def stage_tokens(self, stage: str, count: int) -> None:
         if count:

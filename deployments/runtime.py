@@ -18,6 +18,7 @@ from common.checkpoint import STAGE_PREFIXES, load_stage_weights
 from common.config import OmniConfig, load_config
 from deployments.metrics import service_metrics
 from deployments.settings import ServiceSettings
+from deployments.timeline import StageClock, StageTimes
 
 logger = logging.getLogger("ray.serve")  # Serve writes it to the replica's log, with its request context
 
@@ -109,28 +110,43 @@ class StageReplica:
 
     @contextmanager
     def serving(self, request_id: str):
+        """While the replica serves a request; yields the request's clock for this stage (`deployments.timeline`)."""
         self.metrics.stage_requests.inc(1, tags={"stage": self.stage_name})
         self.in_flight.add(request_id)
         try:
-            yield
+            yield StageClock(request_id, self.stage_name)
         finally:
             self.in_flight.discard(request_id)
 
-    async def engine_steps(self, request_id: str, submit: Callable[[Callable], None]):
-        """The steps the replica's batching engine hands one request, on this event loop. `submit(sink)` queues the
-        request with `sink`, which the engine calls on its thread; the request leaves the engine when it finishes,
-        fails, or its consumer goes away (the engine frees its row before the next step)."""
+    def finish_times(self, clock: StageClock) -> StageTimes:
+        """The stage's times for the request, after its last event (the stages downstream forward them to the
+        ingress); its queue wait and time to first output go to the metrics here."""
+        clock.mark("done")
+        self.metrics.stage_times(clock)
+        return clock.times()
+
+    async def engine_steps(self, request_id: str, submit: Callable[[Callable], None], clock: StageClock):
+        """The steps the replica's batching engine hands one request, on this event loop: each item is every step
+        that is ready (one at least), so a consumer that fell behind the engine catches up in one message, and
+        none waits for a step that is not there yet. `submit(sink)` queues the request with `sink`, which the
+        engine calls on its thread; the request leaves the engine when it finishes, fails, or its consumer goes
+        away (the engine frees its row before the next step)."""
         loop, steps = asyncio.get_running_loop(), asyncio.Queue()
         submit(lambda step: loop.call_soon_threadsafe(steps.put_nowait, step))
+        clock.mark("submitted")
         self.in_engine += 1
         self.metrics.batch(self.stage_name, self.in_engine)
         try:
             while True:
-                step = await steps.get()
-                if isinstance(step, BaseException):
-                    raise step
-                yield step
-                if step.finish_reasons[0] is not None:
+                ready = [await steps.get()]
+                while not steps.empty():
+                    ready.append(steps.get_nowait())
+                clock.mark("admitted")  # the engines tell of admission only by the first step (prefill done)
+                for step in ready:
+                    if isinstance(step, BaseException):
+                        raise step
+                yield ready
+                if ready[-1].finish_reasons[0] is not None:
                     return
         finally:
             self.engine.cancel(request_id)

@@ -1,11 +1,11 @@
 """The talker deployment (with its code predictor): pulls the thinker's states, streams codec frames.
 
-Two things run at once for a request: a reader that consumes the thinker's stream (forwarding text deltas
-downstream at once and feeding `TalkerPrompt` / `ThinkerTokens` into the `TalkerRequest`), and the decode loop,
-which prefills as soon as the first reply tokens are in and then emits one frame per step, each step waiting
-only for the reply token it consumes. Both put their events on one queue that this generator drains. The frames
-come from the replica's batch (`TalkerEngine`: replies decode together) when the reply fits a row, else from a
-decode loop of the reply's own.
+Two things run at once for a request: a reader that consumes the thinker's `TalkerInput`s (forwarding their text
+and the thinker's times downstream at once and feeding the prompt and tokens into the `TalkerRequest`),
+and the decode loop, which prefills as soon as the first reply token is in, each step then waiting only for the
+reply token it consumes, and sends the frames ready as one message (all those the engine made since the last
+send). Both put their events on one queue that this generator drains. The frames come from the replica's batch
+(`TalkerEngine`: replies decode together) when the reply fits a row, else from a decode loop of the reply's own.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from common.messages import CodecFrames, TalkerPrompt, ThinkerTokens
-from deployments.jobs import SpeechJob, TextDelta
+from deployments.jobs import SpeechJob, TalkerInput
 from deployments.runtime import STAGE_DEFAULTS, StageReplica, close_steps
 from deployments.settings import ServiceSettings
+from deployments.timeline import StageClock
 from stages.talker import Talker, TalkerRequest, speaker_codec_id, stream_frames, talker_sampling
 from stages.talker_engine import TalkerEngine
 
@@ -48,17 +49,21 @@ class TalkerStage(StageReplica):
                                        max_len=min(self.settings.talker_batch_max_len, context))
 
     async def speak(self, job: SpeechJob):
-        """Yields TextDelta (passed through from the thinker) and CodecFrames ([Q, 1] per step) events."""
+        """Yields TextDelta and StageTimes (passed through from the thinker), CodecFrames ([Q, F]: the frames
+        ready since the last ones), and last this stage's StageTimes."""
         logger.info("talker: %s (voice %s)", job.request_id, job.speaker)
-        with self.serving(job.request_id):
-            async for event in self._speak(job):
+        with self.serving(job.request_id) as clock:
+            async for event in self._speak(job, clock):
+                if isinstance(event, CodecFrames):
+                    clock.mark("first_out")
                 yield event
+            yield self.finish_times(clock)
 
-    async def _speak(self, job: SpeechJob):
+    async def _speak(self, job: SpeechJob, clock: StageClock):
         events: asyncio.Queue = asyncio.Queue()
         reply = _Reply(self.stage.config, speaker_codec_id(self.stage.config.talker_config, job.speaker))
-        reader = asyncio.create_task(self._read_thinker(job, reply, events))
-        decoder = asyncio.create_task(self._decode(job, reply, events))
+        reader = asyncio.create_task(self._read_thinker(job, reply, events, clock))
+        decoder = asyncio.create_task(self._decode(job, reply, events, clock))
         try:
             running = 2
             while running:
@@ -73,14 +78,17 @@ class TalkerStage(StageReplica):
             for task in (reader, decoder):
                 task.cancel()
 
-    async def _read_thinker(self, job: SpeechJob, reply: "_Reply", events: asyncio.Queue) -> None:
+    async def _read_thinker(self, job: SpeechJob, reply: "_Reply", events: asyncio.Queue, clock: StageClock) -> None:
         try:
             async for event in self.thinker.options(stream=True).generate.remote(job.thinker):
-                if isinstance(event, TextDelta):
-                    events.put_nowait(event)
-                else:
-                    reply.add(event, self.stage.device)
+                clock.mark("input")
+                if isinstance(event, TalkerInput):
+                    if event.prompt is not None:
+                        reply.start(event.prompt, self.stage.device)
+                    reply.push(event.tokens, self.stage.device)
                     self._notify_engine()
+                    event = event.text
+                events.put_nowait(event)  # the text, or the thinker's times
             reply.close()
             events.put_nowait(_DONE)
         except Exception as exc:  # a thinker error ends the request (the ingress reports it)
@@ -91,33 +99,37 @@ class TalkerStage(StageReplica):
         if self.engine is not None:
             self.engine.notify()  # a reply in the batch may be able to take its next step
 
-    async def _decode(self, job: SpeechJob, reply: "_Reply", events: asyncio.Queue) -> None:
+    async def _decode(self, job: SpeechJob, reply: "_Reply", events: asyncio.Queue, clock: StageClock) -> None:
         try:
             await reply.wait(lambda r: r.prefill_ready)
+            clock.mark("prefill_ready")
             if not reply.request.has_voice:  # nothing to say (e.g. an empty reply)
                 events.put_nowait(_DONE)
                 return
             params = talker_sampling(self.stage.config.talker_config, job.sampling)
             groups = self.stage.config.talker_config.num_code_groups
-            async with aclosing(self._steps(job, reply, params)) as steps:
-                async for step in steps:
-                    frame, reason = step.frames[0], step.finish_reasons[0]
-                    codes = frame[:, None].cpu() if frame is not None else torch.zeros(groups, 0, dtype=torch.long)
-                    if frame is not None:
-                        self.metrics.stage_tokens("talker", 1)
-                    if frame is not None or reason is not None:
-                        events.put_nowait(CodecFrames(job.request_id, codes, finished=reason is not None))
+            async with aclosing(self._steps(job, reply, params, clock)) as steps:
+                async for ready in steps:  # one CodecFrames [Q, F] for all the frames ready
+                    frames = [step.frames[0] for step in ready if step.frames[0] is not None]
+                    reason = ready[-1].finish_reasons[0]
+                    if frames:
+                        clock.mark("first_frame")
+                        self.metrics.stage_tokens("talker", len(frames))
+                    codes = torch.stack(frames, dim=1) if frames else torch.zeros(groups, 0, dtype=torch.long)  # [Q, F]
+                    if frames or reason is not None:
+                        events.put_nowait(CodecFrames(job.request_id, codes.cpu(), finished=reason is not None))
                     if reason is not None:
                         break
             events.put_nowait(_DONE)
         except Exception as exc:
             events.put_nowait(exc)
 
-    def _steps(self, job: SpeechJob, reply: "_Reply", params):
-        """The reply's frames: from the replica's batch when it fits a row, else from a decode loop of its own."""
+    def _steps(self, job: SpeechJob, reply: "_Reply", params, clock: StageClock):
+        """The reply's steps, in lists of those ready: from the replica's batch when it fits a row, else from a
+        decode loop of its own (one step at a time)."""
         if self.engine is not None and self.engine.fits(reply.request, params):
             return self.engine_steps(job.request_id, lambda sink: self.engine.submit(
-                job.request_id, reply.request, params, sink))
+                job.request_id, reply.request, params, sink), clock)
         return self._own_steps(reply, params)
 
     async def _own_steps(self, reply: "_Reply", params):
@@ -131,7 +143,7 @@ class TalkerStage(StageReplica):
                 calls += 1
                 if step is None:
                     return
-                yield step
+                yield [step]
         finally:
             close_steps(steps)
 
@@ -148,12 +160,12 @@ class _Reply:
         self.closed = False  # the thinker's stream ended (normally or not)
         self.changed = asyncio.Event()
 
-    def add(self, message: TalkerPrompt | ThinkerTokens, device: torch.device) -> None:
-        if isinstance(message, TalkerPrompt):
-            self.request = TalkerRequest(self.config, _to(message, device), self.speaker_id)
-        else:
-            message.token_embeds = message.token_embeds.to(device)
-            self.request.push(message)
+    def start(self, prompt: TalkerPrompt, device: torch.device) -> None:
+        self.request = TalkerRequest(self.config, _to(prompt, device), self.speaker_id)
+
+    def push(self, tokens: ThinkerTokens, device: torch.device) -> None:
+        tokens.token_embeds = tokens.token_embeds.to(device)
+        self.request.push(tokens)
         self.changed.set()
 
     def close(self) -> None:

@@ -1,8 +1,11 @@
 """The thinker deployment: fetches the encoder outputs by reference, prefills, decodes, and streams.
 
-For a text reply it yields `TextDelta`s to the ingress. For a spoken one the caller is the talker, and it also
-yields the talker's inputs: one `TalkerPrompt` after the prefill, then one `ThinkerTokens` per token (the last
-with finished=True). Text is detokenized here, so stop sequences end generation where they appear.
+For a text reply it yields `TextDelta`s to the ingress. For a spoken one the caller is the talker, and it yields
+`TalkerInput`s: the text, plus the talker's inputs (the `TalkerPrompt` in the first, then `ThinkerTokens`, the
+last with finished=True). Each send carries every token produced since the last one (one `TextDelta`, one
+`ThinkerTokens` of n tokens), so a reply costs a message per batch of ready steps, not per token, and nothing
+waits to fill one. Text is detokenized here, so stop sequences end generation where they appear. The last event
+is the stage's `StageTimes`.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ from dataclasses import fields, replace
 import torch
 from ray import serve
 
+from common.messages import ThinkerTokens
 from common.tokenizer import OmniTokenizer
-from deployments.jobs import TextDelta, ThinkerJob
+from deployments.jobs import TalkerInput, TextDelta, ThinkerJob
 from deployments.runtime import STAGE_DEFAULTS, StageReplica, close_steps
 from deployments.settings import ServiceSettings
 from deployments.stop_strings import StopStrings
+from deployments.timeline import StageClock
 from stages.thinker import ThinkerLM, ThinkerPrompt, stream_generate
 from stages.thinker_engine import ThinkerEngine
 
@@ -43,34 +48,47 @@ class ThinkerStage(StageReplica):
 
     async def generate(self, job: ThinkerJob):
         logger.info("thinker: %s (%s)", job.request_id, "for the talker" if job.for_talker else "text")
-        with self.serving(job.request_id):
-            async for event in self._generate(job):
+        with self.serving(job.request_id) as clock:
+            async for event in self._generate(job, clock):
+                clock.mark("first_out")
                 yield event
+            yield self.finish_times(clock)
 
-    async def _generate(self, job: ThinkerJob):
+    async def _generate(self, job: ThinkerJob, clock: StageClock):
+        """One message of each kind per batch of ready steps: every token since the last send goes out at once."""
         prompt = await self._prompt(job)
+        clock.mark("prompt")
         reply = _ReplyText(self.tokenizer, job)
         prompt_tokens = int(prompt.input_ids.shape[1])
-        async with aclosing(self._steps(job, prompt)) as steps:  # closed at once, even on an early return
-            async for step in steps:
-                ids, text, reason, hit_stop_string = reply.add(step.token_ids[0], step.finish_reasons[0])
+        async with aclosing(self._steps(job, prompt, clock)) as steps:  # closed at once, even on an early return
+            async for ready in steps:
+                clock.mark("first_token")
+                text, tokens, talker_prompt = _Delta(job.request_id, prompt_tokens), [], None
+                for step in ready:
+                    ids, piece, reason, hit_stop_string = reply.add(step.token_ids[0], step.finish_reasons[0])
+                    text.add(ids, piece, reason)
+                    if job.for_talker:
+                        if step.talker_prompts is not None:
+                            talker_prompt = _on_host(step.talker_prompts[0])
+                        tokens.append(step.talker_tokens[0])
+                        if hit_stop_string:  # the reply ends on an ordinary token, which is voiced
+                            tokens[-1] = replace(tokens[-1], finished=True, finish_reason="stop_sequence")
+                    if reason is not None:  # the steps after a stop sequence are not the reply's
+                        break
+                self.metrics.stage_tokens("thinker", len(ready))
                 if job.for_talker:
-                    if step.talker_prompts is not None:
-                        yield _on_host(step.talker_prompts[0])
-                    tokens = step.talker_tokens[0]
-                    if hit_stop_string:  # the reply ends on an ordinary token, which is voiced
-                        tokens = replace(tokens, finished=True, finish_reason="stop_sequence")
-                    yield _on_host(tokens)
-                self.metrics.stage_tokens("thinker", 1)
-                yield TextDelta(job.request_id, text, ids, prompt_tokens, reason)
-                if reason is not None:
+                    yield TalkerInput(text.delta(), _on_host(_joined(tokens)), talker_prompt)
+                else:
+                    yield text.delta()
+                if text.finish_reason is not None:
                     return
 
-    def _steps(self, job: ThinkerJob, prompt: ThinkerPrompt):
-        """The request's steps: from the replica's batch when it fits a row, else from a generation of its own."""
+    def _steps(self, job: ThinkerJob, prompt: ThinkerPrompt, clock: StageClock):
+        """The request's steps, in lists of those ready: from the replica's batch when it fits a row, else from a
+        generation of its own (one step at a time)."""
         if self.engine is not None and self.engine.fits(prompt, job.sampling):
             return self.engine_steps(job.request_id, lambda sink: self.engine.submit(
-                job.request_id, prompt, job.sampling, job.for_talker, sink))
+                job.request_id, prompt, job.sampling, job.for_talker, sink), clock)
         return self._own_steps(job, prompt)
 
     async def _own_steps(self, job: ThinkerJob, prompt: ThinkerPrompt):
@@ -80,7 +98,7 @@ class ThinkerStage(StageReplica):
         )
         try:
             while (step := await asyncio.to_thread(next, steps, None)) is not None:
-                yield step
+                yield [step]
         finally:
             close_steps(steps)
 
@@ -117,6 +135,30 @@ def _on_host(message):
     another GPU or another node."""
     tensors = {f.name: getattr(message, f.name) for f in fields(message)}
     return replace(message, **{k: v.cpu() for k, v in tensors.items() if isinstance(v, torch.Tensor)})
+
+
+class _Delta:
+    """The reply's text and ids of one batch of steps, sent as one `TextDelta`."""
+
+    def __init__(self, request_id: str, prompt_tokens: int):
+        self.request_id, self.prompt_tokens = request_id, prompt_tokens
+        self.text, self.token_ids, self.finish_reason = "", [], None
+
+    def add(self, ids: list[int], text: str, reason: str | None) -> None:
+        self.text += text
+        self.token_ids += ids
+        self.finish_reason = reason
+
+    def delta(self) -> TextDelta:
+        return TextDelta(self.request_id, self.text, self.token_ids, self.prompt_tokens, self.finish_reason)
+
+
+def _joined(chunks: list[ThinkerTokens]) -> ThinkerTokens:
+    """Consecutive chunks of one reply as one (the last one's finish)."""
+    last = chunks[-1]
+    ids = [i for chunk in chunks for i in chunk.token_ids]
+    embeds = torch.cat([chunk.token_embeds for chunk in chunks])  # [n, H]
+    return ThinkerTokens(last.request_id, ids, embeds, last.finished, last.finish_reason)
 
 
 class _ReplyText:

@@ -258,6 +258,53 @@ def test_streamed_audio_equals_non_streamed(client):
     assert order.index("audio") < len(order) - 1 - order[::-1].index("text")  # audio began before the text ended
 
 
+# what must come before what in one spoken reply's timeline; stage events the request did not reach are absent
+TIMELINE_ORDER = [
+    ("ingress.called", "ingress.prepared"), ("ingress.prepared", "code2wav.called"),
+    ("code2wav.called", "talker.called"), ("talker.called", "thinker.called"),
+    ("thinker.called", "thinker.prompt"), ("thinker.prompt", "thinker.submitted"),
+    ("thinker.submitted", "thinker.admitted"), ("thinker.admitted", "thinker.first_token"),
+    ("thinker.first_token", "thinker.first_out"), ("thinker.first_out", "talker.input"),
+    ("talker.input", "talker.prefill_ready"), ("talker.prefill_ready", "talker.submitted"),
+    ("talker.submitted", "talker.admitted"), ("talker.admitted", "talker.first_frame"),
+    ("talker.first_frame", "talker.first_out"), ("talker.first_out", "code2wav.first_frames"),
+    ("code2wav.first_frames", "code2wav.first_out"), ("code2wav.first_out", "ingress.first_audio"),
+    ("thinker.first_out", "ingress.first_text"), ("thinker.done", "talker.done"), ("talker.done", "code2wav.done"),
+    ("code2wav.done", "ingress.done"), ("ingress.first_audio", "ingress.audio_done"),
+]
+
+
+def _logged_timeline(request_id: str) -> list[str]:
+    """The `stage.event` names of the timeline the ingress logged for the request, in the order of the line (the
+    events' time order)."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for log in logs.glob("replica_omniray_ingress_*.log"):
+            for line in log.read_text(errors="replace").splitlines():
+                if f"timeline {request_id} " in line:
+                    story = line.split("(ms after arrival): ", 1)[1]
+                    return [item.split(" ")[1] for item in story.split(", ")]
+        time.sleep(0.5)
+    pytest.fail(f"no timeline of {request_id} in {sorted(logs.glob('replica_omniray_ingress_*.log'))}")
+
+
+def test_the_timeline_of_a_spoken_reply_is_in_causal_order(client):
+    """The ingress logs one line per request with every stage's events, in ms after its arrival. For a streamed
+    spoken reply all stages are in it, and no event precedes what causes it: a stage's admission precedes its first
+    output, a stage hears of the reply only after the stage before it sent it, the client's first audio comes after
+    Code2Wav sent it. Stages run in other processes: this also checks their clocks are put on one axis."""
+    chunks = _stream(client, messages=HELLO, max_tokens=8, modalities=["text", "audio"],
+                     audio={"voice": "ethan", "format": "pcm16"}, extra_body={"talker_max_tokens": 10, **GREEDY})[3]
+    events = _logged_timeline(chunks[0].id)
+    assert len(events) == len(set(events)), events  # each event once
+    for first, then in TIMELINE_ORDER:
+        assert first in events and then in events, (first, then, events)
+        assert events.index(first) < events.index(then), (first, then, events)
+
+
 def test_image_and_audio_input(client, reference, service):
     image, tone = _png(), _tone()
     path = service["media_dir"] / "tone.wav"
@@ -620,7 +667,8 @@ def test_models_health_and_metrics(service, client):
         client.chat.completions.create(model=models[0].id, messages=HELLO, n=2)
     wanted = ["ray_omniray_time_to_first_token_seconds", "ray_omniray_time_to_first_audio_seconds",
               "ray_omniray_audio_real_time_factor", "ray_omniray_stage_tokens_total", "ray_omniray_errors_total",
-              "ray_omniray_batch_rows"]
+              "ray_omniray_batch_rows", "ray_omniray_stage_queue_wait_seconds",
+              "ray_omniray_stage_time_to_first_output_seconds"]
     # each replica pushes its metrics on its own schedule: wait for every name and every stage's label
     wanted += ['stage="thinker"', 'stage="talker"', 'stage="code2wav"']
     deadline = time.monotonic() + 90
