@@ -5,7 +5,8 @@ embeddings, and the code predictor's 15 residual codes of one frame).
 Ours is loaded stage by stage through `common.checkpoint.load_stage_weights`; transformers' whole model through
 `from_pretrained`, and its sub-modules are timed (`thinker.model.audio_tower`, `thinker.model.visual`, `code2wav`,
 `thinker`, `talker`). Every
-case also reports the largest difference between the two outputs, so a fast wrong answer shows.
+case also reports the largest difference between the two outputs, so a fast wrong answer shows. One case has no
+transformers side: Code2Wav's engine on N concurrent streams against the same streams decoded one by one.
 
     python -m bench.bench_stages                                        # CPU, tiny checkpoint
     python -m bench.bench_stages --device cuda --model full --layers 8  # GPU, real widths, bf16
@@ -32,6 +33,7 @@ def main() -> None:
     p.add_argument("--image-sizes", default="448,896", help="comma list: square image side in pixels")
     p.add_argument("--image-batch", default="1,4", help="comma list: images per call")
     p.add_argument("--codec-seconds", default="10,30", help="comma list: seconds of speech to decode")
+    p.add_argument("--codec-streams", default="8", help="comma list: concurrent Code2Wav streams (engine case)")
     p.add_argument("--prompt-tokens", default="128,1024", help="comma list: thinker prompt lengths")
     p.add_argument("--prompt-batch", default="1,4", help="comma list: thinker prompts per call")
     p.add_argument("--decode-tokens", type=int, default=32, help="greedy tokens per thinker decode case (≥ 2)")
@@ -165,7 +167,42 @@ def bench_code2wav(args, cfg, ckpt, hf, device, dtype) -> list[common.Result]:
         for r in (full, chunked):
             r.extra["extra"] = f"ours RTF {r.ours.median / seconds:.3f}, transformers RTF {r.hf.median / seconds:.3f}"
         results += [full, chunked]
+    results += [_code2wav_streams(ours, streams, args, device) for streams in _ints(args.codec_streams)]
     return results
+
+
+def _code2wav_streams(model, streams: int, args, device) -> common.Result:
+    """N replies of different lengths (8-12 s of speech) on the service's schedule: the engine, which batches
+    their calls, against each reply decoded alone on the same calls (what the service did before the engine).
+    No transformers side: its column stays empty and the per-request time is in `extra`."""
+    from stages.code2wav import CodecChunking, decode_chunked
+    from stages.code2wav_engine import Code2WavEngine, decode_replies
+
+    cfg, chunking = model.cfg, CodecChunking()
+    gen = torch.Generator().manual_seed(args.seed)
+    lengths = [100 + 50 * i // max(streams - 1, 1) for i in range(streams)]  # 8 to 12 s at 12.5 frames/s
+    codes = [torch.randint(0, cfg.codebook_size, (cfg.num_quantizers, n), generator=gen).to(device) for n in lengths]
+    engine = Code2WavEngine(model, chunking)
+    try:
+        def batched():
+            return decode_replies(engine, codes)
+
+        def alone():
+            return [decode_chunked(model, c[None], chunking)[0] for c in codes]
+
+        engine_t, alone_t = common.time_pair([batched, alone], device, args.warmup, args.repeats)
+        with torch.inference_mode():
+            diff = max(common.max_abs_diff(a, b) for a, b in zip(batched(), alone()))
+    finally:
+        engine.close()
+    speech = sum(lengths) / 12.5
+    name = f"code2wav engine {streams} streams"
+    extra = (f"per-request streams {alone_t.median * 1e3:.1f} ms; engine {alone_t.median / engine_t.median:.2f}× "
+             f"faster; engine RTF {engine_t.median / speech:.4f} over {speech:.0f} s of speech")
+    print(f"{name}: engine {engine_t.median:.4f} s, per-request {alone_t.median:.4f} s, max |diff| {diff:.3g}",
+          flush=True)
+    return common.Result(name, engine_t, None, {"max_abs_diff": diff, "per_request_s": alone_t.median,
+                                                "extra": extra})
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """The Code2Wav deployment: pulls codec frames from the talker and streams PCM to the ingress.
 
-Frames are decoded incrementally (`Code2WavStream` carries the convolution and attention state, so the
-concatenated chunks equal a full decode) on the `CodecChunking` schedule of the settings: a small first chunk for
-a short time to first audio, larger ones after. `ChunkedDecode` makes the same calls however the frames arrive and
-`OmniModel.generate` decodes with it too, so a greedy reply's samples equal OmniModel's bit for bit. Text deltas
-and the upstream stages' times pass straight through.
+One `Code2WavEngine` per replica decodes the frames of all its requests, batching their calls, on the
+`CodecChunking` schedule of the settings (a 1-frame first call for a short time to first audio, then larger
+ones). Each request's samples are the ones it gets alone, and `OmniModel.generate` decodes with the same engine,
+so a greedy reply's samples equal OmniModel's bit for bit. Text deltas and the upstream stages' times pass straight
+through.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import numpy as np
-import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -22,7 +20,8 @@ from deployments.jobs import PcmChunk, SpeechJob, TextDelta
 from deployments.runtime import STAGE_DEFAULTS, StageReplica
 from deployments.settings import ServiceSettings
 from deployments.timeline import StageClock, StageTimes
-from stages.code2wav import ChunkedDecode, Code2Wav
+from stages.code2wav import Code2Wav
+from stages.code2wav_engine import Code2WavEngine
 from stages.omni import SAMPLE_RATE
 
 logger = logging.getLogger("ray.serve")
@@ -34,6 +33,7 @@ class Code2WavStage(StageReplica):
 
     def __init__(self, settings: dict, talker: DeploymentHandle):
         self._start(ServiceSettings.model_validate(settings), build=lambda cfg: Code2Wav(cfg.code2wav_config))
+        self.engine = Code2WavEngine(self.stage.module, self.settings.codec_chunking())
         self.talker = talker
 
     async def synthesize(self, job: SpeechJob):
@@ -47,27 +47,47 @@ class Code2WavStage(StageReplica):
             yield self.finish_times(clock)
 
     async def _synthesize(self, job: SpeechJob, clock: StageClock):
-        decoder = ChunkedDecode(self.stage.module, self.settings.codec_chunking())
-        async for event in self.talker.options(stream=True).speak.remote(job):
-            if isinstance(event, (TextDelta, StageTimes)):
-                yield event
-                continue
-            assert isinstance(event, CodecFrames)
-            clock.mark("first_frames")
-            samples = await asyncio.to_thread(self._decode, decoder, event.codes, event.finished)
-            if samples.size or event.finished:
-                yield PcmChunk(job.request_id, samples, SAMPLE_RATE, finished=event.finished)
-        if decoder.pending_frames:  # the talker ended without marking its last frames finished
-            samples = await asyncio.to_thread(self._decode, decoder, None, True)
-            yield PcmChunk(job.request_id, samples, SAMPLE_RATE, finished=True)
+        """Feeds the talker's frames to the engine while yielding its pieces (and the text) as they come."""
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        self.engine.submit(job.request_id, lambda piece: loop.call_soon_threadsafe(events.put_nowait, piece))
+        feeding = asyncio.create_task(self._feed(job, events, clock))
+        self.in_engine += 1
+        self.metrics.batch(self.stage_name, self.in_engine)
+        talker_done = speech_done = False
+        try:
+            while not (talker_done and speech_done):
+                event = await events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                if event is None:
+                    talker_done = True
+                elif isinstance(event, (TextDelta, StageTimes)):
+                    yield event
+                else:
+                    self.metrics.stage_tokens("code2wav", event.frames)
+                    speech_done = event.finished
+                    if event.samples.numel() or event.finished:
+                        yield PcmChunk(job.request_id, event.samples.float().cpu().numpy(), SAMPLE_RATE,
+                                       finished=event.finished)
+        finally:
+            feeding.cancel()
+            self.engine.cancel(job.request_id)
+            self.in_engine -= 1
+            self.metrics.batch(self.stage_name, self.in_engine)
 
-    @torch.inference_mode()
-    def _decode(self, decoder: ChunkedDecode, codes: torch.Tensor | None, last: bool) -> np.ndarray:
-        """The samples of the schedule's calls that `codes [Q, F]` complete; all the rest when `last`."""
-        before = decoder.frames
-        pieces = [] if codes is None else [decoder.push(codes[None].to(self.stage.device))]  # [1, S]
-        if last:
-            pieces.append(decoder.finish())
-        if decoder.frames > before:
-            self.metrics.stage_tokens("code2wav", decoder.frames - before)
-        return torch.cat(pieces, dim=-1)[0].float().cpu().numpy() if pieces else np.zeros(0, np.float32)
+    async def _feed(self, job: SpeechJob, events: asyncio.Queue, clock: StageClock) -> None:
+        """The talker's stream into the engine (frames) and `events` (text deltas and the upstream stages' times,
+        then None at its end, or the error that ended it). A stream that ends without marking its last frames
+        finished ends the speech there."""
+        try:
+            async for event in self.talker.options(stream=True).speak.remote(job):
+                if isinstance(event, (TextDelta, StageTimes)):
+                    events.put_nowait(event)
+                    continue
+                assert isinstance(event, CodecFrames)
+                clock.mark("first_frames")
+                self.engine.push(job.request_id, event.codes, event.finished)
+            self.engine.push(job.request_id, None, finished=True)
+            events.put_nowait(None)
+        except Exception as exc:
+            events.put_nowait(exc)

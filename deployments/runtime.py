@@ -105,7 +105,7 @@ class StageReplica:
         self.stage = load_stage(settings, self.stage_name, **load_args)
         self.metrics = service_metrics()
         self.in_flight: set[str] = set()
-        self.engine = None  # the thinker and talker set their batching engine here
+        self.engine = None  # the thinker, talker and code2wav set their batching engine here
         self.in_engine = 0  # requests in the engine: decoding in its batch or waiting for a row
 
     @contextmanager

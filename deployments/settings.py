@@ -38,10 +38,10 @@ class ServiceSettings(BaseModel):
     # prompt, the user turns, plus the reply's frames)
     talker_batch_rows: int = Field(default=8, ge=0)
     talker_batch_max_len: int = Field(default=8192, ge=1)
-    # Code2Wav decodes a small first chunk (time to first audio), then larger ones (fewer, fuller calls); the
-    # defaults are OmniModel.generate's, so a greedy reply's speech equals OmniModel's bit for bit
-    codec_initial_chunk_frames: int = Field(default=CodecChunking().initial_frames, ge=1)
-    codec_chunk_frames: int = Field(default=CodecChunking().chunk_frames, ge=1)
+    # Code2Wav's call k of a reply decodes codec_chunk_ramp[min(k, len - 1)] frames: a small first call (time to
+    # first audio), then larger ones (fewer, fuller calls); the default is OmniModel.generate's, so a greedy
+    # reply's speech equals OmniModel's bit for bit
+    codec_chunk_ramp: tuple[int, ...] = CodecChunking().ramp
     # media
     max_request_bytes: int = Field(default=256 * 1024 * 1024, ge=1)  # the whole JSON body (inline media included)
     max_media_bytes: int = Field(default=64 * 1024 * 1024, ge=1)  # one item, encoded
@@ -60,11 +60,23 @@ class ServiceSettings(BaseModel):
         """`serve run ... default_modalities=text,audio` passes one string."""
         return tuple(v for v in value.split(",") if v) if isinstance(value, str) else value
 
+    @field_validator("codec_chunk_ramp", mode="before")
+    @classmethod
+    def _int_list(cls, value):
+        """`serve run ... codec_chunk_ramp=1,4,8,25` passes one string."""
+        return tuple(int(v) for v in value.split(",") if v.strip()) if isinstance(value, str) else value
+
+    @field_validator("codec_chunk_ramp")
+    @classmethod
+    def _ramp(cls, value):
+        CodecChunking(value)  # non-empty, every call at least one frame
+        return value
+
     def model_id(self) -> str:
         return self.served_model_name or self.model or TINY_MODEL_NAME
 
     def codec_chunking(self) -> CodecChunking:
-        return CodecChunking(self.codec_initial_chunk_frames, self.codec_chunk_frames)
+        return CodecChunking(self.codec_chunk_ramp)
 
     def fetch_config(self) -> FetchConfig:
         return FetchConfig(

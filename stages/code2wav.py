@@ -1,4 +1,4 @@
-"""Code2Wav: codec codes -> 24 kHz waveform (reference §8).
+"""Code2Wav: codec codes -> 24 kHz waveform.
 
 codes [B, Q, F] -> mean of the Q codebook embeddings -> causal sliding-window transformer -> two ×2 transposed-conv
 upsamplers with ConvNeXt blocks -> causal conv decoder (SnakeBeta, transposed convs by the upsample rates, dilated
@@ -11,16 +11,17 @@ need frame F+1. It is also why the decode of a prefix of the frames is a prefix 
 
 So the model is written as a stream: every layer takes its input and the state it carried from the previous call
 (last inputs of a causal conv, the last input column of a transposed conv, keys/values of the last `sliding_window - 1`
-frames of each attention layer) and returns its output and new state. A full decode is one call from the empty state;
-`Code2WavStream` makes one call per batch of new frames, and the concatenation of what it returns equals the full
+frames of each attention layer) and returns its output and new state. A full decode is one `step` from the empty
+state; a stream makes one `step` per batch of new frames, and the concatenation of what they return equals the full
 decode (same arithmetic, only the matmul/conv shapes differ). transformers' `chunked_decode` instead re-decodes each
 chunk with a short left context and loses the last 555 samples of every chunk; `chunked_decode` here keeps the
-left-context form (stateless, easy to batch) but decodes one frame past the chunk so no sample is lost.
+left-context form (stateless) but decodes one frame past the chunk so no sample is lost.
 
-Which frames go into which call is one more choice: float32 sums of a [1, Q, 4] call and of a [1, Q, 27] call round
+Which frames go into which call is one more choice: float32 sums of a [1, Q, 4] call and of a [1, Q, 25] call round
 differently (~1e-6), so two decodes of the same codes are equal sample for sample only if they make the same calls.
-`CodecChunking` is that schedule and `ChunkedDecode` the only code that follows it: the service decodes streamed
-frames with it and `OmniModel.generate` decodes a whole reply with it, so the two give the same samples bit for bit.
+`CodecChunking` is that schedule. `Code2WavEngine` (stages/code2wav_engine.py) follows it for every request of a
+replica, batching their calls, and `OmniModel.generate` decodes with the engine too, so the service's samples and
+OmniModel's are equal bit for bit; `decode_chunked` is the one-request oracle of the same calls.
 
 Shapes: B batch, Q code groups (quantizers), F frames, H hidden, C channels, L length (frames or samples at the
 current rate), S samples, D head dim, K cached + new keys.
@@ -44,6 +45,15 @@ from stages.layers import Attention, RMSNorm, Rotary, SwiGLU
 # ---------------------------------------------------------------------------------------------------------------------
 # Causal convolutions with carried state
 # ---------------------------------------------------------------------------------------------------------------------
+def each_row(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)` computed one batch row at a time, each from a fresh copy of its row: oneDNN picks its convolution
+    algorithm by batch size (other rounding), and BLAS kernels round differently on differently aligned rows, so
+    only this makes a row's samples the same bits whatever else is in the batch. x [B, C, L] -> [B, C_out, L']."""
+    if x.shape[0] == 1:
+        return conv(x)
+    return torch.cat([conv(x[i : i + 1].clone()) for i in range(x.shape[0])])
+
+
 class CausalConv1d(nn.Module):
     """Conv1d (stride 1) over the past only: zero left padding of (k-1)·dilation at the start of the stream.
 
@@ -63,7 +73,7 @@ class CausalConv1d(nn.Module):
         new_state = padded[..., padded.shape[-1] - self.context :]
         if x.shape[-1] == 0:
             return x.new_zeros(x.shape[0], self.conv.out_channels, 0), new_state
-        return self.conv(padded), new_state
+        return each_row(self.conv, padded), new_state
 
 
 class CausalTransConv1d(nn.Module):
@@ -85,13 +95,13 @@ class CausalTransConv1d(nn.Module):
     def forward(self, x: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         # x [B, C, L]; state [B, C, lookahead] carried input columns (None at the start)
         if self.lookahead == 0:
-            return self.conv(x) if x.shape[-1] else x.new_zeros(x.shape[0], self.conv.out_channels, 0), None
+            return each_row(self.conv, x) if x.shape[-1] else x.new_zeros(x.shape[0], self.conv.out_channels, 0), None
         if state is not None:
             x = torch.cat([state, x], dim=-1)
         new_state = x[..., x.shape[-1] - self.lookahead :] if x.shape[-1] >= self.lookahead else x
         if x.shape[-1] <= self.lookahead:  # nothing complete yet
             return x.new_zeros(x.shape[0], self.conv.out_channels, 0), new_state
-        y = self.conv(x)  # [B, C_out, (L+1)·s] for k = 2s
+        y = each_row(self.conv, x)  # [B, C_out, (L+1)·s] for k = 2s
         return y[..., self.trim : y.shape[-1] - self.trim], new_state
 
 
@@ -173,29 +183,31 @@ class DecoderBlock(nn.Module):
 def _window_step(
     attn: Attention,
     x: torch.Tensor,  # [B, L, H] new frames
-    cos: torch.Tensor,  # [1, L, D]
+    cos: torch.Tensor,  # [B, L, D]
     sin: torch.Tensor,
-    positions: torch.Tensor,  # [L] absolute frame positions of x
+    positions: torch.Tensor,  # [B, L] absolute frame positions of x, per row
     window: int,
-    cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,  # keys, values [B, kv, Kc, D]; positions [Kc]
+    cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,  # keys, values [B, kv, Kc, D]; positions [B, Kc]
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Causal sliding-window attention of new frames over the cached frames and themselves.
 
-    Query q sees key k iff q - window < k <= q, so only the last window-1 frames are kept for later calls.
+    Query q sees key k iff q - window < k <= q, so only the last window-1 frames are kept for later calls. Rows may
+    be at different positions; they hold the same number of cached frames.
     """
     b, n, _ = x.shape
     if cache is None:
         empty = x.new_zeros(b, attn.num_kv_heads, 0, attn.head_dim)
-        cache = (empty, empty, positions[:0])
+        cache = (empty, empty, positions[:, :0])
     cached = cache[0].shape[2]
     keys = torch.cat([cache[0], cache[0].new_zeros(b, attn.num_kv_heads, n, attn.head_dim)], dim=2)  # [B, kv, K, D]
     values = torch.cat([cache[1], cache[1].new_zeros(b, attn.num_kv_heads, n, attn.head_dim)], dim=2)
-    key_pos = torch.cat([cache[2], positions])  # [K]
+    key_pos = torch.cat([cache[2], positions], dim=1)  # [B, K]
     write_slots = (cached + torch.arange(n, device=x.device)).expand(b, n)  # [B, L]
-    mask = (key_pos[None, :] <= positions[:, None]) & (key_pos[None, :] > positions[:, None] - window)  # [L, K]
-    out = attn(x, cos, sin, mask[None, None], cache=(keys, values), write_slots=write_slots)
+    query_pos = positions[:, :, None]  # [B, L, 1]
+    mask = (key_pos[:, None, :] <= query_pos) & (key_pos[:, None, :] > query_pos - window)  # [B, L, K]
+    out = attn(x, cos, sin, mask[:, None], cache=(keys, values), write_slots=write_slots)
     keep = window - 1
-    return out, (keys[:, :, -keep:], values[:, :, -keep:], key_pos[-keep:])
+    return out, (keys[:, :, -keep:], values[:, :, -keep:], key_pos[:, -keep:])
 
 
 class LayerScale(nn.Module):
@@ -236,10 +248,10 @@ class PreTransformer(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
 
-    def forward(self, x: torch.Tensor, start: int, caches: list | None) -> tuple[torch.Tensor, list]:
-        # x [B, L, H]: frames at positions start .. start+L-1
-        positions = torch.arange(start, start + x.shape[1], device=x.device)  # [L]
-        cos, sin = self.rotary(positions[None])  # [1, L, D]
+    def forward(self, x: torch.Tensor, start: torch.Tensor, caches: list | None) -> tuple[torch.Tensor, list]:
+        # x [B, L, H]: row b holds the frames at positions start[b] .. start[b]+L-1
+        positions = start[:, None] + torch.arange(x.shape[1], device=x.device)  # [B, L]
+        cos, sin = self.rotary(positions)  # [B, L, D]
         caches = caches or [None] * len(self.layers)
         new_caches = []
         for layer, cache in zip(self.layers, caches):
@@ -303,11 +315,14 @@ class Code2Wav(nn.Module):
     def step(self, codes: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, dict]:
         """Decode new frames after the ones `state` has seen. codes [B, Q, L] -> (new samples [B, S], new state).
 
-        The new samples continue exactly where the previous call's stopped.
+        The new samples continue exactly where the previous call's stopped. Rows may be at different frame
+        positions (`state["frames"]`, [B]) as long as their states have the same shapes (`stack_states`).
         """
         if codes.shape[1] != self.cfg.num_quantizers:
             raise ValueError(f"code2wav expects {self.cfg.num_quantizers} code groups, got {codes.shape[1]}")
-        state = state or {"frames": 0, "attn": None, "upsample": None, "decoder": None}
+        if state is None:
+            frames = torch.zeros(codes.shape[0], dtype=torch.long, device=codes.device)
+            state = {"frames": frames, "attn": None, "upsample": None, "decoder": None}
         x = self.code_embedding(codes + self.code_offset).mean(1)  # [B, L, H]
         x, attn = self.pre_transformer(x, state["frames"], state["attn"])
         x = x.transpose(1, 2)  # [B, H, L]
@@ -336,13 +351,6 @@ class Code2Wav(nn.Module):
         """Full decode in one call. codes [B, Q, F] -> [B, F·total_upsample - tail_samples]."""
         return self.step(codes, None)[0]
 
-    def decode(self, codes: torch.Tensor, chunk_frames: int = 300) -> torch.Tensor:
-        """Full decode through the stream, `chunk_frames` at a time: the same samples as `forward` with memory
-        bounded by the chunk (the last decoder stage holds chunk·1920 samples × its channels)."""
-        stream = Code2WavStream(self)
-        pieces = [stream.push(codes[..., s : s + chunk_frames]) for s in range(0, codes.shape[-1], chunk_frames)]
-        return torch.cat(pieces, dim=-1) if pieces else codes.new_zeros(codes.shape[0], 0, dtype=torch.float32)
-
     def chunked_decode(self, codes: torch.Tensor, chunk_size: int = 300, left_context_size: int = 25) -> torch.Tensor:
         """Stateless chunked decode (transformers' signature) without its gaps.
 
@@ -364,93 +372,60 @@ class Code2Wav(nn.Module):
         return torch.cat(pieces, dim=-1)
 
 
-class Code2WavStream:
-    """Incremental decoder: push frames as they arrive, get the new PCM each time.
+def stack_states(states: list) -> dict | None:
+    """The batch of several rows' `step` states (each of one row, all of the same shapes), or None (all at the
+    start). Every tensor of a state has the batch first."""
+    if isinstance(states[0], torch.Tensor):
+        return torch.cat(states)
+    if isinstance(states[0], dict):
+        return {key: stack_states([s[key] for s in states]) for key in states[0]}
+    if isinstance(states[0], (list, tuple)):
+        return type(states[0])(stack_states(list(parts)) for parts in zip(*states))
+    return None
 
-    The concatenation of everything `push` returns equals `Code2Wav.forward` on all frames pushed (first push of
-    L frames: L·1920 - 555 samples, later pushes L·1920 each). State: the attention caches of the last
-    window-1 frames and a few columns per convolution, so memory does not grow with the stream.
-    """
 
-    def __init__(self, model: Code2Wav):
-        self.model = model
-        self.state: dict | None = None
-
-    @property
-    def frames(self) -> int:
-        return self.state["frames"] if self.state else 0
-
-    @torch.no_grad()
-    def push(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes [B, Q, L] (L ≥ 0 new frames) -> new samples [B, S] in the model's dtype."""
-        if codes.shape[-1] == 0:
-            return torch.zeros(codes.shape[0], 0, dtype=self.model.code_embedding.weight.dtype, device=codes.device)
-        wav, self.state = self.model.step(codes, self.state)
-        return wav
+def split_state(state, rows: int) -> list:
+    """The inverse of `stack_states`: one state per row."""
+    if isinstance(state, torch.Tensor):
+        return list(state.split(1))
+    if isinstance(state, dict):
+        parts = {key: split_state(value, rows) for key, value in state.items()}
+        return [{key: parts[key][i] for key in state} for i in range(rows)]
+    if isinstance(state, (list, tuple)):
+        parts = [split_state(value, rows) for value in state]
+        return [type(state)(p[i] for p in parts) for i in range(rows)]
+    return [None] * rows
 
 
 @dataclass(frozen=True)
 class CodecChunking:
-    """The frames of each Code2Wav call of a reply: `initial_frames` first (a short time to first audio), then
-    `chunk_frames` at a time (fewer, fuller calls), whatever is left at the end of the reply.
+    """The frames of each Code2Wav call of a reply: call k decodes `ramp[min(k, len(ramp) - 1)]` frames, whatever
+    is left in a last, shorter call at the end of the reply. A 1-frame first call gives the first audio as soon as
+    the talker has one frame; the calls then grow (fewer, fuller calls).
 
-    The defaults are the service's (`ServiceSettings.codec_*_chunk_frames`) and `OmniModel.generate`'s. Every
-    schedule gives the full decode's samples up to float32 rounding; equal schedules give equal bits.
+    The default is the service's (`ServiceSettings.codec_chunk_ramp`) and `OmniModel.generate`'s. Every schedule
+    gives the full decode's samples up to float32 rounding; equal schedules give equal bits.
     """
 
-    initial_frames: int = 4
-    chunk_frames: int = 25
+    ramp: tuple[int, ...] = (1, 4, 8, 25)
 
     def __post_init__(self):
-        if self.initial_frames < 1 or self.chunk_frames < 1:
-            raise ValueError(f"codec chunks need at least one frame, got {self}")
+        if not self.ramp or any(n < 1 for n in self.ramp):
+            raise ValueError(f"codec chunks need at least one frame each, got ramp {self.ramp}")
 
-
-class ChunkedDecode:
-    """`Code2WavStream` fed on a `CodecChunking` schedule, however the frames arrive.
-
-    `push` buffers frames and decodes every call the schedule completes; `finish` decodes the rest. The calls
-    depend only on the number of frames pushed, never on how they were grouped, so a reply's samples do too.
-    """
-
-    def __init__(self, model: Code2Wav, chunking: CodecChunking):
-        self.stream = Code2WavStream(model)
-        self.chunking = chunking
-        self.pending: torch.Tensor | None = None  # [B, Q, n] frames not decoded yet
-
-    @property
-    def frames(self) -> int:
-        """Frames decoded so far."""
-        return self.stream.frames
-
-    @property
-    def pending_frames(self) -> int:
-        return 0 if self.pending is None else self.pending.shape[-1]
-
-    def _call_size(self) -> int:
-        return self.chunking.initial_frames if self.stream.frames == 0 else self.chunking.chunk_frames
-
-    def push(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes [B, Q, L] new frames -> the samples of every call they complete [B, S] (S = 0 when none)."""
-        self.pending = codes if self.pending is None else torch.cat([self.pending, codes], dim=-1)
-        pieces = [self._decode(0)]  # [B, 0]
-        while self.pending_frames >= self._call_size():
-            pieces.append(self._decode(self._call_size()))
-        return torch.cat(pieces, dim=-1)
-
-    def finish(self) -> torch.Tensor:
-        """The frames left over in one last, shorter call -> their samples [B, S] ([0, 0] if nothing was pushed)."""
-        if self.pending is None:
-            return torch.zeros(0, 0, dtype=self.stream.model.code_embedding.weight.dtype)
-        return self._decode(self.pending_frames)
-
-    def _decode(self, n: int) -> torch.Tensor:
-        codes, self.pending = self.pending[..., :n], self.pending[..., n:]
-        return self.stream.push(codes)  # no call for n = 0
+    def call_frames(self, call: int) -> int:
+        """Frames of call `call` (0-based) of a reply, unless the reply ends first."""
+        return self.ramp[min(call, len(self.ramp) - 1)]
 
 
 def decode_chunked(model: Code2Wav, codes: torch.Tensor, chunking: CodecChunking) -> torch.Tensor:
-    """A whole reply decoded on the schedule: codes [B, Q, F] -> [B, F·total_upsample - tail_samples], the samples
-    a `ChunkedDecode` fed the same frames in any grouping returns."""
-    decoder = ChunkedDecode(model, chunking)
-    return torch.cat([decoder.push(codes), decoder.finish()], dim=-1)
+    """A whole reply decoded on the schedule, one call after the other: codes [B, Q, F] -> [B, F·total_upsample -
+    tail_samples]. The simple form of what `Code2WavEngine` does for each request, its oracle in the tests."""
+    pieces, state, done, call = [], None, 0, 0
+    with torch.no_grad():
+        while done < codes.shape[-1]:
+            n = chunking.call_frames(call)
+            wav, state = model.step(codes[..., done : done + n], state)
+            pieces.append(wav)
+            done, call = done + n, call + 1
+    return torch.cat(pieces, dim=-1) if pieces else codes.new_zeros(codes.shape[0], 0, dtype=torch.float32)

@@ -23,7 +23,8 @@ from common.errors import InvalidRequestError
 from common.sampling import SamplingParams
 from common.tokenizer import OmniTokenizer
 from stages.audio_encoder import AudioEncoder
-from stages.code2wav import Code2Wav, CodecChunking, decode_chunked
+from stages.code2wav import Code2Wav, CodecChunking
+from stages.code2wav_engine import Code2WavEngine, decode_replies
 from stages.talker import Talker, TalkerRequest, generate_codes, speaker_codec_id, talker_sampling
 from stages.thinker import ThinkerLM, ThinkerPrompt, ThinkerResult, stream_generate
 from stages.vision_encoder import VisionEncoder
@@ -125,9 +126,9 @@ class OmniModel:
         `talker_max_new_tokens` counts codebook-0 tokens as transformers does (at most that minus one frames).
         `thinker_min_new_tokens` / `talker_min_new_tokens` suppress the stop tokens (the thinker's, the codec EOS)
         until that many tokens were generated, as transformers' `min_new_tokens`.
-        `codec_chunking` is the frames of each Code2Wav call: the service's schedule by default, so a reply's
-        waveform equals the service's bit for bit (same calls, same float32 rounding; with the same torch thread
-        count). Any schedule gives the same samples up to ~1e-6.
+        `codec_chunking` is the frames of each Code2Wav call: the service's schedule by default, decoded by the
+        service's engine, so a reply's waveform equals the service's bit for bit (same calls, same float32
+        rounding; with the same torch thread count). Any schedule gives the same samples up to ~1e-6.
         `on_text(row, delta)` is called with each row's new text as the thinker produces it.
         """
         # 1. what to produce, and how
@@ -176,13 +177,18 @@ class OmniModel:
             frames = generate_codes(self.talker, self.cfg, [requests[i] for i in voiced], [talker_params] * len(voiced))
             for i, c in zip(voiced, frames):
                 codes[i] = c
-        # 5. code2wav, row by row (it is causal: no padding needed, no samples lost), on the service's schedule
+        # 5. code2wav: the service's engine on its schedule (it is causal: no padding needed, no samples lost)
+        with_frames = [i for i, c in enumerate(codes) if c.shape[-1]]
+        engine = Code2WavEngine(self.code2wav, codec_chunking)
+        try:
+            waveforms = decode_replies(engine, [codes[i].to(self.device) for i in with_frames])
+        finally:
+            engine.close()
         for res, c in zip(results, codes):
             res.codes = c.cpu()
-            wav = torch.zeros(0)
-            if c.shape[-1]:
-                wav = decode_chunked(self.code2wav, c[None].to(self.device), codec_chunking)[0]
-            res.waveform = wav.float().cpu().numpy()
+            res.waveform = np.zeros(0, np.float32)
+        for i, wav in zip(with_frames, waveforms):
+            results[i].waveform = wav.float().cpu().numpy()
         return results
 
     # ------------------------------------------------------------------------------------------------------------

@@ -802,3 +802,15 @@ def test_request_bodies_are_capped():
             asyncio.run(read_body(request(chunks, length), 4))
         status, body = error_for(info.value)
         assert status == 413 and "limit of 4 bytes" in body["error"]["message"]
+
+
+def test_codec_chunk_ramp_setting():
+    """`serve run ... codec_chunk_ramp=2,6` passes one string; the default is OmniModel.generate's schedule."""
+    from deployments.settings import ServiceSettings
+    from stages.code2wav import CodecChunking
+
+    assert ServiceSettings().codec_chunking() == CodecChunking() == CodecChunking((1, 4, 8, 25))
+    assert ServiceSettings(codec_chunk_ramp="2,6").codec_chunking() == CodecChunking((2, 6))
+    for bad in ("", "0,4", (3, -1)):
+        with pytest.raises(ValueError):
+            ServiceSettings(codec_chunk_ramp=bad)
