@@ -17,6 +17,7 @@ comes first, on both.
 
     python -m bench.bench_generate                                        # CPU, tiny checkpoint
     python -m bench.bench_generate --device cuda --model full --layers 8 --new-tokens 128 --batch 8
+    python -m bench.bench_generate --model small --cases audio --batch 8 --new-tokens 32 --audio-frames 100 --compile on
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=24, help="text tokens per row")
     p.add_argument("--audio-frames", type=int, default=40, help="talker_max_new_tokens (codec frames + 1)")
     p.add_argument("--audio-seconds", type=float, default=2.0, help="length of the input clip of the audio case")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="our engines' compiled steps (auto: on CUDA); compiling happens in the warm-up runs")
     args = p.parse_args()
     device, dtype = common.resolve_device_dtype(args)
     ckpt = common.build_checkpoint(args, dtype)
@@ -48,7 +51,7 @@ def main() -> None:
     from stages.omni import OmniModel
 
     processor = OmniProcessor.from_pretrained(ckpt)
-    ours = OmniModel.from_pretrained(ckpt, device=device, dtype=dtype)
+    ours = OmniModel.from_pretrained(ckpt, device=device, dtype=dtype, compile=args.compile)
     hf = common.load_transformers(ckpt, dtype, device)
 
     results = []
@@ -58,6 +61,7 @@ def main() -> None:
             results.append(run_case(case, batch, inputs, ours, hf, args, device, dtype, ckpt))
 
     settings = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "model": args.model,
+                "compile": args.compile,
                 **({"layers": args.layers} if args.model == "full" and args.checkpoint is None else {}),
                 **common.transformers_settings(hf), "new_tokens": args.new_tokens,
                 "audio_frames": args.audio_frames, "audio_seconds_in": args.audio_seconds,

@@ -133,7 +133,7 @@ def omni_in_process(ckpt: Path, conversation, cases: list[str], args, device, dt
     model = OmniModel.from_pretrained(ckpt, device=device, dtype=dtype)
     processor = OmniProcessor.from_pretrained(ckpt)
     eos = common.generation_eos_ids(ckpt)
-    first = CodecChunking().initial_frames  # the service's default first chunk
+    first = CodecChunking().ramp[0]  # the service's default first chunk
     runs = {"text": dict(return_audio=False, thinker_max_new_tokens=args.new_tokens,
                          thinker_min_new_tokens=args.new_tokens),
             "speech": dict(return_audio=True, thinker_max_new_tokens=first, thinker_min_new_tokens=first,

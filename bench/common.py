@@ -289,7 +289,7 @@ def generation_eos_ids(path: Path) -> list[int]:
 
 def load_transformers(path: Path, dtype: torch.dtype, device: torch.device):
     """transformers' Qwen3OmniMoeForConditionalGeneration on `path`, eval, with its default attention and experts
-    implementations (recorded in the results), and the §11-bug-1 runtime workaround (the talker's rope index reads
+    implementations (recorded in the results), and the runtime workaround for transformers' talker crash (the talker's rope index reads
     an audio_config its config lacks)."""
     from transformers import Qwen3OmniMoeForConditionalGeneration
 

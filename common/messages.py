@@ -18,7 +18,7 @@ class TalkerPrompt:
     prompt_ids: torch.Tensor  # [T] int64, the thinker's prompt (unpadded)
     prompt_embeds: torch.Tensor  # [T, H] thinker input embeddings (multimodal features scattered in)
     prompt_accept_hidden: torch.Tensor  # [T, H] output of thinker layer `accept_hidden_layer - 1`
-    # For the talker's own MRoPE over the user turns (§6 of the reference): the same grids and audio lengths
+    # For the talker's own MRoPE over the user turns: the same grids and audio lengths
     # the thinker saw.
     image_grid_thw: torch.Tensor | None = None  # [n_images, 3]
     video_grid_thw: torch.Tensor | None = None  # [n_videos, 3]

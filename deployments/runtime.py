@@ -156,7 +156,7 @@ class StageReplica:
     def check_health(self) -> None:
         """Serve's periodic replica health check (a replica that fails it is replaced, and `/health` names the
         stage meanwhile): a batching engine whose thread has stopped would leave every request it holds waiting."""
-        if self.engine is not None and not self.engine.thread.is_alive():
+        if self.engine is not None and not self.engine.healthy():
             raise RuntimeError(f"{self.stage_name}: the batching engine's thread has stopped")
 
     def describe(self) -> dict:
@@ -164,12 +164,3 @@ class StageReplica:
         decoding in its batch now (None for a stage without a batching engine)."""
         batch = self.engine.active if self.engine is not None else None
         return {**describe(self.stage_name, self.stage.module), "in_flight": sorted(self.in_flight), "batch": batch}
-
-
-def close_steps(steps) -> None:
-    """Close a request's step generator. One that is running a step in a worker thread (the request was cancelled
-    meanwhile) cannot be closed now; it is collected after that step."""
-    try:
-        steps.close()
-    except ValueError:
-        pass

@@ -30,14 +30,18 @@ class ServiceSettings(BaseModel):
     max_tokens_limit: int = Field(default=8192, ge=1)
     default_talker_max_tokens: int = Field(default=4096, ge=1)  # codec frames (12.5 per second of speech)
     # Continuous batching in each thinker replica: up to `thinker_batch_rows` requests decode together, each in a
-    # row of `thinker_batch_max_len` tokens (prompt + reply) of a preallocated KV cache; a longer request runs on
-    # its own. 0 rows: every request runs on its own.
-    thinker_batch_rows: int = Field(default=8, ge=0)
+    # row of `thinker_batch_max_len` tokens (prompt + reply) of a preallocated KV cache; a longer request runs in
+    # the same engine with a cache of its own.
+    thinker_batch_rows: int = Field(default=8, ge=1)
     thinker_batch_max_len: int = Field(default=8192, ge=1)
     # the same for each talker replica: replies decode their codec frames together (a row holds the talker's
     # prompt, the user turns, plus the reply's frames)
-    talker_batch_rows: int = Field(default=8, ge=0)
+    talker_batch_rows: int = Field(default=8, ge=1)
     talker_batch_max_len: int = Field(default=8192, ge=1)
+    # Whether the thinker and talker engines compile their decode steps (stages/compile.py): auto = on CUDA, where
+    # CUDA graphs remove the launch overhead; on a CPU compiling every batch bucket takes minutes (set `on` for a
+    # long-running CPU service). A replica compiles before it takes requests; compiled code is cached on disk.
+    compile: Literal["auto", "on", "off"] = "auto"
     # Code2Wav's call k of a reply decodes codec_chunk_ramp[min(k, len - 1)] frames: a small first call (time to
     # first audio), then larger ones (fewer, fuller calls); the default is OmniModel.generate's, so a greedy
     # reply's speech equals OmniModel's bit for bit

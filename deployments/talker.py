@@ -4,8 +4,8 @@ Two things run at once for a request: a reader that consumes the thinker's `Talk
 and the thinker's times downstream at once and feeding the prompt and tokens into the `TalkerRequest`),
 and the decode loop, which prefills as soon as the first reply token is in, each step then waiting only for the
 reply token it consumes, and sends the frames ready as one message (all those the engine made since the last
-send). Both put their events on one queue that this generator drains. The frames come from the replica's batch
-(`TalkerEngine`: replies decode together) when the reply fits a row, else from a decode loop of the reply's own.
+send). Both put their events on one queue that this generator drains. The frames come from the replica's
+`TalkerEngine` (replies decode together; one too long for a row of its batch runs there in a cache of its own).
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from ray.serve.handle import DeploymentHandle
 
 from common.messages import CodecFrames, TalkerPrompt, ThinkerTokens
 from deployments.jobs import SpeechJob, TalkerInput
-from deployments.runtime import STAGE_DEFAULTS, StageReplica, close_steps
+from deployments.runtime import STAGE_DEFAULTS, StageReplica
 from deployments.settings import ServiceSettings
 from deployments.timeline import StageClock
-from stages.talker import Talker, TalkerRequest, speaker_codec_id, stream_frames, talker_sampling
+from stages.compile import compile_enabled
+from stages.talker import Talker, TalkerRequest, speaker_codec_id, talker_sampling
 from stages.talker_engine import TalkerEngine
 
 logger = logging.getLogger("ray.serve")
@@ -43,10 +44,10 @@ class TalkerStage(StageReplica):
             load=lambda ckpt, cfg, dtype, device: Talker.from_pretrained(ckpt, cfg, dtype=dtype, device=device),
         )
         self.thinker = thinker
-        if self.settings.talker_batch_rows:
-            context = self.stage.config.talker_config.text_config.max_position_embeddings
-            self.engine = TalkerEngine(self.stage.module, self.stage.config, max_rows=self.settings.talker_batch_rows,
-                                       max_len=min(self.settings.talker_batch_max_len, context))
+        context = self.stage.config.talker_config.text_config.max_position_embeddings
+        self.engine = TalkerEngine(self.stage.module, self.stage.config, max_rows=self.settings.talker_batch_rows,
+                                   max_len=min(self.settings.talker_batch_max_len, context),
+                                   compiled=compile_enabled(self.settings.compile, self.stage.device))
 
     async def speak(self, job: SpeechJob):
         """Yields TextDelta and StageTimes (passed through from the thinker), CodecFrames ([Q, F]: the frames
@@ -96,8 +97,7 @@ class TalkerStage(StageReplica):
             events.put_nowait(exc)
 
     def _notify_engine(self) -> None:
-        if self.engine is not None:
-            self.engine.notify()  # a reply in the batch may be able to take its next step
+        self.engine.notify()  # a reply in the batch may be able to take its next step
 
     async def _decode(self, job: SpeechJob, reply: "_Reply", events: asyncio.Queue, clock: StageClock) -> None:
         try:
@@ -125,28 +125,9 @@ class TalkerStage(StageReplica):
             events.put_nowait(exc)
 
     def _steps(self, job: SpeechJob, reply: "_Reply", params, clock: StageClock):
-        """The reply's steps, in lists of those ready: from the replica's batch when it fits a row, else from a
-        decode loop of its own (one step at a time)."""
-        if self.engine is not None and self.engine.fits(reply.request, params):
-            return self.engine_steps(job.request_id, lambda sink: self.engine.submit(
-                job.request_id, reply.request, params, sink), clock)
-        return self._own_steps(reply, params)
-
-    async def _own_steps(self, reply: "_Reply", params):
-        steps = stream_frames(self.stage.module, self.stage.config, [reply.request], [params])
-        calls = 0
-        try:
-            while True:
-                if calls:  # after the first frame, step k consumes the text entry of step k - 1
-                    await reply.wait(lambda r, k=calls - 1: r.entry_ready(k))
-                step = await asyncio.to_thread(next, steps, None)
-                calls += 1
-                if step is None:
-                    return
-                yield [step]
-        finally:
-            close_steps(steps)
-
+        """The reply's steps from the replica's engine, in lists of those ready."""
+        return self.engine_steps(job.request_id, lambda sink: self.engine.submit(
+            job.request_id, reply.request, params, sink), clock)
 
 
 class _Reply:

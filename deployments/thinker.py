@@ -10,7 +10,6 @@ is the stage's `StageTimes`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from contextlib import aclosing
 from dataclasses import fields, replace
@@ -21,11 +20,12 @@ from ray import serve
 from common.messages import ThinkerTokens
 from common.tokenizer import OmniTokenizer
 from deployments.jobs import TalkerInput, TextDelta, ThinkerJob
-from deployments.runtime import STAGE_DEFAULTS, StageReplica, close_steps
+from deployments.runtime import STAGE_DEFAULTS, StageReplica
 from deployments.settings import ServiceSettings
 from deployments.stop_strings import StopStrings
 from deployments.timeline import StageClock
-from stages.thinker import ThinkerLM, ThinkerPrompt, stream_generate
+from stages.compile import compile_enabled
+from stages.thinker import ThinkerLM, ThinkerPrompt
 from stages.thinker_engine import ThinkerEngine
 
 logger = logging.getLogger("ray.serve")
@@ -40,11 +40,11 @@ class ThinkerStage(StageReplica):
         config = self.stage.config
         self.accept_hidden_layer = config.talker_config.accept_hidden_layer if config.has_talker else None
         self.tokenizer = OmniTokenizer.from_pretrained(self.stage.checkpoint)
-        if self.settings.thinker_batch_rows:
-            context = config.thinker_config.text_config.max_position_embeddings
-            self.engine = ThinkerEngine(self.stage.module, max_rows=self.settings.thinker_batch_rows,
-                                        max_len=min(self.settings.thinker_batch_max_len, context),
-                                        accept_hidden_layer=self.accept_hidden_layer)
+        context = config.thinker_config.text_config.max_position_embeddings
+        self.engine = ThinkerEngine(self.stage.module, max_rows=self.settings.thinker_batch_rows,
+                                    max_len=min(self.settings.thinker_batch_max_len, context),
+                                    accept_hidden_layer=self.accept_hidden_layer,
+                                    compiled=compile_enabled(self.settings.compile, self.stage.device))
 
     async def generate(self, job: ThinkerJob):
         logger.info("thinker: %s (%s)", job.request_id, "for the talker" if job.for_talker else "text")
@@ -84,23 +84,10 @@ class ThinkerStage(StageReplica):
                     return
 
     def _steps(self, job: ThinkerJob, prompt: ThinkerPrompt, clock: StageClock):
-        """The request's steps, in lists of those ready: from the replica's batch when it fits a row, else from a
-        generation of its own (one step at a time)."""
-        if self.engine is not None and self.engine.fits(prompt, job.sampling):
-            return self.engine_steps(job.request_id, lambda sink: self.engine.submit(
-                job.request_id, prompt, job.sampling, job.for_talker, sink), clock)
-        return self._own_steps(job, prompt)
-
-    async def _own_steps(self, job: ThinkerJob, prompt: ThinkerPrompt):
-        steps = stream_generate(
-            self.stage.module, prompt, [job.sampling], request_ids=[job.request_id], speaking=[job.for_talker],
-            accept_hidden_layer=self.accept_hidden_layer if job.for_talker else None,
-        )
-        try:
-            while (step := await asyncio.to_thread(next, steps, None)) is not None:
-                yield [step]
-        finally:
-            close_steps(steps)
+        """The request's steps from the replica's engine, in lists of those ready (a request too long for a row of
+        its batch runs there too, in a cache of its own)."""
+        return self.engine_steps(job.request_id, lambda sink: self.engine.submit(
+            job.request_id, prompt, job.sampling, job.for_talker, sink), clock)
 
     async def _prompt(self, job: ThinkerJob) -> ThinkerPrompt:
         """The processor's tensors plus the encoder outputs, fetched from the object store, on this device."""

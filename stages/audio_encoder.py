@@ -1,4 +1,4 @@
-"""Audio encoder (reference §3): log-mel frames -> audio tokens for the thinker.
+"""Audio encoder: log-mel frames -> audio tokens for the thinker.
 
 Every audio is cut into chunks of 2·n_window mel frames; the chunks of all audios go through one Conv2d
 front-end together, get sinusoid positions that restart in every chunk, and are flattened back into one token

@@ -156,10 +156,10 @@ class FramePredictor:
         self.keys = [weight.new_zeros(shape) for _ in predictor.model.layers]  # L × [R, kv, G, D]
         self.values = [weight.new_zeros(shape) for _ in predictor.model.layers]
         self.compiled = compiled
-        self.first_step, self.code_step = self._first_step, self._code_step
+        self.first_step, self.code_step = _first_step, _code_step
         if compiled:
-            self.first_step = compile_step(self._first_step, weight.device)
-            self.code_step = compile_step(self._code_step, weight.device)
+            self.first_step = compile_step(_first_step, weight.device)
+            self.code_step = compile_step(_code_step, weight.device)
             for rows in self.buckets:  # compile every bucket now, not on a request's time
                 zeros = weight.new_zeros(rows, cfg.hidden_size)
                 self(zeros, zeros, [GREEDY] * rows, [None] * rows)
@@ -195,67 +195,71 @@ class FramePredictor:
             )
             return codes[:B], embed_sum[:B]
         predictor = self.predictor
-        logits = self.first_step(talker_hidden, c0_embeds, predictor.lm_head[0].weight)  # [B, V]
+        state = self._state()
+        logits = self.first_step(*state, talker_hidden, c0_embeds, predictor.lm_head[0].weight)  # [B, V]
         codes, embeds = [], [c0_embeds]
         for g in range(1, self.groups):
             code = sample_next(logits, params, generators=generators)  # [B]
             codes.append(code)
             embeds.append(F.embedding(code, predictor.model.codec_embedding[g - 1].weight))  # [B, H]
             if g < self.groups - 1:
-                logits = self.code_step(embeds[-1], self.slots[g + 1], predictor.lm_head[g].weight)
+                logits = self.code_step(*state, embeds[-1], self.slots[g + 1], predictor.lm_head[g].weight)
         return torch.stack(codes, dim=1), torch.stack(embeds, dim=1).sum(1)
 
-    def _first_step(self, talker_hidden: torch.Tensor, c0_embeds: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
-        """Slots 0 and 1 (talker state, c0) -> the logits of code 1 [B, V] (`head`: lm_head[0]'s weight)."""
-        x = torch.stack([talker_hidden, c0_embeds], dim=1)  # [B, 2, H]
-        B = x.shape[0]
-        keys = [k[:B] for k in self.keys]
-        values = [v[:B] for v in self.values]
-        for k, v in zip(keys, values):
-            k[:, :, 2:].zero_()  # the previous frame's codes: invisible anyway, cleared so every frame is alike
-            v[:, :, 2:].zero_()
-        visible = [m[:2, :2] for m in self.visible]
-        hidden = self._layers(x, self.cos[:2], self.sin[:2], keys, values, visible, self.slots[:2])
-        return F.linear(hidden[:, -1], head)
+    def _state(self) -> tuple:
+        """What the steps read besides their inputs, passed explicitly so a compiled step is one graph for every
+        engine's predictor (nothing it reads is looked up on `self`)."""
+        return self.predictor.model, self.keys, self.values, self.visible, self.cos, self.sin, self.slots
 
-    def _code_step(self, embed: torch.Tensor, slot: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
-        """The embedding of the last code [B, H] at `slot` (a 0-d tensor) -> the next code's logits [B, V]."""
-        B = embed.shape[0]
-        keys = [k[:B] for k in self.keys]
-        values = [v[:B] for v in self.values]
-        visible = [m.index_select(0, slot[None]) for m in self.visible]  # L × [1, G]
-        cos, sin = self.cos.index_select(0, slot[None]), self.sin.index_select(0, slot[None])  # [1, D]
-        hidden = self._layers(embed[:, None], cos, sin, keys, values, visible, slot[None])
-        return F.linear(hidden[:, 0], head)
 
-    def _layers(self, x, cos, sin, keys, values, visible, write_slots) -> torch.Tensor:
-        """x [B, T, H] written at `write_slots [T]` -> final-normed [B, T, H]; each layer's queries see the key slots
-        `visible [T, S]` of its buffers (S: the first S slots)."""
-        model = self.predictor.model
-        for layer, k_buf, v_buf, seen in zip(model.layers, keys, values, visible):
-            h = x + self._attention(layer.self_attn, _norm(layer.input_layernorm, x), cos, sin, k_buf, v_buf, seen,
-                                    write_slots)
-            mlp = layer.mlp
-            gate, up = mlp.gate_up_proj.split(F.linear(_norm(layer.post_attention_layernorm, h), mlp.gate_up_proj.weight))
-            x = h + F.linear(F.silu(gate) * up, mlp.down_proj.weight)
-        return _norm(model.norm, x)
+def _first_step(model, keys, values, visible, cos, sin, slots, talker_hidden, c0_embeds, head) -> torch.Tensor:
+    """Slots 0 and 1 (talker state, c0) -> the logits of code 1 [B, V] (`head`: lm_head[0]'s weight)."""
+    x = torch.stack([talker_hidden, c0_embeds], dim=1)  # [B, 2, H]
+    B = x.shape[0]
+    keys, values = [k[:B] for k in keys], [v[:B] for v in values]
+    for k, v in zip(keys, values):
+        k[:, :, 2:].zero_()  # the previous frame's codes: invisible anyway, cleared so every frame is alike
+        v[:, :, 2:].zero_()
+    hidden = _layers(model, x, cos[:2], sin[:2], keys, values, [m[:2, :2] for m in visible], slots[:2])
+    return F.linear(hidden[:, -1], head)
 
-    @staticmethod
-    def _attention(attn, x, cos, sin, k_buf, v_buf, visible, write_slots) -> torch.Tensor:
-        B, T, _ = x.shape
-        q, k, v = attn.qkv_proj.split(F.linear(x, attn.qkv_proj.weight, attn.qkv_proj.bias))
-        q = _norm(attn.q_norm, q.view(B, T, attn.num_heads, attn.head_dim)).transpose(1, 2)  # [B, heads, T, D]
-        k = _norm(attn.k_norm, k.view(B, T, attn.num_kv_heads, attn.head_dim)).transpose(1, 2)  # [B, kv, T, D]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        k_buf.index_copy_(2, write_slots, k)
-        v_buf.index_copy_(2, write_slots, v.view(B, T, attn.num_kv_heads, attn.head_dim).transpose(1, 2))
-        S = visible.shape[-1]
-        out = F.scaled_dot_product_attention(
-            q, k_buf[:, :, :S], v_buf[:, :, :S], attn_mask=visible, scale=attn.scale,
-            enable_gqa=attn.num_heads != attn.num_kv_heads,
-        )  # [B, heads, T, D]
-        return F.linear(out.transpose(1, 2).reshape(B, T, -1), attn.o_proj.weight, attn.o_proj.bias)
+
+def _code_step(model, keys, values, visible, cos, sin, slots, embed, slot, head) -> torch.Tensor:
+    """The embedding of the last code [B, H] at `slot` (a 0-d tensor) -> the next code's logits [B, V]."""
+    B = embed.shape[0]
+    keys, values = [k[:B] for k in keys], [v[:B] for v in values]
+    at = slot[None]  # [1]
+    seen = [m.index_select(0, at) for m in visible]  # L × [1, G]
+    hidden = _layers(model, embed[:, None], cos.index_select(0, at), sin.index_select(0, at), keys, values, seen, at)
+    return F.linear(hidden[:, 0], head)
+
+
+def _layers(model, x, cos, sin, keys, values, visible, write_slots) -> torch.Tensor:
+    """x [B, T, H] written at `write_slots [T]` -> final-normed [B, T, H]; each layer's queries see the key slots
+    `visible [T, S]` of its buffers (S: the first S slots)."""
+    for layer, k_buf, v_buf, seen in zip(model.layers, keys, values, visible):
+        h = x + _attention(layer.self_attn, _norm(layer.input_layernorm, x), cos, sin, k_buf, v_buf, seen, write_slots)
+        mlp = layer.mlp
+        gate, up = mlp.gate_up_proj.split(F.linear(_norm(layer.post_attention_layernorm, h), mlp.gate_up_proj.weight))
+        x = h + F.linear(F.silu(gate) * up, mlp.down_proj.weight)
+    return _norm(model.norm, x)
+
+
+def _attention(attn, x, cos, sin, k_buf, v_buf, visible, write_slots) -> torch.Tensor:
+    B, T, _ = x.shape
+    q, k, v = attn.qkv_proj.split(F.linear(x, attn.qkv_proj.weight, attn.qkv_proj.bias))
+    q = _norm(attn.q_norm, q.view(B, T, attn.num_heads, attn.head_dim)).transpose(1, 2)  # [B, heads, T, D]
+    k = _norm(attn.k_norm, k.view(B, T, attn.num_kv_heads, attn.head_dim)).transpose(1, 2)  # [B, kv, T, D]
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    k_buf.index_copy_(2, write_slots, k)
+    v_buf.index_copy_(2, write_slots, v.view(B, T, attn.num_kv_heads, attn.head_dim).transpose(1, 2))
+    S = visible.shape[-1]
+    out = F.scaled_dot_product_attention(
+        q, k_buf[:, :, :S], v_buf[:, :, :S], attn_mask=visible, scale=attn.scale,
+        enable_gqa=attn.num_heads != attn.num_kv_heads,
+    )  # [B, heads, T, D]
+    return F.linear(out.transpose(1, 2).reshape(B, T, -1), attn.o_proj.weight, attn.o_proj.bias)
 
 
 def _norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:

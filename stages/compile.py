@@ -31,11 +31,19 @@ def compile_enabled(mode: CompileMode, device: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 
+_COMPILED: dict[tuple[Callable, str], Callable] = {}
+
+
 def compile_step(fn: Callable, device: torch.device) -> Callable:
-    """`fn` compiled for static shapes (one graph per input shape it meets), with CUDA graphs on CUDA."""
-    torch._inductor.config.fx_graph_cache = True
-    mode = "reduce-overhead" if device.type == "cuda" else None
-    return torch.compile(fn, dynamic=False, mode=mode)
+    """`fn` (a module-level function: its modules and buffers are arguments) compiled for static shapes (one graph per
+    input shape it meets), with CUDA graphs on CUDA. One compiled callable per function and device type, shared by
+    every engine: a new `torch.compile` wrapper would compile its graphs again."""
+    key = (fn, device.type)
+    if key not in _COMPILED:
+        torch._inductor.config.fx_graph_cache = True
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        _COMPILED[key] = torch.compile(fn, dynamic=False, mode=mode)
+    return _COMPILED[key]
 
 
 def batch_buckets(max_rows: int) -> list[int]:

@@ -1,15 +1,18 @@
 """OmniModel: the whole pipeline in one process — processor output in, text and 24 kHz speech out.
 
-This is the spec of the distributed pipeline (each numbered step below is a deployment there) and the oracle its
-tests compare against. `generate` follows transformers' `Qwen3OmniMoeForConditionalGeneration.generate` (reference
-§9), with the §11 defects fixed (the talker MRoPE of audio+image prompts, unvoiced last tokens and batch rows voicing
-`<|im_end|>`, row-0 assistant index, Code2Wav's 555-sample gaps), and returns one result per row.
+This is the spec of the distributed pipeline: each numbered step below is a deployment there, and each runs the same
+engine the deployment runs (`ThinkerEngine`, `TalkerEngine`, `Code2WavEngine`), so the service's tests compare
+against it. `generate` follows transformers' `Qwen3OmniMoeForConditionalGeneration.generate`, with transformers'
+defects fixed: its talker MRoPE crashes on prompts with audio and an image; it never voices a reply's last token
+and, in a batch, voices the `<|im_end|>` of rows that finished early; it takes every row's assistant start from row
+0; and its chunked Code2Wav drops 555 samples at every chunk boundary. It returns one result per row.
 
 Shapes: B batch rows, T prompt length (left-padded), G code groups, F frames, S samples.
 """
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +28,11 @@ from common.tokenizer import OmniTokenizer
 from stages.audio_encoder import AudioEncoder
 from stages.code2wav import Code2Wav, CodecChunking
 from stages.code2wav_engine import Code2WavEngine, decode_replies
-from stages.talker import Talker, TalkerRequest, generate_codes, speaker_codec_id, talker_sampling
-from stages.thinker import ThinkerLM, ThinkerPrompt, ThinkerResult, stream_generate
+from stages.compile import CompileMode, compile_enabled
+from stages.talker import Talker, TalkerRequest, speaker_codec_id, talker_sampling
+from stages.talker_engine import TalkerEngine
+from stages.thinker import ThinkerLM, ThinkerPrompt, ThinkerResult, split_rows
+from stages.thinker_engine import ThinkerEngine
 from stages.vision_encoder import VisionEncoder
 
 SAMPLE_RATE = 24000
@@ -51,7 +57,7 @@ def _default_device() -> torch.device:
 class OmniModel:
     def __init__(self, folder: Path, cfg: OmniConfig, generation_config: dict, tokenizer: OmniTokenizer,
                  thinker: ThinkerLM, audio_encoder: AudioEncoder, vision_encoder: VisionEncoder,
-                 talker: Talker | None, code2wav: Code2Wav | None):
+                 talker: Talker | None, code2wav: Code2Wav | None, compile: CompileMode = "auto"):
         self.folder = folder  # the checkpoint folder (processor files live there too)
         self.cfg = cfg
         self.generation_config = generation_config
@@ -61,13 +67,15 @@ class OmniModel:
         self.vision_encoder = vision_encoder
         self.talker = talker
         self.code2wav = code2wav
+        self.compiled = compile_enabled(compile, self.device)  # the engines' steps (stages/compile.py)
 
     @classmethod
     def from_pretrained(
-        cls, path_or_hub_id: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+        cls, path_or_hub_id: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+        compile: CompileMode = "auto",
     ) -> OmniModel:
         """Load every stage of a checkpoint (local folder or hub id). Defaults: CUDA with bfloat16 when available,
-        else CPU with float32."""
+        else CPU with float32. `compile`: whether the engines compile their decode steps (`auto`: on CUDA)."""
         folder = resolve_checkpoint(path_or_hub_id)
         device = torch.device(device) if device is not None else _default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -80,15 +88,12 @@ class OmniModel:
             talker = Talker.from_pretrained(folder, cfg, dtype=dtype, device=device)
             code2wav = Code2Wav.from_pretrained(folder, cfg, dtype=dtype, device=device)
         tokenizer = OmniTokenizer.from_pretrained(folder)
-        return cls(folder, cfg, load_generation_config(folder), tokenizer, thinker, audio, vision, talker, code2wav)
+        return cls(folder, cfg, load_generation_config(folder), tokenizer, thinker, audio, vision, talker, code2wav,
+                   compile)
 
     @property
     def device(self) -> torch.device:
         return self.thinker.lm_head.weight.device
-
-    @property
-    def voices(self) -> list[str]:
-        return sorted(self.cfg.talker_config.speaker_id) if self.cfg.talker_config else []
 
     # ------------------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -171,12 +176,7 @@ class OmniModel:
             repetition_penalty=_pick(talker_repetition_penalty, TALKER_DEFAULTS["repetition_penalty"]),
             seed=seed,
         ))
-        voiced = [i for i, r in enumerate(requests) if r.has_voice]
-        codes = [torch.zeros(self.cfg.talker_config.num_code_groups, 0, dtype=torch.long) for _ in requests]
-        if voiced:
-            frames = generate_codes(self.talker, self.cfg, [requests[i] for i in voiced], [talker_params] * len(voiced))
-            for i, c in zip(voiced, frames):
-                codes[i] = c
+        codes = self._run_talker(requests, talker_params)
         # 5. code2wav: the service's engine on its schedule (it is causal: no padding needed, no samples lost)
         with_frames = [i for i, c in enumerate(codes) if c.shape[-1]]
         engine = Code2WavEngine(self.code2wav, codec_chunking)
@@ -194,30 +194,66 @@ class OmniModel:
     # ------------------------------------------------------------------------------------------------------------
     def _run_thinker(self, prompt: ThinkerPrompt, params: SamplingParams, speaking: bool,
                      on_text: Callable[[int, str], None] | None) -> list[ThinkerResult]:
-        """The thinker over the batch, with the talker messages of every row when speaking."""
-        B = prompt.input_ids.shape[0]
-        results = [ThinkerResult([], "length") for _ in range(B)]
-        detokenizers = [self.tokenizer.stream() for _ in range(B)]
-        steps = stream_generate(
-            self.thinker, prompt, [params] * B, speaking=[speaking] * B,
-            accept_hidden_layer=self.cfg.talker_config.accept_hidden_layer if speaking else None,
-        )
-        for step in steps:
-            for row, result in enumerate(results):
-                token, reason = step.token_ids[row], step.finish_reasons[row]
-                if token is not None:
-                    result.token_ids.append(token)
-                    if on_text is not None and not (reason == "stop"):
-                        on_text(row, detokenizers[row].push(token))
-                if reason is not None:
-                    result.finish_reason = reason
-                    if on_text is not None:
-                        on_text(row, detokenizers[row].flush())
-                if step.talker_prompts is not None:
-                    result.talker_prompt = step.talker_prompts[row]
-                if step.talker_tokens is not None and step.talker_tokens[row] is not None:
-                    result.talker_chunks.append(step.talker_tokens[row])
+        """The thinker engine over the batch's rows, with the talker messages of every row when speaking."""
+        rows = split_rows(self.thinker, prompt)
+        results = [ThinkerResult([], "length") for _ in rows]
+        detokenizers = [self.tokenizer.stream() for _ in rows]
+        layer = self.cfg.talker_config.accept_hidden_layer if speaking else None
+        engine = ThinkerEngine(self.thinker, max_rows=len(rows), accept_hidden_layer=layer, compiled=self.compiled,
+                               max_len=max(r.input_ids.shape[1] for r in rows) + params.max_new_tokens)
+        steps: queue.Queue = queue.Queue()
+        try:
+            for row, row_prompt in enumerate(rows):
+                engine.submit(str(row), row_prompt, params, speaking, lambda step, row=row: steps.put((row, step)))
+            unfinished = len(rows)
+            while unfinished:
+                row, step = steps.get()
+                if isinstance(step, BaseException):
+                    raise step
+                unfinished -= self._record_step(results[row], detokenizers[row], step, row, on_text)
+        finally:
+            engine.close()
         return results
+
+    @staticmethod
+    def _record_step(result: ThinkerResult, detokenizer, step, row: int, on_text) -> bool:
+        """Add one thinker step of a row to its result; True when the row finished."""
+        token, reason = step.token_ids[0], step.finish_reasons[0]
+        result.token_ids.append(token)
+        if on_text is not None and reason != "stop":
+            on_text(row, detokenizer.push(token))
+        if step.talker_prompts is not None:
+            result.talker_prompt = step.talker_prompts[0]
+        if step.talker_tokens is not None:
+            result.talker_chunks.append(step.talker_tokens[0])
+        if reason is None:
+            return False
+        result.finish_reason = reason
+        if on_text is not None:
+            on_text(row, detokenizer.flush())
+        return True
+
+    def _run_talker(self, requests: list[TalkerRequest], params: SamplingParams) -> list[torch.Tensor]:
+        """The talker engine over the replies: codes [G, F] per reply (none for a reply with nothing to voice)."""
+        groups = self.cfg.talker_config.num_code_groups
+        frames: list[list[torch.Tensor]] = [[] for _ in requests]
+        engine = TalkerEngine(self.talker, self.cfg, max_rows=len(requests), compiled=self.compiled,
+                              max_len=max(r.max_prompt_len for r in requests) + params.max_new_tokens)
+        steps: queue.Queue = queue.Queue()
+        try:
+            for row, request in enumerate(requests):
+                engine.submit(str(row), request, params, lambda step, row=row: steps.put((row, step)))
+            unfinished = len(requests)
+            while unfinished:
+                row, step = steps.get()
+                if isinstance(step, BaseException):
+                    raise step
+                if step.frames[0] is not None:
+                    frames[row].append(step.frames[0])
+                unfinished -= step.finish_reasons[0] is not None
+        finally:
+            engine.close()
+        return [torch.stack(f, dim=1).cpu() if f else torch.zeros(groups, 0, dtype=torch.long) for f in frames]
 
     def _thinker_params(self, max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty, eos,
                         seed, min_new_tokens) -> SamplingParams:

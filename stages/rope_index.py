@@ -1,4 +1,4 @@
-"""3-D (T, H, W) rotary positions for a multimodal prompt: reference §6. Shared by the thinker and the talker.
+"""3-D (T, H, W) rotary positions for a multimodal prompt. Shared by the thinker and the talker.
 
 Shapes: B batch, T sequence (left-padded), n tokens of one block.
 
@@ -58,7 +58,7 @@ class RopeIndexSpec:
 
     @classmethod
     def for_talker(cls, talker: TalkerConfig, thinker: ThinkerConfig) -> RopeIndexSpec:
-        # The talker config has no audio encoder section (transformers crashes on it, §11 bug 1): the audio
+        # The talker config has no audio encoder section (transformers crashes on it): the audio
         # token count is a property of the thinker's audio encoder.
         return cls(
             image_token_id=talker.image_token_id,

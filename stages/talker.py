@@ -1,4 +1,4 @@
-"""The talker: thinker states in, codec frames out (reference §7).
+"""The talker: thinker states in, codec frames out.
 
 Shapes: B batch, T sequence, H talker hidden size, Ht thinker hidden size, V codec vocabulary, G code groups.
 
@@ -18,7 +18,7 @@ The talker prompt of one reply (`TalkerRequest`, built from the thinker's `Talke
   * one text entry per later frame: P(reply token 2), P(token 3), …, then T(tts_eos), then T(tts_pad).
 The voiced reply tokens are all generated tokens except a final stop token. transformers instead drops the last
 sampled token whatever it is, so a reply cut by max_new_tokens loses its last token, and in batches voices the
-`<|im_end|>` of rows that finished early (§11 bug 6); it also takes the assistant start from row 0 only (bug 7).
+`<|im_end|>` of rows that finished early; it also takes the assistant start from row 0 only.
 Here every row is built from its own unpadded prompt.
 
 Decoding (`stream_frames`): the prefill gives codebook 0 (`c0`) of frame 0; every step runs the code predictor
@@ -100,7 +100,7 @@ class TalkerTextModel(nn.Module):
                     cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                     bias=cfg.attention_bias, qk_norm_eps=cfg.rms_norm_eps,
                 ),
-                # every talker layer is MoE + shared expert (transformers ignores mlp_only_layers here, §11 bug 4)
+                # every talker layer is MoE + shared expert (transformers ignores mlp_only_layers here)
                 MoE(
                     cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
                     cfg.norm_topk_prob, shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
@@ -166,6 +166,11 @@ class Talker(nn.Module):
         for index, layer in enumerate(self.model.layers):
             h = layer(h, cos, sin, mask, cache.layer(index), write_slots)
         return self.model.norm(h)
+
+
+def decode_hidden(talker: Talker, embeds, position_ids, mask, cache: KVCache, write_slots) -> torch.Tensor:
+    """`Talker.forward` as a module-level function: the decode step the engine compiles (see stages/compile.py)."""
+    return talker(embeds, position_ids, mask, cache, write_slots)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from stages.code_predictor import FramePredictor, predictor_params
 from stages.compile import batch_buckets, bucket_for, compile_step
 from stages.kv_cache import KVCache
 from stages.sampling import make_generators, sample_ragged
-from stages.talker import Talker, TalkerRequest, TalkerStep, talker_prompt_inputs, text_entries
+from stages.talker import Talker, TalkerRequest, TalkerStep, decode_hidden, talker_prompt_inputs, text_entries
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class TalkerEngine:
         self.cache = KVCache(text.num_hidden_layers, max_rows, text.num_key_value_heads, max_len, text.head_dim,
                              dtype=weight.dtype, device=weight.device)
         self.buckets = batch_buckets(max_rows)
-        self.decode = compile_step(talker.forward, weight.device) if compiled else talker.forward
+        self.decode = compile_step(decode_hidden, weight.device) if compiled else decode_hidden
         # compiled steps attend over a bucketed span (a few shapes); eager ones over the longest row, which keeps a
         # row's arithmetic that of the reply alone (attention sums round differently over masked slots)
         self.span = span_for if compiled else (lambda longest, max_len: longest)
@@ -267,7 +267,7 @@ class TalkerEngine:
         longest = max(row.length for row in self._busy() if row.cache is cache and row.index < n) + 1
         slots, mask = view.decode_slots(self.span(longest, cache.max_len), torch.tensor(advancing, device=tts.device))
         position_ids = torch.tensor(positions, device=tts.device)[None, :, None].expand(3, -1, 1)  # [3, n, 1]
-        out = self.decode(x, position_ids, mask, view, slots)  # [n, 1, H]
+        out = self.decode(talker, x, position_ids, mask, view, slots)  # [n, 1, H]
         for row in feeding:
             row.hidden, row.embed_sum = out[row.index, 0], None
             row.position += 1
@@ -282,7 +282,7 @@ class TalkerEngine:
                 view = self.cache.head(n)
                 slots, mask = view.decode_slots(span_for(1, self.max_len))
                 x = torch.zeros(n, 1, tts.shape[-1], dtype=tts.dtype, device=tts.device)
-                self.decode(x, torch.zeros(3, n, 1, device=tts.device), mask, view, slots)
+                self.decode(self.talker, x, torch.zeros(3, n, 1, device=tts.device), mask, view, slots)
                 view.reset_rows(list(range(n)))
 
     def _finish(self, row: _Row, reason: str) -> None:

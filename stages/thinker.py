@@ -1,4 +1,4 @@
-"""The thinker language model (reference §5) and its generation loop.
+"""The thinker language model and its simple generation loop.
 
 Shapes: B batch, T sequence (prompts left-padded), H hidden, V vocab, N multimodal tokens, L decoder layers.
 
@@ -8,8 +8,8 @@ The audio and vision encoders are separate modules; their outputs come in throug
 Generation for a left-padded batch: `prefill` runs the prompt into a preallocated `KVCache`, `decode_step` feeds
 one token per row. `stream_generate` drives both and yields a `ThinkerStep` per step (the new token of every
 row, per-row finish, and for rows that speak the `TalkerPrompt` / `ThinkerTokens` messages the talker reads);
-`generate` collects it. `generate_reference` recomputes the whole sequence every step without a cache: the
-obviously-correct path the fast one is tested against.
+`generate` collects it. That loop is the simple one, tested against transformers' generate: the fast loop is
+`stages.thinker_engine.ThinkerEngine`, tested against it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from common.messages import TalkerPrompt, ThinkerTokens
 from common.sampling import SamplingParams
 from stages.batching import finish_reason
 from stages.kv_cache import KVCache
-from stages.layers import MoE, Attention, DecoderLayer, RMSNorm, Rotary, SwiGLU, attention_mask
+from stages.layers import MoE, Attention, DecoderLayer, RMSNorm, Rotary, SwiGLU
 from stages.rope_index import RopeIndexSpec, count_blocks, get_rope_index
 from stages.sampling import make_generators, sample_next
 
@@ -89,7 +89,7 @@ class ThinkerLM(nn.Module):
 
         Returns (embeds [B, T, H], visual_mask [B, T] or None, deepstack: per level [N_visual, H] in sequence
         order, or None). Every modality's placeholder count must equal its feature rows (transformers does not
-        check audio, §11 bug 9).
+        check audio).
         """
         ids = prompt.input_ids
         embeds = self.embed_tokens(ids)  # [B, T, H]
@@ -300,6 +300,49 @@ class _RowState:
         return all(f is not None for f in self.finish)
 
 
+def split_rows(model: ThinkerLM, prompt: ThinkerPrompt) -> list[ThinkerPrompt]:
+    """A left-padded batch → one unpadded prompt per row, each with its own encoder outputs, grids and audio
+    lengths (the batch's are in prompt order: row after row), as a batching engine takes requests."""
+    cfg, valid = model.cfg, prompt.attention_mask.bool()
+    used = {"image": 0, "video": 0, "audio": 0}  # items of each kind taken by the rows before
+    tokens = {"image": 0, "video": 0, "audio": 0}  # feature rows taken
+    rows = []
+    for row in range(prompt.input_ids.shape[0]):
+        ids = prompt.input_ids[row][valid[row]][None]  # [1, T_row]
+        counts = count_blocks(ids[0].cpu(), model.rope_spec, prompt.use_audio_in_video)
+        n_tokens = {kind: int((ids == token).sum()) for kind, token in
+                    (("image", cfg.image_token_id), ("video", cfg.video_token_id), ("audio", cfg.audio_token_id))}
+
+        def items(source, kind):
+            return source[used[kind] : used[kind] + counts[kind]] if source is not None and counts[kind] else None
+
+        def features(source, kind):
+            if source is None or not n_tokens[kind]:
+                return None
+            return source[tokens[kind] : tokens[kind] + n_tokens[kind]]
+
+        def levels(source, kind):
+            return None if source is None or not n_tokens[kind] else [features(level, kind) for level in source]
+
+        rows.append(ThinkerPrompt(
+            input_ids=ids, attention_mask=torch.ones_like(ids),
+            audio_features=features(prompt.audio_features, "audio"),
+            audio_feature_lengths=items(prompt.audio_feature_lengths, "audio"),
+            image_features=features(prompt.image_features, "image"),
+            image_deepstack=levels(prompt.image_deepstack, "image"),
+            image_grid_thw=items(prompt.image_grid_thw, "image"),
+            video_features=features(prompt.video_features, "video"),
+            video_deepstack=levels(prompt.video_deepstack, "video"),
+            video_grid_thw=items(prompt.video_grid_thw, "video"),
+            video_second_per_grid=items(prompt.video_second_per_grid, "video"),
+            use_audio_in_video=prompt.use_audio_in_video,
+        ))
+        for kind in used:
+            used[kind] += counts[kind]
+            tokens[kind] += n_tokens[kind]
+    return rows
+
+
 def _talker_prompts(
     model: ThinkerLM, prompt: ThinkerPrompt, pre: Prefill, request_ids: list[str], speaking: list[bool]
 ) -> list[TalkerPrompt | None]:
@@ -411,29 +454,3 @@ def generate(
             if step.talker_tokens is not None and step.talker_tokens[row] is not None:
                 results[row].talker_chunks.append(step.talker_tokens[row])
     return results
-
-
-@torch.inference_mode()
-def generate_reference(model: ThinkerLM, prompt: ThinkerPrompt, params: list[SamplingParams]) -> list[list[int]]:
-    """The slow path: no KV cache, the whole sequence recomputed for every new token. Same sampling."""
-    ids, valid = prompt.input_ids, prompt.attention_mask.bool()
-    B, T = ids.shape
-    embeds, visual_mask, deepstack = model.embed_prompt(prompt)
-    positions, deltas = prompt_positions(model, prompt)  # [3, B, T], [B]
-    next_position = valid.sum(-1).to(deltas.dtype) + deltas  # [B]
-    rows = _RowState(prompt, params, model.cfg.text_config.vocab_size)
-    while not rows.done:
-        n = embeds.shape[1]
-        pad_visual = None
-        if visual_mask is not None:
-            pad_visual = torch.zeros(B, n, dtype=torch.bool, device=ids.device)
-            pad_visual[:, :T] = visual_mask
-        mask = attention_mask(torch.arange(n, device=ids.device).expand(B, n), valid)
-        hidden, _ = model(embeds, positions, mask, visual_mask=pad_visual, deepstack=deepstack)
-        tokens = rows.sample(model.logits(hidden[:, -1]))
-        rows.record(tokens)
-        embeds = torch.cat([embeds, model.embed_tokens(tokens)[:, None]], dim=1)
-        new_pos = (next_position + (n - T))[None, :, None].expand(3, B, 1)
-        positions = torch.cat([positions, new_pos], dim=2)
-        valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=ids.device)], dim=1)
-    return rows.generated

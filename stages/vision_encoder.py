@@ -1,4 +1,4 @@
-"""Vision encoder (reference §4, Qwen3-VL style): image/video patches -> visual tokens and DeepStack features.
+"""Vision encoder (Qwen3-VL style): image/video patches -> visual tokens and DeepStack features.
 
 Patches arrive flattened by the processor, in merge-block order (per temporal patch, per m×m block row-major,
 the block's patches row-major). Patch embedding (a Conv3d whose kernel equals its stride, i.e. a Linear),

@@ -57,7 +57,7 @@ def _load_hf_model(path: str):
 
     model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     if model.has_talker and not hasattr(model.talker.config, "audio_config"):
-        # transformers 5.23 defect (reference §11 bug 1): the talker's get_rope_index reads
+        # transformers 5.23 defect: the talker's get_rope_index reads
         # config.audio_config, which the talker config lacks; borrow the thinker's at runtime.
         model.talker.config.audio_config = model.thinker.config.audio_config
     return model

@@ -74,7 +74,7 @@ def test_stream_concatenation_equals_full_decode(pair, split, frames):
 
 @torch.no_grad()
 def test_transformers_chunked_decode_drops_555_samples_per_boundary_ours_does_not(pair):
-    """§11 bug 5: transformers' chunked_decode loses the last 555 samples of every chunk but the last (they need
+    """transformers' chunked_decode loses the last 555 samples of every chunk but the last (they need
     the next frame), so its output is shorter than the full decode and misaligned after the first boundary.
     Ours decodes one frame past each chunk: with a left context covering the whole past it equals the full
     decode sample for sample."""

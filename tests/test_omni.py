@@ -4,7 +4,7 @@ Greedy everywhere (fp32, CPU): identical token ids, identical codes, waveform wi
 
 Two choices keep the comparison meaningful:
 * the thinker is made to stop on a stop token (an id the greedy reply produces, passed as `thinker_eos_token_id` to
-  both), because a reply cut by max_new_tokens is voiced differently on purpose (§11 bug 6, tested below);
+  both), because a reply cut by max_new_tokens is voiced differently on purpose (tested below);
 * transformers' thinker ignores the checkpoint's generation_config.json (its sub-model has a default one), ours
   reads it: the checkpoint's repetition penalty is passed to transformers explicitly.
 """
@@ -184,7 +184,7 @@ def test_min_new_tokens_match_transformers(default_setup):
     Each minimum is set one past the step where the stage stops without it, so suppressing one step fewer than
     transformers shows (checked by mutation). The thinker's stop ids: `a`, which the greedy reply produces first at index k (the
     minimum is k + 1), and `b`, which the reply with `a` suppressed produces first after the minimum, so the reply
-    still ends on a stop token (a reply cut by length is voiced differently on purpose, §11 bug 6)."""
+    still ends on a stop token (a reply cut by length is voiced differently on purpose)."""
     ours, oracle, proc = default_setup
     inputs = processed(proc, [("text", "Hi.")])
     max_new, talker_tokens = TEXT_TOKENS + 6, 40
@@ -236,10 +236,10 @@ def test_audio_from_a_thinker_only_checkpoint_is_an_error(tiny_ckpt_thinker_only
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# transformers defects (reference §11) that ours fixes
+# transformers defects that ours fixes
 # ---------------------------------------------------------------------------------------------------------------------
 def test_bug1_transformers_talker_mrope_crashes_on_audio_plus_image(tiny_ckpt, hf_processor):
-    """§11 bug 1: transformers' talker get_rope_index reads config.audio_config, which the talker config lacks, so
+    """transformers' talker get_rope_index reads config.audio_config, which the talker config lacks, so
     audio output for a prompt with audio and an image raises AttributeError (the `hf_model` fixture patches it;
     a fresh model shows it). Ours takes the audio window from the thinker's config."""
     from transformers import Qwen3OmniMoeForConditionalGeneration
@@ -255,7 +255,7 @@ def test_bug1_transformers_talker_mrope_crashes_on_audio_plus_image(tiny_ckpt, h
 
 
 def test_bug6_transformers_drops_the_last_token_of_a_reply_cut_by_length(default_setup):
-    """§11 bug 6: a reply stopped by max_new_tokens never voices its last token in transformers (it was never fed
+    """a reply stopped by max_new_tokens never voices its last token in transformers (it was never fed
     back through the thinker, so it is missing from the trailing text). Its speech equals ours for the reply
     without that token; ours voices it."""
     ours, oracle, proc = default_setup
@@ -273,7 +273,7 @@ def test_bug6_transformers_drops_the_last_token_of_a_reply_cut_by_length(default
 
 
 def test_bug6_transformers_batch_rows_that_stop_early_voice_their_stop_token(default_setup):
-    """§11 bug 6, batched: transformers moves a row's end-of-text marker after its stop token, so a row that stops
+    """Batched: transformers moves a row's end-of-text marker after its stop token, so a row that stops
     before the longest one voices `<|im_end|>` (its stop token) first and differs from the same prompt alone.
     Ours voices every row as it would be alone."""
     ours, oracle, proc = default_setup
@@ -298,7 +298,7 @@ def test_bug6_transformers_batch_rows_that_stop_early_voice_their_stop_token(def
 
 
 def test_bug7_transformers_takes_the_assistant_start_from_row_0(default_setup):
-    """§11 bug 7: transformers locates `<|im_start|>assistant` in row 0 and uses that index for every row. With an
+    """transformers locates `<|im_start|>assistant` in row 0 and uses that index for every row. With an
     assistant prefill of different length per row (left padding aligns the ends, not the turn starts), row 1's
     assistant part is cut at the wrong place and its speech differs from the same prompt alone. Ours finds each
     row's own turn start: row 1 in the batch speaks as it does alone.

@@ -60,7 +60,7 @@ def test_renders_like_transformers(tiny_ckpt, hf_processor, conversation):
 
 
 def test_reference_prompt_and_template_variables(tiny_ckpt):
-    """Reference §10.2's rendered prompt, and `enable_thinking=False` reaching the template."""
+    """The real template's rendered prompt, and `enable_thinking=False` reaching the template."""
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": [
         {"type": "image", "image": "x.png"}, {"type": "audio", "audio": "a.wav"}, {"type": "video", "video": "v.mp4"},
         {"type": "text", "text": "What can you see and hear?"}]}]

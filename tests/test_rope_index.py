@@ -26,7 +26,7 @@ def ids_of(cfg):
 
 
 def video_with_audio(ids, grid, spg, n_audio, pps=13, merge=2):
-    """The processor's interleaving of a video's tokens with its audio tokens (reference §10.3)."""
+    """The processor's interleaving of a video's tokens with its audio tokens."""
     t, h, w = grid
     per_t = h * w // merge**2
     video_t = [tau * spg * pps for tau in range(t) for _ in range(per_t)]
@@ -101,7 +101,7 @@ def test_audio_in_video(setup, spg, audio_frames):
 
 
 def test_reference_worked_example(tiny_ckpt):
-    """§6 worked example: grid 3×4×4, 39 audio tokens, spg 1 s, pps 13 → T row 0 1 2 3 4 | 5 5 5 5 | 5 6 …, delta −12."""
+    """A worked example: grid 3×4×4, 39 audio tokens, spg 1 s, pps 13 → T row 0 1 2 3 4 | 5 5 5 5 | 5 6 …, delta −12."""
     cfg = load_config(tiny_ckpt)
     k = ids_of(cfg)
     block = video_with_audio(k, (3, 4, 4), 1.0, 39)
@@ -148,7 +148,7 @@ def test_processor_output_matches_transformers(setup, hf_processor, request):
 
 
 def test_talker_spec_matches_transformers_talker(setup):
-    """The talker's MRoPE over user turns; ours takes n_window from the thinker's audio config (§11 bug 1)."""
+    """The talker's MRoPE over user turns; ours takes n_window from the thinker's audio config (the talker config has none; transformers crashes on it)."""
     cfg, hf = setup
     k = ids_of(cfg)
     spec = RopeIndexSpec.for_talker(cfg.talker_config, cfg.thinker_config)

@@ -74,7 +74,7 @@ def test_real_vocabulary(real_vocab_dir):
         "def f(x):\n    return x ** 2  # comment\n\n\n", "Ünïcödé Ελληνικά русский العربية हिन्दी 日本語 한국어",
         "https://example.com/a?b=c&d=e", "1234567890123" * 5,
     ])
-    # Reference §10.1: the real ids of the specials and role words.
+    # The real checkpoint's ids of the specials and role words.
     expected = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|vision_start|>": 151652,
                 "<|vision_end|>": 151653, "<|image_pad|>": 151655, "<|video_pad|>": 151656,
                 "<|audio_start|>": 151669, "<|audio_end|>": 151670, "<|audio_pad|>": 151675, "<tts_pad>": 151671,

@@ -1,0 +1,64 @@
+"""The engines' compiled steps (`compile="on"`, torch.compile with inductor on this CPU) against the same steps run
+eagerly: identical greedy tokens, codes and waveform, and logits within 1e-5 in fp32.
+
+Compiling is slow on a small CPU (about a minute here for the four graphs of batch bucket 1), so this file uses one
+bucket and one short reply; the graphs are cached on disk, so a second run compiles nothing.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from common.processor import OmniProcessor
+from common.sampling import SamplingParams
+from stages.code_predictor import FramePredictor, predictor_params
+from stages.compile import batch_buckets, bucket_for, compile_enabled
+from stages.omni import OmniModel
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def models(tiny_ckpt):
+    return (OmniModel.from_pretrained(tiny_ckpt, device="cpu", compile="off"),
+            OmniModel.from_pretrained(tiny_ckpt, device="cpu", compile="on"))
+
+
+def test_compiled_generate_equals_eager(models, tiny_ckpt):
+    eager, compiled = models
+    proc = OmniProcessor.from_pretrained(tiny_ckpt)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Tell me about the sea."}]}]
+    inputs = proc(text=[proc.apply_chat_template(messages, add_generation_prompt=True)])
+    kwargs = dict(thinker_max_new_tokens=8, talker_max_new_tokens=10)
+    want, got = eager.generate(inputs, **kwargs)[0], compiled.generate(inputs, **kwargs)[0]
+    assert got.token_ids == want.token_ids and len(want.token_ids) == 8
+    assert torch.equal(got.codes, want.codes) and want.codes.shape[-1] > 0
+    assert np.array_equal(got.waveform, want.waveform)
+
+
+def test_compiled_code_step_logits_are_within_1e_5(models):
+    """The code predictor's compiled steps on the same inputs as eager: the logits agree to 1e-5 (fp32), and the
+    frame's codes are the same."""
+    eager, compiled = models
+    predictor = compiled.talker.code_predictor
+    fast, slow = FramePredictor(predictor, 1, compiled=True), FramePredictor(predictor, 1)
+    hidden = torch.randn(1, predictor.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    c0 = torch.randn(1, predictor.cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        head = predictor.lm_head[0].weight
+        torch.testing.assert_close(fast.first_step(*fast._state(), hidden, c0, head),
+                                   slow.first_step(*slow._state(), hidden, c0, head), rtol=0, atol=1e-5)
+        greedy = [predictor_params(SamplingParams())]
+        codes_fast, sum_fast = fast(hidden, c0, greedy, [None])
+        codes_slow, sum_slow = slow(hidden, c0, greedy, [None])
+    assert torch.equal(codes_fast, codes_slow)
+    torch.testing.assert_close(sum_fast, sum_slow, rtol=0, atol=1e-5)
+
+
+def test_compile_setting_and_buckets():
+    assert compile_enabled("auto", torch.device("cpu")) is False and compile_enabled("auto", torch.device("cuda"))
+    assert compile_enabled("on", torch.device("cpu")) and not compile_enabled("off", torch.device("cuda"))
+    with pytest.raises(ValueError, match="compile must be one of"):
+        compile_enabled("sometimes", torch.device("cpu"))
+    assert batch_buckets(1) == [1] and batch_buckets(12) == [1, 2, 4, 8, 12] and batch_buckets(16) == [1, 2, 4, 8, 16]
+    assert [bucket_for(n, batch_buckets(12)) for n in (1, 3, 8, 9, 12)] == [1, 4, 8, 12, 12]
