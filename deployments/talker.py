@@ -24,7 +24,8 @@ from deployments.runtime import STAGE_DEFAULTS, StageReplica
 from deployments.settings import ServiceSettings
 from deployments.timeline import StageClock
 from stages.compile import compile_enabled
-from stages.talker import Talker, TalkerRequest, speaker_codec_id, talker_sampling
+from stages.handoff import TalkerRequest
+from stages.talker import Talker, speaker_codec_id, talker_sampling
 from stages.talker_engine import TalkerEngine
 
 logger = logging.getLogger("ray.serve")

@@ -270,18 +270,21 @@ class Experts(nn.Module):
         order = torch.argsort(flat_experts, stable=True)  # [N·K]
         token_of_pair = order // K  # [N·K] token index of each sorted pair
         pair_weights = weights.reshape(-1)[order]  # [N·K]
-        counts = torch.bincount(flat_experts, minlength=self.num_experts)  # [E]
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat_experts, torch.ones_like(flat_experts))  # [E] (bincount, with a static shape)
         ends = counts.cumsum(0).to(torch.int32)  # [E] where each expert's pairs end
         gate, up = _grouped_linear(x[token_of_pair], self.gate_up_proj, ends).chunk(2, dim=-1)  # [N·K, I] each
         y = _grouped_linear(F.silu(gate) * up, self.down_proj, ends)  # [N·K, H]
         return torch.zeros_like(x).index_add_(0, token_of_pair, y * pair_weights[:, None])
 
 
+@torch.library.custom_op("omniray::grouped_linear", mutates_args=())
 def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """Rows of x `[n, in]` grouped by `ends [E]`, each group times its expert's `weight [E, out, in]` → `[n, out]`.
 
     `F.grouped_mm` runs on CPU and on CUDA in bfloat16; CUDA in other dtypes takes the per-expert loop, which reads
-    the group sizes back to the host.
+    the group sizes back to the host. An operator of its own, so a compiled step calls it as it is: the compiler's
+    shape-only stand-in for `F.grouped_mm` accepts bfloat16 only, even where the kernel runs float32.
     """
     if x.device.type == "cpu" or x.dtype == torch.bfloat16:
         return F.grouped_mm(x, weight.transpose(1, 2), offs=ends)
@@ -291,6 +294,11 @@ def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -
         out[start:end] = F.linear(x[start:end], weight[expert])
         start = end
     return out
+
+
+@_grouped_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[1])
 
 
 class MoE(nn.Module):

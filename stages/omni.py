@@ -29,7 +29,8 @@ from stages.audio_encoder import AudioEncoder
 from stages.code2wav import Code2Wav, CodecChunking
 from stages.code2wav_engine import Code2WavEngine, decode_replies
 from stages.compile import CompileMode, compile_enabled
-from stages.talker import Talker, TalkerRequest, speaker_codec_id, talker_sampling
+from stages.handoff import TalkerRequest
+from stages.talker import Talker, speaker_codec_id, talker_sampling
 from stages.talker_engine import TalkerEngine
 from stages.thinker import ThinkerLM, ThinkerPrompt, ThinkerResult, split_rows
 from stages.thinker_engine import ThinkerEngine

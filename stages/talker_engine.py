@@ -42,7 +42,8 @@ from stages.code_predictor import FramePredictor, predictor_params
 from stages.compile import batch_buckets, bucket_for, compile_step
 from stages.kv_cache import KVCache
 from stages.sampling import make_generators, sample_ragged
-from stages.talker import Talker, TalkerRequest, TalkerStep, decode_hidden, talker_prompt_inputs, text_entries
+from stages.handoff import TalkerRequest, talker_prompt_inputs, text_entries
+from stages.talker import Talker, TalkerStep, decode_hidden
 
 logger = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from common.errors import ConfigError, InvalidRequestError
 from common.messages import TalkerPrompt, ThinkerTokens
 from common.sampling import SamplingParams
 from stages.batching import finish_reason
+from stages.handoff import talker_prompts
 from stages.kv_cache import KVCache
 from stages.layers import MoE, Attention, DecoderLayer, RMSNorm, Rotary, SwiGLU
 from stages.rope_index import RopeIndexSpec, count_blocks, get_rope_index
@@ -343,43 +344,6 @@ def split_rows(model: ThinkerLM, prompt: ThinkerPrompt) -> list[ThinkerPrompt]:
     return rows
 
 
-def _talker_prompts(
-    model: ThinkerLM, prompt: ThinkerPrompt, pre: Prefill, request_ids: list[str], speaking: list[bool]
-) -> list[TalkerPrompt | None]:
-    """Per speaking row, the unpadded prompt with its embeddings, accept-layer states, grids and audio lengths."""
-    valid = prompt.attention_mask.bool()
-    used = {"image": 0, "video": 0, "audio": 0}
-    out: list[TalkerPrompt | None] = []
-    for row in range(prompt.input_ids.shape[0]):
-        ids = prompt.input_ids[row][valid[row]]
-        counts = count_blocks(ids.cpu(), model.rope_spec, prompt.use_audio_in_video)
-        items = {}
-        for name, source in (
-            ("image", prompt.image_grid_thw), ("video", prompt.video_grid_thw),
-            ("video_seconds", prompt.video_second_per_grid), ("audio", prompt.audio_feature_lengths),
-        ):
-            kind = "video" if name == "video_seconds" else name
-            start, n = used[kind], counts[kind]
-            items[name] = source[start : start + n] if source is not None and n else None
-        for kind in used:
-            used[kind] += counts[kind]
-        if not speaking[row]:
-            out.append(None)
-            continue
-        out.append(TalkerPrompt(
-            request_id=request_ids[row],
-            prompt_ids=ids,
-            prompt_embeds=pre.embeds[row][valid[row]],
-            prompt_accept_hidden=pre.captured[row][valid[row]],
-            image_grid_thw=items["image"],
-            video_grid_thw=items["video"],
-            video_second_per_grid=items["video_seconds"],
-            audio_feature_lengths=items["audio"],
-            use_audio_in_video=prompt.use_audio_in_video,
-        ))
-    return out
-
-
 @torch.inference_mode()
 def stream_generate(
     model: ThinkerLM,
@@ -412,7 +376,7 @@ def stream_generate(
     rows = _RowState(prompt, params, text_cfg.vocab_size)
 
     pre = prefill(model, prompt, cache, accept_hidden_layer if any(speaking) else None)
-    talker_prompts = _talker_prompts(model, prompt, pre, request_ids, speaking) if any(speaking) else None
+    first_prompts = talker_prompts(model, prompt, pre, request_ids, speaking) if any(speaking) else None
     positions = pre.next_positions
     logits = pre.logits
     while True:
@@ -426,8 +390,8 @@ def stream_generate(
                 if speaking[r] and t is not None else None
                 for r, t in enumerate(step_tokens)
             ]
-        yield ThinkerStep(step_tokens, reasons, talker_prompts, talker_tokens)
-        talker_prompts = None
+        yield ThinkerStep(step_tokens, reasons, first_prompts, talker_tokens)
+        first_prompts = None
         if rows.done:
             return
         logits = decode_step(model, tokens, positions, cache)

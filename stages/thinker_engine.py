@@ -36,7 +36,8 @@ from stages.batching import Cancellations, finish_reason, hand_over, span_for
 from stages.compile import batch_buckets, bucket_for, compile_step
 from stages.kv_cache import KVCache
 from stages.sampling import make_generators, sample_ragged
-from stages.thinker import ThinkerLM, ThinkerPrompt, ThinkerStep, _talker_prompts, decode_logits, prefill
+from stages.handoff import talker_prompts
+from stages.thinker import ThinkerLM, ThinkerPrompt, ThinkerStep, decode_logits, prefill
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ class ThinkerEngine:
             self.solo.append(row)
         talker_prompt = None
         if request.speaking:
-            talker_prompt = _talker_prompts(model, prompt, pre, [request.request_id], [True])[0]
+            talker_prompt = talker_prompts(model, prompt, pre, [request.request_id], [True])[0]
         token = self._sample([row], pre.logits[0:1])[0]
         self._advance(row, token, self._embeds([row], [token]), talker_prompt)
 

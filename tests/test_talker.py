@@ -13,14 +13,8 @@ from common.errors import UnknownVoiceError
 from common.sampling import SamplingParams
 from stages.code_predictor import predict_residual_codes
 from stages.omni import OmniModel
-from stages.talker import (
-    TalkerRequest,
-    generate_codes,
-    speaker_codec_id,
-    stream_frames,
-    talker_sampling,
-    user_turn_mask,
-)
+from stages.handoff import TalkerRequest, user_turn_mask
+from stages.talker import generate_codes, speaker_codec_id, stream_frames, talker_sampling
 from stages.thinker import generate as thinker_generate
 
 

@@ -9,7 +9,8 @@ import torch
 
 from common.sampling import SamplingParams
 from stages.omni import OmniModel
-from stages.talker import TalkerRequest, generate_codes, speaker_codec_id, talker_sampling
+from stages.handoff import TalkerRequest
+from stages.talker import generate_codes, speaker_codec_id, talker_sampling
 from stages.talker_engine import TalkerEngine
 from stages.thinker import generate as thinker_generate
 
