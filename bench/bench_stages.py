@@ -39,6 +39,8 @@ def main() -> None:
     p.add_argument("--decode-tokens", type=int, default=32, help="greedy tokens per thinker decode case (≥ 2)")
     p.add_argument("--talker-tokens", default="128,512", help="comma list: talker prefill lengths")
     p.add_argument("--talker-batch", default="1,8", help="comma list: talker rows per call (prefill and frames)")
+    p.add_argument("--compile", choices=["on", "off"], default="off",
+                   help="the code predictor frame compiled (the talker engine's `compile` setting)")
     args = p.parse_args()
     device, dtype = common.resolve_device_dtype(args)
     ckpt = common.build_checkpoint(args, dtype)
@@ -53,7 +55,7 @@ def main() -> None:
 
     settings = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "model": args.model,
                 **({"layers": args.layers} if args.model == "full" and args.checkpoint is None else {}),
-                **common.transformers_settings(hf), "warmup": args.warmup, "repeats": args.repeats,
+                "compile": args.compile, **common.transformers_settings(hf), "warmup": args.warmup, "repeats": args.repeats,
                 "checkpoint": common.checkpoint_summary(ckpt)}
     common.report("bench_stages", args, settings, results, ["max_abs_diff", "extra"])
 
@@ -281,7 +283,7 @@ def bench_thinker(args, cfg, ckpt, hf, device, dtype) -> list[common.Result]:
 
 def bench_talker(args, cfg, ckpt, hf, device, dtype) -> list[common.Result]:
     from common.sampling import SamplingParams
-    from stages.code_predictor import predict_residual_codes
+    from stages.code_predictor import FramePredictor, predictor_params
     from stages.kv_cache import KVCache
     from stages.talker import Talker
 
@@ -313,11 +315,12 @@ def bench_talker(args, cfg, ckpt, hf, device, dtype) -> list[common.Result]:
         talker_hidden = torch.randn(batch, text.hidden_size, generator=gen).to(device, dtype)
         c0 = torch.randint(0, cfg.talker_config.code_predictor_config.vocab_size, (batch,), generator=gen)
         c0_embeds = ours.model.codec_embedding(c0.to(device))  # [B, H]
-        params = [SamplingParams(max_new_tokens=1)] * batch
+        params = [predictor_params(SamplingParams())] * batch
         groups = cfg.talker_config.num_code_groups
+        frames = FramePredictor(predictor, batch, compiled=args.compile == "on")  # the talker engine's path
 
         def ours_frame():
-            return predict_residual_codes(predictor, talker_hidden, c0_embeds, predictor.new_cache(batch), params)[0]
+            return frames(talker_hidden, c0_embeds, params, [None] * batch)[0]
 
         def hf_frame():
             out = hf.talker.code_predictor.generate(
