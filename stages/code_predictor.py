@@ -27,7 +27,7 @@ from common.errors import ConfigError
 from common.sampling import SamplingParams
 from stages.kv_cache import KVCache
 from stages.layers import Attention, DecoderLayer, RMSNorm, Rotary, SwiGLU, rotate_half
-from stages.compile import batch_buckets, bucket_for, compile_step
+from stages.compile import batch_buckets, bucket_for, compile_step, static_buffers
 from stages.sampling import sample_next
 
 
@@ -158,6 +158,7 @@ class FramePredictor:
         self.compiled = compiled
         self.first_step, self.code_step = _first_step, _code_step
         if compiled:
+            static_buffers(self.keys + self.values)
             self.first_step = compile_step(_first_step, weight.device)
             self.code_step = compile_step(_code_step, weight.device)
             for rows in self.buckets:  # compile every bucket now, not on a request's time

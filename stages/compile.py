@@ -48,6 +48,13 @@ def compile_step(fn: Callable, device: torch.device) -> Callable:
     return _COMPILED[key]
 
 
+def static_buffers(tensors: list[torch.Tensor]) -> None:
+    """Tell the compiler these buffers (KV caches) live at one address for good: a compiled step that writes them in
+    place can then be replayed as a CUDA graph (cudagraph trees skip graphs that mutate inputs of changing address)."""
+    for tensor in tensors:
+        torch._dynamo.mark_static_address(tensor)
+
+
 def batch_buckets(max_rows: int) -> list[int]:
     """The batch sizes a step runs at: powers of two below `max_rows`, and `max_rows`."""
     buckets, size = [], 1

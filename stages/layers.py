@@ -156,9 +156,9 @@ class Attention(nn.Module):
 
     `forward(x, cos, sin, mask, cache=None, write_slots=None)`:
       * without a cache the keys are this call's tokens and `mask` is `[B, 1, T, T]`;
-      * with a cache `(k_cache, v_cache)` (each `[B, kv_heads, S_max, D]`, see `stages/kv_cache.py`) the new
-        keys/values are written at `write_slots [B, T]` first and attention runs over the first `mask.shape[-1]`
-        slots. The caller owns the cache bookkeeping (which slots are valid, where to write).
+      * with a cache `(k_cache, v_cache)` (each `[R, kv_heads, S_max, D]`, R ≥ B: the call's rows are the first B,
+        see `stages/kv_cache.py`) the new keys/values are written at `write_slots [B, T]` first and attention runs
+        over the first `mask.shape[-1]` slots. The caller owns the cache bookkeeping (which slots are valid, where to write).
     Causality, padding and sliding windows all live in `mask` (see `attention_mask`). `mask=None` means plain
     causal attention over this call's T tokens, all real (a prefill into empty cache rows without padding): SDPA's
     causal kernel then skips the masked half instead of reading a `[T, T]` mask (2-3× faster prefill on CPU).
@@ -219,7 +219,9 @@ class Attention(nn.Module):
             k_cache[rows, :, write_slots] = k.transpose(1, 2).to(k_cache.dtype)
             v_cache[rows, :, write_slots] = v.transpose(1, 2).to(v_cache.dtype)
             S = mask.shape[-1] if mask is not None else T
-            k, v = k_cache[:, :, :S], v_cache[:, :, :S]  # [B, kv_heads, S, D]
+            # the cache may hold more rows than this call (an engine's whole batch, so a compiled step always sees the
+            # same buffers): the call's rows are the first B
+            k, v = k_cache[:B, :, :S], v_cache[:B, :, :S]  # [B, kv_heads, S, D]
 
         out = F.scaled_dot_product_attention(
             q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=mask is None, scale=self.scale,

@@ -39,7 +39,7 @@ from common.config import OmniConfig
 from common.sampling import SamplingParams
 from stages.batching import Cancellations, finish_reason, hand_over, span_for
 from stages.code_predictor import FramePredictor, predictor_params
-from stages.compile import batch_buckets, bucket_for, compile_step
+from stages.compile import batch_buckets, bucket_for, compile_step, static_buffers
 from stages.kv_cache import KVCache
 from stages.sampling import make_generators, sample_ragged
 from stages.handoff import TalkerRequest, talker_prompt_inputs, text_entries
@@ -84,6 +84,8 @@ class TalkerEngine:
                              dtype=weight.dtype, device=weight.device)
         self.buckets = batch_buckets(max_rows)
         self.decode = compile_step(decode_hidden, weight.device) if compiled else decode_hidden
+        if compiled:
+            static_buffers(self.cache.keys + self.cache.values)
         # compiled steps attend over a bucketed span (a few shapes); eager ones over the longest row, which keeps a
         # row's arithmetic that of the reply alone (attention sums round differently over masked slots)
         self.span = span_for if compiled else (lambda longest, max_len: longest)
@@ -268,7 +270,7 @@ class TalkerEngine:
         longest = max(row.length for row in self._busy() if row.cache is cache and row.index < n) + 1
         slots, mask = view.decode_slots(self.span(longest, cache.max_len), torch.tensor(advancing, device=tts.device))
         position_ids = torch.tensor(positions, device=tts.device)[None, :, None].expand(3, -1, 1)  # [3, n, 1]
-        out = self.decode(talker, x, position_ids, mask, view, slots)  # [n, 1, H]
+        out = self.decode(talker, x, position_ids, mask, cache, slots)  # [n, 1, H]
         for row in feeding:
             row.hidden, row.embed_sum = out[row.index, 0], None
             row.position += 1
@@ -283,7 +285,7 @@ class TalkerEngine:
                 view = self.cache.head(n)
                 slots, mask = view.decode_slots(span_for(1, self.max_len))
                 x = torch.zeros(n, 1, tts.shape[-1], dtype=tts.dtype, device=tts.device)
-                self.decode(self.talker, x, torch.zeros(3, n, 1, device=tts.device), mask, view, slots)
+                self.decode(self.talker, x, torch.zeros(3, n, 1, device=tts.device), mask, self.cache, slots)
                 view.reset_rows(list(range(n)))
 
     def _finish(self, row: _Row, reason: str) -> None:

@@ -33,7 +33,7 @@ import torch
 from common.messages import ThinkerTokens
 from common.sampling import SamplingParams
 from stages.batching import Cancellations, finish_reason, hand_over, span_for
-from stages.compile import batch_buckets, bucket_for, compile_step
+from stages.compile import batch_buckets, bucket_for, compile_step, static_buffers
 from stages.kv_cache import KVCache
 from stages.sampling import make_generators, sample_ragged
 from stages.handoff import talker_prompts
@@ -83,6 +83,8 @@ class ThinkerEngine:
         self.buckets = batch_buckets(max_rows)
         self.compiled = compiled
         self.decode = compile_step(decode_logits, weight.device) if compiled else decode_logits
+        if compiled:
+            static_buffers(self.cache.keys + self.cache.values)
         if compiled:
             self._warm_up()
         self.rows: list[_Row | None] = [None] * max_rows
@@ -237,7 +239,7 @@ class ThinkerEngine:
         span = span_for(longest, cache.max_len) if self.compiled else longest
         slots, mask = view.decode_slots(span, torch.tensor(busy, device=device))
         logits = self.decode(self.model, torch.tensor(tokens, device=device),
-                             torch.tensor(positions, device=device), mask, view, slots)  # [n, V]
+                             torch.tensor(positions, device=device), mask, cache, slots)  # [n, V]
         return logits[[row.index for row in rows]]
 
     def _warm_up(self) -> None:
@@ -248,7 +250,7 @@ class ThinkerEngine:
                 view = self.cache.head(n)
                 slots, mask = view.decode_slots(span_for(1, self.max_len))
                 zeros = torch.zeros(n, dtype=torch.long, device=device)
-                self.decode(self.model, zeros, zeros.float(), mask, view, slots)
+                self.decode(self.model, zeros, zeros.float(), mask, self.cache, slots)
                 view.reset_rows(list(range(n)))
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
