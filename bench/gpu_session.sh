@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# What a session with one GPU (H100/H200) runs, in order of value; about 25 minutes in all. Run it from the
+# What a session with one GPU (H100/H200) runs, in order of value (`fast` first: device time is short); about 25
+# minutes in all. Run it from the
 # repository root, one step per call where a call is limited to 10 minutes: `bash bench/gpu_session.sh tests`.
 #
 # The oracle is transformers 5.23.0 (pinned in pyproject); a GPU image with another version must get that one
@@ -14,6 +15,12 @@ step=${1:-all}
 
 run() { [[ $step == all || $step == "$1" ]]; }
 
+if run fast; then    # the fast-decode checks in about 5 minutes: compiled (CUDA graphs) vs eager, and the code predictor frame
+    # (target ≤ 2 ms at batch 1) and talker steps at the real widths, compiled and eager
+    $PY -m pytest -q -m gpu tests/test_gpu.py -s -k compiled
+    $PY -m bench.bench_stages --device cuda --model full --layers 3 --stages talker --talker-tokens 256 \
+        --talker-batch 1,16 --compile on
+fi
 if run tests; then   # full-width bf16 stages vs fp32 and transformers; CUDA vs CPU greedy on the tiny model
     $PY -m pytest -q -m gpu tests/test_gpu.py -s
 fi

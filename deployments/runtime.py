@@ -62,6 +62,7 @@ class LoadedStage:
     checkpoint: Path
     module: nn.Module
     device: torch.device
+    dtype: torch.dtype
 
 
 def load_stage(
@@ -90,7 +91,7 @@ def load_stage(
             module = build(config)
         load_stage_weights(module, ckpt, prefix_map, dtype, device)
     logger.info("%s: loaded %s from %s on %s", stage, type(module).__name__, ckpt, device)
-    return LoadedStage(config, ckpt, module.eval(), device)
+    return LoadedStage(config, ckpt, module.eval(), device, dtype)
 
 
 class StageReplica:

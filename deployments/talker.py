@@ -48,7 +48,7 @@ class TalkerStage(StageReplica):
         context = self.stage.config.talker_config.text_config.max_position_embeddings
         self.engine = TalkerEngine(self.stage.module, self.stage.config, max_rows=self.settings.talker_batch_rows,
                                    max_len=min(self.settings.talker_batch_max_len, context),
-                                   compiled=compile_enabled(self.settings.compile, self.stage.device))
+                                   compiled=compile_enabled(self.settings.compile, self.stage.device, self.stage.dtype))
 
     async def speak(self, job: SpeechJob):
         """Yields TextDelta and StageTimes (passed through from the thinker), CodecFrames ([Q, F]: the frames

@@ -9,7 +9,7 @@ replica on the same machine loads its steps instead of compiling them again (sec
 The setting (`ServiceSettings.compile`, `OmniModel.from_pretrained(compile=...)`):
 - `on`: compile; an engine compiles every bucket before it takes requests (its warm-up);
 - `off`: run the same steps eagerly;
-- `auto`: on for CUDA, where launch overhead is most of a decode step and CUDA graphs remove it; off on CPU, where
+- `auto`: on for CUDA in bfloat16, where launch overhead is most of a decode step and CUDA graphs remove it; off on CPU, where
   compiling every bucket takes minutes on a few cores: a CPU replica is for development and tests (set `on` for a
   long-running CPU service: its steps then run 2-3× faster).
 """
@@ -25,10 +25,16 @@ CompileMode = Literal["auto", "on", "off"]
 COMPILE_MODES = ("auto", "on", "off")
 
 
-def compile_enabled(mode: CompileMode, device: torch.device) -> bool:
+def compile_enabled(mode: CompileMode, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the engines compile their steps. On CUDA only in bfloat16: the grouped expert matmul has a CUDA kernel
+    for bfloat16 only, and the per-expert loop other dtypes take reads group sizes back to the host, which a CUDA
+    graph cannot hold."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {COMPILE_MODES}, got {mode!r}")
-    return mode == "on" or (mode == "auto" and device.type == "cuda")
+    graphable = device.type != "cuda" or dtype == torch.bfloat16
+    if mode == "on" and not graphable:
+        raise ValueError(f"compiled steps on CUDA need bfloat16 weights, not {dtype}")
+    return mode == "on" or (mode == "auto" and device.type == "cuda" and graphable)
 
 
 _COMPILED: dict[tuple[Callable, str], Callable] = {}

@@ -68,7 +68,8 @@ class OmniModel:
         self.vision_encoder = vision_encoder
         self.talker = talker
         self.code2wav = code2wav
-        self.compiled = compile_enabled(compile, self.device)  # the engines' steps (stages/compile.py)
+        # the engines' steps (stages/compile.py)
+        self.compiled = compile_enabled(compile, self.device, thinker.lm_head.weight.dtype)
 
     @classmethod
     def from_pretrained(

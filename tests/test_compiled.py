@@ -56,9 +56,13 @@ def test_compiled_code_step_logits_are_within_1e_5(models):
 
 
 def test_compile_setting_and_buckets():
-    assert compile_enabled("auto", torch.device("cpu")) is False and compile_enabled("auto", torch.device("cuda"))
-    assert compile_enabled("on", torch.device("cpu")) and not compile_enabled("off", torch.device("cuda"))
+    cpu, cuda, fp32, bf16 = torch.device("cpu"), torch.device("cuda"), torch.float32, torch.bfloat16
+    assert not compile_enabled("auto", cpu, fp32) and compile_enabled("auto", cuda, bf16)
+    assert not compile_enabled("auto", cuda, fp32)  # the expert matmul's CUDA kernel is bfloat16 only
+    assert compile_enabled("on", cpu, fp32) and not compile_enabled("off", cuda, bf16)
+    with pytest.raises(ValueError, match="need bfloat16"):
+        compile_enabled("on", cuda, fp32)
     with pytest.raises(ValueError, match="compile must be one of"):
-        compile_enabled("sometimes", torch.device("cpu"))
+        compile_enabled("sometimes", cpu, fp32)
     assert batch_buckets(1) == [1] and batch_buckets(12) == [1, 2, 4, 8, 12] and batch_buckets(16) == [1, 2, 4, 8, 16]
     assert [bucket_for(n, batch_buckets(12)) for n in (1, 3, 8, 9, 12)] == [1, 4, 8, 12, 12]
