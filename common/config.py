@@ -31,6 +31,8 @@ from common.errors import ConfigError
 # The interleaved MRoPE split of transformers' text/talker rotary when `mrope_section` is absent.
 DEFAULT_MROPE_SECTION = (24, 20, 20)
 
+DEFAULT_VOICE = "ethan"  # Qwen3-Omni's default speaker (transformers' generate default)
+
 
 @dataclass(frozen=True)
 class AudioEncoderConfig:

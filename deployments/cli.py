@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common.config import DEFAULT_VOICE
 from common.errors import InvalidRequestError
 
 
@@ -143,7 +144,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--audio", action="append", default=[], help="audio file for the user turn (repeatable)")
     p.add_argument("--video", action="append", default=[], help="video file for the user turn (repeatable)")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--speaker", default="ethan", help="voice (one of the checkpoint's speakers)")
+    p.add_argument("--speaker", default=DEFAULT_VOICE, help="voice (one of the checkpoint's speakers)")
     p.add_argument("--max-tokens", type=int, default=1024, help="most text tokens to generate")
     p.add_argument("--max-audio-tokens", type=int, default=4096,
                    help="most codebook-0 tokens of the talker (at most this minus one 80 ms frames)")

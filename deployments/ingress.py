@@ -38,7 +38,7 @@ from deployments.prepare import (
     fetch_item,
     name_the_field,
     resolve_voice,
-    talker_sampling,
+    talker_request_sampling,
     template_messages,
     template_tools,
     thinker_sampling,
@@ -263,7 +263,7 @@ class OmniIngress:
         )
         await self._start_encoders(job, inputs)
         if speech:
-            job = SpeechJob(job, voice, talker_sampling(req, sampling, self.settings, prompt_tokens, self.config))
+            job = SpeechJob(job, voice, talker_request_sampling(req, sampling, self.settings, prompt_tokens, self.config))
         return Prepared(req, job, modalities, prompt_tokens, int(time.time()), tool_names)
 
     def _check_model(self, model: str) -> None:

@@ -263,7 +263,7 @@ def _min_tokens(req: ChatCompletionRequest, stage: StageSampling, max_new: int) 
     return min_tokens
 
 
-def talker_sampling(
+def talker_request_sampling(
     req: ChatCompletionRequest,
     thinker: SamplingParams,
     settings: ServiceSettings,

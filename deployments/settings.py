@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.media import MediaLimits
 from deployments.fetch import FetchConfig
+from common.config import DEFAULT_VOICE
 from stages.code2wav import CodecChunking
 
 TINY_MODEL_NAME = "omniray-tiny"
@@ -25,7 +26,7 @@ class ServiceSettings(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: float32 on CPU, bfloat16 on GPU
     torch_threads: int | None = Field(default=None, ge=1)  # CPU threads per replica (CPU machines run 6 replicas)
     default_modalities: tuple[Literal["text", "audio"], ...] = ("text",)
-    default_voice: str = "ethan"  # Qwen3-Omni's default speaker (as OmniModel.generate's); else the first voice
+    default_voice: str = DEFAULT_VOICE  # OmniModel.generate's; a checkpoint without it: its first voice
     default_max_tokens: int = Field(default=512, ge=1)  # thinker tokens when the request names none
     max_tokens_limit: int = Field(default=8192, ge=1)
     default_talker_max_tokens: int = Field(default=4096, ge=1)  # codec frames (12.5 per second of speech)

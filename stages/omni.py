@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from common.checkpoint import STAGE_PREFIXES, load_stage_weights, resolve_checkpoint
-from common.config import OmniConfig, load_config, load_generation_config
+from common.config import DEFAULT_VOICE, OmniConfig, load_config, load_generation_config
 from common.errors import InvalidRequestError
 from common.sampling import SamplingParams
 from common.tokenizer import OmniTokenizer
@@ -103,7 +103,7 @@ class OmniModel:
         self,
         inputs: dict,
         *,
-        speaker: str = "ethan",
+        speaker: str = DEFAULT_VOICE,
         return_audio: bool | None = None,
         thinker_max_new_tokens: int = 1024,
         talker_max_new_tokens: int = 4096,

@@ -419,7 +419,7 @@ def _sampling_setup():
 
 
 def test_stage_sampling_precedence():
-    from deployments.prepare import talker_sampling, thinker_sampling
+    from deployments.prepare import talker_request_sampling, thinker_sampling
 
     defaults, settings, cfg = _sampling_setup()
     req = ChatCompletionRequest.model_validate({
@@ -432,16 +432,16 @@ def test_stage_sampling_precedence():
     assert thinker.greedy and thinker.temperature == 0  # OpenAI's field wins over the stage list
     assert thinker.top_p == 0.5 and thinker.top_k == 0 and thinker.seed == 9
     assert thinker.max_new_tokens == 33 and thinker.stop_token_ids == (5, 6, 7)
-    talker = talker_sampling(req, thinker, settings, 10, cfg)
+    talker = talker_request_sampling(req, thinker, settings, 10, cfg)
     assert talker.do_sample and talker.temperature == 0.6 and talker.top_k == 50 and talker.max_new_tokens == 12
     plain = ChatCompletionRequest.model_validate({"messages": USER, "max_tokens": 4})
     sampled = thinker_sampling(plain, defaults, settings, 10, cfg)
     assert sampled.temperature == 0.7 and sampled.do_sample  # the checkpoint's defaults
-    talker = talker_sampling(plain, sampled, settings, 10, cfg)
+    talker = talker_request_sampling(plain, sampled, settings, 10, cfg)
     assert talker.max_new_tokens == 77 and talker.do_sample and talker.temperature == 0.9  # transformers' defaults
     greedy = thinker_sampling(ChatCompletionRequest.model_validate({"messages": USER, "temperature": 0}), defaults,
                               settings, 10, cfg)
-    assert not talker_sampling(plain, greedy, settings, 10, cfg).do_sample  # a greedy thinker, a greedy talker
+    assert not talker_request_sampling(plain, greedy, settings, 10, cfg).do_sample  # a greedy thinker, a greedy talker
     with pytest.raises(InvalidRequestError) as info:
         thinker_sampling(ChatCompletionRequest.model_validate({"messages": USER, "max_tokens": 101}), defaults,
                          settings, 10, cfg)
@@ -454,7 +454,7 @@ def test_stage_sampling_precedence():
     assert thinker_sampling(listed, defaults, settings, 10, cfg).stop_token_ids == ()
     for name, value in (("ignore_eos", True), ("min_tokens", 3)):
         with pytest.raises(InvalidRequestError) as info:
-            talker_sampling(ChatCompletionRequest.model_validate(
+            talker_request_sampling(ChatCompletionRequest.model_validate(
                 {"messages": USER, "sampling_params_list": [{}, {name: value}]}), thinker, settings, 10, cfg)
         assert info.value.param == f"sampling_params_list[1].{name}"
     # vLLM's min_tokens: transformers' min_new_tokens, within the reply's budget
@@ -472,7 +472,7 @@ def test_token_budgets_fit_the_context():
     """Without max_tokens the default is shortened to what fits after the prompt (OpenAI's and vLLM's behaviour: a
     long prompt is not refused for a limit the client never asked for); an explicit one that does not fit is a 400
     naming it. The talker's frames are bounded the same way by its own context (its KV cache holds both)."""
-    from deployments.prepare import talker_sampling, thinker_sampling
+    from deployments.prepare import talker_request_sampling, thinker_sampling
 
     defaults, settings, cfg = _sampling_setup()
     context = cfg.thinker_config.text_config.max_position_embeddings
@@ -491,11 +491,11 @@ def test_token_budgets_fit_the_context():
     assert info.value.param == "messages"
 
     thinker = thinker_sampling(request(max_tokens=5), defaults, settings, 10, cfg)
-    assert talker_sampling(request(), thinker, settings, talker_context - 7, cfg).max_new_tokens == 7
+    assert talker_request_sampling(request(), thinker, settings, talker_context - 7, cfg).max_new_tokens == 7
     for fields, param in [({"talker_max_tokens": 10**9}, "talker_max_tokens"),
                           ({"sampling_params_list": [{}, {"max_tokens": 10**9}]}, "sampling_params_list[1].max_tokens")]:
         with pytest.raises(TooManyTokensError) as info:
-            talker_sampling(request(**fields), thinker, settings, 10, cfg)
+            talker_request_sampling(request(**fields), thinker, settings, 10, cfg)
         assert info.value.param == param and str(talker_context) in info.value.message
 
 
