@@ -82,6 +82,8 @@ class TalkerEngine:
         self.vocab_size = text.vocab_size
         self.cache = KVCache(text.num_hidden_layers, max_rows, text.num_key_value_heads, max_len, text.head_dim,
                              dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            self.tts = talker.tts_text()  # [3, H] T(tts_bos), T(tts_eos), T(tts_pad): weights only, computed once
         self.buckets = batch_buckets(max_rows)
         self.decode = compile_step(decode_hidden, weight.device) if compiled else decode_hidden
         if compiled:
@@ -191,7 +193,7 @@ class TalkerEngine:
     def _prefill(self, reply: _Reply, into_batch: bool) -> None:
         """Prefill the reply alone, then copy it into a free row of the batch, or keep its own sized cache."""
         talker = self.talker
-        embeds, positions, next_position = talker_prompt_inputs(talker, self.cfg, reply.request, talker.tts_text())
+        embeds, positions, next_position = talker_prompt_inputs(talker, self.cfg, reply.request, self.tts)
         T = embeds.shape[0]
         alone = self.cache.single_row(T if into_batch else T + reply.params.max_new_tokens)
         slots = alone.append(T)
@@ -257,7 +259,7 @@ class TalkerEngine:
     def _decode(self, cache: KVCache, feeding: list[_Row]) -> None:
         """One decode step of `cache`'s rows up to the last feeding one (at the smallest batch bucket that holds
         them; replies take the lowest free row, so that is about as many as are busy)."""
-        talker, tts = self.talker, self.talker.tts_text()
+        talker, tts = self.talker, self.tts
         n = bucket_for(max(row.index for row in feeding) + 1, self.buckets) if cache is self.cache else 1
         x = torch.zeros(n, 1, tts.shape[-1], dtype=tts.dtype, device=tts.device)  # [n, 1, H]
         positions = [0.0] * n
@@ -270,7 +272,9 @@ class TalkerEngine:
         longest = max(row.length for row in self._busy() if row.cache is cache and row.index < n) + 1
         slots, mask = view.decode_slots(self.span(longest, cache.max_len), torch.tensor(advancing, device=tts.device))
         position_ids = torch.tensor(positions, device=tts.device)[None, :, None].expand(3, -1, 1)  # [3, n, 1]
-        out = self.decode(talker, x, position_ids, mask, cache, slots)  # [n, 1, H]
+        # a cache of its own has a shape of its own: compiled, it would compile anew, so it runs eagerly
+        decode = self.decode if cache is self.cache else decode_hidden
+        out = decode(talker, x, position_ids, mask, cache, slots)  # [n, 1, H]
         for row in feeding:
             row.hidden, row.embed_sum = out[row.index, 0], None
             row.position += 1
@@ -279,7 +283,7 @@ class TalkerEngine:
 
     def _warm_up(self) -> None:
         """Compile the decode step of every batch bucket now (at the shortest span), not on a reply's time."""
-        tts = self.talker.tts_text()
+        tts = self.tts
         with torch.inference_mode():
             for n in self.buckets:
                 view = self.cache.head(n)

@@ -238,8 +238,10 @@ class ThinkerEngine:
         longest = max(row.length for row in rows) + 1
         span = span_for(longest, cache.max_len) if self.compiled else longest
         slots, mask = view.decode_slots(span, torch.tensor(busy, device=device))
-        logits = self.decode(self.model, torch.tensor(tokens, device=device),
-                             torch.tensor(positions, device=device), mask, cache, slots)  # [n, V]
+        # a cache of its own has a shape of its own: compiled, it would compile anew, so it runs eagerly
+        decode = self.decode if cache is self.cache else decode_logits
+        logits = decode(self.model, torch.tensor(tokens, device=device),
+                        torch.tensor(positions, device=device), mask, cache, slots)  # [n, V]
         return logits[[row.index for row in rows]]
 
     def _warm_up(self) -> None:
