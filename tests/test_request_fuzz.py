@@ -90,7 +90,7 @@ def pipeline(tiny_ckpt):
     from common.processor import OmniProcessor
     from common.sampling import SamplingParams
     from deployments.prepare import (
-        check_streamed_format, resolve_voice, talker_sampling, template_messages, template_tools, thinker_sampling,
+        check_streamed_format, resolve_voice, talker_request_sampling, template_messages, template_tools, thinker_sampling,
     )
     from deployments.settings import ServiceSettings
 
@@ -113,7 +113,7 @@ def pipeline(tiny_ckpt):
             prompt_tokens = len(processor.tokenizer.encode(prompt))
             thinker = thinker_sampling(req, defaults, settings, prompt_tokens, cfg)
             if "audio" in modalities:
-                talker_sampling(req, thinker, settings, prompt_tokens, cfg)
+                talker_request_sampling(req, thinker, settings, prompt_tokens, cfg)
             return 200
         except (OmniError, ValidationError) as exc:
             return error_for(exc)[0]
