@@ -55,7 +55,8 @@ def main() -> None:
 
     settings = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "model": args.model,
                 **({"layers": args.layers} if args.model == "full" and args.checkpoint is None else {}),
-                "compile": args.compile, **common.transformers_settings(hf), "warmup": args.warmup, "repeats": args.repeats,
+                "compile": args.compile, **common.transformers_settings(hf), "warmup": args.warmup,
+                "repeats": args.repeats,
                 "checkpoint": common.checkpoint_summary(ckpt)}
     common.report("bench_stages", args, settings, results, ["max_abs_diff", "extra"])
 

@@ -11,8 +11,8 @@ Weights are drawn at unit scale (fan-in-scaled normals, norms near 1, LayerScale
 damped vocoder residuals): the real initialisation would give ~1e-7 waveforms, which any tolerance accepts.
 
 Three shapes: "default" (the shapes of the reference oracle) and "alt" (head_dim ≠ hidden/heads, top-3 routing,
-three DeepStack levels, 8 code groups, odd sizes, a short Code2Wav sliding window, rope_parameters form), and "small" (hidden 256, 16 experts: the benchmarks'
-model, where compute shows next to per-call overhead).
+three DeepStack levels, 8 code groups, odd sizes, a short Code2Wav sliding window, rope_parameters form), and "small" (hidden 256, 16 experts: the
+benchmarks' model, where compute shows next to per-call overhead).
 """
 
 from __future__ import annotations

@@ -263,7 +263,8 @@ class OmniIngress:
         )
         await self._start_encoders(job, inputs)
         if speech:
-            job = SpeechJob(job, voice, talker_request_sampling(req, sampling, self.settings, prompt_tokens, self.config))
+            talker = talker_request_sampling(req, sampling, self.settings, prompt_tokens, self.config)
+            job = SpeechJob(job, voice, talker)
         return Prepared(req, job, modalities, prompt_tokens, int(time.time()), tool_names)
 
     def _check_model(self, model: str) -> None:

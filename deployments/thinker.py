@@ -44,7 +44,8 @@ class ThinkerStage(StageReplica):
         self.engine = ThinkerEngine(self.stage.module, max_rows=self.settings.thinker_batch_rows,
                                     max_len=min(self.settings.thinker_batch_max_len, context),
                                     accept_hidden_layer=self.accept_hidden_layer,
-                                    compiled=compile_enabled(self.settings.compile, self.stage.device, self.stage.dtype))
+                                    compiled=compile_enabled(self.settings.compile, self.stage.device,
+                                                             self.stage.dtype))
 
     async def generate(self, job: ThinkerJob):
         logger.info("thinker: %s (%s)", job.request_id, "for the talker" if job.for_talker else "text")

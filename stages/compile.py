@@ -9,9 +9,9 @@ replica on the same machine loads its steps instead of compiling them again (sec
 The setting (`ServiceSettings.compile`, `OmniModel.from_pretrained(compile=...)`):
 - `on`: compile; an engine compiles every bucket before it takes requests (its warm-up);
 - `off`: run the same steps eagerly;
-- `auto`: on for CUDA in bfloat16, where launch overhead is most of a decode step and CUDA graphs remove it; off on CPU, where
-  compiling every bucket takes minutes on a few cores: a CPU replica is for development and tests (set `on` for a
-  long-running CPU service: its steps then run 2-3× faster).
+- `auto`: on for CUDA in bfloat16, where launch overhead is most of a decode step and CUDA graphs remove it; off on
+  CPU, where compiling every bucket takes minutes on a few cores: a CPU replica is for development and tests (set
+  `on` for a long-running CPU service: its steps then run 2-3× faster).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The thinker → talker hand-off: what the thinker sends for a reply to be voiced, and the talker prompt built from it.
+"""The thinker → talker hand-off: what the thinker sends for a reply to be voiced, and the talker prompt built
+from it.
 
 The thinker sends one `TalkerPrompt` after its prefill (`talker_prompts`: the unpadded prompt, its input embeddings
 and the accept-layer states, with the grids and audio lengths of its multimodal items), then `ThinkerTokens` as it

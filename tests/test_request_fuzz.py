@@ -90,7 +90,8 @@ def pipeline(tiny_ckpt):
     from common.processor import OmniProcessor
     from common.sampling import SamplingParams
     from deployments.prepare import (
-        check_streamed_format, resolve_voice, talker_request_sampling, template_messages, template_tools, thinker_sampling,
+        check_streamed_format, resolve_voice, talker_request_sampling, template_messages, template_tools,
+        thinker_sampling,
     )
     from deployments.settings import ServiceSettings
 
