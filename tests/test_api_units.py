@@ -221,7 +221,8 @@ def test_admission_bounds_come_from_the_batch_settings():
                for b in bounds.values())
     chosen = admission_options(ServiceSettings(thinker_max_queued_requests=1, talker_max_queued_requests=2,
                                                ingress_max_queued_requests=5))
-    assert [chosen[name]["max_queued_requests"] for name in ("ingress", "thinker", "talker", "code2wav")] == [5, 1, 2, 2]
+    queued = [chosen[name]["max_queued_requests"] for name in ("ingress", "thinker", "talker", "code2wav")]
+    assert queued == [5, 1, 2, 2]
 
 
 def test_unexpected_errors_hide_internals():
