@@ -9,7 +9,8 @@ Wiring (arrows are handle calls; streaming ones marked ⇢):
     ingress ⇢ thinker                               (text reply)
     ingress ⇢ code2wav ⇢ talker ⇢ thinker           (spoken reply: each stage pulls from the one before)
 
-A thinker-only checkpoint (no talker config) builds the app without talker and code2wav.
+A thinker-only checkpoint (no talker config) builds the app without talker and code2wav. How much work each
+deployment takes on, and how a request beyond it is refused with a 429: `deployments.admission`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 from ray.serve import Application
 
 from common.config import load_config
+from deployments.admission import admission_options
 from deployments.code2wav import Code2WavStage
 from deployments.encoders import AudioEncoderStage, VisionEncoderStage
 from deployments.ingress import OmniIngress
@@ -30,12 +32,14 @@ def build_app(args: dict) -> Application:
     settings = ServiceSettings.model_validate(args)
     config = load_config(settings.checkpoint_dir(prefixes=[]))
     plain = settings.model_dump(mode="json")  # what each replica receives and validates again
+    bounds = admission_options(settings)
 
-    vision = VisionEncoderStage.bind(plain)
-    audio = AudioEncoderStage.bind(plain)
-    thinker = ThinkerStage.bind(plain)
+    vision = VisionEncoderStage.options(**bounds["vision_encoder"]).bind(plain)
+    audio = AudioEncoderStage.options(**bounds["audio_encoder"]).bind(plain)
+    thinker = ThinkerStage.options(**bounds["thinker"]).bind(plain)
+    ingress = OmniIngress.options(**bounds["ingress"])
     if not config.has_talker:
-        return OmniIngress.bind(plain, vision, audio, thinker)
-    talker = TalkerStage.bind(plain, thinker)
-    code2wav = Code2WavStage.bind(plain, talker)
-    return OmniIngress.bind(plain, vision, audio, thinker, talker, code2wav)
+        return ingress.bind(plain, vision, audio, thinker)
+    talker = TalkerStage.options(**bounds["talker"]).bind(plain, thinker)
+    code2wav = Code2WavStage.options(**bounds["code2wav"]).bind(plain, talker)
+    return ingress.bind(plain, vision, audio, thinker, talker, code2wav)

@@ -1,14 +1,17 @@
 """The one place where errors become HTTP responses with OpenAI's error body.
 
 `{"error": {"message", "type", "param", "code"}}`. Typed errors (`common.errors.OmniError`) carry their status;
-request validation errors (pydantic, malformed JSON) are 400s naming the field; a stage replica that died (Serve
-restarts it) or a full stage queue is a 503 to retry; anything else is a bug, reported as a 500 without internals. Errors raised inside a stage replica come back through Ray as an exception that is
-still an instance of the original class, so the same mapping applies to them.
+request validation errors (pydantic, malformed JSON) are 400s naming the field; a full stage queue (Serve's
+`BackPressureError`, `deployments.admission`) is a 429 with `Retry-After`; a stage replica that died (Serve restarts
+it) is a 503 to retry; anything else is a bug, reported as a 500 without internals. Errors raised inside a stage
+replica come back through Ray as an exception that is still an instance of the original class (with its
+attributes), so the same mapping applies to them.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 
 from fastapi.exceptions import RequestValidationError
@@ -96,15 +99,27 @@ def error_for(exc: BaseException) -> tuple[int, dict]:
     if isinstance(exc, HTTPException):
         error_type = "authentication_error" if exc.status_code == 401 else "invalid_request_error"
         return exc.status_code, error_body(str(exc.detail), error_type)
-    if isinstance(exc, (RayActorError, BackPressureError)):  # a replica died or a stage's queue is full
+    if isinstance(exc, BackPressureError):  # OpenAI's rate-limit body ("requests": the limit is on requests)
+        return 429, error_body(f"the service is at capacity; retry after {_retry_after(exc)} s", "requests", None,
+                               "rate_limit_exceeded")
+    if isinstance(exc, RayActorError):  # a replica died
         logger.warning("stage unavailable: %s", exc)
-        return 503, error_body("a stage of the service is unavailable (restarting or overloaded); retry",
+        return 503, error_body("a stage of the service is unavailable (restarting); retry",
                                "server_error", None, "stage_unavailable")
     logger.exception("unexpected error", exc_info=exc)
     return 500, error_body("internal server error", "server_error", None, "internal_error")
 
 
+def _retry_after(exc: BackPressureError) -> int:
+    """The refusing deployment's `retry_after_s` in whole seconds, rounded up (`Retry-After` takes no fraction)."""
+    return math.ceil(exc.retry_after_s or 0)
+
+
 def error_response(exc: BaseException) -> JSONResponse:
     status, body = error_for(exc)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = None
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif isinstance(exc, BackPressureError):
+        headers = {"Retry-After": str(_retry_after(exc))}
     return JSONResponse(body, status_code=status, headers=headers)

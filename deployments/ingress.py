@@ -10,8 +10,9 @@ import base64
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -101,8 +102,8 @@ class Reply:
     """What the stages produced for one request, gathered (non-streaming) or counted (streaming)."""
 
     text: str = ""
-    token_ids: list[int] | None = None
-    pcm: list | None = None
+    token_ids: list[int] = field(default_factory=list)
+    pcm: list = field(default_factory=list)
     finish_reason: str = "stop"
     sample_rate: int = SAMPLE_RATE
 
@@ -141,6 +142,14 @@ def _running_replicas(deployments: set[tuple[str, str]]) -> dict[tuple[str, str]
 
 def _concat(chunks: list) -> np.ndarray:
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+
+
+async def _starting_with(first, events: AsyncIterator) -> AsyncIterator:
+    """`first`, then the rest of `events` (closed with this generator)."""
+    async with aclosing(events):
+        yield first
+        async for event in events:
+            yield event
 
 
 @serve.deployment(name="ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
@@ -216,10 +225,16 @@ class OmniIngress:
             return self._error(exc)
         timeline.ingress.mark("prepared")
         self.metrics.requests.inc(1, tags={"modalities": "+".join(prepared.modalities), "stream": str(req.stream)})
-        if req.stream:
-            return StreamingResponse(self._stream(prepared, timeline), media_type="text/event-stream")
+        reply = Reply()
         try:
-            return JSONResponse(await self._complete(prepared, timeline))
+            events = await self._admitted(self._events(prepared, reply, timeline))
+        except Exception as exc:  # refused (a stage's queue is full) or failed before its first event
+            self._log(timeline)
+            return self._error(exc)
+        if req.stream:
+            return StreamingResponse(self._stream(prepared, reply, events, timeline), media_type="text/event-stream")
+        try:
+            return JSONResponse(await self._complete(prepared, reply, events, timeline))
         except Exception as exc:
             return self._error(exc)
 
@@ -298,6 +313,16 @@ class OmniIngress:
 
     # --- running it ------------------------------------------------------------------------------------------------
 
+    async def _admitted(self, events: AsyncIterator) -> AsyncIterator:
+        """The reply's events once the first one is in, which the HTTP status waits for.
+
+        Each stage of the reply calls the next before it has anything to send, so a stage that refuses the request
+        (its queue is full: `deployments.admission`) fails this wait with Serve's `BackPressureError`, and the
+        client gets a 429 as the status of its response, streaming or not, rather than a 200 and an error event.
+        A reply that has its first event holds its place in every stage it needs."""
+        first = await anext(events)
+        return _starting_with(first, events)
+
     async def _events(self, prepared: Prepared, reply: Reply, timeline: Timeline):
         """The reply's events (TextDelta, PcmChunk) from the last stage it needs (the stages' times go to the
         timeline).
@@ -340,21 +365,21 @@ class OmniIngress:
         timeline.ingress.mark("done")
         logger.info(timeline.describe())
 
-    async def _complete(self, prepared: Prepared, timeline: Timeline) -> dict:
+    async def _complete(self, prepared: Prepared, reply: Reply, events: AsyncIterator, timeline: Timeline) -> dict:
         try:
-            return await self._completion(prepared, timeline)
+            return await self._completion(prepared, reply, events, timeline)
         finally:
             self._log(timeline)
 
-    async def _completion(self, prepared: Prepared, timeline: Timeline) -> dict:
-        reply = Reply(token_ids=[], pcm=[])
-        async for event in self._events(prepared, reply, timeline):
-            if isinstance(event, TextDelta):
-                reply.text += event.text
-                reply.token_ids.extend(event.token_ids)
-            else:
-                reply.pcm.append(event.samples)
-                reply.sample_rate = event.sample_rate
+    async def _completion(self, prepared: Prepared, reply: Reply, events: AsyncIterator, timeline: Timeline) -> dict:
+        async with aclosing(events):
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    reply.text += event.text
+                    reply.token_ids.extend(event.token_ids)
+                else:
+                    reply.pcm.append(event.samples)
+                    reply.sample_rate = event.sample_rate
         req = prepared.request
         audio = None
         if prepared.speech:
@@ -378,24 +403,24 @@ class OmniIngress:
         completion["choices"][0]["token_ids"] = reply.token_ids  # vLLM's `return_token_ids` extension, always on
         return completion
 
-    async def _stream(self, prepared: Prepared, timeline: Timeline):
+    async def _stream(self, prepared: Prepared, reply: Reply, events: AsyncIterator, timeline: Timeline):
         try:
-            async with aclosing(self._chunks(prepared, timeline)) as chunks:  # a client gone closes the stage calls
+            # a client gone closes the stage calls
+            async with aclosing(self._chunks(prepared, reply, events, timeline)) as chunks:
                 async for chunk in chunks:
                     yield chunk
         finally:
             self._log(timeline)
 
-    async def _chunks(self, prepared: Prepared, timeline: Timeline):
+    async def _chunks(self, prepared: Prepared, reply: Reply, events: AsyncIterator, timeline: Timeline):
         writer = ChunkWriter(prepared.request_id, self.model_id, prepared.created)
         audio_id = f"audio-{prepared.request_id}"
         text_out = "text" in prepared.modalities
-        reply = Reply()
         calls = ToolCallStream(prepared.tool_names) if prepared.tool_names is not None else None
         completion_tokens = samples = 0
         yield writer.role()
         try:
-            async with aclosing(self._events(prepared, reply, timeline)) as events:
+            async with aclosing(events):
                 async for event in events:
                     if isinstance(event, TextDelta):
                         completion_tokens += len(event.token_ids)

@@ -39,6 +39,13 @@ class ServiceSettings(BaseModel):
     # prompt, the user turns, plus the reply's frames)
     talker_batch_rows: int = Field(default=8, ge=1)
     talker_batch_max_len: int = Field(default=8192, ge=1)
+    # Admission control (deployments/admission.py): beyond what a stage's replicas hold, up to this many requests
+    # wait at each of its callers; the next one is refused with a 429. None: the stage's batch rows (Code2Wav and
+    # the encoders serve the talker's and thinker's requests, so they take the talker's and the thinker's).
+    thinker_max_queued_requests: int | None = Field(default=None, ge=1)
+    talker_max_queued_requests: int | None = Field(default=None, ge=1)
+    ingress_max_queued_requests: int = Field(default=64, ge=1)  # requests waiting at the HTTP proxy for the ingress
+    retry_after_s: float = Field(default=1.0, ge=0)  # the `Retry-After` a refused request is given
     # Whether the thinker and talker engines compile their decode steps (stages/compile.py): auto = on CUDA, where
     # CUDA graphs remove the launch overhead; on a CPU compiling every batch bucket takes minutes (set `on` for a
     # long-running CPU service). A replica compiles before it takes requests; compiled code is cached on disk.

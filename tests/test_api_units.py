@@ -25,7 +25,7 @@ from common.errors import (
 from deployments.audio_out import encode_audio, to_pcm16
 from deployments.auth import check_api_key
 from deployments.fetch import FetchConfig, check_address, decode_base64, fetch_media
-from deployments.http_errors import AuthenticationError, ModelNotFoundError, error_for
+from deployments.http_errors import AuthenticationError, ModelNotFoundError, error_for, error_response
 from deployments.protocol import ChatCompletionRequest
 from deployments.sse import DONE, ChunkWriter
 
@@ -183,15 +183,46 @@ def test_typed_errors_map_to_openai_bodies(exc, status, code):
     assert body["error"]["param"] == exc.param
 
 
-def test_a_dead_or_overloaded_stage_is_a_503_to_retry():
+def test_a_dead_stage_is_a_503_to_retry():
     """A stage replica that dies mid-request (Serve restarts it) was reported as a 500 'internal server error'."""
     from ray.exceptions import ActorDiedError, ActorUnavailableError
-    from ray.serve.exceptions import BackPressureError
 
-    for exc in (ActorDiedError(), ActorUnavailableError("unreachable", None), BackPressureError(
-            num_queued_requests=9, max_queued_requests=8)):
+    for exc in (ActorDiedError(), ActorUnavailableError("unreachable", None)):
         status, body = error_for(exc)
         assert status == 503 and body["error"]["code"] == "stage_unavailable", exc
+
+
+def test_a_full_stage_queue_is_a_429_with_retry_after():
+    """Serve's refusal, also as it comes back from a stage replica (wrapped in Ray's task error, which keeps the
+    class and its attributes): OpenAI's rate-limit body and the refusing deployment's Retry-After, rounded up."""
+    import ray
+    from ray.exceptions import RayTaskError
+    from ray.serve.exceptions import BackPressureError
+
+    refused = BackPressureError(num_queued_requests=9, max_queued_requests=8, status_code=429, retry_after_s=1.5)
+    from_a_stage = RayTaskError("speak", "traceback", refused).as_instanceof_cause()
+    for exc in (refused, ray.cloudpickle.loads(ray.cloudpickle.dumps(from_a_stage))):
+        response = error_response(exc)
+        body = json.loads(response.body)
+        assert response.status_code == 429 and response.headers["retry-after"] == "2", exc
+        assert body == {"error": {"message": "the service is at capacity; retry after 2 s", "type": "requests",
+                                  "param": None, "code": "rate_limit_exceeded"}}
+
+
+def test_admission_bounds_come_from_the_batch_settings():
+    from deployments.admission import admission_options
+    from deployments.settings import ServiceSettings
+
+    bounds = admission_options(ServiceSettings(thinker_batch_rows=4, talker_batch_rows=3, retry_after_s=2))
+    assert {name: (b.get("max_ongoing_requests"), b["max_queued_requests"]) for name, b in bounds.items()} == {
+        "ingress": (None, 64), "vision_encoder": (None, 4), "audio_encoder": (None, 4),
+        "thinker": (8, 4), "talker": (6, 3), "code2wav": (6, 3)}
+    assert all(b["backpressure_config"].model_dump() == {"status_code": 429, "retry_after_s": 2.0}
+               for b in bounds.values())
+    chosen = admission_options(ServiceSettings(thinker_max_queued_requests=1, talker_max_queued_requests=2,
+                                               ingress_max_queued_requests=5))
+    queued = [chosen[name]["max_queued_requests"] for name in ("ingress", "thinker", "talker", "code2wav")]
+    assert queued == [5, 1, 2, 2]
 
 
 def test_unexpected_errors_hide_internals():
