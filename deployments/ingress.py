@@ -29,7 +29,7 @@ from deployments.auth import check_api_key
 from deployments.http_errors import error_for, error_response
 from deployments.jobs import PcmChunk, SpeechJob, TextDelta, ThinkerJob
 from deployments.metrics import service_metrics
-from deployments.prepare import check_model, prepare_inputs
+from deployments.prepare import check_model, default_voice, prepare_inputs
 from deployments.protocol import (
     AssistantMessage,
     AudioReply,
@@ -109,13 +109,6 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
                  total_tokens=prompt_tokens + completion_tokens)
 
 
-def _default_voice(config: OmniConfig, preferred: str) -> str:
-    if not config.has_talker:
-        return ""
-    voices = config.talker_config.speaker_id
-    return preferred.lower() if preferred.lower() in voices else next(iter(voices))
-
-
 def _running_replicas(deployments: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
     """Running replicas of each (application, deployment), from Serve's controller."""
     apps = serve.status().applications
@@ -175,7 +168,7 @@ class OmniIngress:
         self.processor = OmniProcessor.from_pretrained(ckpt)
         generation_config = load_generation_config(ckpt)
         self.thinker_defaults = SamplingParams.from_generation_config(generation_config)
-        self.default_voice = _default_voice(self.config, self.settings.default_voice)
+        self.default_voice = default_voice(self.config, self.settings.default_voice)
         self.stages = {"vision_encoder": vision_encoder, "audio_encoder": audio_encoder, "thinker": thinker}
         if talker is not None and code2wav is not None:
             self.stages.update(talker=talker, code2wav=code2wav)

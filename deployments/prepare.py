@@ -344,6 +344,14 @@ class PreparedInputs:
         return "audio" in self.modalities
 
 
+def default_voice(config: OmniConfig, preferred: str) -> str:
+    """The voice of requests that name none: `preferred` when the checkpoint has it, else its first."""
+    if not config.has_talker:
+        return ""
+    voices = config.talker_config.speaker_id
+    return preferred.lower() if preferred.lower() in voices else next(iter(voices))
+
+
 def check_model(model: str, settings: ServiceSettings) -> None:
     if model not in (settings.model_id(), settings.model):
         raise ModelNotFoundError(f"model {model!r} is not served here; this service serves {settings.model_id()!r}",
