@@ -46,7 +46,9 @@ def cluster():
     """A two-CPU head node in a process group of its own, so the teardown stops exactly its processes."""
     port, dashboard = _free_port(), _free_port()
     temp_dir = tempfile.mkdtemp(prefix="rb")  # short: Ray's socket paths live under it
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    # no token auth for this throwaway cluster, whether or not the machine has a Ray token (~/.ray/auth_token)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+           "RAY_AUTH_MODE": "disabled"}
     head = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(port),
          "--include-dashboard", "true", "--dashboard-port", str(dashboard), "--temp-dir", temp_dir,
@@ -68,7 +70,7 @@ def cluster():
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(30)
+            head.wait(10)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
 
