@@ -169,12 +169,75 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=_serve)
 
 
+def _batch(args: argparse.Namespace) -> int:
+    from common.errors import OmniError
+    from deployments.batch import BatchOptions, run_batch
+
+    try:
+        return run_batch(BatchOptions(
+            input=args.input, output=args.output, model=args.model or "", modalities=args.modalities,
+            speaker=args.speaker, max_tokens=args.max_tokens, max_audio_tokens=args.max_audio_tokens,
+            temperature=args.temperature, concurrency=args.stage_concurrency, cpus_per_stage=args.cpus_per_stage,
+            gpus_per_stage=args.gpus_per_stage, batch_rows=args.batch_rows, shard_rows=args.shard_rows,
+            torch_threads=args.torch_threads,
+        ))
+    except OmniError as e:  # the input or the output folder, before anything ran
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
+
+
+def _modalities(text: str) -> tuple[str, ...]:
+    modalities = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not modalities or any(m not in ("text", "audio") for m in modalities):
+        raise argparse.ArgumentTypeError(f"{text!r}: use text, audio or text,audio")
+    return modalities
+
+
+def _stage_concurrency(text: str) -> dict[str, int]:
+    from deployments.batch import STAGES
+
+    sizes = {}
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        stage, _, size = entry.partition("=")
+        if stage not in STAGES or not size.isdigit() or int(size) < 1:
+            raise argparse.ArgumentTypeError(f"{entry!r}: use STAGE=N with N >= 1, STAGE one of {', '.join(STAGES)}")
+        sizes[stage] = int(size)
+    return sizes
+
+
+def _add_batch(sub) -> None:
+    p = sub.add_parser("batch", help="run a JSONL dataset of chat requests as a Ray job (resumable)",
+                       description="Each row is ours ({\"id\", \"messages\", ...chat request fields}) or OpenAI's "
+                       "Batch form ({\"custom_id\", \"method\", \"url\", \"body\"}); the flags are defaults a "
+                       "row's own fields override. Rerun with the same --output to resume.")
+    p.add_argument("--input", required=True, help="a JSONL file or a folder of *.jsonl shards (local, or any URI "
+                   "pyarrow reads); relative media paths are relative to the file")
+    p.add_argument("--output", required=True, help="output folder: results.jsonl, audio/, shards/, manifest.json")
+    p.add_argument("--model", help="checkpoint folder or hub id (default: the embedded tiny checkpoint)")
+    p.add_argument("--modalities", type=_modalities, default=("text",), help="text, or text,audio (default text)")
+    p.add_argument("--speaker", default="ethan", help="voice of rows that name none")
+    p.add_argument("--max-tokens", type=int, default=512, help="text tokens of rows that name no max_tokens")
+    p.add_argument("--max-audio-tokens", type=int, default=4096,
+                   help="talker tokens (codec frames) of rows that name no talker_max_tokens")
+    p.add_argument("--temperature", type=float, help="of rows that name none (0: greedy; default: the checkpoint's)")
+    p.add_argument("--stage-concurrency", type=_stage_concurrency, default={},
+                   help="actors per stage, e.g. thinker=2,talker=2 (stages: encoders, thinker, talker, code2wav; "
+                   "default 1 each)")
+    p.add_argument("--cpus-per-stage", type=float, default=0.25, help="CPUs each actor and task reserves")
+    p.add_argument("--gpus-per-stage", type=float, default=0.0, help="GPUs each stage actor reserves (1 on GPUs)")
+    p.add_argument("--batch-rows", type=int, default=8, help="rows a thinker or talker actor decodes together")
+    p.add_argument("--shard-rows", type=int, default=64, help="rows per committed shard of results")
+    p.add_argument("--torch-threads", type=int, help="CPU threads of each stage actor")
+    p.set_defaults(func=_batch)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omniray", description="Serve Qwen3-Omni on Ray Serve.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_make_tiny(sub)
     _add_generate(sub)
     _add_serve(sub)
+    _add_batch(sub)
     return parser
 
 

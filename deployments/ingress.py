@@ -23,27 +23,14 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.config import OmniConfig, load_config, load_generation_config
-from common.errors import InvalidRequestError, OmniError
 from common.processor import OmniProcessor
 from common.sampling import SamplingParams
 from deployments.audio_out import encode_audio, to_pcm16
 from deployments.auth import check_api_key
-from deployments.http_errors import ModelNotFoundError, error_for, error_response
+from deployments.http_errors import error_for, error_response
 from deployments.jobs import PcmChunk, SpeechJob, TextDelta, ThinkerJob
 from deployments.metrics import service_metrics
-from deployments.prepare import (
-    MediaItem,
-    audio_slots,
-    check_streamed_format,
-    decode_item,
-    fetch_item,
-    name_the_field,
-    resolve_voice,
-    talker_request_sampling,
-    template_messages,
-    template_tools,
-    thinker_sampling,
-)
+from deployments.prepare import check_model, default_voice, prepare_inputs
 from deployments.protocol import (
     AssistantMessage,
     AudioReply,
@@ -123,13 +110,6 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
                  total_tokens=prompt_tokens + completion_tokens)
 
 
-def _default_voice(config: OmniConfig, preferred: str) -> str:
-    if not config.has_talker:
-        return ""
-    voices = config.talker_config.speaker_id
-    return preferred.lower() if preferred.lower() in voices else next(iter(voices))
-
-
 def _running_replicas(deployments: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
     """Running replicas of each (application, deployment), from Serve's controller."""
     apps = serve.status().applications
@@ -152,6 +132,33 @@ async def _starting_with(first, events: AsyncIterator) -> AsyncIterator:
             yield event
 
 
+def completion_body(reply: Reply, samples: np.ndarray | None, *, request: ChatCompletionRequest, request_id: str,
+                    created: int, modalities: tuple[str, ...], tool_names: set[str] | None, prompt_tokens: int,
+                    model_id: str) -> dict:
+    """The non-streamed reply's body (the service's and the batch job's): the text (or its tool calls), the speech
+    (`samples`, encoded in the requested format), the usage, and the generated ids (vLLM's `return_token_ids`
+    extension, always on)."""
+    audio = None
+    if samples is not None:
+        data = encode_audio(samples, reply.sample_rate, _audio_format(request))
+        audio = AudioReply(id=f"audio-{request_id}", data=base64.b64encode(data).decode(), transcript=reply.text,
+                           expires_at=created)
+    content, calls = reply.text, []
+    if tool_names is not None:
+        content, calls = parse_tool_calls(reply.text, tool_names)
+    message = AssistantMessage(content=content if "text" in modalities else None, audio=audio,
+                               tool_calls=calls or None)
+    completion = ChatCompletion(
+        id=request_id,
+        created=created,
+        model=model_id,
+        choices=[Choice(message=message, finish_reason="tool_calls" if calls else reply.finish_reason)],
+        usage=_usage(prompt_tokens, len(reply.token_ids)),
+    ).model_dump()
+    completion["choices"][0]["token_ids"] = reply.token_ids
+    return completion
+
+
 @serve.deployment(name="ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 @serve.ingress(app)
 class OmniIngress:
@@ -170,7 +177,7 @@ class OmniIngress:
         self.processor = OmniProcessor.from_pretrained(ckpt)
         generation_config = load_generation_config(ckpt)
         self.thinker_defaults = SamplingParams.from_generation_config(generation_config)
-        self.default_voice = _default_voice(self.config, self.settings.default_voice)
+        self.default_voice = default_voice(self.config, self.settings.default_voice)
         self.stages = {"vision_encoder": vision_encoder, "audio_encoder": audio_encoder, "thinker": thinker}
         if talker is not None and code2wav is not None:
             self.stages.update(talker=talker, code2wav=code2wav)
@@ -208,7 +215,7 @@ class OmniIngress:
         """OpenAI's retrieve (`client.models.retrieve`); hub ids hold a slash."""
         try:
             check_api_key(request.headers.get("authorization"), self.settings.api_key)
-            self._check_model(model)
+            check_model(model, self.settings)
         except Exception as exc:
             return self._error(exc)
         return JSONResponse(ModelCard(id=self.model_id, created=self.created).model_dump())
@@ -241,61 +248,20 @@ class OmniIngress:
     # --- preparing a request ---------------------------------------------------------------------------------------
 
     async def _prepare(self, req: ChatCompletionRequest, request_id: str) -> Prepared:
-        if req.model is not None:
-            self._check_model(req.model)
-        modalities = req.output_modalities(self.settings.default_modalities)
-        speech = "audio" in modalities
-        if speech and not self.config.has_talker:
-            raise InvalidRequestError("this model is thinker-only: it has no speech output", param="modalities")
-        voice = resolve_voice(req, self.config, self.default_voice) if speech else None
-        if speech:
-            check_streamed_format(req)
-
-        quote = self.processor.tokenizer.quote_specials  # special tokens a client types are text, not control
-        messages, media = template_messages(req, quote)
-        tools, tool_names = template_tools(req, modalities, quote)
-        images, audios, videos = await self._load_media(media, req.audio_in_video())
-        prompt = self.processor.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
-        try:
-            inputs = await asyncio.to_thread(
-                self.processor, [prompt], images=images or None, audio=audios or None, videos=videos or None,
-                use_audio_in_video=req.audio_in_video(), fps=self.settings.video_fps if videos else None,
-                audio_from_video_indices=audio_slots(media) if req.audio_in_video() else None,
-            )
-        except OmniError as exc:
-            name_the_field(exc, media)
-            raise
-        prompt_tokens = int(inputs["input_ids"].shape[1])
-        sampling = thinker_sampling(req, self.thinker_defaults, self.settings, prompt_tokens, self.config)
-
+        ready = await prepare_inputs(req, self.processor, self.config, self.settings, self.thinker_defaults,
+                                     self.default_voice)
         job = ThinkerJob(
             request_id=request_id,
-            inputs={k: v for k, v in inputs.items() if k not in ENCODER_INPUTS},
-            sampling=sampling,
+            inputs={k: v for k, v in ready.inputs.items() if k not in ENCODER_INPUTS},
+            sampling=ready.thinker,
             stop_strings=req.stop_strings(),
             use_audio_in_video=req.audio_in_video(),
-            for_talker=speech,
+            for_talker=ready.speech,
         )
-        await self._start_encoders(job, inputs)
-        if speech:
-            talker = talker_request_sampling(req, sampling, self.settings, prompt_tokens, self.config)
-            job = SpeechJob(job, voice, talker)
-        return Prepared(req, job, modalities, prompt_tokens, int(time.time()), tool_names)
-
-    def _check_model(self, model: str) -> None:
-        if model not in (self.model_id, self.settings.model):
-            raise ModelNotFoundError(f"model {model!r} is not served here; this service serves {self.model_id!r}",
-                                     param="model")
-
-    async def _load_media(self, media: list[MediaItem], audio_in_video: bool) -> tuple[list, list, list]:
-        """Fetch every item concurrently, then decode (CPU work, off the event loop)."""
-        fetch_cfg, limits = self.settings.fetch_config(), self.settings.media_limits()
-        blobs = await asyncio.gather(*(fetch_item(item, fetch_cfg) for item in media))
-        decoded = {"image": [], "audio": [], "video": []}
-        for item, blob in zip(media, blobs):
-            value = await asyncio.to_thread(decode_item, item, blob, limits, self.settings.video_fps, audio_in_video)
-            decoded[item.kind].append(value)
-        return decoded["image"], decoded["audio"], decoded["video"]
+        await self._start_encoders(job, ready.inputs)
+        if ready.speech:
+            job = SpeechJob(job, ready.voice, ready.talker)
+        return Prepared(req, job, ready.modalities, ready.prompt_tokens, int(time.time()), ready.tool_names)
 
     async def _start_encoders(self, job: ThinkerJob, inputs: dict) -> None:
         """Launch the encoders for the modalities present; their results stay in the object store and reach only
@@ -380,28 +346,14 @@ class OmniIngress:
                 else:
                     reply.pcm.append(event.samples)
                     reply.sample_rate = event.sample_rate
-        req = prepared.request
-        audio = None
+        samples = None
         if prepared.speech:
             samples = _concat(reply.pcm)
             self._audio_done(reply, len(samples), timeline)
-            data = await asyncio.to_thread(encode_audio, samples, reply.sample_rate, _audio_format(req))
-            audio = AudioReply(id=f"audio-{prepared.request_id}", data=base64.b64encode(data).decode(),
-                               transcript=reply.text, expires_at=prepared.created)
-        content, calls = reply.text, []
-        if prepared.tool_names is not None:
-            content, calls = parse_tool_calls(reply.text, prepared.tool_names)
-        message = AssistantMessage(content=content if "text" in prepared.modalities else None, audio=audio,
-                                   tool_calls=calls or None)
-        completion = ChatCompletion(
-            id=prepared.request_id,
-            created=prepared.created,
-            model=self.model_id,
-            choices=[Choice(message=message, finish_reason="tool_calls" if calls else reply.finish_reason)],
-            usage=_usage(prepared.prompt_tokens, len(reply.token_ids)),
-        ).model_dump()
-        completion["choices"][0]["token_ids"] = reply.token_ids  # vLLM's `return_token_ids` extension, always on
-        return completion
+        return await asyncio.to_thread(
+            completion_body, reply, samples, request=prepared.request, request_id=prepared.request_id,
+            created=prepared.created, modalities=prepared.modalities, tool_names=prepared.tool_names,
+            prompt_tokens=prepared.prompt_tokens, model_id=self.model_id)
 
     async def _stream(self, prepared: Prepared, reply: Reply, events: AsyncIterator, timeline: Timeline):
         try:

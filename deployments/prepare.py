@@ -6,14 +6,17 @@ No Ray here: the ingress calls these, the batch job can too.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from common.config import OmniConfig
 from common.errors import InvalidRequestError, OmniError, TooManyTokensError, UnknownVoiceError
 from common.media import MediaLimits, decode_audio, decode_image, decode_video
+from common.processor import OmniProcessor
 from common.sampling import SamplingParams
 from deployments.fetch import FetchConfig, decode_base64, fetch_media
+from deployments.http_errors import ModelNotFoundError
 from deployments.protocol import (
     AudioURLPart,
     ChatCompletionRequest,
@@ -321,3 +324,82 @@ def resolve_voice(req: ChatCompletionRequest, cfg: OmniConfig, default: str) -> 
         param = "audio.voice" if req.audio is not None and req.audio.voice is not None else "speaker"
         raise UnknownVoiceError(f"unknown voice {voice!r}; this model has: {voices}", param=param)
     return name
+
+
+@dataclass
+class PreparedInputs:
+    """A validated request turned into what the stages take: the processor's output for its one prompt, each
+    stage's sampling, the voice."""
+
+    modalities: tuple[str, ...]
+    inputs: dict  # the processor's output (input_ids [1, T], media tensors, grids)
+    thinker: SamplingParams
+    prompt_tokens: int
+    voice: str | None = None  # a key of talker_config.speaker_id, for a spoken reply
+    talker: SamplingParams | None = None  # for a spoken reply
+    tool_names: set[str] | None = None  # the functions the reply may call; None: no tool calling
+
+    @property
+    def speech(self) -> bool:
+        return "audio" in self.modalities
+
+
+def default_voice(config: OmniConfig, preferred: str) -> str:
+    """The voice of requests that name none: `preferred` when the checkpoint has it, else its first."""
+    if not config.has_talker:
+        return ""
+    voices = config.talker_config.speaker_id
+    return preferred.lower() if preferred.lower() in voices else next(iter(voices))
+
+
+def check_model(model: str, settings: ServiceSettings) -> None:
+    if model not in (settings.model_id(), settings.model):
+        raise ModelNotFoundError(f"model {model!r} is not served here; this service serves {settings.model_id()!r}",
+                                 param="model")
+
+
+async def prepare_inputs(req: ChatCompletionRequest, processor: OmniProcessor, config: OmniConfig,
+                         settings: ServiceSettings, thinker_defaults: SamplingParams, default_voice: str,
+                         ) -> PreparedInputs:
+    """Everything the HTTP API checks and prepares before the stages run, for the ingress and the batch job alike
+    (the same limits, the same errors)."""
+    if req.model is not None:
+        check_model(req.model, settings)
+    modalities = req.output_modalities(settings.default_modalities)
+    speech = "audio" in modalities
+    if speech and not config.has_talker:
+        raise InvalidRequestError("this model is thinker-only: it has no speech output", param="modalities")
+    voice = resolve_voice(req, config, default_voice) if speech else None
+    if speech:
+        check_streamed_format(req)
+
+    quote = processor.tokenizer.quote_specials  # special tokens a client types are text, not control
+    messages, media = template_messages(req, quote)
+    tools, tool_names = template_tools(req, modalities, quote)
+    images, audios, videos = await load_media(media, settings, req.audio_in_video())
+    prompt = processor.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
+    try:
+        inputs = await asyncio.to_thread(
+            processor, [prompt], images=images or None, audio=audios or None, videos=videos or None,
+            use_audio_in_video=req.audio_in_video(), fps=settings.video_fps if videos else None,
+            audio_from_video_indices=audio_slots(media) if req.audio_in_video() else None,
+        )
+    except OmniError as exc:
+        name_the_field(exc, media)
+        raise
+    prompt_tokens = int(inputs["input_ids"].shape[1])
+    sampling = thinker_sampling(req, thinker_defaults, settings, prompt_tokens, config)
+    talker = talker_request_sampling(req, sampling, settings, prompt_tokens, config) if speech else None
+    return PreparedInputs(modalities, inputs, sampling, prompt_tokens, voice, talker, tool_names)
+
+
+async def load_media(media: list[MediaItem], settings: ServiceSettings, audio_in_video: bool,
+                     ) -> tuple[list, list, list]:
+    """Fetch every item concurrently, then decode (CPU work, off the event loop): images, audios, videos."""
+    fetch_cfg, limits = settings.fetch_config(), settings.media_limits()
+    blobs = await asyncio.gather(*(fetch_item(item, fetch_cfg) for item in media))
+    decoded = {"image": [], "audio": [], "video": []}
+    for item, blob in zip(media, blobs):
+        value = await asyncio.to_thread(decode_item, item, blob, limits, settings.video_fps, audio_in_video)
+        decoded[item.kind].append(value)
+    return decoded["image"], decoded["audio"], decoded["video"]

@@ -59,7 +59,7 @@ class ThinkerStage(StageReplica):
         """One message of each kind per batch of ready steps: every token since the last send goes out at once."""
         prompt = await self._prompt(job)
         clock.mark("prompt")
-        reply = _ReplyText(self.tokenizer, job)
+        reply = ReplyText(self.tokenizer, job.stop_strings, job.sampling.stop_token_ids)
         prompt_tokens = int(prompt.input_ids.shape[1])
         async with aclosing(self._steps(job, prompt, clock)) as steps:  # closed at once, even on an early return
             async for ready in steps:
@@ -149,13 +149,13 @@ def _joined(chunks: list[ThinkerTokens]) -> ThinkerTokens:
     return ThinkerTokens(last.request_id, ids, embeds, last.finished, last.finish_reason)
 
 
-class _ReplyText:
+class ReplyText:
     """The reply's text as tokens arrive: streaming detokenization (no broken UTF-8) and OpenAI stop sequences."""
 
-    def __init__(self, tokenizer: OmniTokenizer, job: ThinkerJob):
+    def __init__(self, tokenizer: OmniTokenizer, stop_strings: list[str], stop_token_ids: tuple[int, ...]):
         self.detokenizer = tokenizer.stream(skip_special_tokens=True)
-        self.stops = StopStrings(job.stop_strings)
-        self.stop_token_ids = job.sampling.stop_token_ids
+        self.stops = StopStrings(stop_strings)
+        self.stop_token_ids = stop_token_ids
 
     def add(self, token: int, reason: str | None) -> tuple[list[int], str, str | None, bool]:
         """One generated token and the thinker's finish reason → (the reply's new ids, its new text, the finish

@@ -145,7 +145,6 @@ class OmniModel:
             raise InvalidRequestError("audio output was requested but this checkpoint has no talker "
                                       "(enable_audio_output is false)", param="modalities")
         speaker_id = speaker_codec_id(self.cfg.talker_config, speaker) if return_audio else None
-        B = inputs["input_ids"].shape[0]
         thinker_params = self._thinker_params(thinker_max_new_tokens, do_sample, temperature, top_p, top_k,
                                               repetition_penalty, thinker_eos_token_id, seed,
                                               thinker_min_new_tokens)
@@ -273,27 +272,34 @@ class OmniModel:
         )
 
     def _thinker_prompt(self, inputs: dict, use_audio_in_video: bool) -> ThinkerPrompt:
-        """Run the encoders on the processor output and gather everything the thinker needs."""
-        dev = self.device
-        dtype = self.thinker.lm_head.weight.dtype
-        ids = inputs["input_ids"].to(dev)
-        prompt = ThinkerPrompt(input_ids=ids, attention_mask=inputs.get("attention_mask", torch.ones_like(ids)).to(dev),
-                               use_audio_in_video=use_audio_in_video)
-        if inputs.get("input_features") is not None:
-            lengths = inputs["feature_attention_mask"].sum(-1).to(dev)
-            prompt.audio_features = self.audio_encoder(inputs["input_features"].to(dev, dtype), lengths)
-            prompt.audio_feature_lengths = lengths
-        if inputs.get("pixel_values") is not None:
-            grid = inputs["image_grid_thw"].to(dev)
-            prompt.image_features, prompt.image_deepstack = self.vision_encoder(inputs["pixel_values"].to(dev, dtype), grid)
-            prompt.image_grid_thw = grid
-        if inputs.get("pixel_values_videos") is not None:
-            grid = inputs["video_grid_thw"].to(dev)
-            prompt.video_features, prompt.video_deepstack = self.vision_encoder(
-                inputs["pixel_values_videos"].to(dev, dtype), grid)
-            prompt.video_grid_thw = grid
-            prompt.video_second_per_grid = inputs["video_second_per_grid"].to(dev)
-        return prompt
+        return thinker_prompt(inputs, self.audio_encoder, self.vision_encoder, use_audio_in_video)
+
+
+@torch.inference_mode()
+def thinker_prompt(inputs: dict, audio_encoder: AudioEncoder, vision_encoder: VisionEncoder,
+                   use_audio_in_video: bool) -> ThinkerPrompt:
+    """Run the encoders on a processor output and gather everything the thinker needs (on the encoders' device).
+    OmniModel and the batch job's encoder stage both build the thinker's prompt here."""
+    weight = next(vision_encoder.parameters())
+    dev, dtype = weight.device, weight.dtype
+    ids = inputs["input_ids"].to(dev)
+    prompt = ThinkerPrompt(input_ids=ids, attention_mask=inputs.get("attention_mask", torch.ones_like(ids)).to(dev),
+                           use_audio_in_video=use_audio_in_video)
+    if inputs.get("input_features") is not None:
+        lengths = inputs["feature_attention_mask"].sum(-1).to(dev)
+        prompt.audio_features = audio_encoder(inputs["input_features"].to(dev, dtype), lengths)
+        prompt.audio_feature_lengths = lengths
+    if inputs.get("pixel_values") is not None:
+        grid = inputs["image_grid_thw"].to(dev)
+        prompt.image_features, prompt.image_deepstack = vision_encoder(inputs["pixel_values"].to(dev, dtype), grid)
+        prompt.image_grid_thw = grid
+    if inputs.get("pixel_values_videos") is not None:
+        grid = inputs["video_grid_thw"].to(dev)
+        prompt.video_features, prompt.video_deepstack = vision_encoder(
+            inputs["pixel_values_videos"].to(dev, dtype), grid)
+        prompt.video_grid_thw = grid
+        prompt.video_second_per_grid = inputs["video_second_per_grid"].to(dev)
+    return prompt
 
 
 def _pick(*values):

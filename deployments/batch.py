@@ -1,0 +1,559 @@
+"""`omniray batch`: chat requests from a JSONL dataset through the model stages as a Ray Data pipeline, no HTTP.
+
+    rows ─▶ prepare (CPU tasks: the HTTP API's validation, media, processor) ─▶ Encoders ─▶ Thinker ─▶ Talker ─▶
+    Code2Wav (actor pools, one per stage) ─▶ results (CPU tasks: result lines, encoded audio) ─▶ the driver
+    commits them shard by shard (deployments/batch_files.py)
+
+Each stage actor holds only its stage's weights and the same engine as the service's deployment; the thinker and
+talker actors run a whole Ray Data batch of rows through their engine at once. A row travels between stages as one
+pickled `Item`; a row that fails anywhere carries its error (the HTTP API's status and body) to its result line,
+and the stages after pass it through. A thinker-only checkpoint has no Talker or Code2Wav stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import json
+import pickle
+import queue
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from common.config import OmniConfig, load_config, load_generation_config
+from common.errors import InvalidRequestError
+from common.messages import TalkerPrompt, ThinkerTokens
+from common.processor import OmniProcessor
+from common.sampling import SamplingParams
+from deployments.batch_files import OutputDir, audio_file_name, read_input
+from deployments.http_errors import error_for
+from deployments.prepare import PreparedInputs, default_voice, prepare_inputs
+from deployments.protocol import ChatCompletionRequest, Usage, parse_json_body
+from deployments.settings import ServiceSettings
+from stages.omni import SAMPLE_RATE
+
+STAGES = ("encoders", "thinker", "talker", "code2wav")
+OPENAI_URL = "/v1/chat/completions"
+MEDIA_PARTS = ("image_url", "audio_url", "video_url")
+
+
+@dataclass
+class Item:
+    """One row on its way through the stages: what each stage made of it so far, or the error that ended it."""
+
+    key: str
+    position: int
+    request_id: str
+    created: int
+    request: ChatCompletionRequest | None = None
+    ready: PreparedInputs | None = None
+    prompt: object | None = None  # the thinker's ThinkerPrompt (after the encoders)
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "stop"
+    talker_prompt: TalkerPrompt | None = None
+    talker_chunks: list[ThinkerTokens] = field(default_factory=list)
+    codes: torch.Tensor | None = None  # [G, F]
+    waveform: np.ndarray | None = None  # [S] float32 at 24 kHz
+    error: tuple[int, dict] | None = None  # the HTTP API's status and error body
+    busy: dict[str, float] = field(default_factory=dict)  # seconds of each stage's batches, shared out per row
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = error_for(exc)
+
+
+def _items(batch: dict) -> list[Item]:
+    return [pickle.loads(blob) for blob in batch["item"]]
+
+
+def _batch(items: list[Item]) -> dict:
+    return {"item": np.array([pickle.dumps(item) for item in items], dtype=object)}
+
+
+def _on(value, device: torch.device | str):
+    """A dataclass (or tensor, or list of tensors) with its tensors on `device`: rows cross the object store in
+    host memory, and each stage moves them to its own device."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, list):
+        return [_on(v, device) for v in value]
+    if dataclasses.is_dataclass(value):
+        return dataclasses.replace(value, **{f.name: _on(getattr(value, f.name), device)
+                                             for f in dataclasses.fields(value) if f.init})
+    return value
+
+
+def _timed(stage: str, run):
+    """A stage's batch function: runs `run` on the rows still alive and shares its wall time out among them."""
+
+    def call(batch: dict) -> dict:
+        items = _items(batch)
+        live = [item for item in items if item.error is None]
+        start = time.perf_counter()
+        if live:
+            run(live)
+        for item in live:
+            item.busy[stage] = (time.perf_counter() - start) / len(live)
+        return _batch(items)
+
+    return call
+
+
+# --- preparing rows (CPU tasks) -----------------------------------------------------------------------------------
+
+
+class RowPreparer:
+    """The ingress's preparation of a request, for rows: the same validation, media rules and processor."""
+
+    def __init__(self, settings: ServiceSettings):
+        self.settings = settings
+        ckpt = settings.checkpoint_dir(prefixes=[])
+        self.config: OmniConfig = load_config(ckpt)
+        self.processor = OmniProcessor.from_pretrained(ckpt)
+        self.defaults = SamplingParams.from_generation_config(load_generation_config(ckpt))
+        self.voice = default_voice(self.config, settings.default_voice)
+
+    def __call__(self, key: str, position: int, line: str, media_dir: str | None, form: str,
+                 temperature: float | None) -> Item:
+        item = Item(key, position, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()))
+        start = time.perf_counter()
+        try:
+            body = _request_body(line, form)
+            if temperature is not None and "temperature" not in body and "sampling_params_list" not in body:
+                body["temperature"] = temperature
+            item.request = ChatCompletionRequest.model_validate(_local_media(body, media_dir))
+            if item.request.stream:
+                raise InvalidRequestError("a batch row gets its reply whole: stream must be false", param="stream")
+            item.ready = asyncio.run(prepare_inputs(item.request, self.processor, self.config, self.settings,
+                                                    self.defaults, self.voice))
+        except Exception as exc:
+            item.fail(exc)
+        item.busy["prepare"] = time.perf_counter() - start
+        return item
+
+
+@functools.lru_cache(maxsize=2)
+def _preparer(settings_json: str) -> RowPreparer:
+    """One per worker process and job (tasks reuse their workers): the processor loads once, not per batch."""
+    return RowPreparer(ServiceSettings.model_validate_json(settings_json))
+
+
+def prepare_rows(batch: dict, settings_json: str, form: str, temperature: float | None) -> dict:
+    prepare = _preparer(settings_json)
+    return _batch([prepare(key, int(position), line, media_dir or None, form, temperature)
+                   for key, position, line, media_dir in zip(batch["key"], batch["position"], batch["line"],
+                                                             batch["media_dir"])])
+
+
+def _request_body(line: str, form: str) -> dict:
+    """The chat request of a row: ours is the row without its id; OpenAI's Batch form wraps it in `body`."""
+    row = parse_json_body(line.encode())  # the API's JSON checks: NaN, lone surrogates, depth
+    if form == "ours":
+        return {k: v for k, v in row.items() if k != "id"}
+    unknown = sorted(set(row) - {"custom_id", "method", "url", "body"})
+    if unknown:
+        raise InvalidRequestError(f"unknown field(s) of a batch row: {', '.join(unknown)}", param=unknown[0])
+    if row.get("method") != "POST":
+        raise InvalidRequestError(f'method must be "POST", not {row.get("method")!r}', param="method")
+    if row.get("url") != OPENAI_URL:
+        raise InvalidRequestError(f"url must be {OPENAI_URL!r} (the only endpoint a batch runs), not "
+                                  f"{row.get('url')!r}", param="url")
+    if not isinstance(row.get("body"), dict):
+        raise InvalidRequestError("body must be a JSON object: the chat completion request", param="body")
+    return row["body"]
+
+
+def _local_media(body: dict, media_dir: str | None) -> dict:
+    """Media URLs that are relative paths, made relative to the row's input file (the API's fetch rules then allow
+    files under that folder only)."""
+    if media_dir is None or not isinstance(body.get("messages"), list):
+        return body
+    for message in body["messages"]:
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else []:
+            media = part.get(part.get("type")) if isinstance(part, dict) and part.get("type") in MEDIA_PARTS else None
+            url = media.get("url") if isinstance(media, dict) else None
+            if isinstance(url, str) and url and ":" not in url.split("/")[0] and not url.startswith("/"):
+                media["url"] = f"{media_dir}/{url}"
+    return body
+
+
+# --- the stages (actor pools) -------------------------------------------------------------------------------------
+
+
+class EncoderStage:
+    """The vision and audio encoders: each row's media features, scattered into its thinker prompt later."""
+
+    def __init__(self, settings: dict):
+        from deployments.runtime import load_stage
+        from stages.audio_encoder import AudioEncoder
+        from stages.vision_encoder import VisionEncoder
+
+        s = ServiceSettings.model_validate(settings)
+        self.vision = load_stage(s, "vision_encoder", build=lambda cfg: VisionEncoder(cfg.thinker_config.vision_config))
+        self.audio = load_stage(s, "audio_encoder", build=lambda cfg: AudioEncoder(cfg.thinker_config.audio_config))
+        self.run = _timed("encoders", self._encode)
+
+    def __call__(self, batch: dict) -> dict:
+        return self.run(batch)
+
+    def _encode(self, items: list[Item]) -> None:
+        from stages.omni import thinker_prompt
+
+        for item in items:
+            try:
+                prompt = thinker_prompt(item.ready.inputs, self.audio.module, self.vision.module,
+                                        item.request.audio_in_video())
+                item.prompt = _on(prompt, "cpu")
+                item.ready.inputs = None  # the media tensors are consumed; only the prompt travels on
+            except Exception as exc:
+                item.fail(exc)
+
+
+class ThinkerStage:
+    """The thinker engine over a batch of rows: their text, and for spoken rows the talker's inputs."""
+
+    def __init__(self, settings: dict):
+        from common.tokenizer import OmniTokenizer
+        from deployments.runtime import load_stage
+        from stages.compile import compile_enabled
+        from stages.thinker import ThinkerLM
+        from stages.thinker_engine import ThinkerEngine
+
+        s = ServiceSettings.model_validate(settings)
+        self.stage = load_stage(s, "thinker", build=lambda cfg: ThinkerLM(cfg.thinker_config))
+        config = self.stage.config
+        self.tokenizer = OmniTokenizer.from_pretrained(self.stage.checkpoint)
+        self.engine = ThinkerEngine(
+            self.stage.module, max_rows=s.thinker_batch_rows,
+            max_len=min(s.thinker_batch_max_len, config.thinker_config.text_config.max_position_embeddings),
+            accept_hidden_layer=config.talker_config.accept_hidden_layer if config.has_talker else None,
+            compiled=compile_enabled(s.compile, self.stage.device, self.stage.dtype))
+        self.run = _timed("thinker", self._generate)
+
+    def __call__(self, batch: dict) -> dict:
+        return self.run(batch)
+
+    def _generate(self, items: list[Item]) -> None:
+        from deployments.thinker import ReplyText
+
+        steps: queue.Queue = queue.Queue()
+        replies = {}
+        for item in items:
+            replies[item.key] = (item, ReplyText(self.tokenizer, item.request.stop_strings(),
+                                                 item.ready.thinker.stop_token_ids))
+            self.engine.submit(item.key, _on(item.prompt, self.stage.device), item.ready.thinker, item.ready.speech,
+                               lambda step, key=item.key: steps.put((key, step)))
+            item.prompt = None
+        while replies:
+            key, step = steps.get()
+            if key not in replies:  # a step after a stop sequence ended the reply, before its cancel took effect
+                continue
+            item, text = replies[key]
+            if isinstance(step, BaseException):
+                item.fail(step)
+            elif not _record(item, text, step):
+                continue
+            del replies[key]
+            self.engine.cancel(key)
+
+
+def _record(item: Item, text, step) -> bool:
+    """One thinker step of a row (as the thinker deployment reads it: text through stop sequences, the talker's
+    inputs ending where the text does); True when the reply ended."""
+    ids, piece, reason, hit_stop_string = text.add(step.token_ids[0], step.finish_reasons[0])
+    item.token_ids += ids
+    item.text += piece
+    if item.ready.speech:
+        if step.talker_prompts is not None:
+            item.talker_prompt = _on(step.talker_prompts[0], "cpu")
+        tokens = _on(step.talker_tokens[0], "cpu")
+        if hit_stop_string:  # the reply ends on an ordinary token, which is voiced
+            tokens = dataclasses.replace(tokens, finished=True, finish_reason="stop_sequence")
+        item.talker_chunks.append(tokens)
+    if reason is None:
+        return False
+    item.finish_reason = reason
+    return True
+
+
+class TalkerStage:
+    """The talker engine (with its code predictor) over the spoken rows of a batch: their codec frames."""
+
+    def __init__(self, settings: dict):
+        from deployments.runtime import load_stage
+        from deployments.talker import THINKER_EMBEDDING
+        from stages.compile import compile_enabled
+        from stages.talker import Talker
+        from stages.talker_engine import TalkerEngine
+
+        s = ServiceSettings.model_validate(settings)
+        self.stage = load_stage(
+            s, "talker", extra_prefixes=(THINKER_EMBEDDING,),
+            load=lambda ckpt, cfg, dtype, device: Talker.from_pretrained(ckpt, cfg, dtype=dtype, device=device))
+        context = self.stage.config.talker_config.text_config.max_position_embeddings
+        self.engine = TalkerEngine(self.stage.module, self.stage.config, max_rows=s.talker_batch_rows,
+                                   max_len=min(s.talker_batch_max_len, context),
+                                   compiled=compile_enabled(s.compile, self.stage.device, self.stage.dtype))
+        self.run = _timed("talker", self._speak)
+
+    def __call__(self, batch: dict) -> dict:
+        return self.run(batch)
+
+    def _speak(self, items: list[Item]) -> None:
+        groups = self.stage.config.talker_config.num_code_groups
+        steps: queue.Queue = queue.Queue()
+        frames: dict[str, list[torch.Tensor]] = {}
+        by_key = {item.key: item for item in items}
+        for item in items:
+            if not item.ready.speech:
+                continue
+            item.codes = _codes([], groups)  # a reply with nothing to voice keeps no frames
+            try:
+                if self._submit(item, steps):
+                    frames[item.key] = []
+            except Exception as exc:
+                item.fail(exc)
+        pending = set(frames)
+        while pending:
+            key, step = steps.get()
+            if isinstance(step, BaseException):
+                by_key[key].fail(step)
+                pending.discard(key)
+                continue
+            if step.frames[0] is not None:
+                frames[key].append(step.frames[0])
+            if step.finish_reasons[0] is not None:
+                by_key[key].codes = _codes(frames[key], groups)
+                pending.discard(key)
+
+    def _submit(self, item: Item, steps: queue.Queue) -> bool:
+        """The row's reply into the engine; False when it has nothing to voice (an empty reply)."""
+        from stages.handoff import TalkerRequest
+        from stages.talker import speaker_codec_id, talker_sampling
+
+        config, device = self.stage.config, self.stage.device
+        request = TalkerRequest(config, _on(item.talker_prompt, device),
+                                speaker_codec_id(config.talker_config, item.ready.voice))
+        for chunk in item.talker_chunks:
+            request.push(_on(chunk, device))
+        item.talker_prompt, item.talker_chunks = None, []
+        if not request.has_voice:
+            return False
+        self.engine.submit(item.key, request, talker_sampling(config.talker_config, item.ready.talker),
+                           lambda step: steps.put((item.key, step)))
+        return True
+
+
+def _codes(frames: list[torch.Tensor], groups: int) -> torch.Tensor:
+    return torch.stack(frames, dim=1).cpu() if frames else torch.zeros(groups, 0, dtype=torch.long)  # [G, F]
+
+
+class Code2WavStage:
+    """The Code2Wav engine over the spoken rows of a batch, on the service's chunk schedule (so each row's samples
+    are the service's and OmniModel.generate's, bit for bit)."""
+
+    def __init__(self, settings: dict):
+        from deployments.runtime import load_stage
+        from stages.code2wav import Code2Wav
+        from stages.code2wav_engine import Code2WavEngine
+
+        s = ServiceSettings.model_validate(settings)
+        self.stage = load_stage(s, "code2wav", build=lambda cfg: Code2Wav(cfg.code2wav_config))
+        self.engine = Code2WavEngine(self.stage.module, s.codec_chunking())
+        self.run = _timed("code2wav", self._decode)
+
+    def __call__(self, batch: dict) -> dict:
+        return self.run(batch)
+
+    def _decode(self, items: list[Item]) -> None:
+        from stages.code2wav_engine import decode_replies
+
+        spoken = [item for item in items if item.codes is not None]
+        for item in spoken:
+            item.waveform = np.zeros(0, np.float32)
+        with_frames = [item for item in spoken if item.codes.shape[-1]]
+        try:
+            waveforms = decode_replies(self.engine, [item.codes.to(self.stage.device) for item in with_frames])
+        except Exception as exc:  # the engine's first error: every reply of the call is lost
+            for item in with_frames:
+                item.fail(exc)
+            return
+        for item, waveform in zip(with_frames, waveforms):
+            item.waveform = waveform.float().cpu().numpy()
+
+
+# --- result lines (CPU tasks) -------------------------------------------------------------------------------------
+
+
+def result_rows(batch: dict, form: str, model_id: str) -> dict:
+    """Each row's result line (JSON text), its audio file (name and bytes; empty without speech), and what the
+    progress line and the summary count."""
+    lines, names, audio, seconds, failed, busy = [], [], [], [], [], []
+    for item in _items(batch):
+        line, name, data = _result(item, form, model_id)
+        lines.append(json.dumps(line, ensure_ascii=False))
+        names.append(name)
+        audio.append(data)
+        seconds.append(0.0 if item.waveform is None else len(item.waveform) / SAMPLE_RATE)
+        failed.append(item.error is not None)
+        busy.append(json.dumps(item.busy))
+    return {"line": np.array(lines, dtype=object), "audio_name": np.array(names, dtype=object),
+            "audio": np.array(audio, dtype=object), "audio_seconds": np.array(seconds),
+            "failed": np.array(failed), "busy": np.array(busy, dtype=object)}
+
+
+def _result(item: Item, form: str, model_id: str) -> tuple[dict, str, bytes]:
+    if form == "openai":
+        return _openai_result(item, model_id)
+    if item.error is not None:
+        return {"id": item.key, "text": None, "audio": None, "usage": None, "error": item.error[1]["error"]}, "", b""
+    name, data = "", b""
+    if item.waveform is not None:
+        from deployments.audio_out import encode_audio
+
+        name = audio_file_name(item.key, _audio_format(item))
+        data = encode_audio(item.waveform, SAMPLE_RATE, _audio_format(item))
+    usage = Usage(prompt_tokens=item.ready.prompt_tokens, completion_tokens=len(item.token_ids),
+                  total_tokens=item.ready.prompt_tokens + len(item.token_ids))
+    line = {"id": item.key, "text": item.text, "audio": f"audio/{name}" if name else None,
+            "usage": usage.model_dump(), "error": None}
+    return line, name, data
+
+
+def _openai_result(item: Item, model_id: str) -> tuple[dict, str, bytes]:
+    """An OpenAI Batch output line: the status and body the HTTP API would have answered the row with."""
+    import base64
+
+    from deployments.ingress import Reply, completion_body
+
+    name, data = "", b""
+    if item.error is not None:
+        status, body = item.error
+    else:
+        reply = Reply(text=item.text, token_ids=item.token_ids, finish_reason=item.finish_reason)
+        status, body = 200, completion_body(
+            reply, item.waveform, request=item.request, request_id=item.request_id, created=item.created,
+            modalities=item.ready.modalities, tool_names=item.ready.tool_names,
+            prompt_tokens=item.ready.prompt_tokens, model_id=model_id)
+        audio = body["choices"][0]["message"]["audio"]
+        if audio is not None:
+            name, data = audio_file_name(item.key, _audio_format(item)), base64.b64decode(audio["data"])
+    line = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": item.key,
+            "response": {"status_code": status, "request_id": item.request_id, "body": body}, "error": None}
+    return line, name, data
+
+
+def _audio_format(item: Item) -> str:
+    return item.request.audio.format if item.request.audio is not None else "wav"
+
+
+# --- the job ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    input: str
+    output: str
+    model: str = ""  # empty: the embedded tiny checkpoint
+    modalities: tuple[str, ...] = ("text",)
+    speaker: str = "ethan"
+    max_tokens: int = 512
+    max_audio_tokens: int = 4096
+    temperature: float | None = None  # None: the checkpoint's generation_config
+    concurrency: dict[str, int] = field(default_factory=dict)  # actors per stage (default 1)
+    cpus_per_stage: float = 0.25
+    gpus_per_stage: float = 0.0
+    batch_rows: int = 8  # rows a thinker or talker actor runs through its engine at once
+    shard_rows: int = 64  # rows per committed shard
+    torch_threads: int | None = None
+
+    def defaults(self) -> dict:
+        """What a row's result depends on besides the row: a resumed job must use the same."""
+        return {"model": self.model, "modalities": list(self.modalities), "speaker": self.speaker,
+                "max_tokens": self.max_tokens, "max_audio_tokens": self.max_audio_tokens,
+                "temperature": self.temperature}
+
+
+def run_batch(options: BatchOptions) -> int:
+    """Run (or resume) the job; prints a progress line per committed shard and a summary."""
+    started = time.perf_counter()
+    data = read_input(options.input)
+    out = OutputDir(options.output, data.form)
+    out.open({"input": options.input, "form": data.form, "rows": len(data.rows), "fingerprint": data.fingerprint,
+              "options": options.defaults()})
+    done = out.done_keys()
+    todo = [row for row in data.rows if row.key not in done]
+    media_dirs = tuple(sorted({row.media_dir for row in data.rows if row.media_dir is not None}))
+    settings = ServiceSettings(
+        model=options.model, default_modalities=options.modalities, default_voice=options.speaker,
+        default_max_tokens=options.max_tokens, default_talker_max_tokens=options.max_audio_tokens,
+        thinker_batch_rows=options.batch_rows, talker_batch_rows=options.batch_rows,
+        torch_threads=options.torch_threads, allowed_local_media_dirs=media_dirs)
+    progress = Progress(len(data.rows), len(done))
+    print(f"omniray batch: {len(data.rows)} rows ({data.form} form), {len(done)} done before, {len(todo)} to run",
+          file=sys.stderr)
+    if todo:
+        for batch in _pipeline(todo, settings, options, data.form).iter_batches(batch_size=options.shard_rows,
+                                                                                  batch_format="numpy"):
+            out.commit(list(batch["line"]), {n: a for n, a in zip(batch["audio_name"], batch["audio"]) if n})
+            progress.add(batch)
+    path = out.merge({row.key: row.position for row in data.rows})
+    progress.summary(path, time.perf_counter() - started)
+    return 0
+
+
+def _pipeline(rows, settings: ServiceSettings, options: BatchOptions, form: str):
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS (set inside `ray job submit`) or a local instance
+    has_talker = load_config(settings.checkpoint_dir(prefixes=[])).has_talker
+    stages = [EncoderStage, ThinkerStage] + ([TalkerStage, Code2WavStage] if has_talker else [])
+    ds = ray.data.from_items(
+        [{"key": r.key, "position": r.position, "line": r.line, "media_dir": r.media_dir or ""} for r in rows],
+        override_num_blocks=max(1, min(len(rows) // options.batch_rows, 1000)))
+    ds = ds.map_batches(prepare_rows, batch_size=options.batch_rows, num_cpus=options.cpus_per_stage,
+                        fn_kwargs={"settings_json": settings.model_dump_json(), "form": form,
+                                   "temperature": options.temperature})
+    for stage, name in zip(stages, STAGES):
+        ds = ds.map_batches(stage, batch_size=options.batch_rows, concurrency=options.concurrency.get(name, 1),
+                            num_cpus=options.cpus_per_stage, num_gpus=options.gpus_per_stage or None,
+                            fn_constructor_kwargs={"settings": settings.model_dump()})
+    return ds.map_batches(result_rows, batch_size=options.batch_rows, num_cpus=options.cpus_per_stage,
+                          fn_kwargs={"form": form, "model_id": settings.model_id()})
+
+
+class Progress:
+    """Rows done and failed, rows per second and audio produced, after each shard; the summary at the end."""
+
+    def __init__(self, total: int, done_before: int):
+        self.total, self.done = total, done_before
+        self.failed, self.audio_seconds, self.ran = 0, 0.0, 0
+        self.busy: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    def add(self, batch: dict) -> None:
+        self.ran += len(batch["line"])
+        self.done += len(batch["line"])
+        self.failed += int(batch["failed"].sum())
+        self.audio_seconds += float(batch["audio_seconds"].sum())
+        for busy in batch["busy"]:
+            for stage, seconds in json.loads(busy).items():
+                self.busy[stage] = self.busy.get(stage, 0.0) + seconds
+        rate = self.ran / (time.perf_counter() - self.start)
+        print(f"[batch] {self.done}/{self.total} rows ({self.failed} failed), {rate:.2f} rows/s, "
+              f"{self.audio_seconds:.1f} s of audio", file=sys.stderr, flush=True)
+
+    def summary(self, results, wall_s: float) -> None:
+        busy = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in self.busy.items()) or "none"
+        print(f"omniray batch: {self.done}/{self.total} rows in {results} ({self.ran} this run, {self.failed} "
+              f"failed), {self.audio_seconds:.1f} s of audio, {wall_s:.1f} s wall; stage busy time: {busy}",
+              file=sys.stderr, flush=True)
