@@ -147,7 +147,7 @@ def test_a_failing_request_does_not_take_the_others_down(model):
     chunking = CodecChunking((4,))
     engine = Code2WavEngine(model, chunking)
     try:
-        good, bad, broken_sink = Listener(), Listener(), Listener()
+        good, bad = Listener(), Listener()
         codes = random_codes(model, 12, seed=4)
         wrong = codes.clone()
         wrong[0, 5] = 10**6  # no such code
