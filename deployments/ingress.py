@@ -55,6 +55,7 @@ from deployments.protocol import (
     parse_json_body,
     read_body,
 )
+from deployments.runtime import send_tensors_as_arrays
 from deployments.settings import ServiceSettings
 from deployments.sse import DONE, ChunkWriter
 from deployments.timeline import StageTimes, Timeline
@@ -155,6 +156,7 @@ class OmniIngress:
         talker: DeploymentHandle | None = None,
         code2wav: DeploymentHandle | None = None,
     ):
+        send_tensors_as_arrays()  # the job's tensors, to the encoders and down the chain
         self.settings = ServiceSettings.model_validate(settings)
         ckpt = self.settings.checkpoint_dir(prefixes=[])  # config, tokenizer, processor files; no weights
         self.config: OmniConfig = load_config(ckpt)
