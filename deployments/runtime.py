@@ -62,8 +62,8 @@ def send_tensors_as_arrays() -> None:
 
 
 def _tensor_to_wire(tensor: torch.Tensor) -> tuple:
-    if tensor.device.type != "cpu" or tensor.layout != torch.strided:  # messages leave a GPU stage on the host
-        return (pickle.dumps(tensor),)
+    if tensor.device.type != "cpu" or tensor.layout != torch.strided:
+        return (pickle.dumps(tensor),)  # torch's own pickling (rare: messages leave a GPU stage on the host)
     flat = tensor.detach().contiguous().reshape(-1)
     return flat.view(torch.uint8).numpy(), tensor.dtype, tuple(tensor.shape)
 
