@@ -43,6 +43,7 @@ from deployments.protocol import (
     parse_json_body,
     read_body,
 )
+from deployments.runtime import send_tensors_as_arrays
 from deployments.settings import ServiceSettings
 from deployments.sse import DONE, ChunkWriter
 from deployments.timeline import StageTimes, Timeline
@@ -171,6 +172,7 @@ class OmniIngress:
         talker: DeploymentHandle | None = None,
         code2wav: DeploymentHandle | None = None,
     ):
+        send_tensors_as_arrays()  # the job's tensors, to the encoders and down the chain
         self.settings = ServiceSettings.model_validate(settings)
         ckpt = self.settings.checkpoint_dir(prefixes=[])  # config, tokenizer, processor files; no weights
         self.config: OmniConfig = load_config(ckpt)

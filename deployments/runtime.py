@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 from torch import nn
@@ -47,6 +49,34 @@ def configure_torch(settings: ServiceSettings) -> None:
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
     torch.set_grad_enabled(False)
+
+
+def send_tensors_as_arrays() -> None:
+    """Make this process's Ray messages carry host tensors as numpy arrays of their bytes.
+
+    Ray pickles a tensor through torch's own reduce (torch.save's format): about 0.25 ms to send and 0.25 ms to
+    receive even a [1, H] one on a loaded 2-core CPU, for every tensor of every message (the job down the call
+    chain, each TalkerInput, each CodecFrames). A numpy array goes through pickle 5's out-of-band buffers, about
+    ten times cheaper. Only the sender needs this: the stream names the function that rebuilds the tensor."""
+    ray.util.register_serializer(torch.Tensor, serializer=_tensor_to_wire, deserializer=_tensor_from_wire)
+
+
+def _tensor_to_wire(tensor: torch.Tensor) -> tuple:
+    if tensor.device.type != "cpu" or tensor.layout != torch.strided:
+        return (pickle.dumps(tensor),)  # torch's own pickling (rare: messages leave a GPU stage on the host)
+    flat = tensor.detach().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy(), tensor.dtype, tuple(tensor.shape)
+
+
+def _tensor_from_wire(wire: tuple) -> torch.Tensor:
+    if len(wire) == 1:
+        return pickle.loads(wire[0])
+    data, dtype, shape = wire
+    if data.size == 0:  # an empty buffer comes back with stride 0, which no view takes
+        return torch.empty(shape, dtype=dtype)
+    if not data.flags.writeable:  # a view of the object store's buffer: a stage may write into what it receives
+        data = np.array(data)
+    return torch.from_numpy(data).view(dtype).reshape(shape)
 
 
 def describe(stage: str, module: nn.Module) -> dict:
@@ -102,6 +132,7 @@ class StageReplica:
     stage_name: str
 
     def _start(self, settings: ServiceSettings, **load_args) -> None:
+        send_tensors_as_arrays()
         self.settings = settings
         self.stage = load_stage(settings, self.stage_name, **load_args)
         self.metrics = service_metrics()

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from aiohttp import web
+from ray import cloudpickle
 from pydantic import ValidationError
 
 from common.errors import (
@@ -27,6 +29,7 @@ from deployments.auth import check_api_key
 from deployments.fetch import FetchConfig, check_address, decode_base64, fetch_media
 from deployments.http_errors import AuthenticationError, ModelNotFoundError, error_for, error_response
 from deployments.protocol import ChatCompletionRequest
+from deployments.runtime import _tensor_from_wire, _tensor_to_wire
 from deployments.sse import DONE, ChunkWriter
 
 USER = [{"role": "user", "content": "hi"}]
@@ -845,3 +848,21 @@ def test_codec_chunk_ramp_setting():
     for bad in ("", "0,4", (3, -1)):
         with pytest.raises(ValueError):
             ServiceSettings(codec_chunk_ramp=bad)
+
+
+@pytest.mark.parametrize("tensor", [
+    torch.randn(3, 5), torch.randn(4, 6)[:, ::2], torch.randn(5).expand(3, 5), torch.tensor(3.5), torch.zeros(16, 0, dtype=torch.long),
+    torch.arange(10)[None], torch.randn(2, 3).to(torch.bfloat16), torch.tensor([True, False]),
+    torch.randn(2, 2).to_sparse(),
+], ids=["float", "strided", "expanded", "0-dim", "empty", "int64", "bfloat16", "bool", "sparse"])
+def test_tensors_travel_as_arrays(tensor):
+    """What a stage receives is the tensor it was sent (dtype, shape, values) and its own to write into."""
+    buffers = []  # out of band, as Ray sends them; received read-only, as from the object store
+    sent = cloudpickle.dumps((_tensor_from_wire, (_tensor_to_wire(tensor),)), protocol=5, buffer_callback=buffers.append)
+    rebuild, args = cloudpickle.loads(sent, buffers=[bytes(b.raw()) for b in buffers])
+    received = rebuild(*args)
+    assert received.dtype == tensor.dtype and received.shape == tensor.shape
+    assert torch.equal(received.to_dense(), tensor.to_dense())
+    if not received.is_sparse:
+        received.zero_()  # writable, and not a view of the sender's memory
+        assert received.shape == tensor.shape
