@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from common.config import OmniConfig, load_config, load_generation_config
+from common.config import DEFAULT_VOICE, OmniConfig, load_config, load_generation_config
 from common.errors import InvalidRequestError
 from common.messages import TalkerPrompt, ThinkerTokens
 from common.processor import OmniProcessor
@@ -463,7 +463,7 @@ class BatchOptions:
     output: str
     model: str = ""  # empty: the embedded tiny checkpoint
     modalities: tuple[str, ...] = ("text",)
-    speaker: str = "ethan"
+    speaker: str = DEFAULT_VOICE
     max_tokens: int = 512
     max_audio_tokens: int = 4096
     temperature: float | None = None  # None: the checkpoint's generation_config

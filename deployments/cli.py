@@ -215,7 +215,7 @@ def _add_batch(sub) -> None:
     p.add_argument("--output", required=True, help="output folder: results.jsonl, audio/, shards/, manifest.json")
     p.add_argument("--model", help="checkpoint folder or hub id (default: the embedded tiny checkpoint)")
     p.add_argument("--modalities", type=_modalities, default=("text",), help="text, or text,audio (default text)")
-    p.add_argument("--speaker", default="ethan", help="voice of rows that name none")
+    p.add_argument("--speaker", default=DEFAULT_VOICE, help="voice of rows that name none")
     p.add_argument("--max-tokens", type=int, default=512, help="text tokens of rows that name no max_tokens")
     p.add_argument("--max-audio-tokens", type=int, default=4096,
                    help="talker tokens (codec frames) of rows that name no talker_max_tokens")

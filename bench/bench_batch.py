@@ -1,0 +1,128 @@
+"""The batch job (`omniray batch`) over N rows against transformers' batched generate over the same rows.
+
+Rows: the bench's questions, alternately text-only and spoken (`--speech-every`), each with exactly `--new-tokens`
+reply tokens (`min_tokens` = `max_tokens`; transformers: `thinker_min_new_tokens`) and speech until the codec end or
+`--audio-frames`, greedy. transformers runs its own batched `generate` over the text rows and over the spoken rows,
+`--hf-batch` rows per call (left-padded, as its processor pads), in this process, before Ray starts. Ours runs the
+whole job as a user would, `run_batch` on a fresh output folder, twice: the first run's wall time includes starting
+Ray; the second, on the Ray already up, is the one compared (it still starts the stage actors and loads their
+weights: part of a job). The texts of both are compared with transformers'.
+
+    python -m bench.bench_batch                     # CPU, the small checkpoint, 64 rows
+    python -m bench.bench_batch --device cuda --model full --layers 8 --rows 256 --hf-batch 32
+
+Not measured here: the HTTP service at the same load (`bench_serve --concurrency 16` times that).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench import common
+from bench.bench_generate import QUESTIONS
+
+
+def main() -> None:
+    p = common.parser(__doc__.split("\n")[0])
+    common.add_checkpoint_args(p)
+    p.set_defaults(model="small", repeats=1, warmup=0)
+    p.add_argument("--rows", type=int, default=64)
+    p.add_argument("--speech-every", type=int, default=2, help="every k-th row asks for speech")
+    p.add_argument("--new-tokens", type=int, default=24, help="text tokens per reply")
+    p.add_argument("--audio-frames", type=int, default=40, help="talker_max_tokens (codec frames + 1)")
+    p.add_argument("--hf-batch", type=int, default=16, help="rows per transformers generate call")
+    p.add_argument("--batch-rows", type=int, default=16, help="rows a thinker or talker actor runs at once")
+    args = p.parse_args()
+    device, dtype = common.resolve_device_dtype(args)
+    ckpt = common.build_checkpoint(args, dtype)
+    rows = make_rows(args)
+
+    hf = common.load_transformers(ckpt, dtype, device)
+    hf_s, hf_texts = transformers_batched(hf, ckpt, rows, args, device, dtype)
+    del hf
+    cold_s, cold_texts = ours_job(ckpt, rows, args)
+    ours_s, ours_texts = ours_job(ckpt, rows, args)
+    import ray
+
+    ray.shutdown()
+
+    same = sum(ours_texts.get(r["id"]) == hf_texts[r["id"]] == cold_texts.get(r["id"]) for r in rows) / len(rows)
+    spoken = sum(1 for r in rows if "audio" in r["modalities"])
+    extra = {"rows": len(rows), "spoken_rows": spoken, "same_text": same, "ours_first_run_s": cold_s,
+             "extra": f"{len(rows)} rows ({spoken} spoken); same text {same:.0%}; ours' first run, starting Ray: "
+                      f"{cold_s:.1f} s"}
+    result = common.Result(f"batch job, {len(rows)} rows", common.Timing([ours_s]), common.Timing([hf_s]), extra)
+    settings = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "model": args.model,
+                "new_tokens": args.new_tokens, "audio_frames": args.audio_frames, "hf_batch": args.hf_batch,
+                "batch_rows": args.batch_rows, "checkpoint": common.checkpoint_summary(ckpt)}
+    common.report("bench_batch", args, settings, [result], ["extra"])
+
+
+def make_rows(args) -> list[dict]:
+    rows = []
+    for i in range(args.rows):
+        speech = i % args.speech_every == 0
+        rows.append({
+            "id": f"row-{i}",
+            "messages": [{"role": "user", "content": f"{QUESTIONS[i % len(QUESTIONS)]} ({i})"}],
+            "modalities": ["text", "audio"] if speech else ["text"],
+            "max_tokens": args.new_tokens, "min_tokens": args.new_tokens, "temperature": 0,
+            **({"talker_max_tokens": args.audio_frames} if speech else {}),
+        })
+    return rows
+
+
+def transformers_batched(hf, ckpt: Path, rows: list[dict], args, device, dtype) -> tuple[float, dict[str, str]]:
+    """Seconds for transformers to generate every row, `--hf-batch` rows per call (text rows and spoken rows in
+    separate calls), and each row's reply text."""
+    from common.processor import OmniProcessor
+
+    processor = OmniProcessor.from_pretrained(ckpt)
+    eos = common.generation_eos_ids(ckpt)
+    penalty = json.loads((ckpt / "generation_config.json").read_text()).get("repetition_penalty", 1.0)
+    texts, seconds = {}, 0.0
+    for speech in (False, True):
+        group = [r for r in rows if ("audio" in r["modalities"]) == speech]
+        for start in range(0, len(group), args.hf_batch):
+            chunk = group[start : start + args.hf_batch]
+            prompts = [processor.apply_chat_template(r["messages"], add_generation_prompt=True) for r in chunk]
+            inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
+                      for k, v in processor(text=prompts).items()}
+            common.sync(device)
+            began = time.perf_counter()
+            with torch.inference_mode():
+                out = hf.generate(**inputs, return_audio=speech, speaker="ethan", thinker_eos_token_id=eos,
+                                  thinker_max_new_tokens=args.new_tokens, thinker_min_new_tokens=args.new_tokens,
+                                  thinker_do_sample=False, thinker_repetition_penalty=penalty,
+                                  talker_do_sample=False, talker_max_new_tokens=args.audio_frames)
+            common.sync(device)
+            seconds += time.perf_counter() - began
+            sequences = out[0] if speech else out
+            for r, ids in zip(chunk, sequences[:, inputs["input_ids"].shape[1] :].tolist()):
+                texts[r["id"]] = processor.tokenizer.decode([t for t in ids if t not in eos], skip_special_tokens=True)
+    return seconds, texts
+
+
+def ours_job(ckpt: Path, rows: list[dict], args) -> tuple[float, dict[str, str]]:
+    """Seconds for `run_batch` over the rows into a fresh folder, and each row's reply text."""
+    from deployments.batch import BatchOptions, run_batch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source, output = Path(tmp) / "rows.jsonl", Path(tmp) / "out"
+        source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        began = time.perf_counter()
+        run_batch(BatchOptions(input=str(source), output=str(output), model=str(ckpt), max_tokens=args.new_tokens,
+                               max_audio_tokens=args.audio_frames, batch_rows=args.batch_rows,
+                               torch_threads=args.threads))
+        seconds = time.perf_counter() - began
+        results = [json.loads(line) for line in (output / "results.jsonl").read_text().splitlines()]
+    return seconds, {line["id"]: line["text"] for line in results}
+
+
+if __name__ == "__main__":
+    main()
