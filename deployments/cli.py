@@ -26,8 +26,9 @@ def _add_make_tiny(sub) -> None:
     p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the real hub format")
     p.add_argument("dir", help="output folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variant", choices=["default", "alt"], default="default",
-                   help="tiny shape: 'default', or 'alt' (other head sizes, 8 code groups)")
+    p.add_argument("--variant", choices=["default", "alt", "small"], default="default",
+                   help="tiny shape: 'default', 'alt' (other head sizes, 8 code groups) or 'small' (hidden 256, "
+                        "16 experts: the benchmarks' model)")
     p.add_argument("--thinker-only", action="store_true",
                    help="enable_audio_output: false, without talker and code2wav weights")
     p.set_defaults(func=_make_tiny)
