@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import json
 import pickle
-import queue
 import sys
 import time
 import uuid
@@ -36,6 +35,7 @@ from deployments.http_errors import error_for
 from deployments.prepare import PreparedInputs, default_voice, prepare_inputs
 from deployments.protocol import ChatCompletionRequest, Usage, parse_json_body
 from deployments.settings import ServiceSettings
+from stages.batching import drive
 from stages.omni import SAMPLE_RATE
 
 STAGES = ("encoders", "thinker", "talker", "code2wav")
@@ -243,25 +243,24 @@ class ThinkerStage:
     def _generate(self, items: list[Item]) -> None:
         from deployments.thinker import ReplyText
 
-        steps: queue.Queue = queue.Queue()
-        replies = {}
-        for item in items:
-            replies[item.key] = (item, ReplyText(self.tokenizer, item.request.stop_strings(),
-                                                 item.ready.thinker.stop_token_ids))
-            self.engine.submit(item.key, _on(item.prompt, self.stage.device), item.ready.thinker, item.ready.speech,
-                               lambda step, key=item.key: steps.put((key, step)))
+        by_key = {item.key: item for item in items}
+        texts = {item.key: ReplyText(self.tokenizer, item.request.stop_strings(), item.ready.thinker.stop_token_ids)
+                 for item in items}
+
+        def submit(key: str, sink) -> None:
+            item = by_key[key]
+            self.engine.submit(key, _on(item.prompt, self.stage.device), item.ready.thinker, item.ready.speech, sink)
             item.prompt = None
-        while replies:
-            key, step = steps.get()
-            if key not in replies:  # a step after a stop sequence ended the reply, before its cancel took effect
-                continue
-            item, text = replies[key]
+
+        def record(key: str, step) -> bool:
             if isinstance(step, BaseException):
-                item.fail(step)
-            elif not _record(item, text, step):
-                continue
-            del replies[key]
-            self.engine.cancel(key)
+                by_key[key].fail(step)
+            elif not _record(by_key[key], texts[key], step):
+                return False
+            self.engine.cancel(key)  # a reply a stop sequence ended is still in the engine
+            return True
+
+        drive(submit, by_key, record)
 
 
 def _record(item: Item, text, step) -> bool:
@@ -307,36 +306,45 @@ class TalkerStage:
         return self.run(batch)
 
     def _speak(self, items: list[Item]) -> None:
-        groups = self.stage.config.talker_config.num_code_groups
-        steps: queue.Queue = queue.Queue()
-        frames: dict[str, list[torch.Tensor]] = {}
-        by_key = {item.key: item for item in items}
+        from stages.talker import talker_sampling
+
+        config = self.stage.config
+        groups = config.talker_config.num_code_groups
+        by_key, requests = {item.key: item for item in items}, {}
         for item in items:
             if not item.ready.speech:
                 continue
             item.codes = _codes([], groups)  # a reply with nothing to voice keeps no frames
             try:
-                if self._submit(item, steps):
-                    frames[item.key] = []
+                request = self._request(item)
             except Exception as exc:
                 item.fail(exc)
-        pending = set(frames)
-        while pending:
-            key, step = steps.get()
+                continue
+            if request.has_voice:
+                requests[item.key] = request
+        frames: dict[str, list[torch.Tensor]] = {key: [] for key in requests}
+
+        def submit(key: str, sink) -> None:
+            self.engine.submit(key, requests[key], talker_sampling(config.talker_config, by_key[key].ready.talker),
+                               sink)
+
+        def record(key: str, step) -> bool:
             if isinstance(step, BaseException):
                 by_key[key].fail(step)
-                pending.discard(key)
-                continue
+                return True
             if step.frames[0] is not None:
                 frames[key].append(step.frames[0])
-            if step.finish_reasons[0] is not None:
-                by_key[key].codes = _codes(frames[key], groups)
-                pending.discard(key)
+            if step.finish_reasons[0] is None:
+                return False
+            by_key[key].codes = _codes(frames[key], groups)
+            return True
 
-    def _submit(self, item: Item, steps: queue.Queue) -> bool:
-        """The row's reply into the engine; False when it has nothing to voice (an empty reply)."""
+        drive(submit, requests, record)
+
+    def _request(self, item: Item):
+        """The row's reply as a `TalkerRequest` (the thinker's prompt and tokens moved onto this stage's device)."""
         from stages.handoff import TalkerRequest
-        from stages.talker import speaker_codec_id, talker_sampling
+        from stages.talker import speaker_codec_id
 
         config, device = self.stage.config, self.stage.device
         request = TalkerRequest(config, _on(item.talker_prompt, device),
@@ -344,11 +352,7 @@ class TalkerStage:
         for chunk in item.talker_chunks:
             request.push(_on(chunk, device))
         item.talker_prompt, item.talker_chunks = None, []
-        if not request.has_voice:
-            return False
-        self.engine.submit(item.key, request, talker_sampling(config.talker_config, item.ready.talker),
-                           lambda step: steps.put((item.key, step)))
-        return True
+        return request
 
 
 def _codes(frames: list[torch.Tensor], groups: int) -> torch.Tensor:

@@ -4,15 +4,16 @@ step to a request's sink without letting one failing consumer take the batch dow
 from __future__ import annotations
 
 import logging
+import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable
 
 from common.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 
-MIN_SPAN = 256  # the shortest attention span of a decode step
+MIN_SPAN = 256  # the shortest attention span of a compiled decode step
 
 
 def span_for(length: int, max_len: int) -> int:
@@ -32,6 +33,32 @@ def finish_reason(token: int, generated: int, params: SamplingParams) -> str | N
     if generated >= params.max_new_tokens:
         return "length"
     return None
+
+
+def step_shape(last_row: int, longest: int, max_len: int, buckets: list[int] | None) -> tuple[int, int]:
+    """The rows and the attention span of a decode step over a cache's rows 0 .. last_row - 1 whose longest row
+    holds `longest` slots after the step. Compiled (`buckets` given): the smallest batch bucket and `span_for`, a few
+    shapes each compiled once. Eager (None): exactly those rows and that span, which keeps a row's arithmetic that
+    of the request alone (attention sums round differently over masked slots)."""
+    if buckets is None:
+        return last_row, longest
+    return next(b for b in buckets if b >= last_row), span_for(longest, max_len)
+
+
+def drive(submit: Callable[[Hashable, Callable], None], keys: Iterable[Hashable],
+          record: Callable[[Hashable, object], bool]) -> None:
+    """Run requests through an engine from this thread until each has ended: `submit(key, sink)` queues each one,
+    then every step the engine hands over (or the error that ended a request) goes to `record(key, step)`, on this
+    thread, in order; `record` says True when that request is done (steps that come after are dropped)."""
+    steps: queue.Queue = queue.Queue()
+    open_keys = set()
+    for key in keys:
+        open_keys.add(key)
+        submit(key, lambda step, key=key: steps.put((key, step)))
+    while open_keys:
+        key, step = steps.get()
+        if key in open_keys and record(key, step):
+            open_keys.discard(key)
 
 
 class Cancellations:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stages.batching import Cancellations, hand_over
+from stages.batching import Cancellations, drive, hand_over
 from common.config import Code2WavConfig
 from stages.code2wav import Code2Wav, CodecChunking, split_state, stack_states
 
@@ -237,16 +237,17 @@ class Code2WavEngine:
 def decode_replies(engine: Code2WavEngine, codes: list[torch.Tensor]) -> list[torch.Tensor]:
     """Whole replies (codes [Q, F] each) through the engine at once: their waveforms [S], each the samples
     `decode_chunked` gives it alone. Blocks until all are decoded; the first error is raised."""
-    done: queue.Queue = queue.Queue()
     pieces: list[list[torch.Tensor]] = [[] for _ in codes]
-    for row, reply in enumerate(codes):
-        engine.submit(f"reply-{row}", lambda piece, row=row: done.put((row, piece)))
-        engine.push(f"reply-{row}", reply, finished=True)
-    unfinished = len(codes)
-    while unfinished:
-        row, piece = done.get()
+
+    def submit(row: int, sink) -> None:
+        engine.submit(f"reply-{row}", sink)
+        engine.push(f"reply-{row}", codes[row], finished=True)
+
+    def record(row: int, piece) -> bool:
         if isinstance(piece, BaseException):
             raise piece
         pieces[row].append(piece.samples)
-        unfinished -= piece.finished
+        return piece.finished
+
+    drive(submit, range(len(codes)), record)
     return [torch.cat(p) for p in pieces]

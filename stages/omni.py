@@ -12,7 +12,6 @@ Shapes: B batch rows, T prompt length (left-padded), G code groups, F frames, S 
 
 from __future__ import annotations
 
-import queue
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from common.tokenizer import OmniTokenizer
 from stages.audio_encoder import AudioEncoder
 from stages.code2wav import Code2Wav, CodecChunking
 from stages.code2wav_engine import Code2WavEngine, decode_replies
+from stages.batching import drive
 from stages.compile import CompileMode, compile_enabled
 from stages.handoff import TalkerRequest
 from stages.talker import Talker, speaker_codec_id, talker_sampling
@@ -202,16 +202,15 @@ class OmniModel:
         layer = self.cfg.talker_config.accept_hidden_layer if speaking else None
         engine = ThinkerEngine(self.thinker, max_rows=len(rows), accept_hidden_layer=layer, compiled=self.compiled,
                                max_len=max(r.input_ids.shape[1] for r in rows) + params.max_new_tokens)
-        steps: queue.Queue = queue.Queue()
+
+        def record(row: int, step) -> bool:
+            if isinstance(step, BaseException):
+                raise step
+            return self._record_step(results[row], detokenizers[row], step, row, on_text)
+
         try:
-            for row, row_prompt in enumerate(rows):
-                engine.submit(str(row), row_prompt, params, speaking, lambda step, row=row: steps.put((row, step)))
-            unfinished = len(rows)
-            while unfinished:
-                row, step = steps.get()
-                if isinstance(step, BaseException):
-                    raise step
-                unfinished -= self._record_step(results[row], detokenizers[row], step, row, on_text)
+            drive(lambda row, sink: engine.submit(str(row), rows[row], params, speaking, sink), range(len(rows)),
+                  record)
         finally:
             engine.close()
         return results
@@ -240,18 +239,17 @@ class OmniModel:
         frames: list[list[torch.Tensor]] = [[] for _ in requests]
         engine = TalkerEngine(self.talker, self.cfg, max_rows=len(requests), compiled=self.compiled,
                               max_len=max(r.max_prompt_len for r in requests) + params.max_new_tokens)
-        steps: queue.Queue = queue.Queue()
+
+        def record(row: int, step) -> bool:
+            if isinstance(step, BaseException):
+                raise step
+            if step.frames[0] is not None:
+                frames[row].append(step.frames[0])
+            return step.finish_reasons[0] is not None
+
         try:
-            for row, request in enumerate(requests):
-                engine.submit(str(row), request, params, lambda step, row=row: steps.put((row, step)))
-            unfinished = len(requests)
-            while unfinished:
-                row, step = steps.get()
-                if isinstance(step, BaseException):
-                    raise step
-                if step.frames[0] is not None:
-                    frames[row].append(step.frames[0])
-                unfinished -= step.finish_reasons[0] is not None
+            drive(lambda row, sink: engine.submit(str(row), requests[row], params, sink), range(len(requests)),
+                  record)
         finally:
             engine.close()
         return [torch.stack(f, dim=1).cpu() if f else torch.zeros(groups, 0, dtype=torch.long) for f in frames]

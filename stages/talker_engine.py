@@ -37,9 +37,9 @@ import torch
 
 from common.config import OmniConfig
 from common.sampling import SamplingParams
-from stages.batching import Cancellations, finish_reason, hand_over, span_for
+from stages.batching import Cancellations, finish_reason, hand_over, span_for, step_shape
 from stages.code_predictor import FramePredictor, predictor_params
-from stages.compile import batch_buckets, bucket_for, compile_step, static_buffers
+from stages.compile import batch_buckets, compile_step, static_buffers
 from stages.kv_cache import KVCache
 from stages.sampling import make_generators, sample_ragged
 from stages.handoff import TalkerRequest, talker_prompt_inputs, text_entries
@@ -85,12 +85,10 @@ class TalkerEngine:
         with torch.no_grad():
             self.tts = talker.tts_text()  # [3, H] T(tts_bos), T(tts_eos), T(tts_pad): weights only, computed once
         self.buckets = batch_buckets(max_rows)
+        self.compiled = compiled
         self.decode = compile_step(decode_hidden, weight.device) if compiled else decode_hidden
         if compiled:
             static_buffers(self.cache.keys + self.cache.values)
-        # compiled steps attend over a bucketed span (a few shapes); eager ones over the longest row, which keeps a
-        # row's arithmetic that of the reply alone (attention sums round differently over masked slots)
-        self.span = span_for if compiled else (lambda longest, max_len: longest)
         self.frames = FramePredictor(talker.code_predictor, max_rows, compiled=compiled)
         if compiled:
             self._warm_up()
@@ -257,10 +255,14 @@ class TalkerEngine:
         return True
 
     def _decode(self, cache: KVCache, feeding: list[_Row]) -> None:
-        """One decode step of `cache`'s rows up to the last feeding one (at the smallest batch bucket that holds
-        them; replies take the lowest free row, so that is about as many as are busy)."""
+        """One decode step of `cache`'s rows up to the last feeding one (compiled: at the smallest batch bucket that
+        holds them; replies take the lowest free row, so that is about as many as are busy)."""
         talker, tts = self.talker, self.tts
-        n = bucket_for(max(row.index for row in feeding) + 1, self.buckets) if cache is self.cache else 1
+        last = max(row.index for row in feeding) + 1
+        longest = max(row.length for row in self._busy() if row.cache is cache and row.index < last) + 1
+        # a cache of its own has a shape of its own: compiled, it would compile anew, so it runs eagerly
+        batched = self.compiled and cache is self.cache
+        n, span = step_shape(last, longest, cache.max_len, self.buckets if batched else None)
         x = torch.zeros(n, 1, tts.shape[-1], dtype=tts.dtype, device=tts.device)  # [n, 1, H]
         positions = [0.0] * n
         advancing = [False] * n
@@ -268,12 +270,9 @@ class TalkerEngine:
             x[row.index, 0] = row.embed_sum + text_entries(talker, row.reply.request, row.step, tts)
             positions[row.index] = row.position
             advancing[row.index] = True
-        view = cache.head(n)
-        longest = max(row.length for row in self._busy() if row.cache is cache and row.index < n) + 1
-        slots, mask = view.decode_slots(self.span(longest, cache.max_len), torch.tensor(advancing, device=tts.device))
+        slots, mask = cache.head(n).decode_slots(span, torch.tensor(advancing, device=tts.device))
         position_ids = torch.tensor(positions, device=tts.device)[None, :, None].expand(3, -1, 1)  # [3, n, 1]
-        # a cache of its own has a shape of its own: compiled, it would compile anew, so it runs eagerly
-        decode = self.decode if cache is self.cache else decode_hidden
+        decode = self.decode if batched else decode_hidden
         out = decode(talker, x, position_ids, mask, cache, slots)  # [n, 1, H]
         for row in feeding:
             row.hidden, row.embed_sum = out[row.index, 0], None

@@ -32,8 +32,8 @@ import torch
 
 from common.messages import ThinkerTokens
 from common.sampling import SamplingParams
-from stages.batching import Cancellations, finish_reason, hand_over, span_for
-from stages.compile import batch_buckets, bucket_for, compile_step, static_buffers
+from stages.batching import Cancellations, finish_reason, hand_over, span_for, step_shape
+from stages.compile import batch_buckets, compile_step, static_buffers
 from stages.kv_cache import KVCache
 from stages.sampling import make_generators, sample_ragged
 from stages.handoff import talker_prompts
@@ -228,18 +228,16 @@ class ThinkerEngine:
         """One decode step of `cache`'s rows up to the last busy one (at the smallest batch bucket that holds them
         when compiled; requests take the lowest free row, so that is about as many as are busy); free rows among
         them compute a throwaway token that takes no slot. Returns the logits of `rows`, in order, [k, V]."""
-        last = max(row.index for row in rows) + 1
-        n = bucket_for(last, self.buckets) if self.compiled and cache is self.cache else last
+        # a cache of its own has a shape of its own: compiled, it would compile anew, so it runs eagerly
+        batched = self.compiled and cache is self.cache
+        n, span = step_shape(max(row.index for row in rows) + 1, max(row.length for row in rows) + 1, cache.max_len,
+                             self.buckets if batched else None)
         device = cache.valid.device
         tokens, positions, busy = [0] * n, [0.0] * n, [False] * n
         for row in rows:
             tokens[row.index], positions[row.index], busy[row.index] = row.last_token, row.position, True
-        view = cache.head(n)
-        longest = max(row.length for row in rows) + 1
-        span = span_for(longest, cache.max_len) if self.compiled else longest
-        slots, mask = view.decode_slots(span, torch.tensor(busy, device=device))
-        # a cache of its own has a shape of its own: compiled, it would compile anew, so it runs eagerly
-        decode = self.decode if cache is self.cache else decode_logits
+        slots, mask = cache.head(n).decode_slots(span, torch.tensor(busy, device=device))
+        decode = self.decode if batched else decode_logits
         logits = decode(self.model, torch.tensor(tokens, device=device),
                         torch.tensor(positions, device=device), mask, cache, slots)  # [n, V]
         return logits[[row.index for row in rows]]
