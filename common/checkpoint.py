@@ -239,8 +239,9 @@ def to_hub_state_dict(module: nn.Module, prefix_map: dict[str, str]) -> dict[str
     for part_name, part in fused.items():
         start, end = part.rows
         out[_hub_prefixed(part_name, prefix_map)] = state_dict[part.param][start:end].detach().clone()
+    fused_params = {part.param for part in fused.values()}
     for name, tensor in state_dict.items():
-        if any(part.param == name for part in fused.values()):
+        if name in fused_params:
             continue
         if not _is_stacked(name):
             out[_hub_prefixed(name, prefix_map)] = tensor.detach().clone()

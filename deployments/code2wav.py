@@ -51,29 +51,25 @@ class Code2WavStage(StageReplica):
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         self.engine.submit(job.request_id, lambda piece: loop.call_soon_threadsafe(events.put_nowait, piece))
         feeding = asyncio.create_task(self._feed(job, events, clock))
-        self.in_engine += 1
-        self.metrics.batch(self.stage_name, self.in_engine)
         talker_done = speech_done = False
-        try:
-            while not (talker_done and speech_done):
-                event = await events.get()
-                if isinstance(event, BaseException):
-                    raise event
-                if event is None:
-                    talker_done = True
-                elif isinstance(event, (TextDelta, StageTimes)):
-                    yield event
-                else:
-                    self.metrics.stage_tokens("code2wav", event.frames)
-                    speech_done = event.finished
-                    if event.samples.numel() or event.finished:
-                        yield PcmChunk(job.request_id, event.samples.float().cpu().numpy(), SAMPLE_RATE,
-                                       finished=event.finished)
-        finally:
-            feeding.cancel()
-            self.engine.cancel(job.request_id)
-            self.in_engine -= 1
-            self.metrics.batch(self.stage_name, self.in_engine)
+        with self.in_engine_for(job.request_id):
+            try:
+                while not (talker_done and speech_done):
+                    event = await events.get()
+                    if isinstance(event, BaseException):
+                        raise event
+                    if event is None:
+                        talker_done = True
+                    elif isinstance(event, (TextDelta, StageTimes)):
+                        yield event
+                    else:
+                        self.metrics.stage_tokens("code2wav", event.frames)
+                        speech_done = event.finished
+                        if event.samples.numel() or event.finished:
+                            yield PcmChunk(job.request_id, event.samples.float().cpu().numpy(), SAMPLE_RATE,
+                                           finished=event.finished)
+            finally:
+                feeding.cancel()
 
     async def _feed(self, job: SpeechJob, events: asyncio.Queue, clock: StageClock) -> None:
         """The talker's stream into the engine (frames) and `events` (text deltas and the upstream stages' times,

@@ -166,9 +166,7 @@ class StageReplica:
         loop, steps = asyncio.get_running_loop(), asyncio.Queue()
         submit(lambda step: loop.call_soon_threadsafe(steps.put_nowait, step))
         clock.mark("submitted")
-        self.in_engine += 1
-        self.metrics.batch(self.stage_name, self.in_engine)
-        try:
+        with self.in_engine_for(request_id):
             while True:
                 ready = [await steps.get()]
                 while not steps.empty():
@@ -180,6 +178,15 @@ class StageReplica:
                 yield ready
                 if ready[-1].finish_reasons[0] is not None:
                     return
+
+    @contextmanager
+    def in_engine_for(self, request_id: str):
+        """While a submitted request is in the replica's engine: counted in the batch gauge, and cancelled in the
+        engine when it leaves here (finished, failed, or its consumer gone: the engine frees its row)."""
+        self.in_engine += 1
+        self.metrics.batch(self.stage_name, self.in_engine)
+        try:
+            yield
         finally:
             self.engine.cancel(request_id)
             self.in_engine -= 1
