@@ -8,14 +8,18 @@ whole job as a user would, `run_batch` on a fresh output folder, twice: the firs
 Ray; the second, on the Ray already up, is the one compared (it still starts the stage actors and loads their
 weights: part of a job). The texts of both are compared with transformers'.
 
+Then the HTTP service on the same Ray (`omniray serve`'s app, the CPU defaults or `--serve-config`) gets the same
+rows as chat completions, `--service-concurrency` (16) at a time through the `openai` client, each a whole reply
+(speech as wav); its wall time is the second row's baseline, and its texts are compared too.
+
     python -m bench.bench_batch                     # CPU, the small checkpoint, 64 rows
     python -m bench.bench_batch --device cuda --model full --layers 8 --rows 256 --hf-batch 32
-
-Not measured here: the HTTP service at the same load (`bench_serve --concurrency 16` times that).
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
 import tempfile
 import time
@@ -25,6 +29,7 @@ import torch
 
 from bench import common
 from bench.bench_generate import QUESTIONS
+from bench.bench_serve import local_service
 
 
 def main() -> None:
@@ -37,6 +42,9 @@ def main() -> None:
     p.add_argument("--audio-frames", type=int, default=40, help="talker_max_tokens (codec frames + 1)")
     p.add_argument("--hf-batch", type=int, default=16, help="rows per transformers generate call")
     p.add_argument("--batch-rows", type=int, default=16, help="rows a thinker or talker actor runs at once")
+    p.add_argument("--service-concurrency", type=int, default=16, help="requests in flight to the HTTP service")
+    p.add_argument("--serve-config", type=Path, default=None, help="the service's serve config (default: CPU)")
+    p.add_argument("--port", type=int, default=8012)
     args = p.parse_args()
     device, dtype = common.resolve_device_dtype(args)
     ckpt = common.build_checkpoint(args, dtype)
@@ -50,17 +58,25 @@ def main() -> None:
     import ray
 
     ray.shutdown()
+    service_s, service_texts = through_service(ckpt, rows, args)
 
     same = sum(ours_texts.get(r["id"]) == hf_texts[r["id"]] == cold_texts.get(r["id"]) for r in rows) / len(rows)
+    same_service = sum(service_texts.get(r["id"]) == hf_texts[r["id"]] for r in rows) / len(rows)
     spoken = sum(1 for r in rows if "audio" in r["modalities"])
     extra = {"rows": len(rows), "spoken_rows": spoken, "same_text": same, "ours_first_run_s": cold_s,
              "extra": f"{len(rows)} rows ({spoken} spoken); same text {same:.0%}; ours' first run, starting Ray: "
                       f"{cold_s:.1f} s"}
-    result = common.Result(f"batch job, {len(rows)} rows", common.Timing([ours_s]), common.Timing([hf_s]), extra)
+    job = common.Result(f"batch job, {len(rows)} rows", common.Timing([ours_s]), common.Timing([hf_s]), extra)
+    service = common.Result(
+        f"batch job vs the HTTP service at c={args.service_concurrency}", common.Timing([ours_s]),
+        common.Timing([service_s]), {"same_text": same_service, "service_s": service_s,
+                                      "extra": f"baseline: the service, {service_s:.1f} s; service text same as "
+                                               f"transformers {same_service:.0%}"})
     settings = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "model": args.model,
                 "new_tokens": args.new_tokens, "audio_frames": args.audio_frames, "hf_batch": args.hf_batch,
-                "batch_rows": args.batch_rows, "checkpoint": common.checkpoint_summary(ckpt)}
-    common.report("bench_batch", args, settings, [result], ["extra"])
+                "batch_rows": args.batch_rows, "service_concurrency": args.service_concurrency,
+                "checkpoint": common.checkpoint_summary(ckpt)}
+    common.report("bench_batch", args, settings, [job, service], ["extra"])
 
 
 def make_rows(args) -> list[dict]:
@@ -122,6 +138,34 @@ def ours_job(ckpt: Path, rows: list[dict], args) -> tuple[float, dict[str, str]]
         seconds = time.perf_counter() - began
         results = [json.loads(line) for line in (output / "results.jsonl").read_text().splitlines()]
     return seconds, {line["id"]: line["text"] for line in results}
+
+
+def through_service(ckpt: Path, rows: list[dict], args) -> tuple[float, dict[str, str]]:
+    """Seconds for the HTTP service to answer every row, `--service-concurrency` requests in flight, and each
+    row's reply text."""
+    with local_service(ckpt, argparse.Namespace(serve_config=args.serve_config, port=args.port)) as url:
+        return asyncio.run(_through_service(url, rows, args.service_concurrency))
+
+
+async def _through_service(url: str, rows: list[dict], concurrency: int) -> tuple[float, dict[str, str]]:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600)
+    model = (await client.models.list()).data[0].id
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(row: dict) -> tuple[str, str]:
+        speech = "audio" in row["modalities"]
+        extra = {"min_tokens": row["min_tokens"], **({"talker_max_tokens": row["talker_max_tokens"]} if speech else {})}
+        async with slots:
+            reply = await client.chat.completions.create(
+                model=model, messages=row["messages"], modalities=row["modalities"], max_tokens=row["max_tokens"],
+                temperature=0, extra_body=extra, **({"audio": {"voice": "ethan", "format": "wav"}} if speech else {}))
+        return row["id"], reply.choices[0].message.content
+
+    began = time.perf_counter()
+    texts = dict(await asyncio.gather(*(one(row) for row in rows)))
+    return time.perf_counter() - began, texts
 
 
 if __name__ == "__main__":
