@@ -17,7 +17,10 @@ class TalkerPrompt:
     request_id: str
     prompt_ids: torch.Tensor  # [T] int64, the thinker's prompt (unpadded)
     prompt_embeds: torch.Tensor  # [T, H] thinker input embeddings (multimodal features scattered in)
-    prompt_accept_hidden: torch.Tensor  # [T, H] output of thinker layer `accept_hidden_layer - 1`
+    # [N, H] output of thinker layer `accept_hidden_layer - 1` at the prompt's N audio, image and video placeholders,
+    # in order: the talker reads it nowhere else (a session's turn has it for every earlier turn's media, not for
+    # the earlier replies' tokens, which went through the thinker one decode step at a time)
+    prompt_accept_hidden: torch.Tensor
     # For the talker's own MRoPE over the user turns: the same grids and audio lengths
     # the thinker saw.
     image_grid_thw: torch.Tensor | None = None  # [n_images, 3]

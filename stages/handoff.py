@@ -2,7 +2,7 @@
 from it.
 
 The thinker sends one `TalkerPrompt` after its prefill (`talker_prompts`: the unpadded prompt, its input embeddings
-and the accept-layer states, with the grids and audio lengths of its multimodal items), then `ThinkerTokens` as it
+and the accept-layer states at its multimodal positions, with the grids and audio lengths of its multimodal items), then `ThinkerTokens` as it
 generates. The talker side collects them in a `TalkerRequest` and builds its inputs from it
 (`talker_prompt_inputs` for the prefill, `text_entries` for each decode step):
   * user turns of the thinker prompt (system turns and earlier assistant turns dropped): multimodal placeholders
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from common.config import OmniConfig, TalkerConfig
+from common.config import OmniConfig, TalkerConfig, ThinkerConfig
 from common.errors import InvalidRequestError
 from common.messages import TalkerPrompt, ThinkerTokens
 from stages.rope_index import RopeIndexSpec, count_blocks, get_rope_index
@@ -62,10 +62,20 @@ def assistant_positions(cfg: TalkerConfig) -> int:
 
 
 
+def multimodal_mask(cfg: ThinkerConfig, ids: torch.Tensor) -> torch.Tensor:
+    """Where `ids` hold audio, image or video placeholders (the positions of encoder features), same shape."""
+    return (ids == cfg.audio_token_id) | (ids == cfg.image_token_id) | (ids == cfg.video_token_id)
+
+
 def talker_prompts(
-    model: ThinkerLM, prompt: ThinkerPrompt, pre: Prefill, request_ids: list[str], speaking: list[bool]
+    model: ThinkerLM, prompt: ThinkerPrompt, pre: Prefill, request_ids: list[str], speaking: list[bool],
+    reused_accept: torch.Tensor | None = None,
 ) -> list[TalkerPrompt | None]:
-    """Per speaking row, the unpadded prompt with its embeddings, accept-layer states, grids and audio lengths."""
+    """Per speaking row, the unpadded prompt with its embeddings, accept-layer states, grids and audio lengths.
+
+    After a prefill over a session's kept prefix (`pre.reused` tokens, one row), the accept-layer states of the
+    prefix's multimodal positions come from `reused_accept` [n, Ht] (what the session kept), the rest from the
+    prefill: the message is built over the whole prompt either way."""
     valid = prompt.attention_mask.bool()
     used = {"image": 0, "video": 0, "audio": 0}
     out: list[TalkerPrompt | None] = []
@@ -89,7 +99,7 @@ def talker_prompts(
             request_id=request_ids[row],
             prompt_ids=ids,
             prompt_embeds=pre.embeds[row][valid[row]],
-            prompt_accept_hidden=pre.captured[row][valid[row]],
+            prompt_accept_hidden=accept_states(model.cfg, prompt, pre, row, reused_accept),
             image_grid_thw=items["image"],
             video_grid_thw=items["video"],
             video_second_per_grid=items["video_seconds"],
@@ -97,6 +107,17 @@ def talker_prompts(
             use_audio_in_video=prompt.use_audio_in_video,
         ))
     return out
+
+
+def accept_states(cfg: ThinkerConfig, prompt: ThinkerPrompt, pre: Prefill, row: int,
+                  reused_accept: torch.Tensor | None = None) -> torch.Tensor:
+    """The accept-layer states [N, Ht] at a row's multimodal positions, in order (the only positions the talker reads
+    them at: every other position of its user turns takes the input embedding)."""
+    run = prompt.attention_mask.bool()[row, pre.reused :] & multimodal_mask(cfg, prompt.input_ids[row, pre.reused :])
+    states = pre.captured[row][run]  # [n_run, H]
+    if pre.reused:
+        states = torch.cat([reused_accept, states])
+    return states
 
 
 def user_turn_mask(ids: torch.Tensor, cfg: OmniConfig) -> torch.Tensor:
@@ -200,11 +221,12 @@ def talker_prompt_inputs(
     ids = prompt.prompt_ids
     keep = user_turn_mask(ids, cfg)  # [Tp]
     th = cfg.thinker_config
-    multimodal = (ids == th.audio_token_id) | (ids == th.image_token_id) | (ids == th.video_token_id)
+    multimodal = multimodal_mask(th, ids)  # [Tp]
     user = torch.empty(int(keep.sum()), tts.shape[-1], dtype=tts.dtype, device=tts.device)  # [Tu, H]
     mm = multimodal[keep]
-    if bool(mm.any()):
-        user[mm] = talker.hidden_projection(prompt.prompt_accept_hidden[keep][mm].to(tts.dtype))
+    if bool(mm.any()):  # the accept-layer states are those of the multimodal positions, in order
+        accept = prompt.prompt_accept_hidden[keep[multimodal]]  # [Tu_mm, Ht]
+        user[mm] = talker.hidden_projection(accept.to(tts.dtype))
     user[~mm] = talker.text_projection(prompt.prompt_embeds[keep][~mm].to(tts.dtype))
     assistant = _assistant_part(talker, request, tts)  # [9, H]
     embeds = torch.cat([user, assistant])  # [T, H]

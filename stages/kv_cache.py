@@ -53,15 +53,25 @@ class KVCache:
         keys = self.keys[0]
         return KVCache(len(self.keys), 1, keys.shape[1], max_len, keys.shape[3], dtype=keys.dtype, device=keys.device)
 
-    def load_row(self, row: int, source: "KVCache") -> None:
-        """Make `row` hold what the one-row cache `source` holds (its filled slots, which of them are valid and its
-        length), replacing whatever the row held."""
-        n = int(source.lengths[0])
+    def load_row(self, row: int, source: "KVCache", length: int | None = None) -> None:
+        """Make `row` hold what the one-row cache `source` holds (its filled slots, or only its first `length`, which
+        of them are valid and its length), replacing whatever the row held."""
+        n = int(source.lengths[0]) if length is None else length
         for mine, theirs in zip(self.keys + self.values, source.keys + source.values):
             mine[row, :, :n] = theirs[0, :, :n]
         self.valid[row] = False
         self.valid[row, :n] = source.valid[0, :n]
         self.lengths[row] = n
+
+    def copy_row(self, row: int, length: int) -> "KVCache":
+        """The first `length` slots of `row` as a one-row cache of exactly that size (a copy: what a batching engine
+        keeps of a finished request for the next turn of its session)."""
+        copy = self.single_row(length)
+        for mine, theirs in zip(copy.keys + copy.values, self.keys + self.values):
+            mine[0] = theirs[row, :, :length]
+        copy.valid[0] = self.valid[row, :length]
+        copy.lengths[0] = length
+        return copy
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The (keys, values) buffers of one layer, each `[B, kv_heads, S_max, D]`."""

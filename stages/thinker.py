@@ -192,11 +192,25 @@ class ThinkerPrompt:
 
 
 @dataclass
+class PromptInputs:
+    """What the model takes for a prompt, worked out before any of it runs (a session's turn compares it with what
+    it kept, `stages.thinker_sessions`)."""
+
+    embeds: torch.Tensor  # [B, T, H] input embeddings (features scattered in)
+    visual_mask: torch.Tensor | None  # [B, T] image and video positions
+    deepstack: list[torch.Tensor] | None  # per level [N_visual, H], in sequence order
+    positions: torch.Tensor  # [3, B, T] float32 MRoPE positions
+    deltas: torch.Tensor  # [B] rope delta of each row (next position − its length)
+
+
+@dataclass
 class Prefill:
     logits: torch.Tensor  # [B, V] at each row's last prompt token
     next_positions: torch.Tensor  # [B] float, MRoPE position of each row's first generated token
-    embeds: torch.Tensor  # [B, T, H] input embeddings (features scattered in)
-    captured: torch.Tensor | None  # [B, T, H] hidden state number `capture_layer`
+    embeds: torch.Tensor  # [B, T, H] input embeddings (features scattered in), the whole prompt
+    captured: torch.Tensor | None  # [B, T - reused, H] hidden state number `capture_layer` of the tokens run
+    positions: torch.Tensor  # [3, B, T] the prompt's MRoPE positions
+    reused: int = 0  # prompt tokens whose keys and values the cache held already (a session's earlier turns)
 
 
 def prompt_positions(model: ThinkerLM, prompt: ThinkerPrompt) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,20 +223,33 @@ def prompt_positions(model: ThinkerLM, prompt: ThinkerPrompt) -> tuple[torch.Ten
     )
 
 
-def prefill(model: ThinkerLM, prompt: ThinkerPrompt, cache: KVCache, capture_layer: int | None = None) -> Prefill:
-    """Run the prompt through the model, filling `cache` (rows must be empty)."""
+def prompt_inputs(model: ThinkerLM, prompt: ThinkerPrompt) -> PromptInputs:
+    embeds, visual_mask, deepstack = model.embed_prompt(prompt)
+    positions, deltas = prompt_positions(model, prompt)
+    return PromptInputs(embeds, visual_mask, deepstack, positions, deltas)
+
+
+def prefill(model: ThinkerLM, prompt: ThinkerPrompt, cache: KVCache, capture_layer: int | None = None, *,
+            inputs: PromptInputs | None = None, reused: int = 0) -> Prefill:
+    """Run the prompt through the model, filling `cache`. The cache's rows are empty, or (one row) hold the keys and
+    values of the prompt's first `reused` tokens already (a session's earlier turns): then only the rest runs, at
+    its own positions, attending to those slots. `inputs`: `prompt_inputs(model, prompt)`, when computed already."""
     ids, valid = prompt.input_ids, prompt.attention_mask.bool()
     if not bool(valid[:, -1].all()):
         raise InvalidRequestError("prompts must be left-padded (attention_mask ends with 1 in every row)")
-    embeds, visual_mask, deepstack = model.embed_prompt(prompt)
-    positions, deltas = prompt_positions(model, prompt)  # [3, B, T], [B]
-    slots = cache.append(ids.shape[1], valid)  # [B, T]
+    inputs = inputs if inputs is not None else prompt_inputs(model, prompt)
+    visual_mask, deepstack = inputs.visual_mask, inputs.deepstack
+    if reused and visual_mask is not None:  # the DeepStack rows of the visual tokens that run
+        skipped = int(visual_mask[:, :reused].sum())
+        visual_mask, deepstack = visual_mask[:, reused:], [level[skipped:] for level in deepstack or []] or None
+    slots = cache.append(ids.shape[1] - reused, valid[:, reused:])  # [B, T - reused]
     hidden, captured = model(
-        embeds, positions, cache.mask(slots), cache, slots, visual_mask, deepstack, capture_layer
+        inputs.embeds[:, reused:], inputs.positions[:, :, reused:], cache.mask(slots), cache, slots, visual_mask,
+        deepstack, capture_layer,
     )
     logits = model.logits(hidden[:, -1])  # [B, V]
-    next_positions = valid.sum(-1).to(deltas.dtype) + deltas  # [B]
-    return Prefill(logits, next_positions, embeds, captured)
+    next_positions = valid.sum(-1).to(inputs.deltas.dtype) + inputs.deltas  # [B]
+    return Prefill(logits, next_positions, inputs.embeds, captured, inputs.positions, reused)
 
 
 def decode_step(model: ThinkerLM, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -249,6 +276,7 @@ class ThinkerStep:
     finish_reasons: list[str | None]  # "stop" / "length" on the step a row finishes
     talker_prompts: list[TalkerPrompt | None] | None = None  # first step only, rows that speak
     talker_tokens: list[ThinkerTokens | None] | None = None  # rows that speak and produced a token
+    cached_tokens: int = 0  # an engine's session turn, first step: prompt tokens whose keys and values it kept
 
 
 @dataclass

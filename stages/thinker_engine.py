@@ -17,6 +17,12 @@ stages/compile.py). The sampled tokens are read back once per step, after it.
 Each request sees exactly what `stream_generate` yields for a batch of one (the same tokens under greedy decoding,
 the same talker messages).
 
+A request of a session (`submit(..., session=...)`, an engine given a `SessionStore`) leaves its row's keys and
+values behind when it ends, outside the batch: a one-row cache of its own in the store (stages/thinker_sessions.py).
+The session's next turn takes them back when it is admitted, checks how much of its prompt they cover, loads that
+prefix into its row and prefills only the rest. A turn whose prompt does not start like the kept state prefills
+more (all of it, if need be): the same reply either way.
+
 Shapes: R rows, S slots per row, V vocabulary, H hidden.
 """
 
@@ -36,8 +42,9 @@ from stages.batching import Cancellations, finish_reason, hand_over, span_for, s
 from stages.compile import batch_buckets, compile_step, static_buffers
 from stages.kv_cache import KVCache
 from stages.sampling import make_generators, sample_ragged
-from stages.handoff import talker_prompts
-from stages.thinker import ThinkerLM, ThinkerPrompt, ThinkerStep, decode_logits, prefill
+from stages.handoff import accept_states, multimodal_mask, talker_prompts
+from stages.thinker import PromptInputs, ThinkerLM, ThinkerPrompt, ThinkerStep, decode_logits, prefill, prompt_inputs
+from stages.thinker_sessions import KeptSession, SessionStore, reusable_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +58,19 @@ class _Request:
     params: SamplingParams
     speaking: bool
     on_step: StepSink
+    session: str | None = None  # its state is kept for the session's next turn
+
+
+@dataclass
+class _SessionDraft:
+    """What a session's request keeps of its prompt, fixed at its prefill (its keys, values and reply are added when
+    it ends)."""
+
+    positions: torch.Tensor  # [3, T] the prompt's MRoPE positions
+    media_embeds: torch.Tensor  # [N, H] input embeddings at its media positions
+    deepstack: list[torch.Tensor] | None  # per level [N_visual, H]
+    accept: torch.Tensor | None  # [N, H] accept-layer states at its media positions
+    first_position: float  # MRoPE position of the first reply token
 
 
 @dataclass
@@ -67,11 +87,13 @@ class _Row:
     generator: torch.Generator | None
     generated: list[int] = field(default_factory=list)
     last_token: int = 0
+    reused: int = 0  # prompt tokens whose keys and values came from the request's session
+    draft: _SessionDraft | None = None  # a session's request: what it keeps when it ends
 
 
 class ThinkerEngine:
     def __init__(self, model: ThinkerLM, *, max_rows: int, max_len: int, accept_hidden_layer: int | None,
-                 compiled: bool = False):
+                 compiled: bool = False, sessions: SessionStore | None = None):
         text = model.cfg.text_config
         weight = model.lm_head.weight
         self.model = model
@@ -92,6 +114,9 @@ class ThinkerEngine:
         self.incoming: queue.Queue[_Request | None] = queue.Queue()  # None only wakes the engine
         self.waiting: list[_Request] = []  # taken in, waiting for a free row (engine thread only)
         self.cancellations = Cancellations()
+        self.sessions = sessions  # None: requests of a session are refused
+        self.ending: set[str] = set()  # sessions ended from another thread, dropped by the engine thread
+        self.ending_lock = threading.Lock()
         self.closed = False
         self.thread = threading.Thread(target=self._run, name="thinker-engine", daemon=True)
         self.thread.start()
@@ -103,20 +128,29 @@ class ThinkerEngine:
         return prompt.input_ids.shape[1] + params.max_new_tokens <= self.max_len
 
     def submit(self, request_id: str, prompt: ThinkerPrompt, params: SamplingParams, speaking: bool,
-               on_step: StepSink) -> None:
+               on_step: StepSink, session: str | None = None) -> None:
         """Queue a request (one row, no padding); `on_step` then gets each of its steps (the last has a finish
-        reason) or an error."""
+        reason) or an error. With `session`, the request reuses what the session's earlier turns left (as much of
+        it as its prompt starts with) and leaves its own state for the next turn."""
         if prompt.input_ids.shape[0] != 1:
             raise ValueError(f"{request_id}: the engine takes one prompt per request, got {prompt.input_ids.shape[0]}")
         if speaking and self.accept_hidden_layer is None:
             raise ValueError("speaking requests need accept_hidden_layer (talker_config.accept_hidden_layer)")
+        if session is not None and self.sessions is None:
+            raise ValueError(f"{request_id}: this engine keeps no sessions")
         self.cancellations.submitted(request_id)
-        self.incoming.put(_Request(request_id, prompt, params, speaking, on_step))
+        self.incoming.put(_Request(request_id, prompt, params, speaking, on_step, session))
 
     def cancel(self, request_id: str) -> None:
         """Stop a request (its consumer went away); its row is freed before the next step. Harmless when done."""
         self.cancellations.cancel(request_id)
         self.incoming.put(None)  # wakes an idle engine so the id is cleared
+
+    def end_session(self, session: str) -> None:
+        """Drop what a session keeps (its client closed it); a turn of it still running keeps nothing either."""
+        with self.ending_lock:
+            self.ending.add(session)
+        self.incoming.put(None)
 
     def healthy(self) -> bool:
         return self.thread.is_alive()
@@ -138,6 +172,7 @@ class ThinkerEngine:
             while not self.closed:
                 self._take_incoming(block=not self._busy() and not self.waiting)
                 self._drop_cancelled()
+                self._end_sessions()
                 self._admit()
                 if self._busy():
                     self._step_or_fail()
@@ -146,10 +181,12 @@ class ThinkerEngine:
         return [row for row in self.rows if row is not None] + self.solo
 
     def _take_incoming(self, block: bool) -> None:
-        """Move submitted requests to `waiting` (first waiting for one when the engine has nothing to do)."""
+        """Move submitted requests to `waiting` (first waiting for one when the engine has nothing to do, or until
+        the next kept session expires)."""
+        expiry = self.sessions.expire() if self.sessions is not None else None
         while True:
             try:
-                request = self.incoming.get(block=block)
+                request = self.incoming.get(block=block, timeout=expiry if block else None)
             except queue.Empty:
                 return
             block = False
@@ -176,8 +213,11 @@ class ThinkerEngine:
         model, prompt = self.model, request.prompt
         T = prompt.input_ids.shape[1]
         alone = self.cache.single_row(T if into_batch else T + request.params.max_new_tokens)
-        capture = self.accept_hidden_layer if request.speaking else None
-        pre = prefill(model, prompt, alone, capture)
+        # a session's turn keeps the accept-layer states for a later spoken turn, even when it is not spoken itself
+        capture = self.accept_hidden_layer if request.speaking or request.session is not None else None
+        inputs = prompt_inputs(model, prompt)
+        reused, reused_accept = self._reuse(request, inputs, alone)
+        pre = prefill(model, prompt, alone, capture, inputs=inputs, reused=reused)
         history = torch.full((T + request.params.max_new_tokens,), self.vocab_size, dtype=torch.long,
                              device=prompt.input_ids.device)
         history[:T] = prompt.input_ids[0]
@@ -190,11 +230,64 @@ class ThinkerEngine:
         else:
             row = _Row(request, alone, 0, T, history, T, position, generator)
             self.solo.append(row)
+        row.reused = reused
+        if request.session is not None:
+            row.draft = self._draft(prompt, inputs, pre, reused_accept, position)
         talker_prompt = None
         if request.speaking:
-            talker_prompt = talker_prompts(model, prompt, pre, [request.request_id], [True])[0]
+            talker_prompt = talker_prompts(model, prompt, pre, [request.request_id], [True], reused_accept)[0]
         token = self._sample([row], pre.logits[0:1])[0]
         self._advance(row, token, self._embeds([row], [token]), talker_prompt)
+
+    def _reuse(self, request: _Request, inputs: PromptInputs, cache: KVCache) -> tuple[int, torch.Tensor | None]:
+        """Load the part of the request's prompt its session kept into `cache` (one empty row): returns how many
+        tokens that is and the accept-layer states of their media positions."""
+        if request.session is None:
+            return 0, None
+        ids = request.prompt.input_ids[0]
+        kept = self.sessions.take(request.session)
+        reused = 0 if kept is None else reusable_prefix(self.model.cfg, kept, ids, inputs)
+        self.sessions.count(ids.shape[0], reused)
+        if not reused:
+            return 0, None
+        cache.load_row(0, kept.cache, reused)
+        media = int(multimodal_mask(self.model.cfg, ids[:reused]).sum())
+        return reused, kept.accept[:media] if kept.accept is not None else None
+
+    def _draft(self, prompt: ThinkerPrompt, inputs: PromptInputs, pre, reused_accept: torch.Tensor | None,
+               first_position: float) -> _SessionDraft:
+        media = multimodal_mask(self.model.cfg, prompt.input_ids[0])  # [T]
+        accept = None if pre.captured is None else accept_states(self.model.cfg, prompt, pre, 0, reused_accept)
+        return _SessionDraft(pre.positions[:, 0], pre.embeds[0][media], inputs.deepstack, accept, first_position)
+
+    def _keep(self, row: _Row) -> None:
+        """Leave a session's request's state in the store: the keys and values of its row (prompt, then the reply
+        tokens fed back), their ids and positions, and the prompt's media features and states."""
+        draft, prompt_len = row.draft, row.prompt_len
+        length = row.length  # the reply's last token was sampled, never fed
+        fed = row.history[prompt_len:length]
+        # a generated media placeholder ran as a plain token: no turn's prompt holds it so, keep up to it only
+        placeholders = torch.nonzero(multimodal_mask(self.model.cfg, fed))
+        if len(placeholders):
+            length = prompt_len + int(placeholders[0])
+        replies = torch.tensor([draft.first_position + j for j in range(length - prompt_len)],
+                               dtype=draft.positions.dtype, device=draft.positions.device)  # what `_decode` fed
+        positions = torch.cat([draft.positions, replies.expand(3, -1)], dim=1)  # [3, L]
+        kept = KeptSession(row.cache.copy_row(row.index, length), row.history[:length].clone(), positions,
+                           draft.media_embeds, draft.deepstack, draft.accept)
+        self.sessions.keep(row.request.session, kept)
+
+    def _end_sessions(self) -> None:
+        with self.ending_lock:
+            ended, self.ending = self.ending, set()
+        for session in ended:
+            self.sessions.end(session)
+            for request in self.waiting:
+                if request.session == session:
+                    request.session = None
+            for row in self._busy():
+                if row.request.session == session:
+                    row.draft = None
 
     def _step_or_fail(self) -> None:
         try:
@@ -202,7 +295,7 @@ class ThinkerEngine:
         except Exception as exc:  # a fault of the batch: every request in it ends with the error
             logger.exception("thinker engine: decode step failed")
             for row in self._busy():
-                self._free(row)
+                self._free(row, keep=False)  # what the step left in its cache is not to be trusted
                 self._hand(row.request, exc)
 
     def _step(self) -> None:
@@ -276,12 +369,17 @@ class ThinkerEngine:
         talker_tokens = None
         if request.speaking:
             talker_tokens = [ThinkerTokens(request.request_id, [token], embeds, reason is not None, reason)]
-        step = ThinkerStep([token], [reason], [talker_prompt] if talker_prompt is not None else None, talker_tokens)
+        step = ThinkerStep([token], [reason], [talker_prompt] if talker_prompt is not None else None, talker_tokens,
+                           row.reused if len(row.generated) == 1 else 0)
         if reason is not None:
             self._free(row)
         self._hand(request, step)
 
-    def _free(self, row: _Row) -> None:
+    def _free(self, row: _Row, keep: bool = True) -> None:
+        """Free the request's row; a session's request leaves its state first (finished or cancelled: a reply cut
+        short is still the start of what the next turn's prompt holds)."""
+        if keep and row.draft is not None:
+            self._keep(row)
         if row.cache is self.cache:
             self.rows[row.index] = None
             self.cache.reset_rows([row.index])
