@@ -36,6 +36,10 @@ class ThinkerJob:
     audio_embeds: ray.ObjectRef | None = None
     # True when a talker consumes this thinker run: then the thinker yields `TalkerInput`s instead of `TextDelta`s.
     for_talker: bool = False
+    # A conversation's id (a realtime session): its turns go to one thinker replica (`deployments.session_routing`),
+    # which keeps each turn's KV and prefills only what the next turn's prompt adds (`stages.thinker_sessions`). The
+    # job still carries the whole conversation: another replica re-prefills it all when that one is gone.
+    session: str | None = None
 
 
 @dataclass

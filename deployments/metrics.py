@@ -70,6 +70,12 @@ class ServiceMetrics:
             "for a row.",
             tag_keys=("stage",),
         )
+        self.session_prompt_tokens = Counter(
+            "omniray_session_prompt_tokens_total",
+            description="Prompt tokens of the thinker's session turns, by whether their KV was kept from the "
+            "session's earlier turns (reused) or went through the model (prefilled).",
+            tag_keys=("kind",),
+        )
         self.stage_requests = Counter(
             "omniray_stage_requests_total",
             description="Requests handled per stage.",
@@ -88,6 +94,11 @@ class ServiceMetrics:
             self.stage_queue_wait.observe(wait, tags=tags)
         if (first := clock.since("called", "first_out")) is not None:
             self.stage_first_output.observe(first, tags=tags)
+
+    def session_turn(self, prompt_tokens: int, reused: int) -> None:
+        for kind, count in (("reused", reused), ("prefilled", prompt_tokens - reused)):
+            if count:  # a Ray counter takes positive increments only
+                self.session_prompt_tokens.inc(count, tags={"kind": kind})
 
     def stage_tokens(self, stage: str, count: int) -> None:
         if count:

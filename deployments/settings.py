@@ -37,6 +37,13 @@ class ServiceSettings(BaseModel):
     thinker_batch_max_len: int = Field(default=8192, ge=1)
     # the same for each talker replica: replies decode their codec frames together (a row holds the talker's
     # prompt, the user turns, plus the reply's frames)
+    # Sessions (`ThinkerJob.session`): each thinker replica keeps the KV of up to `thinker_kept_sessions`
+    # conversations, `thinker_kept_session_tokens` tokens in all (least recently used dropped first; a token of the
+    # 30B model is 96 KiB in bfloat16: the default is 6 GiB there), each for `thinker_session_idle_s` after its last
+    # turn, or until the session ends.
+    thinker_kept_sessions: int = Field(default=64, ge=0)
+    thinker_kept_session_tokens: int = Field(default=65536, ge=0)
+    thinker_session_idle_s: float = Field(default=300.0, gt=0)
     talker_batch_rows: int = Field(default=8, ge=1)
     talker_batch_max_len: int = Field(default=8192, ge=1)
     # Admission control (deployments/admission.py): beyond what a stage's replicas hold, up to this many requests

@@ -6,6 +6,9 @@ last with finished=True). Each send carries every token produced since the last 
 `ThinkerTokens` of n tokens), so a reply costs a message per batch of ready steps, not per token, and nothing
 waits to fill one. Text is detokenized here, so stop sequences end generation where they appear. The last event
 is the stage's `StageTimes`.
+
+A job with a `session` is routed to the replica that keeps the session's KV (`deployments.session_routing`), whose
+engine prefills only what the conversation added since (`stages.thinker_sessions`); `end_session` frees it.
 """
 
 from __future__ import annotations
@@ -16,22 +19,26 @@ from dataclasses import fields, replace
 
 import torch
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from common.messages import ThinkerTokens
 from common.tokenizer import OmniTokenizer
 from deployments.jobs import TalkerInput, TextDelta, ThinkerJob
 from deployments.runtime import STAGE_DEFAULTS, StageReplica
+from deployments.session_routing import SessionAffinityRouter
 from deployments.settings import ServiceSettings
 from deployments.stop_strings import StopStrings
 from deployments.timeline import StageClock
 from stages.compile import compile_enabled
 from stages.thinker import ThinkerLM, ThinkerPrompt
 from stages.thinker_engine import ThinkerEngine
+from stages.thinker_sessions import SessionStore
 
 logger = logging.getLogger("ray.serve")
 
 
-@serve.deployment(name="thinker", **STAGE_DEFAULTS)
+@serve.deployment(name="thinker", request_router_config=RequestRouterConfig(request_router_class=SessionAffinityRouter),
+                  **STAGE_DEFAULTS)
 class ThinkerStage(StageReplica):
     stage_name = "thinker"
 
@@ -41,11 +48,14 @@ class ThinkerStage(StageReplica):
         self.accept_hidden_layer = config.talker_config.accept_hidden_layer if config.has_talker else None
         self.tokenizer = OmniTokenizer.from_pretrained(self.stage.checkpoint)
         context = config.thinker_config.text_config.max_position_embeddings
-        self.engine = ThinkerEngine(self.stage.module, max_rows=self.settings.thinker_batch_rows,
-                                    max_len=min(self.settings.thinker_batch_max_len, context),
+        settings = self.settings
+        sessions = SessionStore(settings.thinker_kept_sessions, settings.thinker_kept_session_tokens,
+                                settings.thinker_session_idle_s)
+        self.engine = ThinkerEngine(self.stage.module, max_rows=settings.thinker_batch_rows,
+                                    max_len=min(settings.thinker_batch_max_len, context),
                                     accept_hidden_layer=self.accept_hidden_layer,
-                                    compiled=compile_enabled(self.settings.compile, self.stage.device,
-                                                             self.stage.dtype))
+                                    compiled=compile_enabled(settings.compile, self.stage.device, self.stage.dtype),
+                                    sessions=sessions)
 
     async def generate(self, job: ThinkerJob):
         logger.info("thinker: %s (%s)", job.request_id, "for the talker" if job.for_talker else "text")
@@ -55,15 +65,30 @@ class ThinkerStage(StageReplica):
                 yield event
             yield self.finish_times(clock)
 
+    async def end_session(self, session: str) -> None:
+        """Free what this replica keeps of a session (its client closed it). Call it with `session=` as a keyword:
+        the router sends it to the session's replica."""
+        self.engine.end_session(session)
+
+    def describe(self, session: str | None = None) -> dict:
+        """`StageReplica.describe`, plus this replica's actor name and its kept sessions (tokens each) with the
+        prompt tokens of session turns, reused or all. `session=`: ask the replica that session is routed to."""
+        replica = serve.get_replica_context().replica_id.to_full_id_str()
+        return {**super().describe(), "replica": replica, "sessions": self.engine.sessions.summary()}
+
     async def _generate(self, job: ThinkerJob, clock: StageClock):
         """One message of each kind per batch of ready steps: every token since the last send goes out at once."""
         prompt = await self._prompt(job)
         clock.mark("prompt")
         reply = ReplyText(self.tokenizer, job.stop_strings, job.sampling.stop_token_ids)
         prompt_tokens = int(prompt.input_ids.shape[1])
+        first = True
         async with aclosing(self._steps(job, prompt, clock)) as steps:  # closed at once, even on an early return
             async for ready in steps:
                 clock.mark("first_token")
+                if first and job.session is not None:
+                    self.metrics.session_turn(prompt_tokens, ready[0].cached_tokens)
+                first = False
                 text, tokens, talker_prompt = _Delta(job.request_id, prompt_tokens), [], None
                 for step in ready:
                     ids, piece, reason, hit_stop_string = reply.add(step.token_ids[0], step.finish_reasons[0])
@@ -88,7 +113,7 @@ class ThinkerStage(StageReplica):
         """The request's steps from the replica's engine, in lists of those ready (a request too long for a row of
         its batch runs there too, in a cache of its own)."""
         return self.engine_steps(job.request_id, lambda sink: self.engine.submit(
-            job.request_id, prompt, job.sampling, job.for_talker, sink), clock)
+            job.request_id, prompt, job.sampling, job.for_talker, sink, session=job.session), clock)
 
     async def _prompt(self, job: ThinkerJob) -> ThinkerPrompt:
         """The processor's tensors plus the encoder outputs, fetched from the object store, on this device."""
