@@ -866,3 +866,22 @@ def test_tensors_travel_as_arrays(tensor):
     if not received.is_sparse:
         received.zero_()  # writable, and not a view of the sender's memory
         assert received.shape == tensor.shape
+
+
+def test_sessions_keep_their_replica_and_only_a_gone_replicas_sessions_move():
+    """The session router's ranking (rendezvous hashing): the same replica for a session from any caller; when a
+    replica goes, only the sessions it had move, and each to its own second choice; sessions spread over replicas."""
+    from deployments.session_routing import rendezvous_order
+
+    replicas = [f"replica-{i}" for i in range(4)]
+    sessions = [f"session-{i}" for i in range(400)]
+    first = {s: rendezvous_order(s, replicas)[0] for s in sessions}
+    assert first == {s: rendezvous_order(s, list(reversed(replicas)))[0] for s in sessions}
+    assert min(list(first.values()).count(r) for r in replicas) > 50
+    left = [r for r in replicas if r != "replica-2"]
+    for s in sessions:
+        after = rendezvous_order(s, left)[0]
+        if first[s] != "replica-2":
+            assert after == first[s]
+        else:
+            assert after == rendezvous_order(s, replicas)[1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,9 @@ def thinker(tiny_ckpt):
     from deployments.settings import ServiceSettings
     from deployments.thinker import ThinkerStage
 
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    metrics_port = _free_port()
+    ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=metrics_port,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
         settings = ServiceSettings(model=str(tiny_ckpt), torch_threads=1)
@@ -56,7 +59,7 @@ def thinker(tiny_ckpt):
             if time.monotonic() > deadline:
                 pytest.fail(f"the thinker is not running after {START_TIMEOUT_S} s: {status}")
             time.sleep(1)
-        yield serve.get_deployment_handle("thinker", APP)
+        yield serve.get_deployment_handle("thinker", APP), f"http://127.0.0.1:{metrics_port}/metrics"
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -121,6 +124,8 @@ TURNS = ["Hello there.", "Tell me a story.", "Shorter, please.", "And now in Fre
 def test_a_session_stays_on_its_replica_and_moves_when_it_dies(thinker, tiny_ckpt):
     import ray
 
+    thinker, metrics = thinker
+
     talk = Conversation(tiny_ckpt, "chat")
     prompt_tokens = 0
     for turn, text in enumerate(TURNS[:4]):
@@ -159,3 +164,12 @@ def test_a_session_stays_on_its_replica_and_moves_when_it_dies(thinker, tiny_ckp
     was = before.get(answer["replica"], {"prompt_tokens": 0, "reused_tokens": 0})  # the survivor, or a replacement
     assert answer["sessions"]["prompt_tokens"] == was["prompt_tokens"] + job.inputs["input_ids"].shape[1]
     assert answer["sessions"]["reused_tokens"] == was["reused_tokens"]  # re-prefilled, all of it
+
+    # operators see the reuse: each replica pushes its metrics on its own schedule, so wait for both kinds
+    wanted = ['ray_omniray_session_prompt_tokens_total{', 'kind="reused"', 'kind="prefilled"']
+    for _ in range(30):
+        text = urllib.request.urlopen(metrics, timeout=30).read().decode()
+        if all(w in text for w in wanted):
+            break
+        time.sleep(3)
+    assert all(w in text for w in wanted), [w for w in wanted if w not in text]
