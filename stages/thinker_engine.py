@@ -148,6 +148,8 @@ class ThinkerEngine:
 
     def end_session(self, session: str) -> None:
         """Drop what a session keeps (its client closed it); a turn of it still running keeps nothing either."""
+        if self.sessions is None:
+            return
         with self.ending_lock:
             self.ending.add(session)
         self.incoming.put(None)
@@ -379,7 +381,10 @@ class ThinkerEngine:
         """Free the request's row; a session's request leaves its state first (finished or cancelled: a reply cut
         short is still the start of what the next turn's prompt holds)."""
         if keep and row.draft is not None:
-            self._keep(row)
+            try:
+                self._keep(row)
+            except Exception:  # e.g. no memory for the copy: the session's next turn prefills all of it
+                logger.exception("thinker engine: keeping session %s failed", row.request.session)
         if row.cache is self.cache:
             self.rows[row.index] = None
             self.cache.reset_rows([row.index])
