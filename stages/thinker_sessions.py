@@ -17,9 +17,11 @@ At least the prompt's last token always runs, for its logits.
 What is exact: ids, positions, embeddings and so the talker's text inputs are the fresh prefill's, bit for bit. What
 is not: keys, values and hidden states of the kept prefix were computed by an earlier prefill and decode steps over
 fewer tokens, and the new part attends to them through an explicit mask rather than one causal kernel call over the
-whole prompt, so they round differently (measured ~1e-6 in float32 on the tiny checkpoints). Greedy replies, token
-ids and codec codes, are the same as a fresh prefill's there (tests/test_thinker_sessions.py); a reply on a logit
-near-tie could differ, as it could between any two kernels.
+whole prompt, so they round differently (accept-layer states within 7.2e-7 of a fresh prefill's in float32 on both
+tiny checkpoints). Greedy replies, token ids and codec codes, are the same as a fresh prefill's there
+(tests/test_thinker_sessions.py); a reply on a logit near-tie could differ, as it could between any two kernels.
+Media are compared bit for bit, so reuse through an earlier turn's media needs encoder outputs that do not change
+when the call holds other items too (see docs/internals.md, "Sessions").
 
 Kept sessions are bounded per engine: a count and a total of kept tokens (the least recently used go first), and
 an idle time after which a session is dropped; `end` drops one at once (the client closed its session).
