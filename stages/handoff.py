@@ -2,8 +2,8 @@
 from it.
 
 The thinker sends one `TalkerPrompt` after its prefill (`talker_prompts`: the unpadded prompt, its input embeddings
-and the accept-layer states at its multimodal positions, with the grids and audio lengths of its multimodal items), then `ThinkerTokens` as it
-generates. The talker side collects them in a `TalkerRequest` and builds its inputs from it
+and the accept-layer states at its multimodal positions, with the grids and audio lengths of its multimodal items),
+then `ThinkerTokens` as it generates. The talker side collects them in a `TalkerRequest` and builds its inputs from it
 (`talker_prompt_inputs` for the prefill, `text_entries` for each decode step):
   * user turns of the thinker prompt (system turns and earlier assistant turns dropped): multimodal placeholders
     as `hidden_projection(accept-layer state)`, every other token as `text_projection(thinker input embedding)`;

@@ -7,8 +7,8 @@ fewer tokens, so they round differently (compared to 1e-5 here); greedy tokens a
 """
 
 import threading
+import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -146,7 +146,8 @@ def test_turns_reusing_the_session_equal_fresh_prefills(setup, engines):
         assert torch.equal(ours_prompt.prompt_ids, fresh_prompt.prompt_ids)
         assert torch.equal(ours_prompt.prompt_embeds, fresh_prompt.prompt_embeds)
         media = int(multimodal_mask(cfg.thinker_config, fresh_prompt.prompt_ids).sum())
-        assert ours_prompt.prompt_accept_hidden.shape == fresh_prompt.prompt_accept_hidden.shape == (media, cfg.thinker_config.text_config.hidden_size)
+        hidden = cfg.thinker_config.text_config.hidden_size
+        assert ours_prompt.prompt_accept_hidden.shape == fresh_prompt.prompt_accept_hidden.shape == (media, hidden)
         torch.testing.assert_close(ours_prompt.prompt_accept_hidden, fresh_prompt.prompt_accept_hidden,
                                    rtol=0, atol=1e-5)
         for a, b in zip(ours, fresh):
@@ -192,7 +193,7 @@ def test_a_cancelled_reply_is_kept_up_to_where_it_stopped(setup, engines):
     for _ in range(100):  # the engine frees (and keeps) the row at its next step
         if engine.sessions.summary()["kept"]:
             break
-        threading.Event().wait(0.05)
+        time.sleep(0.05)
     assert engine.sessions.summary()["kept"]["chat"] == first_prompt.input_ids.shape[1] + 3
     talk.assistant(tokens(cut))
     talk.user(*TURNS[0])
