@@ -146,7 +146,7 @@ def _decodable_stream(streams, what: str, kind: str):
 # --------------------------------------------------------------------------------------------------
 # Audio
 # --------------------------------------------------------------------------------------------------
-def _resample(mono: np.ndarray, rate: int, target: int) -> np.ndarray:
+def resample(mono: np.ndarray, rate: int, target: int) -> np.ndarray:
     """float32 mono → float32 mono at `target` Hz with av's (libswresample) resampler."""
     if rate == target or mono.size == 0:
         return mono.astype(np.float32, copy=False)
@@ -209,7 +209,7 @@ def decode_audio(source, limits: MediaLimits = DEFAULT_LIMITS, sampling_rate: in
         samples, rate = np.asarray(source[0], dtype=np.float32), int(source[1])
         if samples.ndim == 2:
             samples = samples.mean(axis=1)
-        return _checked_audio(_resample(samples, rate, sampling_rate), sampling_rate, limits, what)
+        return _checked_audio(resample(samples, rate, sampling_rate), sampling_rate, limits, what)
     if isinstance(source, (np.ndarray, torch.Tensor)):
         samples = np.asarray(source, dtype=np.float32)
         if samples.ndim != 1:
@@ -223,7 +223,7 @@ def decode_audio(source, limits: MediaLimits = DEFAULT_LIMITS, sampling_rate: in
                 stream = _decodable_stream(container.streams.audio, what, "audio")
                 decoded = _audio_stream_samples(container, stream, limits, what)
         samples, rate = decoded
-        samples = _resample(samples, rate, sampling_rate)
+        samples = resample(samples, rate, sampling_rate)
     return _checked_audio(samples, sampling_rate, limits, what)
 
 
@@ -339,7 +339,7 @@ def decode_video(source, limits: MediaLimits = DEFAULT_LIMITS, *, fps: float | N
             container.seek(0)
             audio_stream = _decodable_stream(container.streams.audio, what, "audio")
             samples, rate = _audio_stream_samples(container, audio_stream, limits, what)
-            audio = _checked_audio(_resample(samples, rate, sampling_rate), sampling_rate, limits, what)
+            audio = _checked_audio(resample(samples, rate, sampling_rate), sampling_rate, limits, what)
         if len(frames) != len(indices):
             raise MediaDecodeError(f"{what} is truncated: {len(frames)} of {len(indices)} frames decoded")
         frames = np.stack(frames)  # [F, H, W, 3]; fails if a hostile stream changes size midway

@@ -15,7 +15,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
@@ -31,6 +31,7 @@ from deployments.http_errors import error_for, error_response
 from deployments.jobs import PcmChunk, SpeechJob, TextDelta, ThinkerJob
 from deployments.metrics import service_metrics
 from deployments.prepare import check_model, default_voice, prepare_inputs
+from deployments.realtime import RealtimeSession, SessionContext, Turn, serve_websocket
 from deployments.protocol import (
     AssistantMessage,
     AudioReply,
@@ -83,6 +84,10 @@ class Prepared:
     @property
     def speech(self) -> bool:
         return isinstance(self.job, SpeechJob)
+
+    @property
+    def thinker_job(self) -> ThinkerJob:
+        return self.job.thinker if isinstance(self.job, SpeechJob) else self.job
 
 
 @dataclass
@@ -185,6 +190,10 @@ class OmniIngress:
             self.stages.update(talker=talker, code2wav=code2wav)
         self.metrics = service_metrics()
         self.model_id = self.settings.model_id()
+        voices = tuple(self.config.talker_config.speaker_id) if self.config.has_talker and "talker" in self.stages else ()
+        self.realtime_context = SessionContext(
+            self.settings, self.processor.tokenizer, self.model_id, self.default_voice if voices else "", voices,
+            self.config.code2wav_config.total_upsample if voices else 0)
         self.created = int(time.time())
 
     # --- routes ---------------------------------------------------------------------------------------------------
@@ -247,6 +256,40 @@ class OmniIngress:
         except Exception as exc:
             return self._error(exc)
 
+    @app.websocket("/v1/realtime")
+    async def realtime(self, websocket: WebSocket, model: str | None = None):
+        """OpenAI's Realtime API (`deployments.realtime`): each response runs as a streamed chat request."""
+        def make_session(emit) -> RealtimeSession:
+            check_api_key(websocket.headers.get("authorization"), self.settings.api_key)
+            if model is not None:
+                check_model(model, self.settings)
+            return RealtimeSession(emit, self._realtime_turn, self.realtime_context)
+
+        await serve_websocket(websocket, make_session)
+
+    async def _realtime_turn(self, req: ChatCompletionRequest, request_id: str) -> Turn:
+        """One response of a realtime session: prepared and admitted like a chat request, its events streamed."""
+        timeline = Timeline(request_id)
+        prepared = await self._prepare(req, request_id)
+        timeline.ingress.mark("prepared")
+        self.metrics.requests.inc(1, tags={"modalities": "+".join(prepared.modalities), "stream": "realtime"})
+        try:
+            events = await self._admitted(self._events(prepared, Reply(), timeline))
+        except BaseException:
+            self._log(timeline)
+            raise
+        audio_tokens = int((prepared.thinker_job.inputs["input_ids"] == self.config.thinker_config.audio_token_id)
+                           .sum())
+        return Turn(prepared.prompt_tokens, audio_tokens, self._logged(events, timeline))
+
+    async def _logged(self, events: AsyncIterator, timeline: Timeline) -> AsyncIterator:
+        try:
+            async with aclosing(events):
+                async for event in events:
+                    yield event
+        finally:
+            self._log(timeline)
+
     # --- preparing a request ---------------------------------------------------------------------------------------
 
     async def _prepare(self, req: ChatCompletionRequest, request_id: str) -> Prepared:
@@ -304,12 +347,18 @@ class OmniIngress:
             stream = self.stages["code2wav"].options(stream=True).synthesize.remote(prepared.job)
         else:
             stream = self.stages["thinker"].options(stream=True).generate.remote(prepared.job)
-        async for event in stream:
-            if isinstance(event, StageTimes):
-                timeline.add(event)
-                continue
-            self._observe(reply, event, timeline)
-            yield event
+        finished = False
+        try:
+            async for event in stream:
+                if isinstance(event, StageTimes):
+                    timeline.add(event)
+                    continue
+                self._observe(reply, event, timeline)
+                yield event
+            finished = True
+        finally:
+            if not finished:  # closed or cancelled early (a realtime response cancelled): every stage stops
+                stream.cancel()
 
     def _observe(self, reply: Reply, event, timeline: Timeline) -> None:
         clock = timeline.ingress

@@ -61,6 +61,12 @@ class ServiceSettings(BaseModel):
     # first audio), then larger ones (fewer, fuller calls); the default is OmniModel.generate's, so a greedy
     # reply's speech equals OmniModel's bit for bit
     codec_chunk_ramp: tuple[int, ...] = CodecChunking().ramp
+    # realtime sessions (`/v1/realtime`): conversation items a session may hold (each response runs over all of them,
+    # within the model's context), seconds of audio its input buffer may hold uncommitted, and how long it may stay
+    # without a client event before the server closes it
+    realtime_max_items: int = Field(default=256, ge=1)
+    realtime_max_buffer_seconds: float = Field(default=120.0, gt=0)
+    realtime_idle_timeout_s: float = Field(default=600.0, gt=0)
     # media
     max_request_bytes: int = Field(default=256 * 1024 * 1024, ge=1)  # the whole JSON body (inline media included)
     max_media_bytes: int = Field(default=64 * 1024 * 1024, ge=1)  # one item, encoded
