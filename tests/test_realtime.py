@@ -1,0 +1,549 @@
+"""Realtime voice sessions (`/v1/realtime`): pure units (VAD, event parsing, resampling, transcript cuts), then one
+local Ray Serve driven by the real `openai` client's `client.realtime.connect(...)` over `websockets`.
+
+Every server event the client receives is validated against the `openai` package's GA types
+(`RealtimeServerEvent`), so a wrong field name or shape fails the test that sees it. Replies are greedy (the
+session's `temperature: 0` applies to the thinker and the talker), so a realtime response can be compared with
+what chat completions gives for the same conversation, delta for delta.
+
+The speech fixture `data/speech_hello.wav` ("Hello, how are you today?", 22.05 kHz) was made with
+`espeak-ng -v en-us -s 170 -w speech_hello.wav "Hello, how are you today?"` (eSpeak NG 1.51).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+import soundfile as sf
+from pydantic import TypeAdapter
+
+from common.errors import InvalidRequestError
+from common.media import resample
+from common.vad import EnergyVad, SpeechStarted, SpeechStopped, VadParams
+from deployments.audio_out import to_pcm16
+from deployments.realtime_protocol import (
+    Session,
+    UnknownEventError,
+    decode_pcm16,
+    parse_client_event,
+    updated_session,
+)
+
+DATA = Path(__file__).resolve().parent / "data"
+RATE = 24000
+GREEDY = {"temperature": 0}
+TALKER_FRAMES = 80  # the service's talker budget: the tiny model rarely ends its speech by itself
+
+
+def _speech(rate: int) -> np.ndarray:
+    samples, source_rate = sf.read(DATA / "speech_hello.wav", dtype="float32")
+    return resample(samples, source_rate, rate)
+
+
+def _silence(seconds: float, rate: int) -> np.ndarray:
+    return np.zeros(int(seconds * rate), np.float32)
+
+
+def _b64(samples: np.ndarray) -> str:
+    return base64.b64encode(to_pcm16(samples)).decode()
+
+
+# --- units -----------------------------------------------------------------------------------------------------------
+
+def _boundaries(vad: EnergyVad, audio: np.ndarray, chunk: int) -> list:
+    events = []
+    for start in range(0, len(audio), chunk):
+        events += vad.push(audio[start:start + chunk])
+    return events
+
+
+def test_vad_finds_the_turn_in_real_speech():
+    rate = 16000
+    speech = _speech(rate)
+    audio = np.concatenate([_silence(1.0, rate), speech, _silence(1.0, rate)])
+    params = VadParams(threshold=0.5, prefix_padding_ms=300, silence_duration_ms=500)
+    events = _boundaries(EnergyVad(params, rate), audio, chunk=1234)  # chunks not aligned to frames
+    assert [type(e) for e in events] == [SpeechStarted, SpeechStopped], events
+    loud = np.flatnonzero(np.abs(speech) > 0.05)
+    first, last = rate + loud[0], rate + loud[-1]
+    # the start is padded by prefix_padding_ms (within a frame); the stop comes silence_duration_ms after the end
+    assert abs(events[0].start - (first - 0.3 * rate)) <= 0.04 * rate
+    assert 0.46 * rate <= events[1].end - last <= 0.56 * rate
+
+
+def test_vad_pauses_shorter_than_the_silence_duration_do_not_end_a_turn():
+    rate = 24000
+    speech = _speech(rate)
+    # the fixture has a 220 ms pause at its comma and 300 ms of silence at its end: 440 ms between the copies
+    audio = np.concatenate([_silence(0.5, rate), speech, _silence(0.1, rate), speech, _silence(1.0, rate)])
+    events = _boundaries(EnergyVad(VadParams(silence_duration_ms=500), rate), audio, chunk=4800)
+    assert [type(e) for e in events] == [SpeechStarted, SpeechStopped]
+    events = _boundaries(EnergyVad(VadParams(silence_duration_ms=400), rate), audio, chunk=4800)
+    assert [type(e) for e in events] == [SpeechStarted, SpeechStopped] * 2
+
+
+def test_vad_threshold_and_clicks():
+    rate = 24000
+    quiet = np.concatenate([_speech(rate) * 0.03, _silence(1, rate)])  # speech at about -46 dBFS
+    click = np.concatenate([_silence(0.5, rate), np.full(int(0.02 * rate), 0.5, np.float32), _silence(1, rate)])
+    assert _boundaries(EnergyVad(VadParams(threshold=0.5), rate), quiet, 4800) == []
+    assert len(_boundaries(EnergyVad(VadParams(threshold=0.2), rate), quiet, 4800)) == 2  # -50 dBFS
+    assert _boundaries(EnergyVad(VadParams(threshold=0.5), rate), click, 4800) == []  # 20 ms is no speech
+
+
+def test_client_events_are_validated_strictly():
+    with pytest.raises(UnknownEventError, match="unknown or unsupported event type 'response.frobnicate'"):
+        parse_client_event({"type": "response.frobnicate"})
+    with pytest.raises(InvalidRequestError, match="needs a string `type`"):
+        parse_client_event({"audio": "AAAA"})
+    with pytest.raises(Exception, match="audio"):
+        parse_client_event({"type": "input_audio_buffer.append", "audio": 5})
+    with pytest.raises(Exception, match="extra_forbidden|Extra inputs"):
+        parse_client_event({"type": "input_audio_buffer.commit", "item_id": "x"})
+    with pytest.raises(Exception, match="tool"):
+        parse_client_event({"type": "conversation.item.create",
+                            "item": {"type": "message", "role": "tool", "content": [{"type": "input_text"}]}})
+    event = parse_client_event({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"},
+                                                       {"type": "input_audio", "audio": "AAAA"}]}})
+    assert [part.type for part in event.item.content] == ["input_text", "input_audio"]
+    with pytest.raises(InvalidRequestError, match="not base64"):
+        decode_pcm16("not base64!", "audio")
+    with pytest.raises(InvalidRequestError, match="odd number of bytes"):
+        decode_pcm16(base64.b64encode(b"abc").decode(), "audio")
+
+
+def test_session_update_changes_only_what_it_names():
+    session = Session(id="sess_1", model="m")
+    new = updated_session(session, {"type": "realtime", "instructions": "Be brief.",
+                                    "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}})
+    assert new.instructions == "Be brief." and new.audio.input.format.rate == 16000
+    assert new.audio.input.turn_detection == session.audio.input.turn_detection  # untouched
+    assert updated_session(new, {"audio": {"input": {"turn_detection": None}}}).audio.input.turn_detection is None
+    vad = updated_session(new, {"audio": {"input": {"turn_detection": {"silence_duration_ms": 200}}}})
+    assert vad.audio.input.turn_detection.silence_duration_ms == 200
+    assert vad.audio.input.turn_detection.threshold == 0.5
+    for bad, field in [({"tools": []}, "session.tools"), ({"audio": {"input": {"format": {"rate": 11025}}}},
+                                                          "session.audio.input.format.rate"),
+                       ({"audio": {"input": {"turn_detection": {"type": "semantic_vad"}}}},
+                        "session.audio.input.turn_detection"), ({"model": "other"}, "session.model")]:
+        with pytest.raises(Exception) as caught:
+            updated_session(session, bad)
+        assert field in str(caught.value).replace("\n", "."), (bad, caught.value)
+
+
+def test_resampling_to_the_model_rate():
+    from deployments.realtime import to_model_rate
+
+    rate = 16000
+    tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(rate) / rate)).astype(np.float32)  # [S] one second
+    out = np.frombuffer(to_model_rate(to_pcm16(tone), rate), "<i2").astype(np.float32) / 32767
+    assert abs(len(out) - RATE) <= 32
+    spectrum = np.abs(np.fft.rfft(out[:RATE]))
+    assert abs(np.argmax(spectrum) * 1.0 - 440) <= 1  # the same tone, 1 Hz bins
+    assert to_model_rate(to_pcm16(tone), RATE) == to_pcm16(tone)  # already at the model's rate
+
+
+def test_a_truncated_transcript_keeps_one_token_per_frame_heard(tiny_ckpt):
+    from common.tokenizer import OmniTokenizer
+    from deployments.realtime import cut_transcript
+
+    tokenizer = OmniTokenizer.from_pretrained(tiny_ckpt)
+    text = "one two three four five six seven eight"
+    ids = tokenizer.encode(text)
+    assert cut_transcript(tokenizer, text, 0, 1920) == ""
+    assert cut_transcript(tokenizer, text, 80, 1920) == tokenizer.decode(ids[:1])
+    assert cut_transcript(tokenizer, text, 81, 1920) == tokenizer.decode(ids[:2])
+    assert cut_transcript(tokenizer, text, 10_000, 1920) == text
+
+
+# --- the service -----------------------------------------------------------------------------------------------------
+
+API_KEY = "realtime-key"
+SERVER_EVENT = None
+
+
+def _validated(data: bytes) -> dict:
+    """A server event, checked against the openai package's GA schema."""
+    global SERVER_EVENT
+    from openai.types.realtime import RealtimeServerEvent
+
+    if SERVER_EVENT is None:
+        SERVER_EVENT = TypeAdapter(RealtimeServerEvent)
+    event = json.loads(data)
+    if not event["type"].startswith("session."):  # ours may hold extensions (another input rate)
+        SERVER_EVENT.validate_python(event)
+    return event
+
+
+@pytest.fixture(scope="module")
+def service(tiny_ckpt):
+    import ray
+    from ray import serve
+    from ray.serve.api import RunTarget
+
+    from deployments.app import build_app
+    from deployments.serve_cli import wait_for_proxies
+    from test_serve import ROOT, START_TIMEOUT_S, _free_port, _wait_running
+
+    port = _free_port()
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        wait_for_proxies(START_TIMEOUT_S)
+        settings = {"model": str(tiny_ckpt), "served_model_name": "omniray-tiny", "torch_threads": 1,
+                    "api_key": API_KEY, "default_talker_max_tokens": TALKER_FRAMES}
+        serve.run_many([RunTarget(build_app(settings), name="omniray", route_prefix="/")],
+                       wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+        _wait_running(["omniray"])
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _client(url: str, key: str = API_KEY) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+async def _events_until(conn, last: str, seen: list | None = None, timeout: float = 120) -> list[dict]:
+    """Events up to and including the first of type `last`."""
+    events = [] if seen is None else seen
+    while True:
+        event = _validated(await asyncio.wait_for(conn.recv_bytes(), timeout))
+        events.append(event)
+        if event["type"] == last:
+            return events
+
+
+def _of(events: list[dict], kind: str) -> list[dict]:
+    return [e for e in events if e["type"] == kind]
+
+
+async def _session(conn, **session) -> dict:
+    created = _validated(await conn.recv_bytes())
+    assert created["type"] == "session.created"
+    await conn.session.update(session={"type": "realtime", **GREEDY, **session})
+    return (await _events_until(conn, "session.updated"))[-1]["session"]
+
+
+def _user_text(text: str) -> dict:
+    return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+
+
+async def _chat(url: str, messages: list[dict], speech: bool, max_tokens: int | None) -> tuple[str, bytes]:
+    """The same conversation through chat completions (streamed, greedy): (text or transcript, PCM16)."""
+    client = _client(url)
+    kwargs = {"modalities": ["text", "audio"], "audio": {"voice": "ethan", "format": "pcm16"}} if speech else {}
+    if max_tokens is not None:
+        kwargs["max_completion_tokens"] = max_tokens
+    text, pcm = "", b""
+    stream = await client.chat.completions.create(
+        model="omniray-tiny", messages=messages, stream=True,
+        extra_body={"temperature": 0, **({"talker_temperature": 0} if speech else {})}, **kwargs)
+    async for chunk in stream:
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        audio = getattr(delta, "audio", None) or {}
+        text += delta.content or audio.get("transcript", "") or ""
+        if audio.get("data"):
+            pcm += base64.b64decode(audio["data"])
+    return text, pcm
+
+
+def _reply(events: list[dict]) -> tuple[str, bytes]:
+    text = "".join(e["delta"] for e in events if e["type"] in ("response.output_text.delta",
+                                                               "response.output_audio_transcript.delta"))
+    pcm = b"".join(base64.b64decode(e["delta"]) for e in _of(events, "response.output_audio.delta"))
+    return text, pcm
+
+
+def _kinds(events: list[dict]) -> list[str]:
+    """Event types in order, runs of the same delta folded into one."""
+    kinds = []
+    for e in events:
+        if not (kinds and kinds[-1] == e["type"] and e["type"].endswith(".delta")):
+            kinds.append(e["type"])
+    return kinds
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.mark.slow
+def test_a_text_turn_equals_chat_completions(service):
+    async def go():
+        async with _client(service).realtime.connect(model="omniray-tiny") as conn:
+            session = await _session(conn, output_modalities=["text"], instructions="Answer briefly.",
+                                     max_output_tokens=12, audio={"input": {"turn_detection": None}})
+            assert session["output_modalities"] == ["text"] and session["audio"]["input"]["turn_detection"] is None
+            await conn.conversation.item.create(item=_user_text("Hello there, who are you?"))
+            await conn.response.create()
+            return await _events_until(conn, "response.done")
+
+    events = run(go())
+    assert _kinds(events) == [
+        "conversation.item.added", "conversation.item.done", "response.created", "conversation.item.added",
+        "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+        "conversation.item.done", "response.done"]
+    text, _ = _reply(events)
+    done = events[-1]["response"]
+    assert done["status"] == "incomplete" and done["status_details"]["reason"] == "max_output_tokens"
+    assert done["usage"]["output_tokens"] == 12 and done["usage"]["input_tokens"] > 0
+    assert done["output"][0]["content"] == [{"type": "output_text", "text": text}]
+    assert _of(events, "response.output_text.done")[0]["text"] == text
+    expected, _ = run(_chat(service, [{"role": "system", "content": "Answer briefly."},
+                                      {"role": "user", "content": "Hello there, who are you?"}], False, 12))
+    assert text == expected and text
+
+
+@pytest.mark.slow
+def test_an_audio_turn_with_a_spoken_reply_equals_chat_completions(service):
+    """User audio through the input buffer (committed by hand), a spoken reply: its transcript and its PCM equal
+    chat completions' for the same audio (as a 24 kHz WAV)."""
+    speech = _speech(RATE)
+
+    async def go():
+        async with _client(service).realtime.connect(model="omniray-tiny") as conn:
+            session = await _session(conn, max_output_tokens=6, audio={"input": {"turn_detection": None}})
+            assert session["output_modalities"] == ["audio"] and session["audio"]["output"]["voice"] == "ethan"
+            for start in range(0, len(speech), 4800):
+                await conn.input_audio_buffer.append(audio=_b64(speech[start:start + 4800]))
+            await conn.input_audio_buffer.commit()
+            events = await _events_until(conn, "conversation.item.done")
+            await conn.response.create()
+            return await _events_until(conn, "response.done", events)
+
+    events = run(go())
+    committed = _of(events, "input_audio_buffer.committed")[0]
+    user = _of(events, "conversation.item.added")[0]["item"]
+    assert user["id"] == committed["item_id"] and user["content"] == [{"type": "input_audio", "transcript": None}]
+    transcript, pcm = _reply(events)
+    assert "response.output_audio.delta" in _kinds(events)
+    assert _of(events, "response.output_audio_transcript.done")[0]["transcript"] == transcript
+    done = events[-1]["response"]
+    assert done["output"][0]["content"] == [{"type": "output_audio", "transcript": transcript}]
+    assert done["usage"]["input_token_details"]["audio_tokens"] > 0
+    from deployments.realtime import Item, Part
+
+    wav_message = Item("u", "user", [Part("input_audio", pcm=to_pcm16(speech))]).chat_message()
+    expected_text, expected_pcm = run(_chat(service, [wav_message], True, 6))
+    assert transcript == expected_text and transcript
+    assert pcm == expected_pcm and len(pcm) > 0
+
+
+@pytest.mark.slow
+def test_multi_turn_keeps_the_history(service):
+    async def go():
+        replies = []
+        async with _client(service).realtime.connect(model="omniray-tiny") as conn:
+            await _session(conn, output_modalities=["text"], max_output_tokens=8,
+                           audio={"input": {"turn_detection": None}})
+            for question in ("Hello there, who are you?", "And what can you do?"):
+                await conn.conversation.item.create(item=_user_text(question))
+                await conn.response.create()
+                replies.append(_reply(await _events_until(conn, "response.done"))[0])
+            # a per-response override: this one answers with no history after the first question
+            return replies
+
+    first, second = run(go())
+    messages = [{"role": "user", "content": "Hello there, who are you?"}]
+    assert first == run(_chat(service, messages, False, 8))[0]
+    messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "And what can you do?"}]
+    assert second == run(_chat(service, messages, False, 8))[0]
+
+
+@pytest.mark.slow
+def test_server_vad_commits_real_speech_and_replies(service):
+    """espeak-ng speech at 16 kHz between silences, appended in 100 ms chunks: the VAD finds the turn, commits
+    it (resampled to 24 kHz) and starts the reply itself."""
+    rate = 16000
+    audio = np.concatenate([_silence(0.8, rate), _speech(rate), _silence(0.9, rate)])
+
+    async def go():
+        async with _client(service).realtime.connect(model="omniray-tiny") as conn:
+            await _session(conn, output_modalities=["text"], max_output_tokens=4, audio={"input": {
+                "format": {"type": "audio/pcm", "rate": rate},
+                "turn_detection": {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 200,
+                                   "silence_duration_ms": 400}}})
+            for start in range(0, len(audio), rate // 10):
+                await conn.input_audio_buffer.append(audio=_b64(audio[start:start + rate // 10]))
+            return await _events_until(conn, "response.done")
+
+    events = run(go())
+    assert _kinds(events)[:6] == ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                                  "input_audio_buffer.committed", "conversation.item.added",
+                                  "conversation.item.done", "response.created"]
+    started, stopped = events[0], events[1]
+    speech_ms = len(_speech(rate)) / rate * 1000
+    assert 800 - 200 - 40 <= started["audio_start_ms"] <= 800  # the first loud frame, less the padding
+    assert stopped["item_id"] == started["item_id"] == events[2]["item_id"]
+    assert 800 + 400 <= stopped["audio_end_ms"] <= 800 + speech_ms + 400 + 40
+    assert events[-1]["response"]["status"] == "incomplete"  # 4 tokens
+
+
+def _busy(stages: list[str]) -> dict:
+    from ray import serve
+
+    return {name: ids for name in stages
+            if (ids := serve.get_deployment_handle(name, "omniray").describe.remote().result()["in_flight"])}
+
+
+def _wait_free(stages: list[str]) -> dict:
+    deadline = time.monotonic() + 8  # the replies would go on for much longer
+    busy = _busy(stages)
+    while busy and time.monotonic() < deadline:
+        time.sleep(0.3)
+        busy = _busy(stages)
+    return busy
+
+
+SPOKEN = ["thinker", "talker", "code2wav"]
+
+
+@pytest.mark.slow
+def test_barge_in_cancels_the_reply_and_truncates_it_to_what_was_sent(service):
+    """Speech during a spoken reply: the reply is cancelled (turn_detected), every stage frees it, the assistant
+    item keeps the audio sent and the transcript of it, and the next response is built on that truncated reply."""
+    speech = _speech(RATE)
+
+    async def go():
+        async with _client(service).realtime.connect(model="omniray-tiny") as conn:
+            await _session(conn, audio={"input": {"turn_detection": {
+                "type": "server_vad", "create_response": False, "silence_duration_ms": 300}}})
+            await conn.conversation.item.create(item=_user_text("Count to three, please."))
+            await conn.response.create()
+            events = await _events_until(conn, "response.output_audio.delta")
+            await conn.input_audio_buffer.append(audio=_b64(speech[: RATE // 2]))  # the user starts speaking
+            await _events_until(conn, "response.done", events)
+            busy = await asyncio.to_thread(_wait_free, SPOKEN)
+            await conn.input_audio_buffer.append(audio=_b64(np.concatenate([speech[RATE // 2:],
+                                                                             _silence(0.6, RATE)])))
+            committed = (await _events_until(conn, "conversation.item.done", events))[-1]["item"]
+            # the next turn in text (the committed speech deleted, a question typed instead): exactly comparable
+            await conn.conversation.item.delete(item_id=committed["id"])
+            await conn.conversation.item.create(item=_user_text("And then?"))
+            await conn.response.create(response={"output_modalities": ["text"], "max_output_tokens": 6})
+            await _events_until(conn, "response.done", events)
+            return events, busy
+
+    events, busy = run(go())
+    assert not busy, f"still serving a cancelled reply: {busy}"
+    first_done = _of(events, "response.done")[0]["response"]
+    assert first_done["status"] == "cancelled" and first_done["status_details"]["reason"] == "turn_detected"
+    barge = [e["type"] for e in events].index("input_audio_buffer.speech_started")
+    sent = b"".join(base64.b64decode(e["delta"]) for e in _of(events[:barge], "response.output_audio.delta"))
+    truncated = _of(events, "conversation.item.truncated")[0]
+    assert truncated["item_id"] == first_done["output"][0]["id"]
+    assert truncated["audio_end_ms"] == int(len(sent) / 2 / RATE * 1000)
+    said = first_done["output"][0]["content"][0]["transcript"]
+    full = "".join(e["delta"] for e in _of(events, "response.output_audio_transcript.delta"))
+    assert full.startswith(said) and len(said) < len(full)  # the thinker ran ahead of the speech
+    text = _reply(events[[e["type"] for e in events].index("conversation.item.deleted"):])[0]
+    messages = [{"role": "user", "content": "Count to three, please."}, {"role": "assistant", "content": said},
+                {"role": "user", "content": "And then?"}]
+    assert text == run(_chat(service, messages, False, 6))[0] and text
+
+
+@pytest.mark.slow
+def test_response_cancel_frees_every_stage_and_the_session_goes_on(service):
+    async def go():
+        async with _client(service).realtime.connect(model="omniray-tiny") as conn:
+            await _session(conn, audio={"input": {"turn_detection": None}})
+            await conn.conversation.item.create(item=_user_text("Count to three, please."))
+            await conn.response.create()
+            events = await _events_until(conn, "response.output_audio.delta")
+            await conn.response.cancel()
+            await _events_until(conn, "response.done", events)
+            busy = await asyncio.to_thread(_wait_free, SPOKEN)
+            await conn.response.create(response={"output_modalities": ["text"], "max_output_tokens": 3})
+            after = await _events_until(conn, "response.done")
+            return events, busy, after
+
+    events, busy, after = run(go())
+    done = events[-1]["response"]
+    assert done["status"] == "cancelled" and done["status_details"]["reason"] == "client_cancelled"
+    assert done["output"][0]["status"] == "incomplete"
+    assert not busy, f"still serving a cancelled reply: {busy}"
+    assert after[-1]["response"]["status"] == "incomplete" and after[-1]["response"]["usage"]["output_tokens"] == 3
+
+
+@pytest.mark.slow
+def test_bad_events_get_an_error_and_the_session_stays_usable(service):
+    bad = [
+        ({"type": "response.frobnicate", "event_id": "e1"}, "type", "unknown_event"),
+        ({"type": "input_audio_buffer.append", "audio": "not base64!", "event_id": "e2"}, "audio",
+         "invalid_request"),
+        ({"type": "input_audio_buffer.append", "audio": 5, "event_id": "e3"}, "audio", "invalid_value"),
+        ({"type": "session.update", "session": {"tools": []}, "event_id": "e4"}, "session.tools", "unknown_field"),
+        ({"type": "conversation.item.truncate", "item_id": "nope", "content_index": 0, "audio_end_ms": 10,
+          "event_id": "e5"}, "item_id", "invalid_request"),
+        ({"type": "response.cancel", "event_id": "e6"}, "response_id", "invalid_request"),
+        ({"type": "input_audio_buffer.commit", "event_id": "e7"}, "input_audio_buffer", "invalid_request"),
+        ({"type": "response.create", "event_id": "e8"}, "response", "invalid_request"),  # nothing to answer
+        ({"type": "session.update", "session": {"audio": {"output": {"voice": "alloy"}}}, "event_id": "e9"},
+         "session.audio.output.voice", "unknown_voice"),
+    ]
+
+    async def go():
+        async with _client(service).realtime.connect(model="omniray-tiny") as conn:
+            await _session(conn, audio={"input": {"turn_detection": None}})
+            errors = []
+            for event, _, _ in bad:
+                await conn._connection.send(json.dumps(event))
+                errors.append((await _events_until(conn, "error"))[-1]["error"])
+            await conn._connection.send("{not json")
+            errors.append((await _events_until(conn, "error"))[-1]["error"])
+            await conn.conversation.item.create(item=_user_text("Hello there, who are you?"))
+            await conn.response.create(response={"output_modalities": ["text"], "max_output_tokens": 2})
+            return errors, await _events_until(conn, "response.done")
+
+    errors, after = run(go())
+    for (event, param, code), error in zip(bad, errors):
+        assert error["event_id"] == event["event_id"] and error["param"] == param, (event, error)
+        assert error["code"] == code, (event, error)
+        assert error["type"] == "invalid_request_error"
+    assert "not valid JSON" in errors[-1]["message"]
+    assert after[-1]["response"]["usage"]["output_tokens"] == 2
+
+
+@pytest.mark.slow
+def test_a_wrong_api_key_or_model_is_refused(service):
+    async def refused(key: str, model: str) -> tuple[dict, int]:
+        async with _client(service, key).realtime.connect(model=model) as conn:
+            event = json.loads(await conn.recv_bytes())
+            with pytest.raises(Exception):
+                await conn.recv_bytes()
+            return event, conn._connection.close_code
+
+    event, code = run(refused("wrong", "omniray-tiny"))
+    assert event["type"] == "error" and event["error"]["type"] == "authentication_error" and code == 1008
+    event, code = run(refused(API_KEY, "gpt-realtime"))
+    assert event["error"]["param"] == "model" and code == 1008
+
+
+@pytest.mark.slow
+def test_a_client_that_vanishes_frees_every_stage(service):
+    async def go():
+        conn = await _client(service).realtime.connect(model="omniray-tiny").enter()
+        await _session(conn, audio={"input": {"turn_detection": None}})
+        await conn.conversation.item.create(item=_user_text("Count to three, please."))
+        await conn.response.create()
+        await _events_until(conn, "response.output_audio.delta")
+        busy = await asyncio.to_thread(_busy, SPOKEN)
+        await conn._connection.close()  # no cancel, no goodbye
+        return busy
+
+    busy_before = run(go())
+    assert busy_before, "the reply was not under way"
+    assert not _wait_free(SPOKEN)
