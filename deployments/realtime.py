@@ -196,6 +196,12 @@ class Response:
                 "output_token_details": {"text_tokens": output, "audio_tokens": 0}}
 
 
+def _content_part(response: Response) -> dict:
+    """The response's content part as the `response.content_part.*` events show it."""
+    part = response.part
+    return {"type": "audio", "transcript": part.transcript} if response.speech else {"type": "text", "text": part.text}
+
+
 # --- the session -----------------------------------------------------------------------------------------------------
 
 class RealtimeSession:
@@ -522,8 +528,7 @@ class RealtimeSession:
         self.emit({"type": "conversation.item.added", "item": item, "previous_item_id": previous})
         self.emit({"type": "response.output_item.added", "response_id": response.id, "output_index": 0,
                          "item": item})
-        part = {"type": "audio", "transcript": ""} if response.speech else {"type": "text", "text": ""}
-        self.emit({"type": "response.content_part.added", **self._where(response), "part": part})
+        self.emit({"type": "response.content_part.added", **self._where(response), "part": _content_part(response)})
 
     async def _output(self, response: Response, event: TextDelta | PcmChunk) -> None:
         part, where = response.part, self._where(response)
@@ -559,7 +564,7 @@ class RealtimeSession:
             self.emit({"type": "response.output_audio.done", **where})
         else:
             self.emit({"type": "response.output_text.done", **where, "text": part.text})
-        self.emit({"type": "response.content_part.done", **where, "part": response.part.api()})
+        self.emit({"type": "response.content_part.done", **where, "part": _content_part(response)})
         self.emit({"type": "response.output_item.done", "response_id": response.id, "output_index": 0,
                          "item": item.api()})
         index = self.items.index(item)

@@ -167,19 +167,26 @@ def test_a_truncated_transcript_keeps_one_token_per_frame_heard(tiny_ckpt):
 # --- the service -----------------------------------------------------------------------------------------------------
 
 API_KEY = "realtime-key"
-SERVER_EVENT = None
+
+
+def _server_event_models() -> dict:
+    from typing import get_args
+
+    from openai.types.realtime import RealtimeServerEvent
+
+    members = get_args(get_args(RealtimeServerEvent)[0])  # Annotated[Union[...], discriminator] → the members
+    return {get_args(model.model_fields["type"].annotation)[0]: TypeAdapter(model) for model in members}
+
+
+SERVER_EVENTS = _server_event_models()
 
 
 def _validated(data: bytes) -> dict:
-    """A server event, checked against the openai package's GA schema."""
-    global SERVER_EVENT
-    from openai.types.realtime import RealtimeServerEvent
-
-    if SERVER_EVENT is None:
-        SERVER_EVENT = TypeAdapter(RealtimeServerEvent)
+    """A server event, checked against the openai package's GA model of its type."""
     event = json.loads(data)
-    if not event["type"].startswith("session."):  # ours may hold extensions (another input rate)
-        SERVER_EVENT.validate_python(event)
+    assert event["type"] in SERVER_EVENTS, event["type"]
+    if not event["type"].startswith("session.") or event["session"]["audio"]["input"]["format"]["rate"] == RATE:
+        SERVER_EVENTS[event["type"]].validate_python(event)  # (another input rate is our extension)
     return event
 
 
@@ -240,22 +247,22 @@ def _user_text(text: str) -> dict:
 
 async def _chat(url: str, messages: list[dict], speech: bool, max_tokens: int | None) -> tuple[str, bytes]:
     """The same conversation through chat completions (streamed, greedy): (text or transcript, PCM16)."""
-    client = _client(url)
     kwargs = {"modalities": ["text", "audio"], "audio": {"voice": "ethan", "format": "pcm16"}} if speech else {}
     if max_tokens is not None:
         kwargs["max_completion_tokens"] = max_tokens
     text, pcm = "", b""
-    stream = await client.chat.completions.create(
-        model="omniray-tiny", messages=messages, stream=True,
-        extra_body={"temperature": 0, **({"talker_temperature": 0} if speech else {})}, **kwargs)
-    async for chunk in stream:
-        if not chunk.choices:
-            continue
-        delta = chunk.choices[0].delta
-        audio = getattr(delta, "audio", None) or {}
-        text += delta.content or audio.get("transcript", "") or ""
-        if audio.get("data"):
-            pcm += base64.b64decode(audio["data"])
+    async with _client(url) as client:
+        stream = await client.chat.completions.create(
+            model="omniray-tiny", messages=messages, stream=True,
+            extra_body={"temperature": 0, **({"talker_temperature": 0} if speech else {})}, **kwargs)
+        async for chunk in stream:
+            if not chunk.choices:
+                continue
+            delta = chunk.choices[0].delta
+            audio = getattr(delta, "audio", None)
+            text += delta.content or getattr(audio, "transcript", None) or ""
+            if getattr(audio, "data", None):
+                pcm += base64.b64decode(audio.data)
     return text, pcm
 
 
