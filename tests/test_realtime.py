@@ -260,7 +260,7 @@ async def _chat(url: str, messages: list[dict], speech: bool, max_tokens: int | 
                 continue
             delta = chunk.choices[0].delta
             audio = getattr(delta, "audio", None)
-            text += delta.content or getattr(audio, "transcript", None) or ""
+            text += (getattr(audio, "transcript", None) if speech else delta.content) or ""  # speech: its transcript
             if getattr(audio, "data", None):
                 pcm += base64.b64decode(audio.data)
     return text, pcm
