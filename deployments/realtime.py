@@ -40,7 +40,6 @@ from deployments.jobs import PcmChunk, TextDelta
 from deployments.protocol import ChatCompletionRequest, parse_json_body
 from deployments.realtime_protocol import (
     SAMPLE_RATE,
-    AssistantMessage,
     BufferAppend,
     BufferClear,
     BufferCommit,
@@ -54,7 +53,6 @@ from deployments.realtime_protocol import (
     ResponseParams,
     Session,
     SessionUpdate,
-    SystemMessage,
     decode_pcm16,
     error_event,
     new_id,
@@ -173,6 +171,7 @@ class Response:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     prompt_audio_tokens: int = 0
+    output_audio_tokens: int = 0  # codec frames sent
 
     @property
     def part(self) -> Part:
@@ -193,7 +192,7 @@ class Response:
                 "output_tokens": output,
                 "input_token_details": {"text_tokens": self.prompt_tokens - self.prompt_audio_tokens,
                                         "audio_tokens": self.prompt_audio_tokens, "cached_tokens": 0},
-                "output_token_details": {"text_tokens": output, "audio_tokens": 0}}
+                "output_token_details": {"text_tokens": output, "audio_tokens": self.output_audio_tokens}}
 
 
 def _content_part(response: Response) -> dict:
@@ -262,8 +261,11 @@ class RealtimeSession:
             raise InvalidRequestError("commit or clear the input audio buffer before changing its format",
                                       param="session.audio.input.format")
         self._check_voice(new.audio.output.voice, "session.audio.output.voice")
+        detection_changed = (new.audio.input.turn_detection != self.session.audio.input.turn_detection
+                             or new.audio.input.format != self.session.audio.input.format)
         self.session = new
-        self._reset_vad()
+        if detection_changed:  # (a speech under way is kept across other changes)
+            self._reset_vad()
         self.emit({"type": "session.updated", "session": new.model_dump()})
 
     def _check_voice(self, voice: str | None, param: str) -> None:
@@ -322,7 +324,7 @@ class RealtimeSession:
         self._drop_before(start)
         self.speech_item_id = new_id("item")
         self.emit({"type": "input_audio_buffer.speech_started", "audio_start_ms": self._ms(start),
-                         "item_id": self.speech_item_id})
+                   "item_id": self.speech_item_id})
         detection = self.session.audio.input.turn_detection
         if detection.interrupt_response and self.response is not None:
             await self._cancel("turn_detected")
@@ -330,7 +332,7 @@ class RealtimeSession:
     async def _speech_stopped(self, end: int) -> None:
         item_id, self.speech_item_id = self.speech_item_id, None
         self.emit({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": self._ms(end),
-                         "item_id": item_id})
+                   "item_id": item_id})
         cut = 2 * (end - self.buffer_start)
         pcm, self.buffer[:cut] = bytes(self.buffer[:cut]), b""
         self.buffer_start = end
@@ -433,7 +435,7 @@ class RealtimeSession:
         part.transcript = cut_transcript(self.context.tokenizer, part.transcript or "", audio_end_ms,
                                          self.context.samples_per_token)
         self.emit({"type": "conversation.item.truncated", "item_id": item.id, "content_index": index,
-                         "audio_end_ms": audio_end_ms})
+                   "audio_end_ms": audio_end_ms})
 
     # --- responses ---------------------------------------------------------------------------------------------------
 
@@ -527,7 +529,7 @@ class RealtimeSession:
         item = response.item.api()
         self.emit({"type": "conversation.item.added", "item": item, "previous_item_id": previous})
         self.emit({"type": "response.output_item.added", "response_id": response.id, "output_index": 0,
-                         "item": item})
+                   "item": item})
         self.emit({"type": "response.content_part.added", **self._where(response), "part": _content_part(response)})
 
     async def _output(self, response: Response, event: TextDelta | PcmChunk) -> None:
@@ -551,6 +553,8 @@ class RealtimeSession:
 
     async def _finish(self, response: Response, status: str, details: dict | None) -> None:
         self.response = None
+        if response.speech:
+            response.output_audio_tokens = math.ceil(len(response.part.pcm) / 2 / self.context.samples_per_token)
         if response.started_output:
             await self._finish_output(response, status)
         self.emit({"type": "response.done", "response": response.api(status, details)})
@@ -560,13 +564,13 @@ class RealtimeSession:
         item.status = "completed" if status == "completed" else "incomplete"
         if response.speech:
             self.emit({"type": "response.output_audio_transcript.done", **where,
-                             "transcript": part.transcript})
+                       "transcript": part.transcript})
             self.emit({"type": "response.output_audio.done", **where})
         else:
             self.emit({"type": "response.output_text.done", **where, "text": part.text})
         self.emit({"type": "response.content_part.done", **where, "part": _content_part(response)})
         self.emit({"type": "response.output_item.done", "response_id": response.id, "output_index": 0,
-                         "item": item.api()})
+                   "item": item.api()})
         index = self.items.index(item)
         previous = self.items[index - 1].id if index else None
         self.emit({"type": "conversation.item.done", "item": item.api(), "previous_item_id": previous})
