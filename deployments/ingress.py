@@ -31,7 +31,6 @@ from deployments.http_errors import error_for, error_response
 from deployments.jobs import PcmChunk, SpeechJob, TextDelta, ThinkerJob
 from deployments.metrics import service_metrics
 from deployments.prepare import check_model, default_voice, prepare_inputs
-from deployments.realtime import RealtimeSession, SessionContext, Turn, serve_websocket
 from deployments.protocol import (
     AssistantMessage,
     AudioReply,
@@ -44,6 +43,7 @@ from deployments.protocol import (
     parse_json_body,
     read_body,
 )
+from deployments.realtime import RealtimeSession, SessionContext, Turn, serve_websocket
 from deployments.runtime import send_tensors_as_arrays
 from deployments.settings import ServiceSettings
 from deployments.sse import DONE, ChunkWriter
@@ -190,10 +190,11 @@ class OmniIngress:
             self.stages.update(talker=talker, code2wav=code2wav)
         self.metrics = service_metrics()
         self.model_id = self.settings.model_id()
-        voices = tuple(self.config.talker_config.speaker_id) if self.config.has_talker and "talker" in self.stages else ()
+        speech = self.config.has_talker
         self.realtime_context = SessionContext(
-            self.settings, self.processor.tokenizer, self.model_id, self.default_voice if voices else "", voices,
-            self.config.code2wav_config.total_upsample if voices else 0)
+            self.settings, self.processor.tokenizer, self.model_id, self.default_voice,
+            tuple(self.config.talker_config.speaker_id) if speech else (),
+            self.config.code2wav_config.total_upsample if speech else 0)
         self.created = int(time.time())
 
     # --- routes ---------------------------------------------------------------------------------------------------
