@@ -500,6 +500,11 @@ def test_bad_events_get_an_error_and_the_session_stays_usable(service):
         ({"type": "response.create", "event_id": "e8"}, "response", "invalid_request"),  # nothing to answer
         ({"type": "session.update", "session": {"audio": {"output": {"voice": "alloy"}}}, "event_id": "e9"},
          "session.audio.output.voice", "unknown_voice"),
+        ({"type": "conversation.item.create", "item": _user_text("hi"), "previous_item_id": "nope",
+          "event_id": "e10"}, "previous_item_id", "invalid_request"),
+        ({"type": "conversation.item.create", "event_id": "e11", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_image", "image_url": "data:"}]}},
+         "item.content[0]", "invalid_value"),
     ]
 
     async def go():
@@ -511,16 +516,27 @@ def test_bad_events_get_an_error_and_the_session_stays_usable(service):
                 errors.append((await _events_until(conn, "error"))[-1]["error"])
             await conn._connection.send("{not json")
             errors.append((await _events_until(conn, "error"))[-1]["error"])
+            await conn.input_audio_buffer.append(audio=_b64(_speech(RATE)[:RATE // 5]))
+            await conn.input_audio_buffer.clear()
+            await _events_until(conn, "input_audio_buffer.cleared")
+            await conn.input_audio_buffer.commit()  # cleared: nothing to commit
+            errors.append((await _events_until(conn, "error"))[-1]["error"])
             await conn.conversation.item.create(item=_user_text("Hello there, who are you?"))
+            await _events_until(conn, "conversation.item.done")
+            await conn.conversation.item.create(item={"type": "message", "role": "system", "content": [
+                {"type": "input_text", "text": "Be brief."}]}, previous_item_id="root")
+            first = (await _events_until(conn, "conversation.item.done"))[-1]
             await conn.response.create(response={"output_modalities": ["text"], "max_output_tokens": 2})
-            return errors, await _events_until(conn, "response.done")
+            return errors, first, await _events_until(conn, "response.done")
 
-    errors, after = run(go())
+    errors, first, after = run(go())
     for (event, param, code), error in zip(bad, errors):
         assert error["event_id"] == event["event_id"] and error["param"] == param, (event, error)
         assert error["code"] == code, (event, error)
         assert error["type"] == "invalid_request_error"
-    assert "not valid JSON" in errors[-1]["message"]
+    assert "not valid JSON" in errors[-2]["message"]
+    assert errors[-1]["param"] == "input_audio_buffer"
+    assert first["item"]["role"] == "system" and first["previous_item_id"] is None  # inserted at the start
     assert after[-1]["response"]["usage"]["output_tokens"] == 2
 
 
