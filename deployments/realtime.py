@@ -164,6 +164,7 @@ class Response:
     item: Item
     speech: bool
     params: ResponseParams
+    max_output_tokens: int | str  # the response's own, else the session's ("inf": the service's default)
     task: asyncio.Task | None = None
     cancel_reason: str | None = None  # client_cancelled | turn_detected
     started_output: bool = False
@@ -180,7 +181,7 @@ class Response:
     def api(self, status: str, details: dict | None = None) -> dict:
         body = {"id": self.id, "object": "realtime.response", "status": status, "status_details": details,
                 "conversation_id": None, "output_modalities": ["audio"] if self.speech else ["text"],
-                "max_output_tokens": self.params.max_output_tokens or "inf", "metadata": self.params.metadata,
+                "max_output_tokens": self.max_output_tokens, "metadata": self.params.metadata,
                 "output": [self.item.api()] if self.started_output else []}
         if status != "in_progress":
             body["usage"] = self.usage()
@@ -449,7 +450,8 @@ class RealtimeSession:
         request = self.chat_request(params)
         speech = "audio" in (request.modalities or ())
         part = Part("output_audio", transcript="") if speech else Part("output_text", text="")
-        response = Response(new_id("resp"), Item(new_id("item"), "assistant", [part], "in_progress"), speech, params)
+        response = Response(new_id("resp"), Item(new_id("item"), "assistant", [part], "in_progress"), speech, params,
+                            params.max_output_tokens or self.session.max_output_tokens)
         self.response = response
         self.emit({"type": "response.created", "response": response.api("in_progress")})
         response.task = asyncio.create_task(self._run(response, request))
@@ -469,7 +471,7 @@ class RealtimeSession:
             voice = (params.audio or session.audio).output.voice or session.audio.output.voice
             body["audio"] = {"voice": voice, "format": "pcm16"}
         limit = params.max_output_tokens or session.max_output_tokens
-        if limit != "inf":
+        if limit != "inf":  # else the service's default_max_tokens, within the context
             body["max_completion_tokens"] = limit
         for name in ("temperature", "top_p", "top_k"):
             value = getattr(params, name) if getattr(params, name) is not None else getattr(session, name)
