@@ -166,13 +166,16 @@ class AssistantMessage(_Message):
 
 
 def _role(item) -> str | None:
-    return item.get("role") if isinstance(item, dict) else getattr(item, "role", None)
+    """The union's tag: "~" + the role (tags starting with "~" stay out of the `param` an error names)."""
+    role = item.get("role") if isinstance(item, dict) else getattr(item, "role", None)
+    return f"~{role}" if isinstance(role, str) else None
 
 
 MessageItem = Annotated[
-    Union[Annotated[UserMessage, Tag("user")], Annotated[SystemMessage, Tag("system")],
-          Annotated[AssistantMessage, Tag("assistant")]],
-    Discriminator(_role),
+    Union[Annotated[UserMessage, Tag("~user")], Annotated[SystemMessage, Tag("~system")],
+          Annotated[AssistantMessage, Tag("~assistant")]],
+    Discriminator(_role, custom_error_type="invalid_role",
+                  custom_error_message="a message item's role is user, system or assistant"),
 ]
 
 

@@ -107,7 +107,7 @@ def test_client_events_are_validated_strictly():
         parse_client_event({"type": "input_audio_buffer.append", "audio": 5})
     with pytest.raises(Exception, match="extra_forbidden|Extra inputs"):
         parse_client_event({"type": "input_audio_buffer.commit", "item_id": "x"})
-    with pytest.raises(Exception, match="tool"):
+    with pytest.raises(Exception, match="role is user, system or assistant"):
         parse_client_event({"type": "conversation.item.create",
                             "item": {"type": "message", "role": "tool", "content": [{"type": "input_text"}]}})
     event = parse_client_event({"type": "conversation.item.create", "item": {
