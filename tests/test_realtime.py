@@ -221,13 +221,14 @@ def _client(url: str, key: str = API_KEY) -> openai.AsyncOpenAI:
 
 
 async def _events_until(conn, last: str, seen: list | None = None, timeout: float = 120) -> list[dict]:
-    """Events up to and including the first of type `last`."""
+    """Events up to and including the first of type `last` (an `error` on the way fails the test)."""
     events = [] if seen is None else seen
     while True:
         event = _validated(await asyncio.wait_for(conn.recv_bytes(), timeout))
         events.append(event)
         if event["type"] == last:
             return events
+        assert event["type"] != "error", event
 
 
 def _of(events: list[dict], kind: str) -> list[dict]:
@@ -463,7 +464,7 @@ def test_barge_in_cancels_the_reply_and_truncates_it_to_what_was_sent(service):
 
 
 @pytest.mark.slow
-def test_response_cancel_frees_every_stage_and_the_session_goes_on(service):
+def test_response_cancel_frees_every_stage_and_the_session_goes_on(service, tiny_ckpt):
     async def go():
         async with _client(service).realtime.connect(model="omniray-tiny") as conn:
             await _session(conn, audio={"input": {"turn_detection": None}})
@@ -473,15 +474,30 @@ def test_response_cancel_frees_every_stage_and_the_session_goes_on(service):
             await conn.response.cancel()
             await _events_until(conn, "response.done", events)
             busy = await asyncio.to_thread(_wait_free, SPOKEN)
+            # the client's playback stopped within the first codec frame: one token of the transcript heard
+            item = events[-1]["response"]["output"][0]
+            await conn.conversation.item.truncate(item_id=item["id"], content_index=0, audio_end_ms=10_000_000)
+            too_far = (await _events_until(conn, "error"))[-1]["error"]
+            await conn.conversation.item.truncate(item_id=item["id"], content_index=0, audio_end_ms=40)
+            truncated = (await _events_until(conn, "conversation.item.truncated"))[-1]
             await conn.response.create(response={"output_modalities": ["text"], "max_output_tokens": 3})
             after = await _events_until(conn, "response.done")
-            return events, busy, after
+            return events, busy, after, too_far, truncated
 
-    events, busy, after = run(go())
+    events, busy, after, too_far, truncated = run(go())
     done = events[-1]["response"]
     assert done["status"] == "cancelled" and done["status_details"]["reason"] == "client_cancelled"
     assert done["output"][0]["status"] == "incomplete"
     assert not busy, f"still serving a cancelled reply: {busy}"
+    assert too_far["param"] == "audio_end_ms"
+    assert truncated["audio_end_ms"] == 40 and truncated["item_id"] == done["output"][0]["id"]
+    from common.tokenizer import OmniTokenizer
+    from deployments.realtime import cut_transcript
+
+    cut = cut_transcript(OmniTokenizer.from_pretrained(tiny_ckpt), done["output"][0]["content"][0]["transcript"],
+                         40, 1920)
+    messages = [{"role": "user", "content": "Count to three, please."}, {"role": "assistant", "content": cut}]
+    assert _reply(after)[0] == run(_chat(service, messages, False, 3))[0]  # the next turn sees the cut reply
     assert after[-1]["response"]["status"] == "incomplete" and after[-1]["response"]["usage"]["output_tokens"] == 3
 
 
