@@ -124,7 +124,9 @@ class Item:
 
     def chat_message(self) -> dict:
         """The item as a chat-completions message."""
-        if self.role != "user":  # system and assistant turns are text (an assistant's speech: its transcript)
+        if self.role != "user" or all(part.type == "input_text" for part in self.parts):
+            # text as a plain string, as chat clients send it (the chat template renders string and list content
+            # differently); an assistant's speech is its transcript
             return {"role": self.role, "content": "".join(part.text or part.transcript or "" for part in self.parts)}
         content = []
         for part in self.parts:
