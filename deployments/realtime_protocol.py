@@ -221,13 +221,17 @@ class ItemTruncate(_ClientEvent):
     audio_end_ms: int = Field(ge=0)
 
 
+class ResponseAudio(_Strict):
+    output: AudioOutput = AudioOutput()
+
+
 class ResponseParams(Sampling):
     """`response.create`'s overrides of the session, for this response only."""
 
     instructions: str | None = None
     output_modalities: Modalities | None = None
     max_output_tokens: MaxOutputTokens | None = None
-    audio: AudioConfig | None = None
+    audio: ResponseAudio | None = None
     conversation: Literal["auto"] | None = None  # out-of-band responses (`none`) are not supported
     metadata: dict[str, str] | None = None
 
