@@ -352,6 +352,7 @@ class RealtimeSession:
         await self._commit_audio(pcm, item_id)
 
     async def _commit_audio(self, pcm: bytes, item_id: str) -> None:
+        self._check_room()  # before the buffer is reported committed
         previous = self.items[-1].id if self.items else None
         self.emit({"type": "input_audio_buffer.committed", "item_id": item_id, "previous_item_id": previous})
         pcm = await asyncio.to_thread(to_model_rate, pcm, self.rate)
@@ -376,12 +377,15 @@ class RealtimeSession:
                 return i
         raise InvalidRequestError(f"no item with id {item_id!r} in the conversation", param=param)
 
-    async def _add_item(self, item: Item, previous: str | None) -> None:
-        """Insert after `previous` (None: at the end; "root": at the start, OpenAI's name for it)."""
+    def _check_room(self) -> None:
         limit = self.context.settings.realtime_max_items
         if len(self.items) >= limit:
             raise InvalidRequestError(f"the conversation holds its limit of {limit} items: delete some first",
                                       param="item")
+
+    async def _add_item(self, item: Item, previous: str | None) -> None:
+        """Insert after `previous` (None: at the end; "root": at the start, OpenAI's name for it)."""
+        self._check_room()
         if previous is None:
             at = len(self.items)
         else:
