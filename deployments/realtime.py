@@ -453,6 +453,7 @@ class RealtimeSession:
         await self._create(event.response)
 
     async def _create(self, params: ResponseParams) -> None:
+        self._check_room()  # for the reply's item
         request = self.chat_request(params)
         speech = "audio" in (request.modalities or ())
         part = Part("output_audio", transcript="") if speech else Part("output_text", text="")

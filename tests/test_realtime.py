@@ -40,6 +40,7 @@ DATA = Path(__file__).resolve().parent / "data"
 RATE = 24000
 GREEDY = {"temperature": 0}
 TALKER_FRAMES = 80  # the service's talker budget: the tiny model rarely ends its speech by itself
+MAX_ITEMS, MAX_BUFFER_S = 8, 10.0  # the service's session limits (the other tests stay within them)
 
 
 def _speech(rate: int) -> np.ndarray:
@@ -206,7 +207,8 @@ def service(tiny_ckpt):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         wait_for_proxies(START_TIMEOUT_S)
         settings = {"model": str(tiny_ckpt), "served_model_name": "omniray-tiny", "torch_threads": 1,
-                    "api_key": API_KEY, "default_talker_max_tokens": TALKER_FRAMES}
+                    "api_key": API_KEY, "default_talker_max_tokens": TALKER_FRAMES,
+                    "realtime_max_items": MAX_ITEMS, "realtime_max_buffer_seconds": MAX_BUFFER_S}
         serve.run_many([RunTarget(build_app(settings), name="omniray", route_prefix="/")],
                        wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
         _wait_running(["omniray"])
@@ -554,6 +556,31 @@ def test_bad_events_get_an_error_and_the_session_stays_usable(service):
     assert errors[-1]["param"] == "input_audio_buffer"
     assert first["item"]["role"] == "system" and first["previous_item_id"] is None  # inserted at the start
     assert after[-1]["response"]["usage"]["output_tokens"] == 2
+
+
+@pytest.mark.slow
+def test_session_limits(service):
+    async def go():
+        async with _client(service).realtime.connect(model="omniray-tiny") as conn:
+            await _session(conn, audio={"input": {"turn_detection": None}})
+            for i in range(MAX_ITEMS):
+                await conn.conversation.item.create(item=_user_text(f"message {i}"))
+                await _events_until(conn, "conversation.item.done")
+            await conn.conversation.item.create(item=_user_text("one too many"))
+            full = (await _events_until(conn, "error"))[-1]["error"]
+            await conn.response.create()  # its reply would be one item too many as well
+            no_room = (await _events_until(conn, "error"))[-1]["error"]
+            second = _b64(_silence(1.0, RATE))
+            for _ in range(int(MAX_BUFFER_S)):
+                await conn.input_audio_buffer.append(audio=second)
+            await conn.input_audio_buffer.append(audio=second)
+            overflow = (await _events_until(conn, "error"))[-1]["error"]
+            await conn.input_audio_buffer.clear()
+            return full, no_room, overflow, await _events_until(conn, "input_audio_buffer.cleared")
+
+    full, no_room, overflow, _ = run(go())
+    assert f"limit of {MAX_ITEMS} items" in full["message"] and f"limit of {MAX_ITEMS} items" in no_room["message"]
+    assert overflow["param"] == "audio" and f"more than {MAX_BUFFER_S} s" in overflow["message"]
 
 
 @pytest.mark.slow
