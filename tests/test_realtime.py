@@ -22,6 +22,7 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
+from fastapi import FastAPI, WebSocket  # module level: the route's annotations are resolved in these globals
 from pydantic import TypeAdapter
 
 from common.errors import InvalidRequestError
@@ -163,6 +164,33 @@ def test_a_truncated_transcript_keeps_one_token_per_frame_heard(tiny_ckpt):
     assert cut_transcript(tokenizer, text, 80, 1920) == tokenizer.decode(ids[:1])
     assert cut_transcript(tokenizer, text, 81, 1920) == tokenizer.decode(ids[:2])
     assert cut_transcript(tokenizer, text, 10_000, 1920) == text
+
+
+def test_an_idle_session_is_closed_and_binary_frames_are_refused(tiny_ckpt):
+    """The session's WebSocket loop on a FastAPI app of its own (no stages: no response is asked for)."""
+    from fastapi.testclient import TestClient
+
+    from common.tokenizer import OmniTokenizer
+    from deployments.realtime import RealtimeSession, SessionContext, serve_websocket
+    from deployments.settings import ServiceSettings
+
+    context = SessionContext(ServiceSettings(realtime_idle_timeout_s=0.5), OmniTokenizer.from_pretrained(tiny_ckpt),
+                             "m", "ethan", ("ethan",), 1920)
+    app = FastAPI()
+
+    @app.websocket("/v1/realtime")
+    async def realtime(websocket: WebSocket):
+        await serve_websocket(websocket, lambda emit: RealtimeSession(emit, None, context))
+
+    with TestClient(app).websocket_connect("/v1/realtime") as ws:
+        assert ws.receive_json()["type"] == "session.created"
+        ws.send_bytes(b"\x00\x01")
+        assert ws.receive_json()["error"]["code"] == "invalid_event"
+        ws.send_json({"type": "input_audio_buffer.clear"})
+        assert ws.receive_json()["type"] == "input_audio_buffer.cleared"
+        error = ws.receive_json()  # then nothing for 0.5 s
+        assert error["type"] == "error" and error["error"]["code"] == "session_idle_timeout"
+        assert ws.receive()["type"] == "websocket.close"
 
 
 # --- the service -----------------------------------------------------------------------------------------------------
