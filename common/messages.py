@@ -36,7 +36,10 @@ class ThinkerTokens:
     token_ids: list[int]  # newly generated ids, in order (the stop token included when it ends the reply)
     token_embeds: torch.Tensor  # [n, H] thinker input embeddings of those ids
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" when finished
+    # when finished: "stop" (the last token is the stop token, which is not voiced), "length", "stop_sequence" (the
+    # thinker deployment's: text ended the reply on an ordinary token), or None (a resumed reply's tokens, which hold
+    # no stop token)
+    finish_reason: str | None = None
 
 
 @dataclass

@@ -4,7 +4,8 @@ One `Code2WavEngine` per replica decodes the frames of all its requests, batchin
 `CodecChunking` schedule of the settings (a 1-frame first call for a short time to first audio, then larger
 ones). Each request's samples are the ones it gets alone, and `OmniModel.generate` decodes with the same engine,
 so a greedy reply's samples equal OmniModel's bit for bit. Text deltas and the upstream stages' times pass straight
-through.
+through. When the talker's replica is lost, the talker is resumed (`deployments.resume`) and the frames it makes
+again are skipped.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from common.messages import CodecFrames
-from deployments.jobs import PcmChunk, SpeechJob, TextDelta
+from deployments.jobs import PcmChunk, SpeechJob, TextDelta, resumed
+from deployments.resume import Received, resuming
 from deployments.runtime import STAGE_DEFAULTS, StageReplica
 from deployments.settings import ServiceSettings
 from deployments.timeline import StageClock, StageTimes
@@ -74,15 +76,26 @@ class Code2WavStage(StageReplica):
     async def _feed(self, job: SpeechJob, events: asyncio.Queue, clock: StageClock) -> None:
         """The talker's stream into the engine (frames) and `events` (text deltas and the upstream stages' times,
         then None at its end, or the error that ended it). A stream that ends without marking its last frames
-        finished ends the speech there."""
+        finished ends the speech there. When the talker's replica is lost, the talker is resumed from the reply's
+        tokens passed on so far (`deployments.resume`): it makes the reply's frames again from the first, and those
+        the engine has are skipped."""
+        text, frames = job.thinker.resume.copy(), Received()
+
+        def talker_stream(_lost):
+            frames.new_stream()
+            return self.talker.options(stream=True).speak.remote(resumed(job, text))
+
         try:
-            async for event in self.talker.options(stream=True).speak.remote(job):
+            async for event in resuming("talker", job.request_id, talker_stream, self.settings):
                 if isinstance(event, (TextDelta, StageTimes)):
+                    if isinstance(event, TextDelta):
+                        text.take(event)
                     events.put_nowait(event)
                     continue
                 assert isinstance(event, CodecFrames)
                 clock.mark("first_frames")
-                self.engine.push(job.request_id, event.codes, event.finished)
+                had = frames.new_part(event.codes.shape[-1])
+                self.engine.push(job.request_id, event.codes[:, had:], event.finished)
             self.engine.push(job.request_id, None, finished=True)
             events.put_nowait(None)
         except Exception as exc:

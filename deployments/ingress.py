@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from fastapi import FastAPI, Request, WebSocket
@@ -28,9 +28,10 @@ from common.sampling import SamplingParams
 from deployments.audio_out import encode_audio, to_pcm16
 from deployments.auth import check_api_key
 from deployments.http_errors import error_for, error_response
-from deployments.jobs import PcmChunk, SpeechJob, TextDelta, ThinkerJob
+from deployments.jobs import PcmChunk, ReplySoFar, SpeechJob, TextDelta, ThinkerJob, resumed
 from deployments.metrics import service_metrics
 from deployments.prepare import check_model, default_voice, prepare_inputs
+from deployments.resume import EncoderLostError, Received, replica_lost, resuming
 from deployments.protocol import (
     AssistantMessage,
     AudioReply,
@@ -76,6 +77,9 @@ class Prepared:
     prompt_tokens: int
     created: int
     tool_names: set[str] | None = None  # the functions the reply may call; None: no tool calling
+    # the processor's output, kept until the reply's first event to run the encoders again if one is lost before the
+    # thinker has its output (`EncoderLostError`)
+    encoder_inputs: dict | None = None
 
     @property
     def request_id(self) -> str:
@@ -87,7 +91,7 @@ class Prepared:
 
     @property
     def thinker_job(self) -> ThinkerJob:
-        return self.job.thinker if isinstance(self.job, SpeechJob) else self.job
+        return self.job.thinker if self.speech else self.job
 
 
 @dataclass
@@ -116,14 +120,18 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
                  total_tokens=prompt_tokens + completion_tokens)
 
 
-def _running_replicas(deployments: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
-    """Running replicas of each (application, deployment), from Serve's controller."""
+def _replica_health(deployments: set[tuple[str, str]]) -> dict[tuple[str, str], tuple[int, bool]]:
+    """(running replicas, whether Serve marks it unhealthy) of each (application, deployment), from Serve's
+    controller."""
     apps = serve.status().applications
-    running = {}
+    health = {}
     for app_name, name in deployments:
         status = apps[app_name].deployments.get(name) if app_name in apps else None
-        running[(app_name, name)] = status.replica_states.get("RUNNING", 0) if status is not None else 0
-    return running
+        if status is None:
+            health[(app_name, name)] = (0, True)
+        else:
+            health[(app_name, name)] = (status.replica_states.get("RUNNING", 0), status.status == "UNHEALTHY")
+    return health
 
 
 def _concat(chunks: list) -> np.ndarray:
@@ -201,16 +209,20 @@ class OmniIngress:
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
-        """200 only when every stage has a running replica; 503 naming the ones that do not.
+        """200 when every stage has a running replica; 503 naming the ones that do not. A stage that lost a replica
+        while others still run is named as degraded (200: replies go on, and those it was serving resume).
 
         Asked of Serve's controller, which health-checks every replica itself (a dead or hung one is replaced and
         stops counting as running): a call to the stages would queue behind their requests, and a busy service
         would report itself down exactly when it is working hardest."""
         where = {name: (h.app_name, h.deployment_name) for name, h in self.stages.items()}
-        running = await asyncio.to_thread(_running_replicas, set(where.values()))
-        down = [name for name, deployment in where.items() if running.get(deployment, 0) == 0]
+        health = await asyncio.to_thread(_replica_health, set(where.values()))
+        down = [name for name, deployment in where.items() if health[deployment][0] == 0]
         if down:
             return JSONResponse({"status": "unavailable", "stages_down": down}, status_code=503)
+        degraded = [name for name, deployment in where.items() if health[deployment][1]]
+        if degraded:
+            return JSONResponse({"status": "degraded", "stages": list(self.stages), "stages_degraded": degraded})
         return JSONResponse({"status": "ok", "stages": list(self.stages)})
 
     @app.get("/v1/models")
@@ -307,7 +319,8 @@ class OmniIngress:
         await self._start_encoders(job, ready.inputs)
         if ready.speech:
             job = SpeechJob(job, ready.voice, ready.talker)
-        return Prepared(req, job, ready.modalities, ready.prompt_tokens, int(time.time()), ready.tool_names)
+        return Prepared(req, job, ready.modalities, ready.prompt_tokens, int(time.time()), ready.tool_names,
+                        ready.inputs)
 
     async def _start_encoders(self, job: ThinkerJob, inputs: dict) -> None:
         """Launch the encoders for the modalities present; their results stay in the object store and reach only
@@ -343,23 +356,49 @@ class OmniIngress:
         thinker directly: measured with the timeline on the tiny model at one request at a time, the two hops
         more cost a delta about 11 ms (14 ms from the thinker against 3 ms for a text reply), and it still arrives
         ~180 ms before the first audio it is the transcript of; a direct path would need the thinker to stream
-        one run to two consumers (the ingress and the talker), which a Serve handle call does not do."""
-        if prepared.speech:
-            stream = self.stages["code2wav"].options(stream=True).synthesize.remote(prepared.job)
-        else:
-            stream = self.stages["thinker"].options(stream=True).generate.remote(prepared.job)
-        finished = False
-        try:
-            async for event in stream:
-                if isinstance(event, StageTimes):
-                    timeline.add(event)
-                    continue
-                self._observe(reply, event, timeline)
-                yield event
-            finished = True
-        finally:
-            if not finished:  # closed or cancelled early (a realtime response cancelled): every stage stops
-                stream.cancel()
+        one run to two consumers (the ingress and the talker), which a Serve handle call does not do.
+
+        When the replica streaming the reply is lost, the stage is called again with the job resumed from the
+        reply's tokens received so far (`deployments.resume`): a thinker sends the text after them only, a new
+        Code2Wav the speech from its start, of which the samples already sent are skipped. When an encoder replica
+        was lost before the thinker had its output, the encoders run again first."""
+        stage = "code2wav" if prepared.speech else "thinker"
+        text, samples = ReplySoFar(), Received()
+
+        async def stage_stream(lost: BaseException | None):
+            samples.new_stream()
+            if isinstance(lost, EncoderLostError):
+                await self._start_encoders(prepared.thinker_job, prepared.encoder_inputs)
+            job = resumed(prepared.job, text)
+            if prepared.speech:
+                stream = self.stages[stage].options(stream=True).synthesize.remote(job)
+            else:
+                stream = self.stages[stage].options(stream=True).generate.remote(job)
+            finished = False
+            try:
+                async for event in stream:
+                    yield event
+                finished = True
+            finally:
+                if not finished:  # cancelled or closed early (a realtime response cancelled): every stage stops
+                    stream.cancel()
+
+        def resumable(exc: BaseException) -> bool:
+            return replica_lost(exc) or (isinstance(exc, EncoderLostError) and prepared.encoder_inputs is not None)
+
+        async for event in resuming(stage, prepared.request_id, stage_stream, self.settings, resumable):
+            prepared.encoder_inputs = None  # the thinker has the encoders' output
+            if isinstance(event, StageTimes):
+                timeline.add(event)
+                continue
+            if isinstance(event, TextDelta):
+                text.take(event)
+            else:
+                had = samples.new_part(len(event.samples))
+                if had:
+                    event = replace(event, samples=event.samples[had:])
+            self._observe(reply, event, timeline)
+            yield event
 
     def _observe(self, reply: Reply, event, timeline: Timeline) -> None:
         clock = timeline.ingress

@@ -10,7 +10,7 @@ as `TextDelta`s, Code2Wav forwards those untouched, so the ingress sees text and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import ray
@@ -18,6 +18,23 @@ import torch
 
 from common.messages import TalkerPrompt, ThinkerTokens
 from common.sampling import SamplingParams
+
+
+@dataclass
+class ReplySoFar:
+    """What a consumer of a reply's stream has been told of its text: the tokens (every `TextDelta`'s ids) and, once
+    the text ended, its finish reason. A stage resumed after a lost replica gets it in its job
+    (`ThinkerJob.resume`, `deployments.resume`)."""
+
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def take(self, delta: TextDelta) -> None:
+        self.tokens.extend(delta.token_ids)
+        self.finish_reason = delta.finish_reason or self.finish_reason
+
+    def copy(self) -> ReplySoFar:
+        return ReplySoFar(list(self.tokens), self.finish_reason)
 
 
 @dataclass
@@ -40,6 +57,10 @@ class ThinkerJob:
     # which keeps each turn's KV and prefills only what the next turn's prompt adds (`stages.thinker_sessions`). The
     # job still carries the whole conversation: another replica re-prefills it all when that one is gone.
     session: str | None = None
+    # The reply's text its consumer had received when a replica of the chain was lost (`deployments.resume`): the
+    # thinker prefills its tokens after the prompt and sends the text of the tokens after them only (none when the
+    # text had ended; a talker still gets its inputs).
+    resume: ReplySoFar = field(default_factory=ReplySoFar)
 
 
 @dataclass
@@ -51,6 +72,13 @@ class SpeechJob:
     @property
     def request_id(self) -> str:
         return self.thinker.request_id
+
+
+def resumed(job: ThinkerJob | SpeechJob, so_far: ReplySoFar) -> ThinkerJob | SpeechJob:
+    """The job again, resumed from what its consumer has of the reply's text (`deployments.resume`)."""
+    if isinstance(job, SpeechJob):
+        return replace(job, thinker=resumed(job.thinker, so_far))
+    return replace(job, resume=so_far.copy())
 
 
 @dataclass

@@ -53,6 +53,11 @@ class ServiceSettings(BaseModel):
     talker_max_queued_requests: int | None = Field(default=None, ge=1)
     ingress_max_queued_requests: int = Field(default=64, ge=1)  # requests waiting at the HTTP proxy for the ingress
     retry_after_s: float = Field(default=1.0, ge=0)  # the `Retry-After` a refused request is given
+    # A reply whose stage replica is lost resumes on another one (deployments/resume.py): at most this many times
+    # per stage and reply, after a pause that starts at `retry_backoff_s` and doubles (Serve's router holds the call
+    # until a replica runs again; a pause keeps a stage that fails at once from taking all the retries in a blink)
+    stage_retries: int = Field(default=3, ge=0)
+    retry_backoff_s: float = Field(default=0.5, ge=0)
     # Whether the thinker and talker engines compile their decode steps (stages/compile.py): auto = on CUDA, where
     # CUDA graphs remove the launch overhead; on a CPU compiling every batch bucket takes minutes (set `on` for a
     # long-running CPU service). A replica compiles before it takes requests; compiled code is cached on disk.

@@ -6,6 +6,9 @@ and the decode loop, which prefills as soon as the first reply token is in, each
 reply token it consumes, and sends the frames ready as one message (all those the engine made since the last
 send). Both put their events on one queue that this generator drains. The frames come from the replica's
 `TalkerEngine` (replies decode together; one too long for a row of its batch runs there in a cache of its own).
+When the thinker's replica is lost, the reader resumes it from the reply's text passed on so far
+(`deployments.resume`); the resumed thinker gives the talker inputs from the first token again, and those the
+`TalkerRequest` has are skipped.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from common.messages import CodecFrames, TalkerPrompt, ThinkerTokens
-from deployments.jobs import SpeechJob, TalkerInput
+from deployments.jobs import ReplySoFar, SpeechJob, TalkerInput, resumed
+from deployments.resume import Received, resuming
 from deployments.runtime import STAGE_DEFAULTS, StageReplica
 from deployments.settings import ServiceSettings
 from deployments.timeline import StageClock
@@ -63,7 +67,8 @@ class TalkerStage(StageReplica):
 
     async def _speak(self, job: SpeechJob, clock: StageClock):
         events: asyncio.Queue = asyncio.Queue()
-        reply = _Reply(self.stage.config, speaker_codec_id(self.stage.config.talker_config, job.speaker))
+        reply = _Reply(self.stage.config, speaker_codec_id(self.stage.config.talker_config, job.speaker),
+                       job.thinker.resume.copy())
         reader = asyncio.create_task(self._read_thinker(job, reply, events, clock))
         decoder = asyncio.create_task(self._decode(job, reply, events, clock))
         try:
@@ -81,21 +86,29 @@ class TalkerStage(StageReplica):
                 task.cancel()
 
     async def _read_thinker(self, job: SpeechJob, reply: "_Reply", events: asyncio.Queue, clock: StageClock) -> None:
+        """The thinker's stream into `reply` and `events`, resumed from the tokens known here when its replica is
+        lost (`deployments.resume`)."""
         try:
-            async for event in self.thinker.options(stream=True).generate.remote(job.thinker):
+            async for event in resuming("thinker", job.request_id, lambda _: self._thinker_stream(job, reply),
+                                        self.settings):
                 clock.mark("input")
                 if isinstance(event, TalkerInput):
-                    if event.prompt is not None:
+                    if event.prompt is not None and reply.request is None:  # a resumed thinker sends it again
                         reply.start(event.prompt, self.stage.device)
                     reply.push(event.tokens, self.stage.device)
                     self._notify_engine()
                     event = event.text
+                    reply.text.take(event)
                 events.put_nowait(event)  # the text, or the thinker's times
             reply.close()
             events.put_nowait(_DONE)
         except Exception as exc:  # a thinker error ends the request (the ingress reports it)
             reply.close()
             events.put_nowait(exc)
+
+    def _thinker_stream(self, job: SpeechJob, reply: "_Reply"):
+        reply.inputs.new_stream()  # every thinker stream gives the talker inputs from the reply's first token
+        return self.thinker.options(stream=True).generate.remote(resumed(job.thinker, reply.text))
 
     def _notify_engine(self) -> None:
         self.engine.notify()  # a reply in the batch may be able to take its next step
@@ -135,10 +148,12 @@ class _Reply:
     """The `TalkerRequest` the reader fills, and an event the decode loop waits on. Reader and decode loop are
     coroutines of one event loop, so checking and waiting cannot interleave with an update."""
 
-    def __init__(self, config, speaker_id: int):
+    def __init__(self, config, speaker_id: int, text: ReplySoFar):
         self.config = config
         self.speaker_id = speaker_id
         self.request: TalkerRequest | None = None
+        self.text = text  # the reply's text passed on downstream, to resume the thinker from
+        self.inputs = Received()  # the reply tokens' talker inputs in `request`, across the thinker's streams
         self.closed = False  # the thinker's stream ended (normally or not)
         self.changed = asyncio.Event()
 
@@ -146,8 +161,14 @@ class _Reply:
         self.request = TalkerRequest(self.config, _to(prompt, device), self.speaker_id)
 
     def push(self, tokens: ThinkerTokens, device: torch.device) -> None:
-        tokens.token_embeds = tokens.token_embeds.to(device)
-        self.request.push(tokens)
+        """The thinker's next talker inputs; those `request` has already (a resumed thinker's stream gives them from
+        the first token again) are skipped."""
+        had = self.inputs.new_part(len(tokens.token_ids))
+        if self.request.finished or (had == len(tokens.token_ids) and not tokens.finished):
+            return
+        embeds = tokens.token_embeds[had:].to(device)  # [n, H]
+        self.request.push(ThinkerTokens(tokens.request_id, tokens.token_ids[had:], embeds, tokens.finished,
+                                        tokens.finish_reason))
         self.changed.set()
 
     def close(self) -> None:

@@ -2,7 +2,9 @@
 
 For a text reply it yields `TextDelta`s to the ingress. For a spoken one the caller is the talker, and it yields
 `TalkerInput`s: the text, plus the talker's inputs (the `TalkerPrompt` in the first, then `ThinkerTokens`, the
-last with finished=True). Each send carries every token produced since the last one (one `TextDelta`, one
+last with finished=True). A job resumed from the first tokens of its reply (`deployments.resume`) gets the text of
+the tokens after them only, and, for a talker, the talker inputs of the whole reply (its first `ThinkerTokens`
+holds the resumed tokens too). Each send carries every token produced since the last one (one `TextDelta`, one
 `ThinkerTokens` of n tokens), so a reply costs a message per batch of ready steps, not per token, and nothing
 waits to fill one. Text is detokenized here, so stop sequences end generation where they appear. The last event
 is the stage's `StageTimes`.
@@ -24,6 +26,7 @@ from ray.serve.config import RequestRouterConfig
 from common.messages import ThinkerTokens
 from common.tokenizer import OmniTokenizer
 from deployments.jobs import TalkerInput, TextDelta, ThinkerJob
+from deployments.resume import EncoderLostError, replica_lost
 from deployments.runtime import STAGE_DEFAULTS, StageReplica
 from deployments.session_routing import SessionAffinityRouter
 from deployments.settings import ServiceSettings
@@ -78,10 +81,17 @@ class ThinkerStage(StageReplica):
 
     async def _generate(self, job: ThinkerJob, clock: StageClock):
         """One message of each kind per batch of ready steps: every token since the last send goes out at once."""
+        if job.resume.finish_reason is not None and not job.for_talker:
+            return  # resumed with the whole text: nothing left to send
         prompt = await self._prompt(job)
         clock.mark("prompt")
-        reply = ReplyText(self.tokenizer, job.stop_strings, job.sampling.stop_token_ids)
         prompt_tokens = int(prompt.input_ids.shape[1])
+        if job.resume.finish_reason is not None:
+            async for event in self._talker_inputs_of_ended(job, prompt, prompt_tokens, clock):
+                yield event
+            return
+        reply = ReplyText(self.tokenizer, job.stop_strings, job.sampling.stop_token_ids)
+        reply.replay(job.resume.tokens)  # their text was sent before the replica that sent it was lost
         first = True
         async with aclosing(self._steps(job, prompt, clock)) as steps:  # closed at once, even on an early return
             async for ready in steps:
@@ -109,19 +119,29 @@ class ThinkerStage(StageReplica):
                 if text.finish_reason is not None:
                     return
 
+    async def _talker_inputs_of_ended(self, job: ThinkerJob, prompt: ThinkerPrompt, prompt_tokens: int,
+                                      clock: StageClock):
+        """For a talker resumed below a reply whose text had ended: the talker inputs of the whole reply, in one
+        `TalkerInput` with no text."""
+        async with aclosing(self._steps(job, prompt, clock)) as steps:
+            async for ready in steps:
+                step = ready[0]
+                text = TextDelta(job.request_id, "", [], prompt_tokens, job.resume.finish_reason)
+                yield TalkerInput(text, _on_host(step.talker_tokens[0]), _on_host(step.talker_prompts[0]))
+
     def _steps(self, job: ThinkerJob, prompt: ThinkerPrompt, clock: StageClock):
         """The request's steps from the replica's engine, in lists of those ready (a request too long for a row of
         its batch runs there too, in a cache of its own)."""
+        resume = job.resume
         return self.engine_steps(job.request_id, lambda sink: self.engine.submit(
-            job.request_id, prompt, job.sampling, job.for_talker, sink, session=job.session), clock)
+            job.request_id, prompt, job.sampling, job.for_talker, sink, session=job.session,
+            resume_tokens=resume.tokens, ended=resume.finish_reason is not None), clock)
 
     async def _prompt(self, job: ThinkerJob) -> ThinkerPrompt:
         """The processor's tensors plus the encoder outputs, fetched from the object store, on this device."""
         device = self.stage.device
         inputs = {k: v.to(device) for k, v in job.inputs.items()}
-        image = await job.image_embeds if job.image_embeds is not None else None
-        video = await job.video_embeds if job.video_embeds is not None else None
-        audio = await job.audio_embeds if job.audio_embeds is not None else None
+        image, video, audio = [await _encoded(ref) for ref in (job.image_embeds, job.video_embeds, job.audio_embeds)]
         mask = inputs.get("feature_attention_mask")
         return ThinkerPrompt(
             input_ids=inputs["input_ids"],
@@ -137,6 +157,19 @@ class ThinkerStage(StageReplica):
             video_second_per_grid=inputs.get("video_second_per_grid"),
             use_audio_in_video=job.use_audio_in_video,
         )
+
+
+async def _encoded(ref):
+    """An encoder's output, by its reference (None for none); `EncoderLostError` when the encoder's replica was lost
+    before it was done, for the ingress to run the encoders again."""
+    if ref is None:
+        return None
+    try:
+        return await ref
+    except Exception as exc:
+        if replica_lost(exc):
+            raise EncoderLostError("an encoder replica was lost before its output was ready") from exc
+        raise
 
 
 def _on(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -181,6 +214,13 @@ class ReplyText:
         self.detokenizer = tokenizer.stream(skip_special_tokens=True)
         self.stops = StopStrings(stop_strings)
         self.stop_token_ids = stop_token_ids
+
+    def replay(self, tokens: list[int]) -> None:
+        """Take in a resumed reply's first tokens, whose text was sent before: the detokenizer and the stop
+        sequences then hold what they held after those tokens in the undisturbed reply (a character split across
+        tokens, text that may start a stop sequence), so the text of the tokens after them is the same too."""
+        for token in tokens:
+            self.add(token, None)
 
     def add(self, token: int, reason: str | None) -> tuple[list[int], str, str | None, bool]:
         """One generated token and the thinker's finish reason → (the reply's new ids, its new text, the finish

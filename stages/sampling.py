@@ -27,6 +27,21 @@ def make_generators(params: list[SamplingParams], device: torch.device | str) ->
     return gens
 
 
+def replay_draws(generator: torch.Generator | None, params: SamplingParams, draws: int, vocab_size: int) -> None:
+    """Move a row's generator past the draws of `draws` tokens it sampled before, so a resumed reply samples its
+    next token with the generator where the undisturbed reply had it.
+
+    `sample_next` draws once per sampled row and step (greedy rows draw nothing), with `torch.multinomial` of one
+    sample, which takes one exponential variate per vocabulary entry (`q ~ Exp(1)`, then argmax of p / q): how far
+    a draw moves the generator depends on the shape of the probabilities `[1, V]` only, never on their values. So
+    `draws` draws over any `[1, V]` leave it exactly where those tokens' draws did."""
+    if generator is None or params.greedy:
+        return
+    probs = torch.ones(1, vocab_size, device=generator.device)
+    for _ in range(draws):
+        torch.multinomial(probs, 1, generator=generator)
+
+
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
     """Divide positive / multiply negative logits of tokens seen in the row's `history [B, L]` by `penalty [B]`.
 

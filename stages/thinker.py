@@ -258,6 +258,17 @@ def decode_step(model: ThinkerLM, tokens: torch.Tensor, positions: torch.Tensor,
     return decode_logits(model, tokens, positions, cache.mask(slots), cache, slots)
 
 
+def extend_logits(model: ThinkerLM, tokens: torch.Tensor, start: float, cache: KVCache) -> torch.Tensor:
+    """Feed a one-row cache `tokens [k]` of plain text after what it holds, the first at MRoPE position `start`
+    (generated tokens take consecutive positions, the same in all three rows, as decode steps give them) → the
+    logits after the last one `[1, V]`. The prefill of tokens a reply had already generated, to resume it."""
+    k = tokens.shape[0]
+    slots = cache.append(k)  # [1, k]
+    positions = (start + torch.arange(k, device=tokens.device, dtype=torch.float32))[None, None].expand(3, 1, k)
+    hidden, _ = model(model.embed_tokens(tokens)[None], positions, cache.mask(slots), cache, slots)  # [1, k, H]
+    return model.logits(hidden[:, -1])
+
+
 def decode_logits(model: ThinkerLM, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                   cache: KVCache, write_slots: torch.Tensor) -> torch.Tensor:
     """The model part of a decode step, on tensors only (the step the engine compiles): `tokens [B]` written at

@@ -15,7 +15,8 @@ A decode step reads nothing back to the host: the engine knows every row's lengt
 stages/compile.py). The sampled tokens are read back once per step, after it.
 
 Each request sees exactly what `stream_generate` yields for a batch of one (the same tokens under greedy decoding,
-the same talker messages).
+the same talker messages). A request resumed from the first tokens of its reply (`submit(..., resume_tokens=)`, after
+the replica generating it was lost) gets the steps that follow them.
 
 A request of a session (`submit(..., session=...)`, an engine given a `SessionStore`) leaves its row's keys and
 values behind when it ends, outside the batch: a one-row cache of its own in the store (stages/thinker_sessions.py).
@@ -41,14 +42,16 @@ from common.sampling import SamplingParams
 from stages.batching import Cancellations, finish_reason, hand_over, span_for, step_shape
 from stages.compile import batch_buckets, compile_step, static_buffers
 from stages.kv_cache import KVCache
-from stages.sampling import make_generators, sample_ragged
+from stages.sampling import make_generators, replay_draws, sample_ragged
 from stages.handoff import accept_states, multimodal_mask, talker_prompts
-from stages.thinker import PromptInputs, ThinkerLM, ThinkerPrompt, ThinkerStep, decode_logits, prefill, prompt_inputs
+from stages.thinker import (PromptInputs, ThinkerLM, ThinkerPrompt, ThinkerStep, decode_logits, extend_logits, prefill,
+                            prompt_inputs)
 from stages.thinker_sessions import KeptSession, SessionStore, reusable_prefix
 
 logger = logging.getLogger(__name__)
 
 StepSink = Callable[[ThinkerStep | BaseException], None]  # called on the engine thread
+ENDED = "ended"  # the finish reason of the one step of a resumed reply that had ended (`submit(ended=True)`)
 
 
 @dataclass
@@ -59,6 +62,9 @@ class _Request:
     speaking: bool
     on_step: StepSink
     session: str | None = None  # its state is kept for the session's next turn
+    # tokens the reply had generated before (a resumed reply): prefilled, not sampled
+    resume_tokens: list[int] = field(default_factory=list)
+    ended: bool = False  # the resume tokens are the whole reply: only its talker inputs to give
 
 
 @dataclass
@@ -128,18 +134,28 @@ class ThinkerEngine:
         return prompt.input_ids.shape[1] + params.max_new_tokens <= self.max_len
 
     def submit(self, request_id: str, prompt: ThinkerPrompt, params: SamplingParams, speaking: bool,
-               on_step: StepSink, session: str | None = None) -> None:
+               on_step: StepSink, session: str | None = None, resume_tokens: list[int] = (),
+               ended: bool = False) -> None:
         """Queue a request (one row, no padding); `on_step` then gets each of its steps (the last has a finish
         reason) or an error. With `session`, the request reuses what the session's earlier turns left (as much of
-        it as its prompt starts with) and leaves its own state for the next turn."""
+        it as its prompt starts with) and leaves its own state for the next turn.
+
+        `resume_tokens`: the first tokens of the reply, generated before by a replica that was lost. They are
+        prefilled after the prompt and the request goes on from the next one: its steps are those the undisturbed
+        reply has after them (the first one also carries, when speaking, the talker inputs of the resumed tokens:
+        a talker that resumes too has none of them). `ended`: they are the whole reply, without its stop token;
+        a speaking request then gets its talker inputs only, in one step with no token and the finish reason
+        `ENDED` (its prompt is prefilled for the talker prompt, nothing is generated)."""
         if prompt.input_ids.shape[0] != 1:
             raise ValueError(f"{request_id}: the engine takes one prompt per request, got {prompt.input_ids.shape[0]}")
         if speaking and self.accept_hidden_layer is None:
             raise ValueError("speaking requests need accept_hidden_layer (talker_config.accept_hidden_layer)")
         if session is not None and self.sessions is None:
             raise ValueError(f"{request_id}: this engine keeps no sessions")
+        if not ended and len(resume_tokens) >= params.max_new_tokens:
+            raise ValueError(f"{request_id}: {len(resume_tokens)} tokens to resume from leave none to generate")
         self.cancellations.submitted(request_id)
-        self.incoming.put(_Request(request_id, prompt, params, speaking, on_step, session))
+        self.incoming.put(_Request(request_id, prompt, params, speaking, on_step, session, list(resume_tokens), ended))
 
     def cancel(self, request_id: str) -> None:
         """Stop a request (its consumer went away); its row is freed before the next step. Harmless when done."""
@@ -212,9 +228,12 @@ class ThinkerEngine:
     def _prefill(self, request: _Request, into_batch: bool) -> None:
         """Prefill one request alone, copy its keys and values into a free row (or keep its own sized cache), and
         give it its first token."""
-        model, prompt = self.model, request.prompt
-        T = prompt.input_ids.shape[1]
-        alone = self.cache.single_row(T if into_batch else T + request.params.max_new_tokens)
+        model, prompt, resumed = self.model, request.prompt, request.resume_tokens
+        T, k = prompt.input_ids.shape[1], len(resumed)
+        if request.ended:
+            self._talker_inputs_of_ended(request)
+            return
+        alone = self.cache.single_row(T + k if into_batch else T + request.params.max_new_tokens)
         # a session's turn keeps the accept-layer states for a later spoken turn, even when it is not spoken itself
         capture = self.accept_hidden_layer if request.speaking or request.session is not None else None
         inputs = prompt_inputs(model, prompt)
@@ -224,22 +243,58 @@ class ThinkerEngine:
                              device=prompt.input_ids.device)
         history[:T] = prompt.input_ids[0]
         generator = make_generators([request.params], prompt.input_ids.device)[0]
-        position = float(pre.next_positions[0])
+        first_position = float(pre.next_positions[0])
+        logits, position = self._resume(request, alone, pre.logits[0:1], first_position, history, T, generator)
         if into_batch:
             index = self.rows.index(None)
             self.cache.load_row(index, alone)
-            row = self.rows[index] = _Row(request, self.cache, index, T, history, T, position, generator)
+            row = self.rows[index] = _Row(request, self.cache, index, T + k, history, T, position, generator,
+                                          list(resumed))
         else:
-            row = _Row(request, alone, 0, T, history, T, position, generator)
+            row = _Row(request, alone, 0, T + k, history, T, position, generator, list(resumed))
             self.solo.append(row)
         row.reused = reused
         if request.session is not None:
-            row.draft = self._draft(prompt, inputs, pre, reused_accept, position)
+            row.draft = self._draft(prompt, inputs, pre, reused_accept, first_position)
         talker_prompt = None
         if request.speaking:
             talker_prompt = talker_prompts(model, prompt, pre, [request.request_id], [True], reused_accept)[0]
-        token = self._sample([row], pre.logits[0:1])[0]
-        self._advance(row, token, self._embeds([row], [token]), talker_prompt)
+        token = self._sample([row], logits)[0]
+        self._advance(row, token, self._embeds([row], [*resumed, token]), talker_prompt, resumed)
+
+    def _talker_inputs_of_ended(self, request: _Request) -> None:
+        """A resumed reply that had ended: its talker prompt (from the prompt's prefill, the same computation as
+        the undisturbed reply's) and the talker inputs of its tokens, all voiced (they hold no stop token), in one
+        step. Takes no row, and keeps nothing for a session."""
+        prompt, resumed = request.prompt, request.resume_tokens
+        talker_prompt, tokens = None, None
+        if request.speaking:
+            pre = prefill(self.model, prompt, self.cache.single_row(prompt.input_ids.shape[1]),
+                          self.accept_hidden_layer)
+            talker_prompt = talker_prompts(self.model, prompt, pre, [request.request_id], [True])
+            embeds = self.model.embed_tokens(torch.tensor(resumed, dtype=torch.long, device=prompt.input_ids.device))
+            tokens = [ThinkerTokens(request.request_id, list(resumed), embeds, finished=True)]  # [k, H]
+        self._hand(request, ThinkerStep([None], [ENDED], talker_prompt, tokens))
+
+    def _resume(self, request: _Request, cache: KVCache, logits: torch.Tensor, position: float,
+                history: torch.Tensor, prompt_len: int,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, float]:
+        """For a resumed request: its resumed tokens prefilled after the prompt (into `cache`, `history`), its
+        generator moved past their draws → (the logits of its next token [1, V], its next position); for any
+        other request, `logits` and `position` as they are.
+
+        Why the rest of the reply is the undisturbed one's: the prompt's prefill is the same computation (so are
+        its talker prompt's states), the resumed tokens take the positions and the history entries their decode
+        steps gave them, and the generator is where their draws had left it (`replay_draws`). The next logits come
+        from one prefill of k tokens rather than k decode steps: equal up to float rounding, the same rounding the
+        engine's batching already differs by, so greedy and seeded replies give the same tokens."""
+        resumed = request.resume_tokens
+        if not resumed:
+            return logits, position
+        tokens = torch.tensor(resumed, device=history.device)  # [k]
+        history[prompt_len : prompt_len + len(resumed)] = tokens
+        replay_draws(generator, request.params, len(resumed), int(self.model.lm_head.weight.shape[0]))
+        return extend_logits(self.model, tokens, position, cache), position + len(resumed)
 
     def _reuse(self, request: _Request, inputs: PromptInputs, cache: KVCache) -> tuple[int, torch.Tensor | None]:
         """Load the part of the request's prompt its session kept into `cache` (one empty row): returns how many
@@ -361,8 +416,10 @@ class ThinkerEngine:
             return None
         return self.model.embed_tokens(torch.tensor(tokens, device=rows[0].history.device))
 
-    def _advance(self, row: _Row, token: int, embeds: torch.Tensor | None, talker_prompt) -> None:
-        """Record the row's next token and hand the request its step (`embeds [1, H]`: the token's, when speaking)."""
+    def _advance(self, row: _Row, token: int, embeds: torch.Tensor | None, talker_prompt,
+                 resumed: list[int] = ()) -> None:
+        """Record the row's next token and hand the request its step (`embeds [n, H]`, when speaking: those of
+        `resumed`, the resumed tokens on a resumed request's first step, and of the token)."""
         request, params = row.request, row.request.params
         row.generated.append(token)
         row.history[row.prompt_len + len(row.generated) - 1] = token
@@ -370,9 +427,10 @@ class ThinkerEngine:
         reason = finish_reason(token, len(row.generated), params)
         talker_tokens = None
         if request.speaking:
-            talker_tokens = [ThinkerTokens(request.request_id, [token], embeds, reason is not None, reason)]
+            talker_tokens = [ThinkerTokens(request.request_id, [*resumed, token], embeds, reason is not None, reason)]
+        first = len(row.generated) == len(request.resume_tokens) + 1
         step = ThinkerStep([token], [reason], [talker_prompt] if talker_prompt is not None else None, talker_tokens,
-                           row.reused if len(row.generated) == 1 else 0)
+                           row.reused if first else 0)
         if reason is not None:
             self._free(row)
         self._hand(request, step)

@@ -203,3 +203,67 @@ def test_a_replica_whose_engine_stopped_fails_its_health_check(setup, engines):
     replica.engine.close()
     with pytest.raises(RuntimeError, match="engine's thread has stopped"):
         replica.check_health()
+
+
+@pytest.mark.parametrize("resumed", [1, 9])
+def test_a_resumed_request_goes_on_as_the_undisturbed_reply(setup, engines, resumed):
+    """A reply resumed from its first tokens (its replica was lost) gets exactly the steps that follow them in the
+    undisturbed reply: greedy and seeded-sampled (its generator moved past their draws), after an image and audio
+    in the prompt (positions after multimodal blocks), in the batch and in a cache of its own; a speaking one also
+    gets, on its first step, the talker inputs of the resumed tokens, for a talker that has none of them."""
+    model, prompts, eos, layer = setup
+    greedy = SamplingParams(max_new_tokens=16, min_new_tokens=16, repetition_penalty=1.2)
+    seeded = SamplingParams(max_new_tokens=16, min_new_tokens=16, do_sample=True, temperature=1.2, top_k=8,
+                            top_p=0.9, seed=11)
+    cases = {"greedy": (prompts[0], greedy), "seeded": (prompts[2], seeded), "solo": (prompts[5], seeded)}
+    row = max(prompts[0].input_ids.shape[1], prompts[2].input_ids.shape[1]) + 16
+    engine = engines(model, max_rows=2, max_len=row, accept_hidden_layer=layer)
+    assert not engine.fits(prompts[5], seeded)
+    want = {name: alone(model, prompt, params, speaking=True, layer=layer, request_id=name)
+            for name, (prompt, params) in cases.items()}
+    got = Collector()
+    for name, (prompt, params) in cases.items():
+        head = [s.token_ids[0] for s in want[name][:resumed]]
+        engine.submit(name, prompt, params, True, got.sink(name), resume_tokens=head)
+    got.wait()
+    for name, expected in want.items():
+        steps = got.steps[name]
+        assert [s.token_ids[0] for s in steps] == [s.token_ids[0] for s in expected[resumed:]], name
+        first = steps[0].talker_tokens[0]
+        assert first.token_ids == [s.token_ids[0] for s in expected[: resumed + 1]]
+        assert torch.equal(first.token_embeds, torch.cat([s.talker_tokens[0].token_embeds
+                                                          for s in expected[: resumed + 1]]))
+        torch.testing.assert_close(steps[0].talker_prompts[0].prompt_accept_hidden,
+                                   expected[0].talker_prompts[0].prompt_accept_hidden, rtol=0, atol=1e-6)
+    assert engine.active == []
+
+
+def test_resuming_from_a_whole_reply_is_refused(setup, engines):
+    model, prompts, eos, layer = setup
+    engine = engines(model, max_rows=1, max_len=256, accept_hidden_layer=layer)
+    with pytest.raises(ValueError, match="none to generate"):
+        engine.submit("r", prompts[1], SamplingParams(max_new_tokens=3), False, print, resume_tokens=[5, 6, 7])
+
+
+def test_a_resumed_reply_that_had_ended_gets_its_talker_inputs_only(setup, engines):
+    """A talker resumed below a reply whose text had ended needs the thinker's inputs of the whole reply: the engine
+    prefills the prompt for the talker prompt and gives, in one step without a token, the talker inputs of the text's
+    tokens (which hold no stop token: all voiced), as the undisturbed reply had them."""
+    from stages.thinker_engine import ENDED
+
+    model, prompts, eos, layer = setup
+    params = SamplingParams(max_new_tokens=6, stop_token_ids=(eos,))
+    engine = engines(model, max_rows=1, max_len=256, accept_hidden_layer=layer)
+    expected = alone(model, prompts[0], params, speaking=True, layer=layer, request_id="ended")
+    text = [s.token_ids[0] for s in expected if s.token_ids[0] != eos]
+    got = Collector()
+    engine.submit("ended", prompts[0], params, True, got.sink("ended"), resume_tokens=text, ended=True)
+    got.wait()
+    [step] = got.steps["ended"]
+    assert step.token_ids == [None] and step.finish_reasons == [ENDED]
+    tokens = step.talker_tokens[0]
+    assert tokens.token_ids == text and tokens.finished and tokens.finish_reason is None
+    assert torch.equal(tokens.token_embeds, torch.cat([s.talker_tokens[0].token_embeds for s in expected])[:len(text)])
+    torch.testing.assert_close(step.talker_prompts[0].prompt_accept_hidden,
+                               expected[0].talker_prompts[0].prompt_accept_hidden, rtol=0, atol=1e-6)
+    assert engine.active == []

@@ -90,7 +90,7 @@ class Conversation:
         return thinker_prompt(inputs, self.model.audio_encoder, self.model.vision_encoder, False)
 
 
-def run(engine, request_id, prompt, params, speaking=True, session=None, stop_after=None):
+def run(engine, request_id, prompt, params, speaking=True, session=None, stop_after=None, resume_tokens=()):
     """A request's steps, to its end (or cancelled after `stop_after` steps: from the engine thread, so its row is
     freed before the next step)."""
     steps, done = [], threading.Event()
@@ -102,7 +102,7 @@ def run(engine, request_id, prompt, params, speaking=True, session=None, stop_af
         if isinstance(step, BaseException) or step.finish_reasons[0] is not None or len(steps) == stop_after:
             done.set()
 
-    engine.submit(request_id, prompt, params, speaking, on_step, session=session)
+    engine.submit(request_id, prompt, params, speaking, on_step, session=session, resume_tokens=resume_tokens)
     assert done.wait(120), request_id
     assert not any(isinstance(s, BaseException) for s in steps), steps
     return steps
@@ -238,3 +238,30 @@ def test_sessions_are_bounded_ended_and_expire(setup, engines):
     assert sessions.expire() is None and sessions.summary()["kept"] == {}
     with pytest.raises(ValueError, match="keeps no sessions"):
         engines(model).submit("x", prompt, params, False, lambda step: None, session="x")
+
+
+def test_a_resumed_turn_reuses_the_session_and_keeps_what_the_undisturbed_turn_keeps(setup, engines):
+    """A session's turn resumed from its first tokens (its thinker replica was lost, and the session routed to a
+    replica that keeps it): its prompt reuses the kept state, the rest of its reply is the undisturbed one's, and it
+    keeps what the undisturbed turn keeps."""
+    model, proc, cfg = setup
+    resuming, undisturbed = engines(model, store()), engines(model, store())
+    params = SamplingParams(max_new_tokens=10, min_new_tokens=10)
+    talk = Conversation(model, proc)
+    talk.user(*STORY)
+    first_prompt = talk.prompt()
+    first = run(resuming, "r1", first_prompt, params, session="chat")
+    assert tokens(run(undisturbed, "u1", first_prompt, params, session="chat")) == tokens(first)
+    talk.assistant(tokens(first))
+    talk.user("Go on.", [], [])  # a reply with no media placeholder (tiny checkpoint, greedy): all of it is kept
+    prompt = talk.prompt()
+    whole = run(undisturbed, "u2", prompt, params, session="chat")
+    resumed = run(resuming, "r2", prompt, params, session="chat", resume_tokens=tokens(whole)[:4])
+    assert tokens(resumed) == tokens(whole)[4:]
+    assert first_prompt.input_ids.shape[1] <= resumed[0].cached_tokens < prompt.input_ids.shape[1]
+    for _ in range(100):  # each kept when its row is freed, on its engine's thread
+        kept = [engine.sessions.summary()["kept"].get("chat") for engine in (resuming, undisturbed)]
+        if kept[0] == kept[1]:
+            break
+        time.sleep(0.05)
+    assert kept[0] == kept[1] == prompt.input_ids.shape[1] + 10 - 1, kept  # the last token is sampled, not fed

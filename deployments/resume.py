@@ -1,0 +1,114 @@
+"""Replies that survive a lost stage replica: the consumer of each stage's stream resumes it, on another replica or
+on the one Serve starts in its place, from what it had already received.
+
+Every hop of a reply knows what it has been sent: the reply's tokens (each `TextDelta` carries its ids), and below
+them the codec frames or the PCM samples. When the replica streaming to it is lost (`replica_lost`), the consumer
+calls the stage again with the job resumed from the tokens it has (`jobs.resumed`), skips what the new stream gives
+it a second time, and goes on:
+- a thinker lost: its consumer (the ingress for text, the talker for speech) resumes it from the tokens received.
+  The new thinker prefills the prompt and those tokens (`ThinkerEngine.submit(resume_tokens=)`) and sends the text
+  of the tokens after them only; to a talker it also sends the talker inputs of every token from the first (the
+  talker asking may be a new one that has none of them), and a talker that has them skips those.
+- a talker lost: Code2Wav resumes it from the tokens it has passed on; the new talker resumes the thinker from them,
+  voices the reply from its first frame again, and Code2Wav skips the frames it has.
+- Code2Wav lost: the ingress resumes it from the tokens it has; the new Code2Wav (with a new talker stream) decodes
+  the speech from its first frame again, and the ingress skips the samples it has sent.
+Why a greedy or seeded reply ends exactly as undisturbed: a resumed thinker gives the tokens that follow the resumed
+ones in the undisturbed reply (`ThinkerEngine._resume`); the talker engine gives a reply the frames it gets alone,
+however its text arrives, so the frames made again are the ones already sent; and the Code2Wav engine gives a reply
+the samples `decode_chunked` gives its frames from the first, so the samples made again are those already sent.
+Making the frames again costs a pause that grows with the speech already made, but leaves no state to rebuild (a
+seeded talker's generator replays by itself, drawn in the same order from the same seed).
+
+What a live replica raises (a bad request, a full queue) comes back wrapped in Ray's `RayTaskError` and is never
+retried, and neither is a lost replica further up the chain (its own consumer resumes it). A consumer resumes a
+reply at most `stage_retries` times, after `retry_backoff_s` (doubling each time): Serve's router holds the new call
+until the stage has a running replica again. After that the reply ends with `StageUnavailableError`: a 503, or the
+stream's error event once it has begun.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
+
+from common.errors import OmniError
+from deployments.settings import ServiceSettings
+
+logger = logging.getLogger("ray.serve")
+
+# the replica serving a call is gone: its actor died (ActorDiedError) or cannot be reached (ActorUnavailableError),
+# both RayActorErrors, or Serve's router found the replica it picked gone
+LOST_REPLICA_ERRORS = (RayActorError, ReplicaUnavailableError)
+
+
+class StageUnavailableError(OmniError):
+    """A stage's replicas were lost more often during one reply than the service resumes it (`stage_retries`)."""
+
+    status_code = 503
+    error_type = "server_error"
+
+
+class EncoderLostError(OmniError):
+    """An encoder replica was lost before the thinker had its output: the ingress, which holds the encoders' inputs
+    until the reply's first event, runs them again, whole (an encoder call is idempotent)."""
+
+    status_code = 503
+    error_type = "server_error"
+
+
+def replica_lost(exc: BaseException) -> bool:
+    """Whether `exc` says that the replica streaming to this process is gone, rather than that it (or a stage it
+    called) raised an error, which Ray wraps in a `RayTaskError`."""
+    return isinstance(exc, LOST_REPLICA_ERRORS) and not isinstance(exc, RayTaskError)
+
+
+async def resuming(stage: str, request_id: str, call: Callable[[BaseException | None], AsyncIterator],
+                   settings: ServiceSettings,
+                   resumable: Callable[[BaseException], bool] = replica_lost) -> AsyncIterator:
+    """The events of `call(None)`, a stage's stream; each time it ends with an error that is `resumable` (the
+    replica streaming it was lost), `call(that error)` again (it builds the job from what its caller has received
+    by then), `settings.stage_retries` times at most. A resumed call refused for a full queue (Serve's
+    `BackPressureError`, here or further down the chain) is retried too: the reply was admitted, and a later
+    arrival must not take its place."""
+    losses, lost = 0, None
+    while True:
+        try:
+            async for event in call(lost):
+                yield event
+            return
+        except Exception as exc:
+            if not (resumable(exc) or (lost is not None and isinstance(exc, BackPressureError))):
+                raise
+            losses, lost = losses + 1, exc
+            if losses > settings.stage_retries:
+                raise StageUnavailableError(
+                    f"the {stage} stage lost its replica {losses} times during this reply; retry") from exc
+            logger.warning("%s: the %s stream was lost (%s: %s); resuming it (%d of %d)", request_id, stage,
+                           type(exc).__name__, str(exc).splitlines()[0], losses, settings.stage_retries)
+            await asyncio.sleep(settings.retry_backoff_s * 2 ** (losses - 1))
+
+
+class Received:
+    """What a consumer has of one reply's stream, across the streams it resumes: its first `count` items (tokens,
+    frames or samples), and the position in the stream now read, which gives every item from the first again."""
+
+    def __init__(self, count: int = 0):
+        self.count = count
+        self.streamed = 0
+
+    def new_stream(self) -> None:
+        self.streamed = 0
+
+    def new_part(self, n: int) -> int:
+        """The next `n` items of the stream now read came in: how many of them, at their start, the consumer had
+        already (it skips those)."""
+        first = self.streamed
+        self.streamed += n
+        had = min(max(self.count - first, 0), n)
+        self.count = max(self.count, self.streamed)
+        return had

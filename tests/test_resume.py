@@ -1,0 +1,235 @@
+"""Replies that survive a lost stage replica, end to end: a local Ray Serve, the real `openai` client, and replica
+actors killed through Ray (`ray.kill`) in the middle of greedy streaming replies.
+
+A spoken reply loses its talker, then its thinker, then its Code2Wav replica; a text reply loses its thinker. Each
+stream pauses while Serve starts the replacement and then goes on: no error event, and its text and PCM equal those
+of the same request undisturbed, byte for byte. `/health` names each stage while it has no replica running.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+
+import openai
+import pytest
+import requests
+
+from test_serve import ROOT, START_TIMEOUT_S, _free_port, _wait_running
+
+pytestmark = pytest.mark.slow
+
+APP = "omniray"
+# long enough for the thinker to be generating when it is killed after the talker's resume (its text outlasts the
+# talker's replacement), greedy on both stages
+SPOKEN = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 300,
+          "modalities": ["text", "audio"], "audio": {"voice": "ethan", "format": "pcm16"},
+          "extra_body": {"temperature": 0, "talker_temperature": 0, "ignore_eos": True, "talker_max_tokens": 80}}
+TEXT = {"messages": [{"role": "user", "content": "Count to three, please."}], "max_tokens": 400,
+        "extra_body": {"temperature": 0, "ignore_eos": True}}
+DRAIN_S = 120  # the bound on waiting for every engine to be empty after the replies
+
+
+@pytest.fixture(scope="module")
+def service(tiny_ckpt):
+    import ray
+    from ray import serve
+    from ray.serve.api import RunTarget
+
+    from deployments.app import build_app
+    from deployments.serve_cli import wait_for_proxies
+
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        wait_for_proxies(START_TIMEOUT_S)
+        settings = {"model": str(tiny_ckpt), "served_model_name": "omniray-tiny", "torch_threads": 1,
+                    "retry_backoff_s": 0.2}
+        serve.run_many([RunTarget(build_app(settings), name=APP, route_prefix="/")],
+                       wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+        _wait_running([APP])
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    return openai.OpenAI(base_url=service + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+class Reply:
+    """A streamed reply as the client gets it: text, PCM16 bytes, the finish reason."""
+
+    def __init__(self):
+        self.text, self.pcm, self.finish = "", b"", None
+
+    def take(self, chunk) -> None:
+        delta = chunk.choices[0].delta
+        self.text += delta.content or ""
+        if getattr(delta, "audio", None) is not None and delta.audio.data:
+            self.pcm += base64.b64decode(delta.audio.data)
+        self.finish = chunk.choices[0].finish_reason or self.finish
+
+
+def _stream(client: openai.OpenAI, body: dict, on_chunk=None) -> Reply:
+    """The whole reply; an error event in the stream raises `openai.APIError` (the test fails)."""
+    reply = Reply()
+    for chunk in client.chat.completions.create(model="omniray-tiny", stream=True, **body):
+        if chunk.choices:
+            reply.take(chunk)
+            if on_chunk is not None:
+                on_chunk(chunk, reply)
+    assert reply.finish is not None, "the stream ended without a finish reason"
+    return reply
+
+
+def _stage(name: str):
+    from ray import serve
+
+    return serve.get_deployment_handle(name, APP)
+
+
+def _serving(stage: str, request_id: str) -> None:
+    """Until the stage serves the request (bounded; a stage whose replica is being replaced answers once the new one
+    runs)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while request_id not in _stage(stage).describe.remote().result(timeout_s=START_TIMEOUT_S)["in_flight"]:
+        assert time.monotonic() < deadline, f"the {stage} never served {request_id}"
+        time.sleep(0.05)
+
+
+def _replica(stage: str) -> str | None:
+    """The name of the stage's replica actor (one per stage here), None while it has none."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith(f"SERVE_REPLICA::{APP}#{stage}#")]
+    return names[0] if names else None
+
+
+def _kill(stage: str) -> str:
+    import ray
+
+    name = _replica(stage)
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    return name
+
+
+def _replaced(stage: str, killed: str) -> None:
+    """Until a replica other than `killed` runs for the stage (bounded)."""
+    from ray import serve
+
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while _replica(stage) in (None, killed) or \
+            serve.status().applications[APP].deployments[stage].replica_states.get("RUNNING", 0) == 0:
+        assert time.monotonic() < deadline, f"no new {stage} replica"
+        time.sleep(0.1)
+
+
+class HealthWatch:
+    """Polls /health in a thread while a reply runs: the stages it named as down or degraded."""
+
+    def __init__(self, url: str):
+        self.url, self.named, self.stop = url, set(), threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self.stop.wait(0.25):
+            body = requests.get(self.url + "/health", timeout=60).json()
+            self.named |= set(body.get("stages_down", [])) | set(body.get("stages_degraded", []))
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=120)
+
+
+def _engines_drain() -> None:
+    """Every stage's engine empty again (nothing left running for a reply whose consumer was lost), bounded."""
+    deadline = time.monotonic() + DRAIN_S
+    for stage in ("thinker", "talker", "code2wav"):
+        while (held := _stage(stage).describe.remote().result(timeout_s=60))["batch"]:
+            assert time.monotonic() < deadline, (stage, held)
+            time.sleep(0.5)
+
+
+def test_a_spoken_reply_survives_losing_its_talker_thinker_and_code2wav(service, client):
+    """Killed in turn while the reply streams: the talker once audio has come, the thinker once the new talker has
+    resumed it, Code2Wav once a new thinker runs. The client's stream only pauses."""
+    undisturbed = _stream(client, SPOKEN)
+    assert undisturbed.pcm and undisturbed.text
+
+    kills = []  # (stage, the replica killed)
+
+    def disturb(chunk, reply: Reply) -> None:
+        """Each kill on an audio chunk after the one before, once the stage it replaced runs again."""
+        if not reply.pcm or len(kills) == 3:
+            return
+        if not kills:
+            stage = "talker"
+        elif len(kills) == 1:
+            stage = "thinker"
+            _serving("talker", chunk.id)  # the new talker, which resumes the thinker at once
+        else:
+            stage = "code2wav"
+            _replaced("thinker", kills[-1][1])
+        _serving(stage, chunk.id)
+        kills.append((stage, _kill(stage)))
+
+    with HealthWatch(service) as health:
+        disturbed = _stream(client, SPOKEN, disturb)
+    assert [stage for stage, _ in kills] == ["talker", "thinker", "code2wav"], kills
+    assert disturbed.text == undisturbed.text and disturbed.finish == undisturbed.finish
+    assert len(disturbed.pcm) == len(undisturbed.pcm) and disturbed.pcm == undisturbed.pcm
+    assert {"talker", "thinker", "code2wav"} <= health.named, health.named
+    _engines_drain()
+
+
+def test_a_text_reply_survives_losing_its_thinker(service, client):
+    undisturbed = _stream(client, TEXT)
+    killed = []
+
+    def disturb(chunk, reply: Reply) -> None:
+        if not killed and reply.text:
+            killed.append(len(reply.text))
+            _serving("thinker", chunk.id)
+            _kill("thinker")
+
+    disturbed = _stream(client, TEXT, disturb)
+    assert killed and killed[0] < len(disturbed.text)
+    assert disturbed.text == undisturbed.text and disturbed.finish == undisturbed.finish == "length"
+    _engines_drain()
+
+
+def test_an_encoder_lost_before_its_output_is_told_apart_from_its_errors(service):
+    """The thinker awaits the encoders' outputs by reference: an encoder actor that dies before its output is ready
+    becomes `EncoderLostError` (the ingress then runs the encoders again, whole), an error it raised stays itself."""
+    import asyncio
+    import os
+
+    import ray
+
+    from common.errors import InvalidRequestError
+    from deployments.resume import EncoderLostError
+    from deployments.thinker import _encoded
+
+    @ray.remote(num_cpus=0)
+    class Encoder:
+        def dies(self):
+            os._exit(1)
+
+        def refuses(self):
+            raise InvalidRequestError("unreadable audio")
+
+    encoder = Encoder.remote()
+    with pytest.raises(InvalidRequestError):
+        asyncio.run(_encoded(encoder.refuses.remote()))
+    with pytest.raises(EncoderLostError):
+        asyncio.run(_encoded(encoder.dies.remote()))
