@@ -24,14 +24,16 @@ pytestmark = pytest.mark.slow
 
 CONFIG = ROOT / "serve_config.autoscale.yaml"
 SCALED = ("thinker", "talker")
-LOAD = 6  # spoken streams kept going at once: 3 per replica, above the target of 2 even on two replicas
-SCALE_TIMEOUT_S = 120  # for Serve to start or stop a replica on a busy two-core machine
-# a short spoken reply (about a second of work on two cores), sent over and over by the load
-SPOKEN = {"messages": [{"role": "user", "content": "Hello there, who are you?"}], "max_tokens": 24,
+LOAD = 4  # spoken streams kept going at once: 2 per replica, above the target of 1 even on two replicas
+SCALE_TIMEOUT_S = 180  # for Serve to start or stop a replica on a busy two-core machine (a minute, seen)
+# A spoken reply the load sends over and over (a second or two of work on two cores): a long text reply voiced only
+# at its start, so the thinker streams for as long as the talker does and both stages see the same load. (A reply
+# voiced to its end keeps the talker busy long after the thinker is done, and the thinker would not scale.)
+SPOKEN = {"messages": [{"role": "user", "content": "Hello there, who are you?"}], "max_tokens": 150,
           "modalities": ["text", "audio"], "audio": {"voice": "ethan", "format": "pcm16"},
-          "extra_body": {"temperature": 0, "talker_temperature": 0, "ignore_eos": True, "talker_max_tokens": 40}}
+          "extra_body": {"temperature": 0, "talker_temperature": 0, "ignore_eos": True, "talker_max_tokens": 20}}
 # a long one (tens of seconds), still under way when Serve removes the replica that serves it
-LONG = {**SPOKEN, "max_tokens": 400, "extra_body": {**SPOKEN["extra_body"], "talker_max_tokens": 600}}
+LONG = {**SPOKEN, "max_tokens": 1000, "extra_body": {**SPOKEN["extra_body"], "talker_max_tokens": 1000}}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def service(tiny_ckpt):
     raw = yaml.safe_load(CONFIG.read_text())
     port = _free_port()
     raw["http_options"]["port"] = port
-    raw["applications"][0]["args"]["model"] = str(tiny_ckpt)
+    raw["applications"][0]["args"].update(model=str(tiny_ckpt), served_model_name="omniray-tiny")
     config = ServeDeploySchema.model_validate(raw)
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     try:
@@ -89,9 +91,10 @@ def _running(stage: str) -> dict:
     return dict(serve.status().applications["omniray"].deployments[stage].replica_states)
 
 
-def _replicas(stage: str, asks: int = 12) -> dict[str, dict]:
-    """`describe()` of each replica that answered, by replica id: the handle routes each call to one replica, so
-    several calls reach each of them (each answer replaces the older one of its replica)."""
+def _replicas(stage: str, asks: int = 6) -> dict[str, dict]:
+    """`describe()` of each replica that answered, by replica id: the handle routes each call to one replica, and
+    calls sent together go to both (each answer replaces the older one of its replica). Fewer than the stage's
+    `max_queued_requests` (8), which also bounds this caller."""
     from ray import serve
 
     handle = serve.get_deployment_handle(stage, "omniray")
@@ -120,7 +123,8 @@ async def _load(client: openai.AsyncOpenAI, stop: asyncio.Event, replies: list) 
 def test_load_adds_a_replica_that_takes_requests_and_removing_it_drains(service):
     async def main():
         client = _client(service)
-        first = {stage: set(await asyncio.to_thread(_replicas, stage)) for stage in SCALED}
+        # one call each: six at once would count as six ongoing requests, enough to add a replica
+        first = {stage: set(await asyncio.to_thread(_replicas, stage, 1)) for stage in SCALED}
         assert all(len(ids) == 1 for ids in first.values()), first
         spoken_alone, long_alone = (await _stream(client, SPOKEN))[1:], (await _stream(client, LONG))[1:]
 
@@ -135,28 +139,28 @@ def test_load_adds_a_replica_that_takes_requests_and_removing_it_drains(service)
 
         # the load drops to one long reply, which the added talker replica serves: Serve removes that replica
         # while the reply streams from it
-        long_replies = await _long_reply_on(client, "talker", added["talker"])
+        long_reply = await _long_reply_on(client, "talker", added["talker"])
         stop.set()
         await asyncio.gather(*load)
         await _until(lambda: _running("talker").get("RUNNING", 0) == 1, "the talker to scale back down")
-        removed_while_streaming = not long_replies[-1].done()
-        long_results = [reply[1:] for reply in await asyncio.gather(*long_replies)]
+        removed_while_streaming = not long_reply.done()
+        long_result = (await long_reply)[1:]
         for stage in SCALED:
             await _until(lambda: _running(stage) == {"RUNNING": 1}, f"the {stage} to be back at one replica")
         left = {stage: set(await asyncio.to_thread(_replicas, stage)) for stage in SCALED}
-        return spoken_alone, long_alone, replies, first, served, removed_while_streaming, long_results, left
+        return spoken_alone, long_alone, replies, first, served, removed_while_streaming, long_result, left
 
-    spoken_alone, long_alone, replies, first, served, removed_while_streaming, long_results, left = asyncio.run(main())
+    spoken_alone, long_alone, replies, first, served, removed_while_streaming, long_result, left = asyncio.run(main())
     failed = [r for r in replies if isinstance(r, Exception)]
     assert not failed, f"{len(failed)} of {len(replies)} requests failed under load: {failed[:3]}"
     assert all(reply[1:] == spoken_alone for reply in replies), "a reply under load differs from the one alone"
     assert len(spoken_alone[1]) > 0 and len(long_alone[1]) > len(spoken_alone[1])
     for stage in SCALED:
         assert all(d["served"] > 0 for d in served[stage].values()), served[stage]
-    # Serve removes its newest replica first: the one serving the (last) long reply
+    # Serve removes its newest replica first: the one serving the long reply
     assert left["talker"] == first["talker"], "Serve removed the talker's first replica, not the one it added"
     assert removed_while_streaming, "the long reply ended before Serve removed its replica: nothing was drained"
-    assert all(result == long_alone for result in long_results), "a long reply differs from the one alone"
+    assert long_result == long_alone, "the reply of the removed replica differs from the one alone"
 
 
 def _both_served(stage: str) -> dict[str, dict] | None:
@@ -164,17 +168,17 @@ def _both_served(stage: str) -> dict[str, dict] | None:
     return replicas if len(replicas) == 2 and all(d["served"] > 0 for d in replicas.values()) else None
 
 
-async def _long_reply_on(client: openai.AsyncOpenAI, stage: str, replica: str) -> list[asyncio.Task]:
-    """LONG replies, sent one after the other (at most 4) until the router puts one on `replica` of `stage`: the
-    last of them streams from there."""
-    replies = []
+async def _long_reply_on(client: openai.AsyncOpenAI, stage: str, replica: str) -> asyncio.Task:
+    """A LONG reply streaming from `replica` of `stage`: sent again (at most 4 times) until the router puts one
+    there; a client that went away ends each of the others (they would keep the stage's load up)."""
     for _ in range(4):
         started = asyncio.get_running_loop().create_future()
-        replies.append(asyncio.create_task(_stream(client, LONG, started)))
+        reply = asyncio.create_task(_stream(client, LONG, started))
         request_id = await asyncio.wait_for(started, timeout=60)
         holder = await _until(lambda: _holder(stage, request_id), f"the {stage} replica serving {request_id}")
         if holder == replica:
-            return replies
+            return reply
+        reply.cancel()
     pytest.fail(f"the router sent none of 4 long replies to the {stage} replica {replica}")
 
 
