@@ -2,8 +2,9 @@
 
 The app is deployed on a local Ray as `omniray serve` deploys it (the CPU defaults, or `--serve-config`), then
 `--concurrency` clients each send requests back to back for `--minutes`, cycling through a mix:
-- text: a whole reply, and a streamed one;
-- speech: a streamed spoken reply, and a whole one (text plus WAV);
+- text: a whole reply, and a streamed one (sampled);
+- speech: a streamed spoken reply, and a whole one (text plus WAV; greedy, so every reply has its audio);
+- media: a small image and a second of audio in, a streamed text reply out (both encoders);
 - bad requests, each of which must get its 4xx (malformed JSON, an unknown voice, `n` > 1, too many tokens, an
   unknown model);
 - disconnects: a streamed spoken reply the client drops after its first chunks.
@@ -40,7 +41,8 @@ from bench.bench_serve import local_service
 MIB = 1024 * 1024
 GROWTH_TARGET = 0.05
 STAGES_WITH_REQUESTS = ("vision_encoder", "audio_encoder", "thinker", "talker", "code2wav")
-SPOKEN = {"modalities": ["text", "audio"], "audio": {"voice": "ethan", "format": "pcm16"}}
+SPOKEN = {"modalities": ["text", "audio"], "audio": {"voice": "ethan", "format": "pcm16"},
+          "temperature": 0, "talker_temperature": 0, "talker_max_tokens": 40}
 QUESTIONS = ["Hello there, who are you?", "Count to three, please.", "What is the capital of France?",
              "Tell me a short story about a cat."]
 
@@ -94,9 +96,33 @@ def _body(i: int, **extra) -> dict:
     return {"messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], **extra}
 
 
+def _media() -> tuple[str, str]:
+    """A 64×48 PNG and one second of a 440 Hz tone at 16 kHz (WAV), as the data URI and the base64 the API takes."""
+    import base64
+    import io
+    import wave
+
+    import numpy as np
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 120, 40)).save(png, format="PNG")
+    tone = (np.sin(2 * np.pi * 440 * np.arange(16000) / 16000) * 0.3 * 32767).astype("<i2")
+    wav = io.BytesIO()
+    with wave.open(wav, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(tone.tobytes())
+    return ("data:image/png;base64," + base64.b64encode(png.getvalue()).decode(),
+            base64.b64encode(wav.getvalue()).decode())
+
+
+IMAGE, AUDIO = _media()
+
 BAD_REQUESTS = [  # (body, the status it must get)
     ("{not json", 400),
-    (_body(0, **SPOKEN, audio={"voice": "darth", "format": "pcm16"}), 400),
+    (_body(0, **{**SPOKEN, "audio": {"voice": "darth", "format": "pcm16"}}), 400),
     (_body(0, n=3), 400),
     (_body(0, max_tokens=10**9), 400),
     ({**_body(0), "model": "gpt-7"}, 404),
@@ -111,8 +137,8 @@ async def text(http, i: int) -> str:
 
 
 async def speech(http, i: int) -> str:
-    r = await http.post("/v1/chat/completions", json=_body(i, max_tokens=16, talker_max_tokens=40,
-                                                             **{**SPOKEN, "audio": {"voice": "ethan", "format": "wav"}}))
+    r = await http.post("/v1/chat/completions",
+                        json=_body(i, max_tokens=16, **{**SPOKEN, "audio": {"voice": "ethan", "format": "wav"}}))
     if r.status_code != 200:
         return str(r.status_code)
     message = r.json()["choices"][0]["message"]
@@ -124,7 +150,15 @@ async def text_stream(http, i: int) -> str:
 
 
 async def speech_stream(http, i: int) -> str:
-    return await _stream(http, _body(i, max_tokens=16, talker_max_tokens=40, stream=True, **SPOKEN), audio=True)
+    return await _stream(http, _body(i, max_tokens=16, stream=True, **SPOKEN), audio=True)
+
+
+async def media(http, i: int) -> str:
+    content = [{"type": "image_url", "image_url": {"url": IMAGE}},
+               {"type": "input_audio", "input_audio": {"data": AUDIO, "format": "wav"}},
+               {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]}]
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 24, "stream": True}
+    return await _stream(http, body, audio=False)
 
 
 async def _stream(http, body: dict, audio: bool) -> str:
@@ -152,7 +186,7 @@ async def _stream(http, body: dict, audio: bool) -> str:
 
 async def disconnect(http, i: int) -> str:
     """A long spoken stream, dropped after its first three chunks (the connection closes with the block)."""
-    body = _body(i, max_tokens=400, ignore_eos=True, talker_max_tokens=600, stream=True, **SPOKEN)
+    body = _body(i, max_tokens=400, ignore_eos=True, stream=True, **{**SPOKEN, "talker_max_tokens": 600})
     async with http.stream("POST", "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             return str(r.status_code)
@@ -176,10 +210,10 @@ async def bad(http, i: int) -> str:
     return "ok" if set(error) == {"message", "type", "param", "code"} else "no OpenAI error body"
 
 
-# one client's cycle: about 1 in 10 requests bad and 1 in 10 a disconnect, the rest real work, speech for half
+# one client's cycle: 1 in 10 requests bad and 1 in 10 a disconnect, the rest real work, speech for 4 in 10
 MIX = [("text", text), ("speech_stream", speech_stream), ("text_stream", text_stream), ("speech", speech),
-       ("speech_stream", speech_stream), ("bad", bad), ("text", text), ("speech_stream", speech_stream),
-       ("disconnect", disconnect), ("text_stream", text_stream)]
+       ("media", media), ("bad", bad), ("speech_stream", speech_stream), ("text", text),
+       ("disconnect", disconnect), ("speech_stream", speech_stream)]
 
 
 async def client_loop(url: str, offset: int, deadline: float, load: Load) -> None:
@@ -325,7 +359,7 @@ def record(args, settings: dict, load: Load, memory: dict, leftover: dict) -> No
 
 
 def _requests_table(load: Load) -> str:
-    lines = ["| requests | outcome | count | p50 |", "|---|---|---|---|"]
+    lines = ["| requests | outcome | count | p50 of the kind |", "|---|---|---|---|"]
     for (kind, outcome), n in sorted(load.outcomes.items()):
         lines.append(f"| {kind} | {outcome} | {n} | {statistics.median(load.seconds[kind]) * 1e3:.0f} ms |")
     return "\n".join(lines)
