@@ -69,17 +69,17 @@ def _client(url: str) -> openai.AsyncOpenAI:
 
 async def _stream(client: openai.AsyncOpenAI, body: dict, started: asyncio.Future | None = None):
     """The reply's (id, text, PCM) after the whole stream; its id goes to `started` with the first chunk."""
-    stream = await client.chat.completions.create(model="omniray-tiny", stream=True, **body)
     request_id, text, pcm, finish = None, "", b"", None
-    async for chunk in stream:
-        if request_id is None and started is not None:
-            started.set_result(chunk.id)
-        request_id = chunk.id
-        delta = chunk.choices[0].delta
-        text += delta.content or ""
-        if getattr(delta, "audio", None) is not None and delta.audio.data:
-            pcm += base64.b64decode(delta.audio.data)
-        finish = chunk.choices[0].finish_reason or finish
+    async with await client.chat.completions.create(model="omniray-tiny", stream=True, **body) as stream:
+        async for chunk in stream:  # leaving the block (cancelled too) closes the connection
+            if request_id is None and started is not None:
+                started.set_result(chunk.id)
+            request_id = chunk.id
+            delta = chunk.choices[0].delta
+            text += delta.content or ""
+            if getattr(delta, "audio", None) is not None and delta.audio.data:
+                pcm += base64.b64decode(delta.audio.data)
+            finish = chunk.choices[0].finish_reason or finish
     assert finish is not None, "the stream ended without a finish reason"
     return request_id, text, pcm
 
@@ -179,6 +179,7 @@ async def _long_reply_on(client: openai.AsyncOpenAI, stage: str, replica: str) -
         if holder == replica:
             return reply
         reply.cancel()
+        await asyncio.gather(reply, return_exceptions=True)
     pytest.fail(f"the router sent none of 4 long replies to the {stage} replica {replica}")
 
 
