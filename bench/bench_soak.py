@@ -25,15 +25,21 @@ There is no baseline to run beside it: the figures are ours alone (the machine l
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import datetime
+import io
 import json
 import shlex
 import statistics
 import sys
 import time
+import wave
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from bench import common
 from bench.bench_serve import local_service
@@ -59,7 +65,7 @@ def main() -> None:
     args = p.parse_args()
     if args.warmup_minutes >= args.minutes:
         raise SystemExit("--warmup-minutes must be shorter than --minutes")
-    device, dtype = common.resolve_device_dtype(args)
+    _, dtype = common.resolve_device_dtype(args)
     ckpt = common.build_checkpoint(args, dtype)
     with local_service(ckpt, args) as url:
         load, memory, leftover = asyncio.run(soak(url, args))
@@ -98,13 +104,6 @@ def _body(i: int, **extra) -> dict:
 
 def _media() -> tuple[str, str]:
     """A 64×48 PNG and one second of a 440 Hz tone at 16 kHz (WAV), as the data URI and the base64 the API takes."""
-    import base64
-    import io
-    import wave
-
-    import numpy as np
-    from PIL import Image
-
     png = io.BytesIO()
     Image.new("RGB", (64, 48), (200, 120, 40)).save(png, format="PNG")
     tone = (np.sin(2 * np.pi * 440 * np.arange(16000) / 16000) * 0.3 * 32767).astype("<i2")
@@ -236,8 +235,8 @@ async def client_loop(url: str, offset: int, deadline: float, load: Load) -> Non
 
 
 def serve_processes() -> dict[str, "psutil.Process"]:
-    """This run's Serve actors by name (`ServeReplica:omniray:thinker`, `ProxyActor`, ...; a second process of one
-    name, a replica Serve started again, gets its pid appended): the Ray processes under this one."""
+    """This run's Serve actors, the Ray processes under this one, by name and pid (`ServeReplica:omniray:thinker
+    pid 1234`, `ProxyActor pid 1200`, ...: a replica that Serve started again, or a second one, is a row of its own)."""
     import psutil  # comes with ray (its thirdparty_files, on the path once ray is imported)
 
     found = {}
@@ -248,7 +247,7 @@ def serve_processes() -> dict[str, "psutil.Process"]:
             continue
         if title.startswith("ray::") and ("Serve" in title or "Proxy" in title):
             name = title.removeprefix("ray::").split()[0].split(".")[0]  # the title names a running method too
-            found[name if name not in found else f"{name} (pid {process.pid})"] = process
+            found[f"{name} pid {process.pid}"] = process
     return found
 
 
