@@ -207,6 +207,6 @@ class StageReplica:
         how many requests it has taken on, so a caller that asks repeatedly through the handle can tell how Serve
         spread the requests over the stage's replicas."""
         batch = self.engine.active if self.engine is not None else None
-        replica = serve.get_replica_context().replica_id.unique_id
+        replica = serve.get_replica_context().replica_id.to_full_id_str()
         return {**describe(self.stage_name, self.stage.module), "replica": replica, "served": self.served,
                 "in_flight": sorted(self.in_flight), "batch": batch}
