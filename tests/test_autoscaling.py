@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow
 CONFIG = ROOT / "serve_config.autoscale.yaml"
 SCALED = ("thinker", "talker")
 LOAD = 4  # spoken streams kept going at once: 2 per replica, above the target of 1 even on two replicas
+PLACING = 12  # long replies sent, at most, until one streams from the added talker replica (4 missed once)
 SCALE_TIMEOUT_S = 180  # for Serve to start or stop a replica on a busy two-core machine (a minute, seen)
 # A spoken reply the load sends over and over (a second or two of work on two cores): a long text reply voiced only
 # at its start, so the thinker streams for as long as the talker does and both stages see the same load. (A reply
@@ -169,9 +170,10 @@ def _both_served(stage: str) -> dict[str, dict] | None:
 
 
 async def _long_reply_on(client: openai.AsyncOpenAI, stage: str, replica: str) -> asyncio.Task:
-    """A LONG reply streaming from `replica` of `stage`: sent again (at most 4 times) until the router puts one
-    there; a client that went away ends each of the others (they would keep the stage's load up)."""
-    for _ in range(4):
+    """A LONG reply streaming from `replica` of `stage`: sent again (at most PLACING times) until the router puts
+    one there (it picks the less loaded of the two, about every other time under the load); a client that went away
+    ends each of the others (they would keep the stage's load up)."""
+    for _ in range(PLACING):
         started = asyncio.get_running_loop().create_future()
         reply = asyncio.create_task(_stream(client, LONG, started))
         request_id = await asyncio.wait_for(started, timeout=60)
@@ -180,7 +182,7 @@ async def _long_reply_on(client: openai.AsyncOpenAI, stage: str, replica: str) -
             return reply
         reply.cancel()
         await asyncio.gather(reply, return_exceptions=True)
-    pytest.fail(f"the router sent none of 4 long replies to the {stage} replica {replica}")
+    pytest.fail(f"the router sent none of {PLACING} long replies to the {stage} replica {replica}")
 
 
 def _holder(stage: str, request_id: str) -> str | None:
