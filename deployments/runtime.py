@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
+from ray import serve
 from torch import nn
 
 from common.checkpoint import STAGE_PREFIXES, load_stage_weights
@@ -137,6 +138,7 @@ class StageReplica:
         self.stage = load_stage(settings, self.stage_name, **load_args)
         self.metrics = service_metrics()
         self.in_flight: set[str] = set()
+        self.served = 0  # requests this replica has taken on since it started
         self.engine = None  # the thinker, talker and code2wav set their batching engine here
         self.in_engine = 0  # requests in the engine: decoding in its batch or waiting for a row
 
@@ -144,6 +146,7 @@ class StageReplica:
     def serving(self, request_id: str):
         """While the replica serves a request; yields the request's clock for this stage (`deployments.timeline`)."""
         self.metrics.stage_requests.inc(1, tags={"stage": self.stage_name})
+        self.served += 1
         self.in_flight.add(request_id)
         try:
             yield StageClock(request_id, self.stage_name)
@@ -200,6 +203,10 @@ class StageReplica:
 
     def describe(self) -> dict:
         """What the replica holds (prefixes, weight elements), the ids of the requests it is serving, and of those
-        decoding in its batch now (None for a stage without a batching engine)."""
+        decoding in its batch now (None for a stage without a batching engine); which replica it is (Serve's id) and
+        how many requests it has taken on, so a caller that asks repeatedly through the handle can tell how Serve
+        spread the requests over the stage's replicas."""
         batch = self.engine.active if self.engine is not None else None
-        return {**describe(self.stage_name, self.stage.module), "in_flight": sorted(self.in_flight), "batch": batch}
+        replica = serve.get_replica_context().replica_id.to_full_id_str()
+        return {**describe(self.stage_name, self.stage.module), "replica": replica, "served": self.served,
+                "in_flight": sorted(self.in_flight), "batch": batch}

@@ -74,10 +74,9 @@ class ThinkerStage(StageReplica):
         self.engine.end_session(session)
 
     def describe(self, session: str | None = None) -> dict:
-        """`StageReplica.describe`, plus this replica's actor name and its kept sessions (tokens each) with the
-        prompt tokens of session turns, reused or all. `session=`: ask the replica that session is routed to."""
-        replica = serve.get_replica_context().replica_id.to_full_id_str()
-        return {**super().describe(), "replica": replica, "sessions": self.engine.sessions.summary()}
+        """`StageReplica.describe`, plus this replica's kept sessions (tokens each) with the prompt tokens of session
+        turns, reused or all. `session=`: ask the replica that session is routed to."""
+        return {**super().describe(), "sessions": self.engine.sessions.summary()}
 
     async def _generate(self, job: ThinkerJob, clock: StageClock):
         """One message of each kind per batch of ready steps: every token since the last send goes out at once."""

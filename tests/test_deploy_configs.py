@@ -14,7 +14,7 @@ from ray.serve.schema import ServeDeploySchema
 from deployments.settings import ServiceSettings
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVE_CONFIGS = ["serve_config.yaml", "serve_config.gpu.yaml", "serve_config.gpu_packed.yaml"]
+SERVE_CONFIGS = ["serve_config.yaml", "serve_config.autoscale.yaml", "serve_config.gpu.yaml", "serve_config.gpu_packed.yaml"]
 STAGES = {"ingress", "vision_encoder", "audio_encoder", "thinker", "talker", "code2wav"}
 
 
@@ -54,6 +54,23 @@ def test_cpu_config_fits_two_cores():
     assert all(d.num_replicas == 1 and d.ray_actor_options.num_gpus == 0 for d in deployments.values())
     assert sum(d.ray_actor_options.num_cpus for d in deployments.values()) <= 2
     assert ServiceSettings.model_validate(_app(ServeDeploySchema.model_validate(_load("serve_config.yaml"))).args).model == ""
+
+
+def test_autoscale_config_fits_two_cores_at_its_largest():
+    """The thinker and the talker scale between 1 and 2 replicas, every other stage keeps one, and all of them at
+    their most still fit on two cores; a removed replica is given longer than Serve's 20 s to finish its replies."""
+    config = ServeDeploySchema.model_validate(_load("serve_config.autoscale.yaml"))
+    deployments = _deployments(_app(config))
+    scaled = {n: d for n, d in deployments.items() if isinstance(d.autoscaling_config, dict)}
+    assert set(scaled) == {"thinker", "talker"}
+    for d in scaled.values():
+        scaling = d.autoscaling_config
+        assert (scaling["min_replicas"], scaling["max_replicas"]) == (1, 2) and scaling["target_ongoing_requests"] == 1
+        assert d.graceful_shutdown_timeout_s > 20
+    most = {n: d.autoscaling_config["max_replicas"] if n in scaled else d.num_replicas for n, d in deployments.items()}
+    assert sum(most[n] * d.ray_actor_options.num_cpus for n, d in deployments.items()) <= 2
+    assert all(d.ray_actor_options.num_gpus == 0 for d in deployments.values())
+    assert ServiceSettings.model_validate(_app(config).args).model == ""
 
 
 def test_gpu_config_one_gpu_per_stage_with_autoscaling():
