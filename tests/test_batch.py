@@ -296,6 +296,19 @@ def test_thinker_only_checkpoint(cluster, tiny_ckpt_thinker_only, tmp_path):
     assert speech["error"]["message"] == "this model is thinker-only: it has no speech output"
 
 
+def _submit(client, entrypoint: str) -> str:
+    """Submit the job, waiting (bounded) for the head's job agent: the dashboard answers before its agent has
+    registered, and until then refuses a submission with "No available agent to submit job"."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(ROOT)})
+        except RuntimeError as error:
+            if "No available agent" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
 def test_openai_batch_form_as_a_submitted_ray_job(cluster, tiny_ckpt, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -310,8 +323,9 @@ def test_openai_batch_form_as_a_submitted_ray_job(cluster, tiny_ckpt, tmp_path):
     ]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     client = JobSubmissionClient(cluster["dashboard"])
-    job = client.submit_job(entrypoint=f"omniray batch --input {tmp_path / 'rows.jsonl'} --output {tmp_path / 'out'} "
-                            f"--model {tiny_ckpt} {' '.join(FLAGS)}", runtime_env={"working_dir": str(ROOT)})
+    entrypoint = (f"omniray batch --input {tmp_path / 'rows.jsonl'} --output {tmp_path / 'out'} --model {tiny_ckpt} "
+                  f"{' '.join(FLAGS)}")
+    job = _submit(client, entrypoint)
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         assert time.monotonic() < deadline, "the job did not finish in time"
