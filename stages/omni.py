@@ -27,7 +27,7 @@ from common.tokenizer import OmniTokenizer
 from stages.audio_encoder import AudioEncoder
 from stages.code2wav import Code2Wav, CodecChunking
 from stages.code2wav_engine import Code2WavEngine, decode_replies
-from stages.batching import drive
+from stages.batching import MIN_SPAN, drive
 from stages.compile import CompileMode, compile_enabled
 from stages.handoff import TalkerRequest
 from stages.talker import Talker, speaker_codec_id, talker_sampling
@@ -200,8 +200,9 @@ class OmniModel:
         results = [ThinkerResult([], "length") for _ in rows]
         detokenizers = [self.tokenizer.stream() for _ in rows]
         layer = self.cfg.talker_config.accept_hidden_layer if speaking else None
-        engine = ThinkerEngine(self.thinker, max_rows=len(rows), accept_hidden_layer=layer, compiled=self.compiled,
-                               max_len=max(r.input_ids.shape[1] for r in rows) + params.max_new_tokens)
+        max_rows, max_len = engine_shape(len(rows), max(r.input_ids.shape[1] for r in rows) + params.max_new_tokens)
+        engine = ThinkerEngine(self.thinker, max_rows=max_rows, max_len=max_len, accept_hidden_layer=layer,
+                               compiled=self.compiled)
 
         def record(row: int, step) -> bool:
             if isinstance(step, BaseException):
@@ -237,8 +238,8 @@ class OmniModel:
         """The talker engine over the replies: codes [G, F] per reply (none for a reply with nothing to voice)."""
         groups = self.cfg.talker_config.num_code_groups
         frames: list[list[torch.Tensor]] = [[] for _ in requests]
-        engine = TalkerEngine(self.talker, self.cfg, max_rows=len(requests), compiled=self.compiled,
-                              max_len=max(r.max_prompt_len for r in requests) + params.max_new_tokens)
+        max_rows, max_len = engine_shape(len(requests), max(r.max_prompt_len for r in requests) + params.max_new_tokens)
+        engine = TalkerEngine(self.talker, self.cfg, max_rows=max_rows, max_len=max_len, compiled=self.compiled)
 
         def record(row: int, step) -> bool:
             if isinstance(step, BaseException):
@@ -298,6 +299,18 @@ def thinker_prompt(inputs: dict, audio_encoder: AudioEncoder, vision_encoder: Vi
         prompt.video_grid_thw = grid
         prompt.video_second_per_grid = inputs["video_second_per_grid"].to(dev)
     return prompt
+
+
+def engine_shape(rows: int, length: int) -> tuple[int, int]:
+    """The rows and slots per row of an engine that `generate` builds for `rows` replies of at most `length` slots:
+    both rounded up to powers of two (the slots to at least `MIN_SPAN`). A compiled step has a graph per shape of
+    the buffers it reads, so calls of about the same size then share graphs, compiled once, instead of compiling
+    their own (and running eagerly once the compiler's limit of graphs per step is reached)."""
+    return _power_of_two(rows), _power_of_two(max(length, MIN_SPAN))
+
+
+def _power_of_two(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 def _pick(*values):
