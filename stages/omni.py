@@ -214,22 +214,22 @@ class _Replies:
         max_rows, max_len = engine_shape(len(rows), max(r.input_ids.shape[1] for r in rows)
                                          + thinker_params.max_new_tokens)
         layer = model.cfg.talker_config.accept_hidden_layer if self.speaking else None
-        self.engines = [ThinkerEngine(model.thinker, max_rows=max_rows, max_len=max_len, accept_hidden_layer=layer,
-                                      compiled=model.compiled)]
+        self.thinker = ThinkerEngine(model.thinker, max_rows=max_rows, max_len=max_len, accept_hidden_layer=layer,
+                                     compiled=model.compiled)
+        self.talker = self.code2wav = None
         if self.speaking:
             # the talker prompt: the thinker prompt's tokens plus the assistant part (user turns only are kept)
             longest = max(r.input_ids.shape[1] for r in rows) + assistant_positions(model.cfg.talker_config)
             max_rows, max_len = engine_shape(len(rows), longest + talker_params.max_new_tokens)
-            self.engines += [TalkerEngine(model.talker, model.cfg, max_rows=max_rows, max_len=max_len,
-                                          compiled=model.compiled),
-                             Code2WavEngine(model.code2wav, codec_chunking)]
+            self.talker = TalkerEngine(model.talker, model.cfg, max_rows=max_rows, max_len=max_len,
+                                       compiled=model.compiled)
+            self.code2wav = Code2WavEngine(model.code2wav, codec_chunking)
 
     def run(self) -> None:
         """Every row through to its end (its text, or its last samples when speaking); the first error is raised."""
         try:
-            thinker = self.engines[0]
             for row, prompt in enumerate(self.rows):
-                thinker.submit(str(row), prompt, self.thinker_params, self.speaking, self._sink("thinker", row))
+                self.thinker.submit(str(row), prompt, self.thinker_params, self.speaking, self._sink("thinker", row))
             open_rows = len(self.rows)
             while open_rows:
                 stage, row, step = self.steps.get()
@@ -237,8 +237,9 @@ class _Replies:
                     raise step
                 open_rows -= getattr(self, f"_on_{stage}")(row, step)
         finally:
-            for engine in self.engines:
-                engine.close()
+            for engine in (self.thinker, self.talker, self.code2wav):
+                if engine is not None:
+                    engine.close()
 
     def _sink(self, stage: str, row: int) -> Callable:
         return lambda step: self.steps.put((stage, row, step))
@@ -254,7 +255,7 @@ class _Replies:
                 self._voice(row)
         if step.talker_tokens is not None:
             self.talker_requests[row].push(step.talker_tokens[0])
-            self.engines[1].notify()
+            self.talker.notify()
         if done:
             self.thinking -= 1
             if not self.streaming and not self.thinking:
@@ -278,16 +279,15 @@ class _Replies:
 
     def _voice(self, row: int) -> None:
         """Start the row's talker request and its Code2Wav request."""
-        talker, code2wav = self.engines[1:]
-        code2wav.submit(str(row), self._sink("code2wav", row))
-        talker.submit(str(row), self.talker_requests[row], self.talker_params, self._sink("talker", row))
+        self.code2wav.submit(str(row), self._sink("code2wav", row))
+        self.talker.submit(str(row), self.talker_requests[row], self.talker_params, self._sink("talker", row))
 
     def _on_talker(self, row: int, step) -> bool:
         """A talker step: the row's next frame (if any) to Code2Wav; its end tells Code2Wav there are no more."""
         frame, reason = step.frames[0], step.finish_reasons[0]
         if frame is not None:
             self.frames[row].append(frame)
-        self.engines[2].push(str(row), None if frame is None else frame[:, None], finished=reason is not None)
+        self.code2wav.push(str(row), None if frame is None else frame[:, None], finished=reason is not None)
         return False
 
     def _on_code2wav(self, row: int, piece) -> bool:
