@@ -38,6 +38,10 @@ def compile_enabled(mode: CompileMode, device: torch.device, dtype: torch.dtype)
 
 
 _COMPILED: dict[tuple[Callable, str], Callable] = {}
+# graphs one compiled step may hold: one per batch bucket, attention span and engine buffer shape (dynamo's default,
+# 8, is fewer than a replica's buckets × spans, and past it dynamo runs the step eagerly without saying so again)
+RECOMPILE_LIMIT = 64
+_WARMED: set[tuple] = set()
 
 
 def compile_step(fn: Callable, device: torch.device) -> Callable:
@@ -47,11 +51,22 @@ def compile_step(fn: Callable, device: torch.device) -> Callable:
     key = (fn, device.type)
     if key not in _COMPILED:
         torch._inductor.config.fx_graph_cache = True
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         if device.type == "cuda":
             _COMPILED[key] = torch.compile(fn, dynamic=False, mode="reduce-overhead")
         else:  # on a CPU a decode step's kernels are short: calling them from C++ instead of Python is 1.5× faster
             _COMPILED[key] = torch.compile(fn, dynamic=False, options={"cpp_wrapper": True})
     return _COMPILED[key]
+
+
+def needs_warm_up(key: tuple) -> bool:
+    """Whether an engine's warm-up of `key` (its step function, module and buffer shapes) is still to run in this
+    process: True the first time only. Compiled graphs are kept per function and input shape, so an engine built
+    again on the same shapes (`OmniModel.generate` builds its engines per call) finds its graphs compiled."""
+    if key in _WARMED:
+        return False
+    _WARMED.add(key)
+    return True
 
 
 def static_buffers(tensors: list[torch.Tensor]) -> None:

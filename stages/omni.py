@@ -12,6 +12,7 @@ Shapes: B batch rows, T prompt length (left-padded), G code groups, F frames, S 
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +27,10 @@ from common.sampling import SamplingParams
 from common.tokenizer import OmniTokenizer
 from stages.audio_encoder import AudioEncoder
 from stages.code2wav import Code2Wav, CodecChunking
-from stages.code2wav_engine import Code2WavEngine, decode_replies
-from stages.batching import drive
+from stages.code2wav_engine import Code2WavEngine
+from stages.batching import MIN_SPAN
 from stages.compile import CompileMode, compile_enabled
-from stages.handoff import TalkerRequest
+from stages.handoff import TalkerRequest, assistant_positions
 from stages.talker import Talker, speaker_codec_id, talker_sampling
 from stages.talker_engine import TalkerEngine
 from stages.thinker import ThinkerLM, ThinkerPrompt, ThinkerResult, split_rows
@@ -148,112 +149,25 @@ class OmniModel:
         thinker_params = self._thinker_params(thinker_max_new_tokens, do_sample, temperature, top_p, top_k,
                                               repetition_penalty, thinker_eos_token_id, seed,
                                               thinker_min_new_tokens)
-        # 2. encoders, 3. thinker
-        prompt = self._thinker_prompt(inputs, use_audio_in_video)
-        thinker_out = self._run_thinker(prompt, thinker_params, return_audio, on_text)
-        results = [
-            OmniResult(r.token_ids[:-1] if r.finish_reason == "stop" else r.token_ids, "", None, None, r.finish_reason)
-            for r in thinker_out
-        ]
-        for res in results:
-            res.text = self.tokenizer.decode(res.token_ids, skip_special_tokens=True)
-        if not return_audio:
-            return results
-
-        # 4. talker: codec frames per row (rows with nothing to voice get no frames)
-        requests = []
-        for r in thinker_out:
-            request = TalkerRequest(self.cfg, r.talker_prompt, speaker_id)
-            for chunk in r.talker_chunks:
-                request.push(chunk)
-            requests.append(request)
-        talker_params = talker_sampling(self.cfg.talker_config, SamplingParams(
-            max_new_tokens=talker_max_new_tokens,
-            min_new_tokens=talker_min_new_tokens,
-            do_sample=do_sample if talker_do_sample is None else talker_do_sample,
-            temperature=_pick(talker_temperature, TALKER_DEFAULTS["temperature"]),
-            top_k=_pick(talker_top_k, TALKER_DEFAULTS["top_k"]),
-            top_p=_pick(talker_top_p, TALKER_DEFAULTS["top_p"]),
-            repetition_penalty=_pick(talker_repetition_penalty, TALKER_DEFAULTS["repetition_penalty"]),
-            seed=seed,
-        ))
-        codes = self._run_talker(requests, talker_params)
-        # 5. code2wav: the service's engine on its schedule (it is causal: no padding needed, no samples lost)
-        with_frames = [i for i, c in enumerate(codes) if c.shape[-1]]
-        engine = Code2WavEngine(self.code2wav, codec_chunking)
-        try:
-            waveforms = decode_replies(engine, [codes[i].to(self.device) for i in with_frames])
-        finally:
-            engine.close()
-        for res, c in zip(results, codes):
-            res.codes = c.cpu()
-            res.waveform = np.zeros(0, np.float32)
-        for i, wav in zip(with_frames, waveforms):
-            results[i].waveform = wav.float().cpu().numpy()
-        return results
+        talker_params = None
+        if return_audio:
+            talker_params = talker_sampling(self.cfg.talker_config, SamplingParams(
+                max_new_tokens=talker_max_new_tokens,
+                min_new_tokens=talker_min_new_tokens,
+                do_sample=do_sample if talker_do_sample is None else talker_do_sample,
+                temperature=_pick(talker_temperature, TALKER_DEFAULTS["temperature"]),
+                top_k=_pick(talker_top_k, TALKER_DEFAULTS["top_k"]),
+                top_p=_pick(talker_top_p, TALKER_DEFAULTS["top_p"]),
+                repetition_penalty=_pick(talker_repetition_penalty, TALKER_DEFAULTS["repetition_penalty"]),
+                seed=seed,
+            ))
+        # 2. encoders, 3.-5. thinker, talker and code2wav, each on its engine's thread
+        rows = split_rows(self.thinker, self._thinker_prompt(inputs, use_audio_in_video))
+        replies = _Replies(self, rows, thinker_params, talker_params, speaker_id, on_text, codec_chunking)
+        replies.run()
+        return replies.results()
 
     # ------------------------------------------------------------------------------------------------------------
-    def _run_thinker(self, prompt: ThinkerPrompt, params: SamplingParams, speaking: bool,
-                     on_text: Callable[[int, str], None] | None) -> list[ThinkerResult]:
-        """The thinker engine over the batch's rows, with the talker messages of every row when speaking."""
-        rows = split_rows(self.thinker, prompt)
-        results = [ThinkerResult([], "length") for _ in rows]
-        detokenizers = [self.tokenizer.stream() for _ in rows]
-        layer = self.cfg.talker_config.accept_hidden_layer if speaking else None
-        engine = ThinkerEngine(self.thinker, max_rows=len(rows), accept_hidden_layer=layer, compiled=self.compiled,
-                               max_len=max(r.input_ids.shape[1] for r in rows) + params.max_new_tokens)
-
-        def record(row: int, step) -> bool:
-            if isinstance(step, BaseException):
-                raise step
-            return self._record_step(results[row], detokenizers[row], step, row, on_text)
-
-        try:
-            drive(lambda row, sink: engine.submit(str(row), rows[row], params, speaking, sink), range(len(rows)),
-                  record)
-        finally:
-            engine.close()
-        return results
-
-    @staticmethod
-    def _record_step(result: ThinkerResult, detokenizer, step, row: int, on_text) -> bool:
-        """Add one thinker step of a row to its result; True when the row finished."""
-        token, reason = step.token_ids[0], step.finish_reasons[0]
-        result.token_ids.append(token)
-        if on_text is not None and reason != "stop":
-            on_text(row, detokenizer.push(token))
-        if step.talker_prompts is not None:
-            result.talker_prompt = step.talker_prompts[0]
-        if step.talker_tokens is not None:
-            result.talker_chunks.append(step.talker_tokens[0])
-        if reason is None:
-            return False
-        result.finish_reason = reason
-        if on_text is not None:
-            on_text(row, detokenizer.flush())
-        return True
-
-    def _run_talker(self, requests: list[TalkerRequest], params: SamplingParams) -> list[torch.Tensor]:
-        """The talker engine over the replies: codes [G, F] per reply (none for a reply with nothing to voice)."""
-        groups = self.cfg.talker_config.num_code_groups
-        frames: list[list[torch.Tensor]] = [[] for _ in requests]
-        engine = TalkerEngine(self.talker, self.cfg, max_rows=len(requests), compiled=self.compiled,
-                              max_len=max(r.max_prompt_len for r in requests) + params.max_new_tokens)
-
-        def record(row: int, step) -> bool:
-            if isinstance(step, BaseException):
-                raise step
-            if step.frames[0] is not None:
-                frames[row].append(step.frames[0])
-            return step.finish_reasons[0] is not None
-
-        try:
-            drive(lambda row, sink: engine.submit(str(row), requests[row], params, sink), range(len(requests)),
-                  record)
-        finally:
-            engine.close()
-        return [torch.stack(f, dim=1).cpu() if f else torch.zeros(groups, 0, dtype=torch.long) for f in frames]
-
     def _thinker_params(self, max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty, eos,
                         seed, min_new_tokens) -> SamplingParams:
         gen = self.generation_config
@@ -271,6 +185,129 @@ class OmniModel:
 
     def _thinker_prompt(self, inputs: dict, use_audio_in_video: bool) -> ThinkerPrompt:
         return thinker_prompt(inputs, self.audio_encoder, self.vision_encoder, use_audio_in_video)
+
+
+class _Replies:
+    """One `generate` call: its rows through the thinker, talker and Code2Wav engines, which run at once, each on
+    its own thread, as the service's stages do; this thread routes each engine's steps to the next (`run`).
+
+    A single reply streams: the talker takes the thinker's tokens as they come and Code2Wav the talker's frames, so
+    the three overlap. In a batch the talker starts once every reply's text is there: its steps then batch the same
+    rows in every run (which rows share a step changes the rounding of a compiled step's matrix products), so a batch
+    gives the same codes every time. Code2Wav takes frames as they come either way (a request's samples are the same
+    bits however its calls are batched)."""
+
+    def __init__(self, model: OmniModel, rows: list[ThinkerPrompt], thinker_params: SamplingParams,
+                 talker_params: SamplingParams | None, speaker_id: int | None,
+                 on_text: Callable[[int, str], None] | None, codec_chunking: CodecChunking):
+        self.model, self.rows, self.on_text = model, rows, on_text
+        self.thinker_params, self.talker_params, self.speaker_id = thinker_params, talker_params, speaker_id
+        self.speaking = talker_params is not None
+        self.streaming = len(rows) == 1
+        self.thinker_out = [ThinkerResult([], "length") for _ in rows]
+        self.detokenizers = [model.tokenizer.stream() for _ in rows]
+        self.talker_requests: list[TalkerRequest | None] = [None] * len(rows)
+        self.frames: list[list[torch.Tensor]] = [[] for _ in rows]
+        self.samples: list[list[torch.Tensor]] = [[] for _ in rows]
+        self.thinking = len(rows)  # rows whose text is still coming
+        self.steps: queue.Queue = queue.Queue()  # (stage, row, step or error) from the engines' threads
+        max_rows, max_len = engine_shape(len(rows), max(r.input_ids.shape[1] for r in rows)
+                                         + thinker_params.max_new_tokens)
+        layer = model.cfg.talker_config.accept_hidden_layer if self.speaking else None
+        self.thinker = ThinkerEngine(model.thinker, max_rows=max_rows, max_len=max_len, accept_hidden_layer=layer,
+                                     compiled=model.compiled)
+        self.talker = self.code2wav = None
+        if self.speaking:
+            # the talker prompt: the thinker prompt's tokens plus the assistant part (user turns only are kept)
+            longest = max(r.input_ids.shape[1] for r in rows) + assistant_positions(model.cfg.talker_config)
+            max_rows, max_len = engine_shape(len(rows), longest + talker_params.max_new_tokens)
+            self.talker = TalkerEngine(model.talker, model.cfg, max_rows=max_rows, max_len=max_len,
+                                       compiled=model.compiled)
+            self.code2wav = Code2WavEngine(model.code2wav, codec_chunking)
+
+    def run(self) -> None:
+        """Every row through to its end (its text, or its last samples when speaking); the first error is raised."""
+        try:
+            for row, prompt in enumerate(self.rows):
+                self.thinker.submit(str(row), prompt, self.thinker_params, self.speaking, self._sink("thinker", row))
+            open_rows = len(self.rows)
+            while open_rows:
+                stage, row, step = self.steps.get()
+                if isinstance(step, BaseException):
+                    raise step
+                open_rows -= getattr(self, f"_on_{stage}")(row, step)
+        finally:
+            for engine in (self.thinker, self.talker, self.code2wav):
+                if engine is not None:
+                    engine.close()
+
+    def _sink(self, stage: str, row: int) -> Callable:
+        return lambda step: self.steps.put((stage, row, step))
+
+    def _on_thinker(self, row: int, step) -> bool:
+        """A thinker step: the row's text, and its tokens for the talker. True when the row is done (not speaking)."""
+        done = self._record_text(row, step)
+        if not self.speaking:
+            return done
+        if step.talker_prompts is not None:
+            self.talker_requests[row] = TalkerRequest(self.model.cfg, step.talker_prompts[0], self.speaker_id)
+            if self.streaming:
+                self._voice(row)
+        if step.talker_tokens is not None:
+            self.talker_requests[row].push(step.talker_tokens[0])
+            self.talker.notify()
+        if done:
+            self.thinking -= 1
+            if not self.streaming and not self.thinking:
+                for each in range(len(self.rows)):
+                    self._voice(each)
+        return False
+
+    def _record_text(self, row: int, step) -> bool:
+        """Add a thinker step to the row's text; True when the row's text is complete."""
+        result, detokenizer, on_text = self.thinker_out[row], self.detokenizers[row], self.on_text
+        token, reason = step.token_ids[0], step.finish_reasons[0]
+        result.token_ids.append(token)
+        if on_text is not None and reason != "stop":
+            on_text(row, detokenizer.push(token))
+        if reason is None:
+            return False
+        result.finish_reason = reason
+        if on_text is not None:
+            on_text(row, detokenizer.flush())
+        return True
+
+    def _voice(self, row: int) -> None:
+        """Start the row's talker request and its Code2Wav request."""
+        self.code2wav.submit(str(row), self._sink("code2wav", row))
+        self.talker.submit(str(row), self.talker_requests[row], self.talker_params, self._sink("talker", row))
+
+    def _on_talker(self, row: int, step) -> bool:
+        """A talker step: the row's next frame (if any) to Code2Wav; its end tells Code2Wav there are no more."""
+        frame, reason = step.frames[0], step.finish_reasons[0]
+        if frame is not None:
+            self.frames[row].append(frame)
+        self.code2wav.push(str(row), None if frame is None else frame[:, None], finished=reason is not None)
+        return False
+
+    def _on_code2wav(self, row: int, piece) -> bool:
+        self.samples[row].append(piece.samples)
+        return piece.finished
+
+    def results(self) -> list[OmniResult]:
+        groups = self.model.cfg.talker_config.num_code_groups if self.speaking else 0
+        results = []
+        for row, out in enumerate(self.thinker_out):
+            tokens = out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids
+            result = OmniResult(tokens, self.model.tokenizer.decode(tokens, skip_special_tokens=True), None, None,
+                                out.finish_reason)
+            if self.speaking:
+                frames = self.frames[row]
+                result.codes = (torch.stack(frames, dim=1).cpu() if frames
+                                else torch.zeros(groups, 0, dtype=torch.long))
+                result.waveform = torch.cat(self.samples[row]).float().cpu().numpy()
+            results.append(result)
+        return results
 
 
 @torch.inference_mode()
@@ -298,6 +335,18 @@ def thinker_prompt(inputs: dict, audio_encoder: AudioEncoder, vision_encoder: Vi
         prompt.video_grid_thw = grid
         prompt.video_second_per_grid = inputs["video_second_per_grid"].to(dev)
     return prompt
+
+
+def engine_shape(rows: int, length: int) -> tuple[int, int]:
+    """The rows and slots per row of an engine that `generate` builds for `rows` replies of at most `length` slots:
+    both rounded up to powers of two (the slots to at least `MIN_SPAN`). A compiled step has a graph per shape of
+    the buffers it reads, so calls of about the same size then share graphs, compiled once, instead of compiling
+    their own (and running eagerly once the compiler's limit of graphs per step is reached)."""
+    return _power_of_two(rows), _power_of_two(max(length, MIN_SPAN))
+
+
+def _power_of_two(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 def _pick(*values):

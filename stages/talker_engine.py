@@ -39,7 +39,7 @@ from common.config import OmniConfig
 from common.sampling import SamplingParams
 from stages.batching import Cancellations, finish_reason, hand_over, span_for, step_shape
 from stages.code_predictor import FramePredictor, predictor_params
-from stages.compile import batch_buckets, compile_step, static_buffers
+from stages.compile import batch_buckets, compile_step, needs_warm_up, static_buffers
 from stages.kv_cache import KVCache
 from stages.sampling import make_generators, sample_ragged
 from stages.handoff import TalkerRequest, talker_prompt_inputs, text_entries
@@ -90,7 +90,7 @@ class TalkerEngine:
         if compiled:
             static_buffers(self.cache.keys + self.cache.values)
         self.frames = FramePredictor(talker.code_predictor, max_rows, compiled=compiled)
-        if compiled:
+        if compiled and needs_warm_up((decode_hidden, id(talker), self.cache.keys[0].shape)):
             self._warm_up()
         self.rows: list[_Row | None] = [None] * max_rows
         self.solo: list[_Row] = []  # replies too long for a row, each in a cache of its own
@@ -288,7 +288,8 @@ class TalkerEngine:
                 view = self.cache.head(n)
                 slots, mask = view.decode_slots(span_for(1, self.max_len))
                 x = torch.zeros(n, 1, tts.shape[-1], dtype=tts.dtype, device=tts.device)
-                self.decode(self.talker, x, torch.zeros(3, n, 1, device=tts.device), mask, self.cache, slots)
+                positions = torch.zeros(n, device=tts.device)[None, :, None].expand(3, -1, 1)  # as `_decode` makes them
+                self.decode(self.talker, x, positions, mask, self.cache, slots)
                 view.reset_rows(list(range(n)))
 
     def _finish(self, row: _Row, reason: str) -> None:

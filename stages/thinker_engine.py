@@ -40,7 +40,7 @@ import torch
 from common.messages import ThinkerTokens
 from common.sampling import SamplingParams
 from stages.batching import Cancellations, finish_reason, hand_over, span_for, step_shape
-from stages.compile import batch_buckets, compile_step, static_buffers
+from stages.compile import batch_buckets, compile_step, needs_warm_up, static_buffers
 from stages.kv_cache import KVCache
 from stages.sampling import make_generators, replay_draws, sample_ragged
 from stages.handoff import accept_states, multimodal_mask, talker_prompts
@@ -113,8 +113,8 @@ class ThinkerEngine:
         self.decode = compile_step(decode_logits, weight.device) if compiled else decode_logits
         if compiled:
             static_buffers(self.cache.keys + self.cache.values)
-        if compiled:
-            self._warm_up()
+            if needs_warm_up((decode_logits, id(model), self.cache.keys[0].shape)):
+                self._warm_up()
         self.rows: list[_Row | None] = [None] * max_rows
         self.solo: list[_Row] = []  # requests too long for a row, each in a cache of its own
         self.incoming: queue.Queue[_Request | None] = queue.Queue()  # None only wakes the engine

@@ -11,7 +11,7 @@ import torch
 from common.config import load_config
 from common.errors import UnknownVoiceError
 from common.sampling import SamplingParams
-from stages.code_predictor import predict_residual_codes
+from stages.code_predictor import GREEDY, FramePredictor, predict_residual_codes
 from stages.omni import OmniModel
 from stages.handoff import TalkerRequest, user_turn_mask
 from stages.talker import generate_codes, speaker_codec_id, stream_frames, talker_sampling
@@ -52,6 +52,24 @@ def test_speakers_are_case_insensitive_and_unknown_ones_listed(tiny_ckpt):
     with pytest.raises(UnknownVoiceError, match="aiden, chelsie, ethan") as err:
         speaker_codec_id(tcfg, "Bob")
     assert isinstance(err.value, ValueError) and err.value.status_code == 400
+
+
+@torch.no_grad()
+def test_greedy_frame_in_one_step_equals_the_per_code_steps_and_the_oracle(model):
+    """`FramePredictor` runs an all-greedy frame as one step; the per-code steps (the path of sampled rows; top-k 1
+    draws the argmax) and `predict_residual_codes` give the same codes and summed embeddings, bit for bit."""
+    predictor = model.talker.code_predictor
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, predictor.cfg.hidden_size, generator=g)
+    c0 = torch.randn(3, predictor.cfg.hidden_size, generator=g)
+    frames = FramePredictor(predictor, 3)
+    top_1 = SamplingParams(do_sample=True, top_k=1)
+    greedy_codes, greedy_sum = frames(hidden, c0, [GREEDY] * 3, [None] * 3)
+    step_codes, step_sum = frames(hidden, c0, [top_1] * 3, [torch.Generator().manual_seed(1) for _ in range(3)])
+    oracle_codes, oracle_sum = predict_residual_codes(predictor, hidden, c0, predictor.new_cache(3), [GREEDY] * 3)
+    assert torch.equal(greedy_codes, step_codes) and torch.equal(greedy_codes, oracle_codes)
+    assert torch.equal(greedy_sum, step_sum)
+    torch.testing.assert_close(greedy_sum, oracle_sum, atol=1e-6, rtol=0)
 
 
 @torch.no_grad()
