@@ -660,7 +660,8 @@ def test_a_session_reuses_its_kept_kv_turn_after_turn(service):
     (a fresh prefill, the clips encoded together), turns 2 and 3 report the prompt tokens the thinker kept from the
     turns before, and closing the socket frees the session's KV."""
     speech = _speech(RATE)
-    clips = [speech, speech[::-1].copy(), np.roll(speech, RATE // 3)]  # the same length: see README, Sessions
+    # one length: chat completions extracts the features of clips of different lengths differently (README)
+    clips = [speech, speech[::-1].copy(), np.roll(speech, RATE // 3)]
 
     async def go():
         turns = []
