@@ -33,6 +33,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import numpy as np
+import ray
 from fastapi import WebSocket, WebSocketDisconnect
 
 from common.errors import InvalidRequestError, OmniError, UnknownVoiceError
@@ -109,7 +110,7 @@ class Part:
     pcm: bytes = b""  # input_audio: the audio; output_audio: what was sent of it
     # input_audio: the audio encoder's output for this clip alone (an ObjectRef), from the clip's first response on;
     # later turns reuse it (deleting the item drops it)
-    encoded: object | None = None
+    encoded: ray.ObjectRef | None = None
 
     def api(self) -> dict:
         if self.type in ("input_text", "output_text"):
@@ -546,6 +547,8 @@ class RealtimeSession:
             asyncio.current_task().uncancel()
             status, details = "cancelled", {"type": "cancelled", "reason": response.cancel_reason}
         except Exception as exc:  # noqa: BLE001: the response fails, the session goes on
+            for clip in clips:  # it may have failed on a clip's encoding: the next response encodes them again
+                clip.encoded = None
             body = error_for(exc)[1]
             status, details = "failed", {"type": "failed", "error": body["error"]}
             self.emit(error_event(body, None))
