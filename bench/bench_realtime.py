@@ -7,10 +7,12 @@ the `openai` client's `client.realtime.connect(...)`: each turn appends `--user-
 `--new-tokens` text tokens and `--audio-frames` codec frames, greedy. Timed: `response.create` sent → the first
 `response.output_audio.delta` received. Right after each turn the same conversation (the history so far, the
 replies as their transcripts) goes to `POST /v1/chat/completions`, streamed, and its first audio delta is timed
-the same way: the realtime path's own overhead. Both replies must be the same (greedy), and are checked.
+the same way: a fresh prefill of the whole conversation, its audio encoded in one call. Both replies must be the
+same (greedy), and are checked.
 
-Every response runs over the whole conversation (the thinker keeps no KV between turns yet), so first audio
-grows with the turn: the `vs turn 1` column shows by how much.
+The realtime session's thinker keeps its KV between turns and each user clip is encoded once, so a turn prefills
+only what it adds: `cached_tokens` (the usage of `response.done`) is how much of its prompt it did not prefill
+again, and the `vs turn 1` column shows how first audio moves with the turn.
 
     python -m bench.bench_realtime --model small --threads 1
 """
@@ -55,7 +57,7 @@ def main() -> None:
                 "audio_frames": args.audio_frames, "user_seconds": args.user_seconds, "sessions": args.repeats,
                 "checkpoint": common.checkpoint_summary(ckpt)}
     common.report("bench_realtime", args, settings, results, ["chat_first_audio_s", "vs_turn_1", "prompt_tokens",
-                                                              "same_reply"])
+                                                              "cached_tokens", "same_reply"])
 
 
 class local_service:
@@ -138,7 +140,9 @@ async def one_session(url: str, args, turns: int) -> list[dict]:
             chat_first_audio, chat_transcript = await _chat(client, history, args)
             history.append({"role": "assistant", "content": transcript})
             timed.append({"first_audio": first_audio, "chat_first_audio": chat_first_audio,
-                          "prompt_tokens": done["usage"]["input_tokens"], "same": transcript == chat_transcript})
+                          "prompt_tokens": done["usage"]["input_tokens"],
+                          "cached_tokens": done["usage"]["input_token_details"]["cached_tokens"],
+                          "same": transcript == chat_transcript})
     return timed
 
 
@@ -177,6 +181,7 @@ def per_turn(sessions: list[list[dict]]) -> list[common.Result]:
             "chat_first_audio_s": statistics.median(r["chat_first_audio"] for r in rows),
             "vs_turn_1": f"{statistics.median(ours) / first:.2f}×",
             "prompt_tokens": rows[0]["prompt_tokens"],
+            "cached_tokens": rows[0]["cached_tokens"],
             "same_reply": all(r["same"] for r in rows),
         }))
     return results

@@ -95,7 +95,10 @@ class LogMelExtractor:
         log_spec = torch.maximum(log_spec, peak - 8.0)
         return (log_spec + 4.0) / 4.0
 
-    def extract(self, clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    def extract(self, clips: list[np.ndarray], alone: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clips → (features [B, M, T], frame mask [B, T]). `alone`: each clip's features as it has them on its own
+        (its own reflect padding and ⌊S/hop⌋ frames, zero beyond them), whichever clips share the call, as a
+        conversation that encodes each clip once needs them."""
         hop = self.cfg.hop_length
         arrays = []
         for i, clip in enumerate(clips):
@@ -108,6 +111,8 @@ class LogMelExtractor:
                     f"audio {i} is too short ({clip.shape[0]} samples; at least {self.min_samples} needed)",
                     item=("audio", i))
             arrays.append(clip)
+        if alone:
+            return self._each_alone(arrays)
         longest = max(a.shape[0] for a in arrays)
         batch = np.full((len(arrays), longest), self.cfg.padding_value, dtype=np.float32)  # [B, S]
         sample_mask = np.zeros((len(arrays), longest), dtype=np.int32)
@@ -118,3 +123,13 @@ class LogMelExtractor:
         # Frame j is valid when its first sample j·hop is inside the clip (transformers subsamples the sample mask).
         frame_mask = sample_mask[:, ::hop][:, : longest // hop]  # [B, T]
         return features, torch.from_numpy(np.ascontiguousarray(frame_mask))
+
+    def _each_alone(self, clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        each = [self.log_mel(torch.from_numpy(clip)[None]) for clip in clips]  # [1, M, T_i]
+        longest = max(f.shape[-1] for f in each)
+        features = torch.zeros(len(clips), self.cfg.feature_size, longest)  # [B, M, T]
+        mask = torch.zeros(len(clips), longest, dtype=torch.int32)  # [B, T]
+        for i, f in enumerate(each):
+            features[i, :, : f.shape[-1]] = f[0]
+            mask[i, : f.shape[-1]] = 1
+        return features, mask

@@ -181,14 +181,15 @@ class OmniProcessor:
     # ------------------------------------------------------------------------------------------------ call
     def __call__(self, text, images=None, audio=None, videos=None, *, use_audio_in_video: bool = False,
                  audio_from_video_indices: list[int | None] | None = None, fps: float | None = None,
-                 padding: bool = True) -> dict[str, torch.Tensor]:
+                 padding: bool = True, audio_alone: bool = False) -> dict[str, torch.Tensor]:
         """Prompts (with one placeholder per item) and decoded media → model inputs.
 
         `images`: Pillow images / uint8 arrays (flat over the batch, or one list per prompt); `audio`: float32 mono
         16 kHz arrays; `videos`: uint8 frames `[F, H, W, 3]` or `DecodedVideo`s. With `use_audio_in_video`, each
         video's audio comes from its `DecodedVideo.audio`, or from `audio` as directed by `audio_from_video_indices`
         (transformers' convention). `fps`: the rate the frames were sampled at (sets `video_second_per_grid`; 1.0
-        when not given, as in transformers)."""
+        when not given, as in transformers). `audio_alone`: each clip's features and token count as it has them on
+        its own (`LogMelExtractor.extract`'s `alone`), not padded to the longest clip as transformers does."""
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise InvalidRequestError("text must be a string or a list of strings")
@@ -217,7 +218,7 @@ class OmniProcessor:
         audio_tokens = []
         if audio:
             try:
-                features, mask = self.mel.extract(audio)
+                features, mask = self.mel.extract(audio, alone=audio_alone)
             except OmniError as exc:  # name the clip as the caller gave it (a standalone audio or a video's track)
                 if exc.item is not None and exc.item[0] == "audio":
                     exc.item = audio_origins[exc.item[1]]

@@ -44,7 +44,7 @@ from deployments.protocol import (
     parse_json_body,
     read_body,
 )
-from deployments.realtime import RealtimeSession, SessionContext, Turn, serve_websocket
+from deployments.realtime import Part, RealtimeSession, SessionContext, Turn, serve_websocket
 from deployments.runtime import send_tensors_as_arrays
 from deployments.settings import ServiceSettings
 from deployments.sse import DONE, ChunkWriter
@@ -80,6 +80,7 @@ class Prepared:
     # the processor's output, kept until the reply's first event to run the encoders again if one is lost before the
     # thinker has its output (`EncoderLostError`)
     encoder_inputs: dict | None = None
+    clips: list[Part] | None = None  # a realtime response: the conversation's audio parts, each encoded alone
 
     @property
     def request_id(self) -> str:
@@ -276,14 +277,20 @@ class OmniIngress:
             check_api_key(websocket.headers.get("authorization"), self.settings.api_key)
             if model is not None:
                 check_model(model, self.settings)
-            return RealtimeSession(emit, self._realtime_turn, self.realtime_context)
+            return RealtimeSession(emit, self._realtime_turn, self._end_realtime_session, self.realtime_context)
 
         await serve_websocket(websocket, make_session)
 
-    async def _realtime_turn(self, req: ChatCompletionRequest, request_id: str) -> Turn:
-        """One response of a realtime session: prepared and admitted like a chat request, its events streamed."""
+    async def _realtime_turn(self, req: ChatCompletionRequest, request_id: str, session: str,
+                             clips: list[Part]) -> Turn:
+        """One response of a realtime session: prepared and admitted like a chat request, its events streamed. Its
+        thinker job belongs to the session (its replica keeps the KV: the turn prefills only what is new), and each
+        audio clip is encoded once, alone, at its first response (`clips`, in prompt order, keep the output): an
+        earlier clip's features then stay bit-identical turn after turn, which the kept prefix is checked against,
+        and a turn encodes only its new audio."""
         timeline = Timeline(request_id)
-        prepared = await self._prepare(req, request_id)
+        prepared = await self._prepare(req, request_id, clips)
+        prepared.thinker_job.session = session
         timeline.ingress.mark("prepared")
         self.metrics.requests.inc(1, tags={"modalities": "+".join(prepared.modalities), "stream": "realtime"})
         try:
@@ -295,6 +302,10 @@ class OmniIngress:
                            .sum())
         return Turn(prepared.prompt_tokens, audio_tokens, self._logged(events, timeline))
 
+    async def _end_realtime_session(self, session: str) -> None:
+        """Free what the thinker keeps of a realtime session (its client is gone)."""
+        await self.stages["thinker"].end_session.remote(session=session)  # a keyword: the router reads it
+
     async def _logged(self, events: AsyncIterator, timeline: Timeline) -> AsyncIterator:
         try:
             async with aclosing(events):
@@ -305,9 +316,11 @@ class OmniIngress:
 
     # --- preparing a request ---------------------------------------------------------------------------------------
 
-    async def _prepare(self, req: ChatCompletionRequest, request_id: str) -> Prepared:
+    async def _prepare(self, req: ChatCompletionRequest, request_id: str, clips: list[Part] | None = None,
+                       ) -> Prepared:
+        """`clips`: a realtime response's audio parts (`_realtime_turn`), else None."""
         ready = await prepare_inputs(req, self.processor, self.config, self.settings, self.thinker_defaults,
-                                     self.default_voice)
+                                     self.default_voice, audio_alone=clips is not None)
         job = ThinkerJob(
             request_id=request_id,
             inputs={k: v for k, v in ready.inputs.items() if k not in ENCODER_INPUTS},
@@ -316,15 +329,16 @@ class OmniIngress:
             use_audio_in_video=req.audio_in_video(),
             for_talker=ready.speech,
         )
-        await self._start_encoders(job, ready.inputs)
+        await self._start_encoders(job, ready.inputs, clips)
         if ready.speech:
             job = SpeechJob(job, ready.voice, ready.talker)
         return Prepared(req, job, ready.modalities, ready.prompt_tokens, int(time.time()), ready.tool_names,
-                        ready.inputs)
+                        ready.inputs, clips)
 
-    async def _start_encoders(self, job: ThinkerJob, inputs: dict) -> None:
+    async def _start_encoders(self, job: ThinkerJob, inputs: dict, clips: list[Part] | None) -> None:
         """Launch the encoders for the modalities present; their results stay in the object store and reach only
-        the thinker (a nested ObjectRef is not resolved by the stages it passes through)."""
+        the thinker (a nested ObjectRef is not resolved by the stages it passes through). A realtime response's
+        clips are encoded one call each, those not encoded by an earlier response only."""
         vision, audio = self.stages["vision_encoder"], self.stages["audio_encoder"]
         if "pixel_values" in inputs:
             response = vision.encode.remote(inputs["pixel_values"], inputs["image_grid_thw"], job.request_id)
@@ -332,9 +346,23 @@ class OmniIngress:
         if "pixel_values_videos" in inputs:
             response = vision.encode.remote(inputs["pixel_values_videos"], inputs["video_grid_thw"], job.request_id)
             job.video_embeds = await response._to_object_ref()
-        if "input_features" in inputs:
+        if "input_features" in inputs and clips is None:
             response = audio.encode.remote(inputs["input_features"], inputs["feature_attention_mask"], job.request_id)
-            job.audio_embeds = await response._to_object_ref()
+            job.audio_embeds = [await response._to_object_ref()]
+        elif "input_features" in inputs:
+            job.audio_embeds = await self._encoded_clips(inputs, clips, job.request_id)
+
+    async def _encoded_clips(self, inputs: dict, clips: list[Part], request_id: str) -> list:
+        """Each clip's encoder output (an ObjectRef kept on its part), from its own features (the processor's
+        `audio_alone`: row i of input_features [B, M, T] is clip i's alone, up to its frame count)."""
+        features, mask = inputs["input_features"], inputs["feature_attention_mask"]  # [B, M, T], [B, T]
+        for i, clip in enumerate(clips):
+            if clip.encoded is None:
+                frames = int(mask[i].sum())
+                response = self.stages["audio_encoder"].encode.remote(
+                    features[i:i + 1, :, :frames].clone(), mask[i:i + 1, :frames].clone(), request_id)
+                clip.encoded = await response._to_object_ref()
+        return [clip.encoded for clip in clips]
 
     # --- running it ------------------------------------------------------------------------------------------------
 
@@ -368,7 +396,9 @@ class OmniIngress:
         async def stage_stream(lost: BaseException | None):
             samples.new_stream()
             if isinstance(lost, EncoderLostError):
-                await self._start_encoders(prepared.thinker_job, prepared.encoder_inputs)
+                for clip in prepared.clips or ():  # which of them was lost is not known: all are encoded again
+                    clip.encoded = None
+                await self._start_encoders(prepared.thinker_job, prepared.encoder_inputs, prepared.clips)
             job = resumed(prepared.job, text)
             if prepared.speech:
                 stream = self.stages[stage].options(stream=True).synthesize.remote(job)

@@ -47,10 +47,12 @@ class ThinkerJob:
     sampling: SamplingParams
     stop_strings: list[str] = field(default_factory=list)
     use_audio_in_video: bool = False
-    # Encoder outputs, by reference: VisionEncoder → (merged [N, H], deepstack list of [N, H]); AudioEncoder → [N, H].
+    # Encoder outputs, by reference: VisionEncoder → (merged [N, H], deepstack list of [N, H]); AudioEncoder → [N, H]
+    # per call, the calls' outputs concatenated in prompt order (chat completions: one call for all clips; a realtime
+    # session: one per clip, each encoded once and reused by later turns).
     image_embeds: ray.ObjectRef | None = None
     video_embeds: ray.ObjectRef | None = None
-    audio_embeds: ray.ObjectRef | None = None
+    audio_embeds: list[ray.ObjectRef] = field(default_factory=list)
     # True when a talker consumes this thinker run: then the thinker yields `TalkerInput`s instead of `TextDelta`s.
     for_talker: bool = False
     # A conversation's id (a realtime session): its turns go to one thinker replica (`deployments.session_routing`),
@@ -90,6 +92,7 @@ class TextDelta:
     token_ids: list[int]
     prompt_tokens: int
     finish_reason: str | None = None  # "stop" | "length" on the last delta
+    cached_tokens: int | None = None  # on a thinker run's first delta: prompt tokens its session's kept KV covered
 
 
 @dataclass

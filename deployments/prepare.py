@@ -360,9 +360,10 @@ def check_model(model: str, settings: ServiceSettings) -> None:
 
 async def prepare_inputs(req: ChatCompletionRequest, processor: OmniProcessor, config: OmniConfig,
                          settings: ServiceSettings, thinker_defaults: SamplingParams, default_voice: str,
-                         ) -> PreparedInputs:
+                         audio_alone: bool = False) -> PreparedInputs:
     """Everything the HTTP API checks and prepares before the stages run, for the ingress and the batch job alike
-    (the same limits, the same errors)."""
+    (the same limits, the same errors). `audio_alone`: each clip's features as it has them on its own (a realtime
+    session, which encodes each clip once)."""
     if req.model is not None:
         check_model(req.model, settings)
     modalities = req.output_modalities(settings.default_modalities)
@@ -382,7 +383,7 @@ async def prepare_inputs(req: ChatCompletionRequest, processor: OmniProcessor, c
         inputs = await asyncio.to_thread(
             processor, [prompt], images=images or None, audio=audios or None, videos=videos or None,
             use_audio_in_video=req.audio_in_video(), fps=settings.video_fps if videos else None,
-            audio_from_video_indices=audio_slots(media) if req.audio_in_video() else None,
+            audio_from_video_indices=audio_slots(media) if req.audio_in_video() else None, audio_alone=audio_alone,
         )
     except OmniError as exc:
         name_the_field(exc, media)

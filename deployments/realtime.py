@@ -6,6 +6,11 @@ items become chat messages (user audio as PCM16 at 24 kHz, in a WAV) and go thro
 (`prepare_inputs`: the same validation and limits), so a greedy reply equals what chat completions gives for the
 same conversation. Its text and PCM come back as the API's delta events.
 
+The session's responses are one conversation for the thinker: their jobs carry the session's id, so they go to
+the replica that keeps its KV and each prefills only what the conversation added (`usage`'s `cached_tokens` says
+how much it did not). For that check to hold, each user audio clip is encoded once, alone, at its first response,
+and later turns reuse that output (kept on its `Part`). Closing the session frees what the thinker keeps of it.
+
 Turn detection: with `server_vad` the appended audio runs through `common.vad.EnergyVad`; the end of speech
 commits the buffer and (with `create_response`) starts the reply. Speech that starts during a reply (with
 `interrupt_response`) cancels it — cancelling the stage call, which frees every stage as a client disconnect
@@ -28,6 +33,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import numpy as np
+import ray
 from fastapi import WebSocket, WebSocketDisconnect
 
 from common.errors import InvalidRequestError, OmniError, UnknownVoiceError
@@ -75,7 +81,9 @@ class Turn:
     events: AsyncIterator
 
 
-TurnRunner = Callable[[ChatCompletionRequest, str], Awaitable[Turn]]
+# (the request, the response id, the session id, the conversation's user audio parts in prompt order) → the turn
+TurnRunner = Callable[[ChatCompletionRequest, str, str, list["Part"]], Awaitable[Turn]]
+SessionEnder = Callable[[str], Awaitable[None]]  # frees what the stages keep of a session (by its id)
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,9 @@ class Part:
     text: str | None = None  # input_text, output_text
     transcript: str | None = None  # input_audio (the client's, if any), output_audio
     pcm: bytes = b""  # input_audio: the audio; output_audio: what was sent of it
+    # input_audio: the audio encoder's output for this clip alone (an ObjectRef), from the clip's first response on;
+    # later turns reuse it (deleting the item drops it)
+    encoded: ray.ObjectRef | None = None
 
     def api(self) -> dict:
         if self.type in ("input_text", "output_text"):
@@ -175,6 +186,7 @@ class Response:
     prompt_tokens: int = 0
     prompt_audio_tokens: int = 0
     output_audio_tokens: int = 0  # codec frames sent
+    cached_tokens: int = 0  # prompt tokens the thinker did not prefill again (the session's kept KV)
 
     @property
     def part(self) -> Part:
@@ -194,7 +206,8 @@ class Response:
         return {"total_tokens": self.prompt_tokens + output, "input_tokens": self.prompt_tokens,
                 "output_tokens": output,
                 "input_token_details": {"text_tokens": self.prompt_tokens - self.prompt_audio_tokens,
-                                        "audio_tokens": self.prompt_audio_tokens, "cached_tokens": 0},
+                                        "audio_tokens": self.prompt_audio_tokens,
+                                        "cached_tokens": self.cached_tokens},
                 "output_token_details": {"text_tokens": output, "audio_tokens": self.output_audio_tokens}}
 
 
@@ -207,8 +220,8 @@ def _content_part(response: Response) -> dict:
 # --- the session -----------------------------------------------------------------------------------------------------
 
 class RealtimeSession:
-    def __init__(self, emit: Callable[[dict], None], turns: TurnRunner, context: SessionContext):
-        self._emit, self.turns, self.context = emit, turns, context
+    def __init__(self, emit: Callable[[dict], None], turns: TurnRunner, end: SessionEnder, context: SessionContext):
+        self._emit, self.turns, self.end, self.context = emit, turns, end, context
         voice = context.default_voice or None
         self.session = Session.model_validate({
             "id": new_id("sess"), "model": context.model_id,
@@ -238,11 +251,16 @@ class RealtimeSession:
         self.emit({"type": "session.created", "session": self.session.model_dump()})
 
     async def close(self) -> None:
-        """The client is gone: stop the response (every stage frees its work) and send nothing more."""
+        """The client is gone: stop the response (every stage frees its work), free what the thinker keeps of the
+        session, and send nothing more."""
         self.closed = True
         if self.response is not None and self.response.task is not None:
             self.response.task.cancel()
             await asyncio.gather(self.response.task, return_exceptions=True)
+        try:
+            await self.end(self.session.id)
+        except Exception:  # noqa: BLE001: the thinker drops it when idle anyway
+            logger.exception("realtime session %s: ending its kept KV failed", self.session.id)
 
     async def handle(self, raw: str) -> None:
         """One client event; a bad one is answered with an `error` event and changes nothing."""
@@ -461,7 +479,8 @@ class RealtimeSession:
                             params.max_output_tokens or self.session.max_output_tokens)
         self.response = response
         self.emit({"type": "response.created", "response": response.api("in_progress")})
-        response.task = asyncio.create_task(self._run(response, request))
+        # the clips as the request holds them (an item added before the task starts is not in it)
+        response.task = asyncio.create_task(self._run(response, request, self._clips()))
 
     def chat_request(self, params: ResponseParams) -> ChatCompletionRequest:
         """The conversation, with the session's configuration under the response's overrides, as the chat request
@@ -494,6 +513,11 @@ class RealtimeSession:
                                       param="response")
         return ChatCompletionRequest.model_validate(body)
 
+    def _clips(self) -> list[Part]:
+        """The user audio parts, in the order their audio comes in the chat request (`Item.chat_message`)."""
+        return [part for item in self.items if item.role == "user" for part in item.parts
+                if part.type == "input_audio"]
+
     async def _cancel_event(self, event: ResponseCancel) -> None:
         if self.response is None or (event.response_id is not None and event.response_id != self.response.id):
             raise InvalidRequestError("there is no response in progress to cancel", param="response_id")
@@ -506,10 +530,10 @@ class RealtimeSession:
         response.task.cancel()
         await asyncio.gather(response.task, return_exceptions=True)
 
-    async def _run(self, response: Response, request: ChatCompletionRequest) -> None:
+    async def _run(self, response: Response, request: ChatCompletionRequest, clips: list[Part]) -> None:
         status, details = "completed", None
         try:
-            turn = await self.turns(request, response.id)
+            turn = await self.turns(request, response.id, self.session.id, clips)
             response.prompt_tokens, response.prompt_audio_tokens = turn.prompt_tokens, turn.audio_tokens
             await self._start_output(response)
             async with aclosing(turn.events) as events:
@@ -523,6 +547,8 @@ class RealtimeSession:
             asyncio.current_task().uncancel()
             status, details = "cancelled", {"type": "cancelled", "reason": response.cancel_reason}
         except Exception as exc:  # noqa: BLE001: the response fails, the session goes on
+            for clip in clips:  # it may have failed on a clip's encoding: the next response encodes them again
+                clip.encoded = None
             body = error_for(exc)[1]
             status, details = "failed", {"type": "failed", "error": body["error"]}
             self.emit(error_event(body, None))
@@ -544,6 +570,8 @@ class RealtimeSession:
     async def _output(self, response: Response, event: TextDelta | PcmChunk) -> None:
         part, where = response.part, self._where(response)
         if isinstance(event, TextDelta):
+            if event.cached_tokens is not None:  # a thinker run's first delta
+                response.cached_tokens = event.cached_tokens
             response.token_ids += event.token_ids
             if event.finish_reason is not None:
                 response.finish_reason = event.finish_reason

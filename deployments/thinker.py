@@ -95,10 +95,12 @@ class ThinkerStage(StageReplica):
         async with aclosing(self._steps(job, prompt, clock)) as steps:  # closed at once, even on an early return
             async for ready in steps:
                 clock.mark("first_token")
-                if first and job.session is not None:
-                    self.metrics.session_turn(prompt_tokens, ready[0].cached_tokens)
-                first = False
                 text, tokens, talker_prompt = _Delta(job.request_id, prompt_tokens), [], None
+                if first:
+                    text.cached_tokens = ready[0].cached_tokens
+                    if job.session is not None:
+                        self.metrics.session_turn(prompt_tokens, ready[0].cached_tokens)
+                first = False
                 for step in ready:
                     ids, piece, reason, hit_stop_string = reply.add(step.token_ids[0], step.finish_reasons[0])
                     text.add(ids, piece, reason)
@@ -140,7 +142,8 @@ class ThinkerStage(StageReplica):
         """The processor's tensors plus the encoder outputs, fetched from the object store, on this device."""
         device = self.stage.device
         inputs = {k: v.to(device) for k, v in job.inputs.items()}
-        image, video, audio = [await _encoded(ref) for ref in (job.image_embeds, job.video_embeds, job.audio_embeds)]
+        image, video = [await _encoded(ref) for ref in (job.image_embeds, job.video_embeds)]
+        audio = torch.cat([await _encoded(ref) for ref in job.audio_embeds]) if job.audio_embeds else None  # [N, H]
         mask = inputs.get("feature_attention_mask")
         return ThinkerPrompt(
             input_ids=inputs["input_ids"],
@@ -188,6 +191,7 @@ class _Delta:
     def __init__(self, request_id: str, prompt_tokens: int):
         self.request_id, self.prompt_tokens = request_id, prompt_tokens
         self.text, self.token_ids, self.finish_reason = "", [], None
+        self.cached_tokens: int | None = None  # the run's first delta only
 
     def add(self, ids: list[int], text: str, reason: str | None) -> None:
         self.text += text
@@ -195,7 +199,8 @@ class _Delta:
         self.finish_reason = reason
 
     def delta(self) -> TextDelta:
-        return TextDelta(self.request_id, self.text, self.token_ids, self.prompt_tokens, self.finish_reason)
+        return TextDelta(self.request_id, self.text, self.token_ids, self.prompt_tokens, self.finish_reason,
+                         self.cached_tokens)
 
 
 def _joined(chunks: list[ThinkerTokens]) -> ThinkerTokens:

@@ -65,3 +65,18 @@ def test_bad_audio_is_rejected(tiny_ckpt):
         ours.extract([np.zeros((2, 16000), dtype=np.float32)])
     with pytest.raises(InvalidRequestError, match="too short"):
         ours.extract([np.zeros(100, dtype=np.float32)])
+
+
+def test_clips_alone_have_their_own_features_whatever_shares_the_call(tiny_ckpt):
+    """`alone`: each clip's row is what it gets on its own (⌊S/hop⌋ frames), where the transformers batch pads the
+    shorter clips to the longest first (a frame more when S is not a multiple of the hop: one more audio token at
+    times, so a conversation's earlier clip would change when a longer one joins)."""
+    ours, clips = _ours(tiny_ckpt), [_clips()[0][:7923], _clips()[1]]  # 0.5 s less 77 samples, then 3 s
+    features, mask = ours.extract(clips, alone=True)
+    for i, clip in enumerate(clips):
+        single, single_mask = ours.extract([clip])
+        frames = single.shape[-1]
+        assert int(mask[i].sum()) == frames and bool(single_mask.all())
+        assert torch.equal(features[i, :, :frames], single[0])
+    padded, padded_mask = ours.extract(clips)
+    assert int(padded_mask[0].sum()) == int(mask[0].sum()) + 1 == 50  # 49 frames alone (hop 160), 50 padded

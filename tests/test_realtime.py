@@ -178,9 +178,12 @@ def test_an_idle_session_is_closed_and_binary_frames_are_refused(tiny_ckpt):
                              "m", "ethan", ("ethan",), 1920)
     app = FastAPI()
 
+    async def _nothing_kept(session: str) -> None:  # no stages: nothing to free
+        pass
+
     @app.websocket("/v1/realtime")
     async def realtime(websocket: WebSocket):
-        await serve_websocket(websocket, lambda emit: RealtimeSession(emit, None, context))
+        await serve_websocket(websocket, lambda emit: RealtimeSession(emit, None, _nothing_kept, context))
 
     with TestClient(app).websocket_connect("/v1/realtime") as ws:
         assert ws.receive_json()["type"] == "session.created"
@@ -641,3 +644,59 @@ def test_a_client_that_vanishes_frees_every_stage(service):
     busy_before = run(go())
     assert busy_before, "the reply was not under way"
     assert not _wait_free(SPOKEN)
+
+
+def _kept_sessions(session: str) -> dict:
+    """The kept sessions of the thinker replica `session` is routed to (tokens each)."""
+    from ray import serve
+
+    thinker = serve.get_deployment_handle("thinker", "omniray")
+    return thinker.describe.remote(session=session).result()["sessions"]["kept"]
+
+
+@pytest.mark.slow
+def test_a_session_reuses_its_kept_kv_turn_after_turn(service):
+    """Three spoken turns, each on a new user clip: every reply equals chat completions' for the same conversation
+    (a fresh prefill, the clips encoded together), turns 2 and 3 report the prompt tokens the thinker kept from the
+    turns before, and closing the socket frees the session's KV."""
+    speech = _speech(RATE)
+    # one length: chat completions extracts the features of clips of different lengths differently (README)
+    clips = [speech, speech[::-1].copy(), np.roll(speech, RATE // 3)]
+
+    async def go():
+        turns = []
+        async with _client(service).realtime.connect(model="omniray-tiny") as conn:
+            created = _validated(await conn.recv_bytes())
+            await conn.session.update(session={"type": "realtime", **GREEDY, "max_output_tokens": 5,
+                                               "audio": {"input": {"turn_detection": None}}})
+            await _events_until(conn, "session.updated")
+            for clip in clips:
+                await conn.input_audio_buffer.append(audio=_b64(clip))
+                await conn.input_audio_buffer.commit()
+                await _events_until(conn, "conversation.item.done")
+                await conn.response.create()
+                turns.append(await _events_until(conn, "response.done"))
+            session = created["session"]["id"]
+            kept = await asyncio.to_thread(_kept_sessions, session)
+        return session, turns, kept
+
+    session, turns, kept = run(go())
+    assert session in kept
+    from deployments.realtime import Item, Part
+
+    messages = []
+    for clip, events in zip(clips, turns):
+        messages.append(Item("u", "user", [Part("input_audio", pcm=to_pcm16(clip))]).chat_message())
+        transcript, pcm = _reply(events)
+        assert (transcript, pcm) == run(_chat(service, messages, True, 5)) and transcript and pcm
+        messages.append({"role": "assistant", "content": transcript})
+    usage = [events[-1]["response"]["usage"] for events in turns]
+    cached = [u["input_token_details"]["cached_tokens"] for u in usage]
+    assert cached[0] == 0
+    # the turn before's prompt at least, its audio included (its reply's tokens but the last one too)
+    assert usage[0]["input_tokens"] <= cached[1] < usage[1]["input_tokens"]
+    assert usage[1]["input_tokens"] <= cached[2] < usage[2]["input_tokens"]
+    deadline = time.monotonic() + 10  # the socket's close reaches the thinker a moment later
+    while session in _kept_sessions(session) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert session not in _kept_sessions(session)
