@@ -16,7 +16,7 @@ import time
 import openai
 import pytest
 
-from test_serve import ROOT, START_TIMEOUT_S, _free_port, _wait_running
+from test_serve import one_app_service
 
 pytestmark = pytest.mark.slow
 
@@ -31,27 +31,10 @@ SPOKEN = {"messages": [{"role": "user", "content": "Hello there, who are you?"}]
 
 @pytest.fixture(scope="module")
 def service(tiny_ckpt):
-    import ray
-    from ray import serve
-    from ray.serve.api import RunTarget
-
-    from deployments.app import build_app
-    from deployments.serve_cli import wait_for_proxies
-
-    port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        wait_for_proxies(START_TIMEOUT_S)
-        settings = {"model": str(tiny_ckpt), "served_model_name": "omniray-tiny", "torch_threads": 1,
-                    "thinker_batch_rows": 1, "talker_batch_rows": 1, "retry_after_s": RETRY_AFTER_S}
-        serve.run_many([RunTarget(build_app(settings), name="omniray", route_prefix="/")],
-                       wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
-        _wait_running(["omniray"])
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    settings = {"model": str(tiny_ckpt), "served_model_name": "omniray-tiny", "torch_threads": 1,
+                "thinker_batch_rows": 1, "talker_batch_rows": 1, "retry_after_s": RETRY_AFTER_S}
+    with one_app_service(settings) as url:
+        yield url
 
 
 def _client(url: str) -> openai.AsyncOpenAI:

@@ -224,29 +224,13 @@ def _validated(data: bytes) -> dict:
 
 @pytest.fixture(scope="module")
 def service(tiny_ckpt):
-    import ray
-    from ray import serve
-    from ray.serve.api import RunTarget
+    from test_serve import one_app_service
 
-    from deployments.app import build_app
-    from deployments.serve_cli import wait_for_proxies
-    from test_serve import ROOT, START_TIMEOUT_S, _free_port, _wait_running
-
-    port = _free_port()
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        wait_for_proxies(START_TIMEOUT_S)
-        settings = {"model": str(tiny_ckpt), "served_model_name": "omniray-tiny", "torch_threads": 1,
-                    "api_key": API_KEY, "default_talker_max_tokens": TALKER_FRAMES,
-                    "realtime_max_items": MAX_ITEMS, "realtime_max_buffer_seconds": MAX_BUFFER_S}
-        serve.run_many([RunTarget(build_app(settings), name="omniray", route_prefix="/")],
-                       wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
-        _wait_running(["omniray"])
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    settings = {"model": str(tiny_ckpt), "served_model_name": "omniray-tiny", "torch_threads": 1,
+                "api_key": API_KEY, "default_talker_max_tokens": TALKER_FRAMES,
+                "realtime_max_items": MAX_ITEMS, "realtime_max_buffer_seconds": MAX_BUFFER_S}
+    with one_app_service(settings, num_cpus=4) as url:
+        yield url
 
 
 def _client(url: str, key: str = API_KEY) -> openai.AsyncOpenAI:

@@ -16,7 +16,7 @@ import openai
 import pytest
 import requests
 
-from test_serve import ROOT, START_TIMEOUT_S, _free_port, _wait_running
+from test_serve import START_TIMEOUT_S, one_app_service
 
 pytestmark = pytest.mark.slow
 
@@ -33,27 +33,10 @@ DRAIN_S = 120  # the bound on waiting for every engine to be empty after the rep
 
 @pytest.fixture(scope="module")
 def service(tiny_ckpt):
-    import ray
-    from ray import serve
-    from ray.serve.api import RunTarget
-
-    from deployments.app import build_app
-    from deployments.serve_cli import wait_for_proxies
-
-    port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        wait_for_proxies(START_TIMEOUT_S)
-        settings = {"model": str(tiny_ckpt), "served_model_name": "omniray-tiny", "torch_threads": 1,
-                    "retry_backoff_s": 0.2}
-        serve.run_many([RunTarget(build_app(settings), name=APP, route_prefix="/")],
-                       wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
-        _wait_running([APP])
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    settings = {"model": str(tiny_ckpt), "served_model_name": "omniray-tiny", "torch_threads": 1,
+                "retry_backoff_s": 0.2}
+    with one_app_service(settings, app=APP) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

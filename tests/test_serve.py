@@ -14,6 +14,7 @@ import io
 import socket
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,31 @@ def _wait_running(names: list[str]) -> None:
             return
         time.sleep(1)
     pytest.fail(f"applications {names} not running after {START_TIMEOUT_S} s: {serve.status().applications}")
+
+
+@contextmanager
+def one_app_service(settings: dict, *, num_cpus: int = 2, app: str = "omniray"):
+    """A local Ray (`num_cpus`) with Serve on a free port and one application, `build_app(settings)` at `/`;
+    yields the base URL, and shuts both down after."""
+    import ray
+    from ray import serve
+    from ray.serve.api import RunTarget
+
+    from deployments.app import build_app
+    from deployments.serve_cli import wait_for_proxies
+
+    port = _free_port()
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        wait_for_proxies(START_TIMEOUT_S)  # Serve's deploy call allows the proxy only 60 s
+        serve.run_many([RunTarget(build_app(settings), name=app, route_prefix="/")],
+                       wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+        _wait_running([app])
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
