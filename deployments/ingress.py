@@ -315,8 +315,10 @@ class OmniIngress:
         return {"realtime_clips_prepared": self.clips_prepared}
 
     async def _end_realtime_session(self, session: str) -> None:
-        """Free what the thinker keeps of a realtime session (its client is gone)."""
-        await self.stages["thinker"].end_session.remote(session=session)  # a keyword: the router reads it
+        """Free what the thinker and the talker keep of a realtime session (its client is gone)."""
+        ends = [self.stages[stage].end_session.remote(session=session)  # a keyword: the router reads it
+                for stage in ("thinker", "talker") if stage in self.stages]
+        await asyncio.gather(*ends)
 
     async def _logged(self, events: AsyncIterator, timeline: Timeline) -> AsyncIterator:
         try:

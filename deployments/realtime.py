@@ -10,10 +10,10 @@ Each user audio clip is prepared once, at its first response: its log-mel featur
 rate, the same limits and bits as the WAV's) and its audio encoder output, alone, are kept on its `Part`, so a turn
 prepares and encodes only its new audio; the chat message holds a placeholder for it.
 
-The session's responses are one conversation for the thinker: their jobs carry the session's id, so they go to
-the replica that keeps its KV and each prefills only what the conversation added (`usage`'s `cached_tokens` says
-how much it did not; the bit-identical encoder outputs of the kept clips are what lets that check hold). Closing
-the session frees what the thinker keeps of it.
+The session's responses are one conversation for the thinker and the talker: their jobs carry the session's id, so
+they go to the replicas that keep its KV and each prefills only what the conversation added (`usage`'s
+`cached_tokens` says how much of the thinker's prompt it did not; the bit-identical encoder outputs of the kept
+clips are what lets that check hold). Closing the session frees what they keep of it.
 
 Turn detection: with `server_vad` the appended audio runs through `common.vad.EnergyVad`; the end of speech
 commits the buffer and (with `create_response`) starts the reply. Speech that starts during a reply (with
@@ -256,15 +256,15 @@ class RealtimeSession:
         self.emit({"type": "session.created", "session": self.session.model_dump()})
 
     async def close(self) -> None:
-        """The client is gone: stop the response (every stage frees its work), free what the thinker keeps of the
-        session, and send nothing more."""
+        """The client is gone: stop the response (every stage frees its work), free what the thinker and the
+        talker keep of the session, and send nothing more."""
         self.closed = True
         if self.response is not None and self.response.task is not None:
             self.response.task.cancel()
             await asyncio.gather(self.response.task, return_exceptions=True)
         try:
             await self.end(self.session.id)
-        except Exception:  # noqa: BLE001: the thinker drops it when idle anyway
+        except Exception:  # noqa: BLE001: the stages drop it when idle anyway
             logger.exception("realtime session %s: ending its kept KV failed", self.session.id)
 
     async def handle(self, raw: str) -> None:

@@ -671,25 +671,30 @@ def _clips_prepared() -> int:
     return serve.get_deployment_handle("ingress", "omniray").describe.remote().result()["realtime_clips_prepared"]
 
 
-def _kept_sessions(session: str) -> dict:
-    """The kept sessions of the thinker replica `session` is routed to (tokens each)."""
+def _sessions(session: str, stage: str = "thinker") -> dict:
+    """What the replica of `stage` that `session` is routed to keeps: its kept sessions (tokens each) and the prompt
+    tokens of session turns, reused or all."""
     from ray import serve
 
-    thinker = serve.get_deployment_handle("thinker", "omniray")
-    return thinker.describe.remote(session=session).result()["sessions"]["kept"]
+    return serve.get_deployment_handle(stage, "omniray").describe.remote(session=session).result()["sessions"]
+
+
+def _kept_sessions(session: str) -> dict:
+    """The kept sessions of the thinker and talker replicas `session` is routed to (tokens each, both merged)."""
+    return {**_sessions(session)["kept"], **_sessions(session, "talker")["kept"]}
 
 
 @pytest.mark.slow
 def test_a_session_reuses_its_kept_kv_turn_after_turn(service):
     """Three spoken turns, each on a new user clip: every reply equals chat completions' for the same conversation
     (a fresh prefill, the clips encoded together), each clip is prepared once (three, where the turns' requests hold
-    six), turns 2 and 3 report the prompt tokens the thinker kept from the turns before, and closing the socket frees
-    the session's KV."""
+    six), turns 2 and 3 report the prompt tokens the thinker kept from the turns before, the talker reuses the user
+    turns it kept, and closing the socket frees what both keep of the session."""
     speech = _speech(RATE)
     # one length: chat completions extracts the features of clips of different lengths differently (README)
     clips = [speech, speech[::-1].copy(), np.roll(speech, RATE // 3)]
 
-    prepared_before = _clips_prepared()
+    prepared_before, talker_before = _clips_prepared(), _sessions("any", "talker")
 
     async def go():
         turns = []
@@ -705,11 +710,12 @@ def test_a_session_reuses_its_kept_kv_turn_after_turn(service):
                 await conn.response.create()
                 turns.append(await _events_until(conn, "response.done"))
             session = created["session"]["id"]
-            kept = await asyncio.to_thread(_kept_sessions, session)
-        return session, turns, kept
+            kept = await asyncio.to_thread(_sessions, session)
+            talker = await asyncio.to_thread(_sessions, session, "talker")
+        return session, turns, kept["kept"], talker
 
-    session, turns, kept = run(go())
-    assert session in kept
+    session, turns, kept, talker = run(go())
+    assert session in kept and session in talker["kept"]
     assert _clips_prepared() - prepared_before == len(clips)
     messages = []
     for clip, events in zip(clips, turns):
@@ -723,7 +729,11 @@ def test_a_session_reuses_its_kept_kv_turn_after_turn(service):
     # the turn before's prompt at least, its audio included (its reply's tokens but the last one too)
     assert usage[0]["input_tokens"] <= cached[1] < usage[1]["input_tokens"]
     assert usage[1]["input_tokens"] <= cached[2] < usage[2]["input_tokens"]
-    deadline = time.monotonic() + 10  # the socket's close reaches the thinker a moment later
+    # turns 2 and 3 reuse every user turn before theirs, their audio included (one talker replica: its totals)
+    talker_reused = talker["reused_tokens"] - talker_before["reused_tokens"]
+    audio = [u["input_token_details"]["audio_tokens"] for u in usage]
+    assert audio[0] + audio[1] <= talker_reused < talker["prompt_tokens"] - talker_before["prompt_tokens"]
+    deadline = time.monotonic() + 10  # the socket's close reaches the thinker and the talker a moment later
     while session in _kept_sessions(session) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert session not in _kept_sessions(session)
