@@ -368,7 +368,7 @@ class OmniIngress:
 
     async def _encoded_clips(self, inputs: dict, clips: list[Part], request_id: str) -> list:
         """Each clip's encoder output (an ObjectRef kept on its part), from its own features (the processor's
-        `audio_alone`: row i of input_features [B, M, T] is clip i's alone, up to its frame count)."""
+        `audio_features`: row i of input_features [B, M, T] is clip i's `Part.features`, up to its frame count)."""
         features, mask = inputs["input_features"], inputs["feature_attention_mask"]  # [B, M, T], [B, T]
         for i, clip in enumerate(clips):
             if clip.encoded is None:
