@@ -110,7 +110,6 @@ async def one_session(url: str, args, turns: int) -> list[dict]:
     import openai
 
     from deployments.audio_out import to_pcm16
-    from deployments.realtime import Item, Part
 
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
     pcm = to_pcm16(_user_audio(args.user_seconds))
@@ -136,7 +135,7 @@ async def one_session(url: str, args, turns: int) -> list[dict]:
                     transcript += event["delta"]
                 elif event["type"] == "response.done":
                     done = event["response"]
-            history.append(Item("u", "user", [Part("input_audio", pcm=pcm)]).chat_message())
+            history.append(wav_message(pcm))
             chat_first_audio, chat_transcript = await _chat(client, history, args)
             history.append({"role": "assistant", "content": transcript})
             timed.append({"first_audio": first_audio, "chat_first_audio": chat_first_audio,
@@ -144,6 +143,15 @@ async def one_session(url: str, args, turns: int) -> list[dict]:
                           "cached_tokens": done["usage"]["input_token_details"]["cached_tokens"],
                           "same": transcript == chat_transcript})
     return timed
+
+
+def wav_message(pcm: bytes) -> dict:
+    """A user message of PCM16 at 24 kHz, as a chat client sends it: a WAV."""
+    from deployments.audio_out import encode_audio
+
+    wav = encode_audio(np.frombuffer(pcm, "<i2").astype(np.float32) / 32767.0, RATE, "wav")
+    return {"role": "user", "content": [{"type": "input_audio",
+                                         "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}}]}
 
 
 async def _until(conn, kind: str) -> dict:

@@ -3,8 +3,11 @@
 before it on the critical path.
 
     python -m bench.timeline_medians /tmp/ray/session_.../logs/serve     # the session of a bench_serve run
+    python -m bench.timeline_medians SESSION --turns 10 --skip 1         # per turn, a bench_realtime run
 
-The first reply of each kind is left out (the first call through each handle sets up its router).
+The first reply of each kind is left out (the first call through each handle sets up its router). With `--turns`,
+the realtime responses' timelines (`resp_…`), in the order they ended, after the first `--skip` (bench_realtime's
+warm-up sessions), are sessions of that many turns one after another: per turn, the median of a few steps.
 """
 
 from __future__ import annotations
@@ -24,14 +27,20 @@ PATHS = {
                "thinker.done", "talker.done", "ingress.done"],
 }
 EVENT = re.compile(r"([\d.]+) (\w+\.\w+)")
+# per turn of a realtime session: (column, from event, to event)
+TURN_STEPS = [("arrival → prepared", None, "ingress.prepared"),
+              ("thinker submitted → admitted", "thinker.submitted", "thinker.admitted"),
+              ("talker submitted → admitted", "talker.submitted", "talker.admitted"),
+              ("arrival → first audio", None, "ingress.first_audio")]
 
 
-def timelines(folder: Path) -> list[dict[str, float]]:
-    """Every timeline logged by an ingress replica under `folder`: event → ms after arrival."""
+def timelines(folder: Path, kind: str = "chatcmpl-") -> list[dict[str, float]]:
+    """Every timeline logged by an ingress replica under `folder` for request ids starting with `kind`: event → ms
+    after arrival."""
     rows = []
     for log in sorted(folder.glob("replica_*ingress*.log")):
         for line in log.read_text().splitlines():
-            if " timeline chatcmpl-" in line:
+            if f" timeline {kind}" in line:
                 story = line.split("(ms after arrival): ", 1)[1]
                 rows.append({event: float(ms) for ms, event in EVENT.findall(story)})
     return rows
@@ -47,11 +56,29 @@ def table(rows: list[dict[str, float]], path: list[str]) -> str:
     return "\n".join(lines)
 
 
+def per_turn(rows: list[dict[str, float]], turns: int) -> str:
+    lines = ["| turn | " + " | ".join(name for name, _, _ in TURN_STEPS) + " | sessions |",
+             "|---" * (len(TURN_STEPS) + 2) + "|"]
+    for turn in range(turns):
+        mine = rows[turn::turns]
+        cells = []
+        for _, start, end in TURN_STEPS:
+            steps = [row[end] - row.get(start, 0.0) for row in mine if end in row and (start is None or start in row)]
+            cells.append(f"{statistics.median(steps):.1f}" if steps else "–")
+        lines.append(f"| {turn + 1} | " + " | ".join(cells) + f" | {len(mine)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("folder", type=Path, help="a Ray session's logs/serve folder (or the session folder)")
+    p.add_argument("--turns", type=int, help="per turn of realtime sessions of this many turns (ms, medians)")
+    p.add_argument("--skip", type=int, default=0, help="with --turns: realtime responses to leave out first")
     args = p.parse_args()
     folder = args.folder / "logs" / "serve" if (args.folder / "logs").is_dir() else args.folder
+    if args.turns:
+        print(per_turn(timelines(folder, "resp_")[args.skip:], args.turns))
+        return
     rows = timelines(folder)
     for kind, path in PATHS.items():
         mine = [row for row in rows if ("code2wav.called" in row) == (kind == "speech")][1:]

@@ -112,7 +112,7 @@ class LogMelExtractor:
                     item=("audio", i))
             arrays.append(clip)
         if alone:
-            return self._each_alone(arrays)
+            return self.stack([self.log_mel(torch.from_numpy(clip)[None])[0] for clip in arrays])
         longest = max(a.shape[0] for a in arrays)
         batch = np.full((len(arrays), longest), self.cfg.padding_value, dtype=np.float32)  # [B, S]
         sample_mask = np.zeros((len(arrays), longest), dtype=np.int32)
@@ -124,12 +124,13 @@ class LogMelExtractor:
         frame_mask = sample_mask[:, ::hop][:, : longest // hop]  # [B, T]
         return features, torch.from_numpy(np.ascontiguousarray(frame_mask))
 
-    def _each_alone(self, clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        each = [self.log_mel(torch.from_numpy(clip)[None]) for clip in clips]  # [1, M, T_i]
+    def stack(self, each: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clips' features computed alone (`[M, T_i]` each) → (features [B, M, T], zero beyond each clip's frames;
+        frame mask [B, T])."""
         longest = max(f.shape[-1] for f in each)
-        features = torch.zeros(len(clips), self.cfg.feature_size, longest)  # [B, M, T]
-        mask = torch.zeros(len(clips), longest, dtype=torch.int32)  # [B, T]
+        features = torch.zeros(len(each), self.cfg.feature_size, longest)  # [B, M, T]
+        mask = torch.zeros(len(each), longest, dtype=torch.int32)  # [B, T]
         for i, f in enumerate(each):
-            features[i, :, : f.shape[-1]] = f[0]
+            features[i, :, : f.shape[-1]] = f
             mask[i, : f.shape[-1]] = 1
         return features, mask

@@ -181,15 +181,16 @@ class OmniProcessor:
     # ------------------------------------------------------------------------------------------------ call
     def __call__(self, text, images=None, audio=None, videos=None, *, use_audio_in_video: bool = False,
                  audio_from_video_indices: list[int | None] | None = None, fps: float | None = None,
-                 padding: bool = True, audio_alone: bool = False) -> dict[str, torch.Tensor]:
+                 padding: bool = True, audio_features: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Prompts (with one placeholder per item) and decoded media → model inputs.
 
         `images`: Pillow images / uint8 arrays (flat over the batch, or one list per prompt); `audio`: float32 mono
         16 kHz arrays; `videos`: uint8 frames `[F, H, W, 3]` or `DecodedVideo`s. With `use_audio_in_video`, each
         video's audio comes from its `DecodedVideo.audio`, or from `audio` as directed by `audio_from_video_indices`
         (transformers' convention). `fps`: the rate the frames were sampled at (sets `video_second_per_grid`; 1.0
-        when not given, as in transformers). `audio_alone`: each clip's features and token count as it has them on
-        its own (`LogMelExtractor.extract`'s `alone`), not padded to the longest clip as transformers does."""
+        when not given, as in transformers). `audio_features`: instead of `audio`, the standalone clips' log-mel
+        features computed already, each as it has them on its own (`clip_features`: its own frame count, not padded
+        to the longest clip as transformers does), for a caller that prepares each clip once (a realtime session)."""
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise InvalidRequestError("text must be a string or a list of strings")
@@ -198,11 +199,13 @@ class OmniProcessor:
                           or (isinstance(v, list) and bool(v) and isinstance(v[0], Image.Image)))
         audio = list(audio) if audio is not None else []
         with_audio = use_audio_in_video and bool(videos)
+        if audio_features is not None and (audio or with_audio):
+            raise InvalidRequestError("give audio or audio_features, not both (nor with audio from videos)")
 
         standalone = audio
         if with_audio and audio_from_video_indices is not None and len(audio) == len(audio_from_video_indices):
             standalone = [a for a, src in zip(audio, audio_from_video_indices) if src is None]
-        self._check_placeholder_counts(texts, len(images), len(videos), len(standalone))
+        self._check_placeholder_counts(texts, len(images), len(videos), len(standalone) + len(audio_features or ()))
 
         video_to_audio = [None] * len(videos)
         audio_origins = [("audio", i) for i in range(len(audio))]  # (kind, index) of the input each clip is from
@@ -216,13 +219,8 @@ class OmniProcessor:
             m2 = self.vision.merge_size ** 2
             replacements["image"] = [self.image_token * (int(g.prod()) // m2) for g in out["image_grid_thw"]]
         audio_tokens = []
-        if audio:
-            try:
-                features, mask = self.mel.extract(audio, alone=audio_alone)
-            except OmniError as exc:  # name the clip as the caller gave it (a standalone audio or a video's track)
-                if exc.item is not None and exc.item[0] == "audio":
-                    exc.item = audio_origins[exc.item[1]]
-                raise
+        if audio or audio_features:
+            features, mask = self._audio_features(audio, audio_features, audio_origins)
             audio_tokens = [audio_token_count(int(n), self.n_window) for n in mask.sum(-1)]
             out["input_features"], out["feature_attention_mask"] = features, mask
             from_video = {i for i in video_to_audio if i is not None}
@@ -243,6 +241,22 @@ class OmniProcessor:
         order = ["pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "video_second_per_grid",
                  "input_features", "feature_attention_mask"]
         return {**tokens, **{k: out[k] for k in order if k in out}}
+
+    def clip_features(self, clip: np.ndarray) -> torch.Tensor:
+        """One clip's log-mel features `[M, T]` as it has them on its own (what `__call__`'s `audio_features` takes)."""
+        return self.mel.extract([clip], alone=True)[0][0]
+
+    def _audio_features(self, audio: list, given: list[torch.Tensor] | None, origins: list[tuple[str, int]],
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_features [B, M, T], feature_attention_mask [B, T]) of the clips, or of the features given."""
+        if given:
+            return self.mel.stack(given)
+        try:
+            return self.mel.extract(audio)
+        except OmniError as exc:  # name the clip as the caller gave it (a standalone audio or a video's track)
+            if exc.item is not None and exc.item[0] == "audio":
+                exc.item = origins[exc.item[1]]
+            raise
 
     def _check_placeholder_counts(self, texts, n_images, n_videos, n_audio):
         for token, n, what in ((self.image_token, n_images, "images"), (self.video_token, n_videos, "videos"),

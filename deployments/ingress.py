@@ -30,7 +30,7 @@ from deployments.auth import check_api_key
 from deployments.http_errors import error_for, error_response
 from deployments.jobs import PcmChunk, ReplySoFar, SpeechJob, TextDelta, ThinkerJob, resumed
 from deployments.metrics import service_metrics
-from deployments.prepare import check_model, default_voice, prepare_inputs
+from deployments.prepare import check_model, clip_features, default_voice, prepare_inputs
 from deployments.resume import EncoderLostError, Received, replica_lost, resuming
 from deployments.protocol import (
     AssistantMessage,
@@ -45,6 +45,7 @@ from deployments.protocol import (
     read_body,
 )
 from deployments.realtime import Part, RealtimeSession, SessionContext, Turn, serve_websocket
+from deployments.realtime_protocol import SAMPLE_RATE as REALTIME_RATE
 from deployments.runtime import send_tensors_as_arrays
 from deployments.settings import ServiceSettings
 from deployments.sse import DONE, ChunkWriter
@@ -205,6 +206,7 @@ class OmniIngress:
             tuple(self.config.talker_config.speaker_id) if speech else (),
             self.config.code2wav_config.total_upsample if speech else 0)
         self.created = int(time.time())
+        self.clips_prepared = 0  # realtime sessions' user audio clips prepared (`_realtime_turn`)
 
     # --- routes ---------------------------------------------------------------------------------------------------
 
@@ -285,10 +287,15 @@ class OmniIngress:
                              clips: list[Part]) -> Turn:
         """One response of a realtime session: prepared and admitted like a chat request, its events streamed. Its
         thinker job belongs to the session (its replica keeps the KV: the turn prefills only what is new), and each
-        audio clip is encoded once, alone, at its first response (`clips`, in prompt order, keep the output): an
-        earlier clip's features then stay bit-identical turn after turn, which the kept prefix is checked against,
-        and a turn encodes only its new audio."""
+        audio clip is prepared (its log-mel features) and encoded once, alone, at its first response (`clips`, in
+        prompt order, keep both): an earlier clip's encoder output then stays bit-identical turn after turn, which the
+        kept prefix is checked against, and a turn prepares and encodes only its new audio."""
         timeline = Timeline(request_id)
+        for clip in clips:
+            if clip.features is None:
+                clip.features = await asyncio.to_thread(clip_features, clip.pcm, REALTIME_RATE, self.processor,
+                                                        self.settings)
+                self.clips_prepared += 1
         prepared = await self._prepare(req, request_id, clips)
         prepared.thinker_job.session = session
         timeline.ingress.mark("prepared")
@@ -302,9 +309,16 @@ class OmniIngress:
                            .sum())
         return Turn(prepared.prompt_tokens, audio_tokens, self._logged(events, timeline))
 
+    def describe(self) -> dict:
+        """What this replica has done for realtime sessions: the user audio clips it prepared (each once, at its
+        first response)."""
+        return {"realtime_clips_prepared": self.clips_prepared}
+
     async def _end_realtime_session(self, session: str) -> None:
-        """Free what the thinker keeps of a realtime session (its client is gone)."""
-        await self.stages["thinker"].end_session.remote(session=session)  # a keyword: the router reads it
+        """Free what the thinker and the talker keep of a realtime session (its client is gone)."""
+        ends = [self.stages[stage].end_session.remote(session=session)  # a keyword: the router reads it
+                for stage in ("thinker", "talker") if stage in self.stages]
+        await asyncio.gather(*ends)
 
     async def _logged(self, events: AsyncIterator, timeline: Timeline) -> AsyncIterator:
         try:
@@ -320,7 +334,7 @@ class OmniIngress:
                        ) -> Prepared:
         """`clips`: a realtime response's audio parts (`_realtime_turn`), else None."""
         ready = await prepare_inputs(req, self.processor, self.config, self.settings, self.thinker_defaults,
-                                     self.default_voice, audio_alone=clips is not None)
+                                     self.default_voice, None if clips is None else [clip.features for clip in clips])
         job = ThinkerJob(
             request_id=request_id,
             inputs={k: v for k, v in ready.inputs.items() if k not in ENCODER_INPUTS},
@@ -354,7 +368,7 @@ class OmniIngress:
 
     async def _encoded_clips(self, inputs: dict, clips: list[Part], request_id: str) -> list:
         """Each clip's encoder output (an ObjectRef kept on its part), from its own features (the processor's
-        `audio_alone`: row i of input_features [B, M, T] is clip i's alone, up to its frame count)."""
+        `audio_features`: row i of input_features [B, M, T] is clip i's `Part.features`, up to its frame count)."""
         features, mask = inputs["input_features"], inputs["feature_attention_mask"]  # [B, M, T], [B, T]
         for i, clip in enumerate(clips):
             if clip.encoded is None:

@@ -75,6 +75,11 @@ class SpeechJob:
     def request_id(self) -> str:
         return self.thinker.request_id
 
+    @property
+    def session(self) -> str | None:
+        """The thinker job's session: the talker keeps its replies' user part too, on the replica it routes to."""
+        return self.thinker.session
+
 
 def resumed(job: ThinkerJob | SpeechJob, so_far: ReplySoFar) -> ThinkerJob | SpeechJob:
     """The job again, resumed from what its consumer has of the reply's text (`deployments.resume`)."""

@@ -10,6 +10,9 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import numpy as np
+import torch
+
 from common.config import OmniConfig
 from common.errors import InvalidRequestError, OmniError, TooManyTokensError, UnknownVoiceError
 from common.media import MediaLimits, decode_audio, decode_image, decode_video
@@ -360,10 +363,10 @@ def check_model(model: str, settings: ServiceSettings) -> None:
 
 async def prepare_inputs(req: ChatCompletionRequest, processor: OmniProcessor, config: OmniConfig,
                          settings: ServiceSettings, thinker_defaults: SamplingParams, default_voice: str,
-                         audio_alone: bool = False) -> PreparedInputs:
+                         clips: list[torch.Tensor] | None = None) -> PreparedInputs:
     """Everything the HTTP API checks and prepares before the stages run, for the ingress and the batch job alike
-    (the same limits, the same errors). `audio_alone`: each clip's features as it has them on its own (a realtime
-    session, which encodes each clip once)."""
+    (the same limits, the same errors). `clips`: the features of the request's audio parts in prompt order, each
+    prepared once by the caller (`clip_features`: a realtime session's clips); those parts' data is not read."""
     if req.model is not None:
         check_model(req.model, settings)
     modalities = req.output_modalities(settings.default_modalities)
@@ -377,13 +380,14 @@ async def prepare_inputs(req: ChatCompletionRequest, processor: OmniProcessor, c
     quote = processor.tokenizer.quote_specials  # special tokens a client types are text, not control
     messages, media = template_messages(req, quote)
     tools, tool_names = template_tools(req, modalities, quote)
-    images, audios, videos = await load_media(media, settings, req.audio_in_video())
+    to_load = media if clips is None else [item for item in media if item.kind != "audio"]
+    images, audios, videos = await load_media(to_load, settings, req.audio_in_video())
     prompt = processor.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
     try:
         inputs = await asyncio.to_thread(
             processor, [prompt], images=images or None, audio=audios or None, videos=videos or None,
             use_audio_in_video=req.audio_in_video(), fps=settings.video_fps if videos else None,
-            audio_from_video_indices=audio_slots(media) if req.audio_in_video() else None, audio_alone=audio_alone,
+            audio_from_video_indices=audio_slots(media) if req.audio_in_video() else None, audio_features=clips,
         )
     except OmniError as exc:
         name_the_field(exc, media)
@@ -392,6 +396,13 @@ async def prepare_inputs(req: ChatCompletionRequest, processor: OmniProcessor, c
     sampling = thinker_sampling(req, thinker_defaults, settings, prompt_tokens, config)
     talker = talker_request_sampling(req, sampling, settings, prompt_tokens, config) if speech else None
     return PreparedInputs(modalities, inputs, sampling, prompt_tokens, voice, talker, tool_names)
+
+
+def clip_features(pcm16: bytes, rate: int, processor: OmniProcessor, settings: ServiceSettings) -> torch.Tensor:
+    """A clip of PCM16 at `rate` → its log-mel features alone [M, T] (`OmniProcessor.clip_features`), through the
+    same limits and resampling as the same clip sent as an `input_audio` WAV (whose decoder reads x / 32768)."""
+    samples = np.frombuffer(pcm16, "<i2").astype(np.float32) / 32768.0
+    return processor.clip_features(decode_audio((samples, rate), settings.media_limits(), what="input audio"))
 
 
 async def load_media(media: list[MediaItem], settings: ServiceSettings, audio_in_video: bool,

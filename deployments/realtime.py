@@ -2,14 +2,18 @@
 
 A session holds its configuration (`session.update`), the input audio buffer, the conversation's items and at most
 one response in progress. Each response is a normal request of the stage chain over the whole conversation: the
-items become chat messages (user audio as PCM16 at 24 kHz, in a WAV) and go through the chat-completions path
-(`prepare_inputs`: the same validation and limits), so a greedy reply equals what chat completions gives for the
-same conversation. Its text and PCM come back as the API's delta events.
+items become chat messages and go through the chat-completions path (`prepare_inputs`: the same validation and
+limits), so a greedy reply equals what chat completions gives for the same conversation (user audio sent there as
+a WAV of the same PCM16). Its text and PCM come back as the API's delta events.
 
-The session's responses are one conversation for the thinker: their jobs carry the session's id, so they go to
-the replica that keeps its KV and each prefills only what the conversation added (`usage`'s `cached_tokens` says
-how much it did not). For that check to hold, each user audio clip is encoded once, alone, at its first response,
-and later turns reuse that output (kept on its `Part`). Closing the session frees what the thinker keeps of it.
+Each user audio clip is prepared once, at its first response: its log-mel features (resampled to the encoder's
+rate, the same limits and bits as the WAV's) and its audio encoder output, alone, are kept on its `Part`, so a turn
+prepares and encodes only its new audio; the chat message holds a placeholder for it.
+
+The session's responses are one conversation for the thinker and the talker: their jobs carry the session's id, so
+they go to the replicas that keep its KV and each prefills only what the conversation added (`usage`'s
+`cached_tokens` says how much of the thinker's prompt it did not; the bit-identical encoder outputs of the kept
+clips are what lets that check hold). Closing the session frees what they keep of it.
 
 Turn detection: with `server_vad` the appended audio runs through `common.vad.EnergyVad`; the end of speech
 commits the buffer and (with `create_response`) starts the reply. Speech that starts during a reply (with
@@ -34,13 +38,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import ray
+import torch
 from fastapi import WebSocket, WebSocketDisconnect
 
 from common.errors import InvalidRequestError, OmniError, UnknownVoiceError
 from common.media import resample
 from common.tokenizer import OmniTokenizer
 from common.vad import EnergyVad, SpeechStarted, VadParams
-from deployments.audio_out import encode_audio, to_pcm16
+from deployments.audio_out import to_pcm16
 from deployments.http_errors import error_body, error_for
 from deployments.jobs import PcmChunk, TextDelta
 from deployments.protocol import ChatCompletionRequest, parse_json_body
@@ -108,8 +113,9 @@ class Part:
     text: str | None = None  # input_text, output_text
     transcript: str | None = None  # input_audio (the client's, if any), output_audio
     pcm: bytes = b""  # input_audio: the audio; output_audio: what was sent of it
-    # input_audio: the audio encoder's output for this clip alone (an ObjectRef), from the clip's first response on;
-    # later turns reuse it (deleting the item drops it)
+    # input_audio, from the clip's first response on (later turns reuse them; deleting the item drops them): its
+    # log-mel features alone [M, T] (`prepare.clip_features`) and the audio encoder's output for it alone (an ObjectRef)
+    features: torch.Tensor | None = None
     encoded: ray.ObjectRef | None = None
 
     def api(self) -> dict:
@@ -134,7 +140,8 @@ class Item:
                 "role": self.role, "content": [part.api() for part in self.parts]}
 
     def chat_message(self) -> dict:
-        """The item as a chat-completions message."""
+        """The item as a chat-completions message; an audio part is a placeholder, its data empty (the session gives
+        the clip's prepared features with the request: `_clips`)."""
         if self.role != "user" or all(part.type == "input_text" for part in self.parts):
             # text as a plain string, as chat clients send it (the chat template renders string and list content
             # differently); an assistant's speech is its transcript
@@ -144,9 +151,7 @@ class Item:
             if part.type == "input_text":
                 content.append({"type": "text", "text": part.text})
             else:
-                wav = encode_audio(pcm16_to_float(part.pcm), SAMPLE_RATE, "wav")
-                content.append({"type": "input_audio",
-                                 "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}})
+                content.append({"type": "input_audio", "input_audio": {"data": "", "format": "pcm16"}})
         return {"role": "user", "content": content}
 
 
@@ -251,15 +256,15 @@ class RealtimeSession:
         self.emit({"type": "session.created", "session": self.session.model_dump()})
 
     async def close(self) -> None:
-        """The client is gone: stop the response (every stage frees its work), free what the thinker keeps of the
-        session, and send nothing more."""
+        """The client is gone: stop the response (every stage frees its work), free what the thinker and the
+        talker keep of the session, and send nothing more."""
         self.closed = True
         if self.response is not None and self.response.task is not None:
             self.response.task.cancel()
             await asyncio.gather(self.response.task, return_exceptions=True)
         try:
             await self.end(self.session.id)
-        except Exception:  # noqa: BLE001: the thinker drops it when idle anyway
+        except Exception:  # noqa: BLE001: the stages drop it when idle anyway
             logger.exception("realtime session %s: ending its kept KV failed", self.session.id)
 
     async def handle(self, raw: str) -> None:

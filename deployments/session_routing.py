@@ -1,10 +1,11 @@
-"""Session affinity for the thinker: every turn of a session goes to the replica that keeps its KV.
+"""Session affinity for the thinker and the talker: every turn of a session goes to the replica that keeps its KV.
 
 Serve's mechanism for this is a custom request router (`RequestRouterConfig(request_router_class=...)`, the
 `ray.serve.request_router` API; Ray Serve LLM's `PrefixCacheAffinityRouter` is one). It runs in each caller's
-process (the ingress, and the talker, which calls the thinker for spoken replies), sees the call's arguments, and
-ranks the replicas for it. This one reads the session off the call (`ThinkerJob.session`, or a `session=` keyword
-as `end_session` and `describe` take it) and ranks the replicas by rendezvous hashing of (session, replica id):
+process (for the thinker the ingress, and the talker, which calls it for spoken replies; for the talker Code2Wav,
+and the ingress ending a session), sees the call's arguments, and ranks the replicas for it. This one reads the
+session off the call (the `session` of a `ThinkerJob` or `SpeechJob`, or a `session=` keyword as `end_session` and
+`describe` take it) and ranks the replicas by rendezvous hashing of (session, replica id):
   * every caller computes the same replica from the same replica set, with nothing to share or wait for;
   * when that replica goes away (dead, or scaled down), only its sessions move, each to the next replica of its own
     ranking, which re-prefills the turn from the full conversation the job carries (no error, just one slower turn);

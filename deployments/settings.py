@@ -46,6 +46,11 @@ class ServiceSettings(BaseModel):
     thinker_session_idle_s: float = Field(default=300.0, gt=0)
     talker_batch_rows: int = Field(default=8, ge=1)
     talker_batch_max_len: int = Field(default=8192, ge=1)
+    # the same for each talker replica, which keeps the KV of a session's user turns (its replies' prompts start with
+    # them: a spoken turn prefills only the new user turn and the assistant part)
+    talker_kept_sessions: int = Field(default=64, ge=0)
+    talker_kept_session_tokens: int = Field(default=65536, ge=0)
+    talker_session_idle_s: float = Field(default=300.0, gt=0)
     # Admission control (deployments/admission.py): beyond what a stage's replicas hold, up to this many requests
     # wait at each of its callers; the next one is refused with a 429. None: the stage's batch rows (Code2Wav and
     # the encoders serve the talker's and thinker's requests, so they take the talker's and the thinker's).

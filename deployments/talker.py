@@ -9,6 +9,10 @@ send). Both put their events on one queue that this generator drains. The frames
 When the thinker's replica is lost, the reader resumes it from the reply's text passed on so far
 (`deployments.resume`); the resumed thinker gives the talker inputs from the first token again, and those the
 `TalkerRequest` has are skipped.
+
+A job with a session (`SpeechJob.session`) is routed to the replica that keeps the session's user turns
+(`deployments.session_routing`, as the thinker's), whose engine prefills only what the reply's prompt adds
+(`stages.talker_sessions`); `end_session` frees it.
 """
 
 from __future__ import annotations
@@ -19,18 +23,21 @@ from contextlib import aclosing
 
 import torch
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from common.messages import CodecFrames, TalkerPrompt, ThinkerTokens
 from deployments.jobs import ReplySoFar, SpeechJob, TalkerInput, resumed
 from deployments.resume import Received, resuming
 from deployments.runtime import STAGE_DEFAULTS, StageReplica
+from deployments.session_routing import SessionAffinityRouter
 from deployments.settings import ServiceSettings
 from deployments.timeline import StageClock
 from stages.compile import compile_enabled
 from stages.handoff import TalkerRequest
 from stages.talker import Talker, speaker_codec_id, talker_sampling
 from stages.talker_engine import TalkerEngine
+from stages.thinker_sessions import SessionStore
 
 logger = logging.getLogger("ray.serve")
 
@@ -39,7 +46,8 @@ THINKER_EMBEDDING = "thinker.model.embed_tokens."
 _DONE = object()  # end of one producer's events
 
 
-@serve.deployment(name="talker", **STAGE_DEFAULTS)
+@serve.deployment(name="talker", request_router_config=RequestRouterConfig(request_router_class=SessionAffinityRouter),
+                  **STAGE_DEFAULTS)
 class TalkerStage(StageReplica):
     stage_name = "talker"
 
@@ -50,9 +58,13 @@ class TalkerStage(StageReplica):
         )
         self.thinker = thinker
         context = self.stage.config.talker_config.text_config.max_position_embeddings
-        self.engine = TalkerEngine(self.stage.module, self.stage.config, max_rows=self.settings.talker_batch_rows,
-                                   max_len=min(self.settings.talker_batch_max_len, context),
-                                   compiled=compile_enabled(self.settings.compile, self.stage.device, self.stage.dtype))
+        settings = self.settings
+        sessions = SessionStore(settings.talker_kept_sessions, settings.talker_kept_session_tokens,
+                                settings.talker_session_idle_s)
+        self.engine = TalkerEngine(self.stage.module, self.stage.config, max_rows=settings.talker_batch_rows,
+                                   max_len=min(settings.talker_batch_max_len, context),
+                                   compiled=compile_enabled(settings.compile, self.stage.device, self.stage.dtype),
+                                   sessions=sessions)
 
     async def speak(self, job: SpeechJob):
         """Yields TextDelta and StageTimes (passed through from the thinker), CodecFrames ([Q, F]: the frames
@@ -64,6 +76,16 @@ class TalkerStage(StageReplica):
                     clock.mark("first_out")
                 yield event
             yield self.finish_times(clock)
+
+    async def end_session(self, session: str) -> None:
+        """Free what this replica keeps of a session (its client closed it). Call it with `session=` as a keyword:
+        the router sends it to the session's replica."""
+        self.engine.end_session(session)
+
+    def describe(self, session: str | None = None) -> dict:
+        """`StageReplica.describe`, plus this replica's kept sessions (positions each) with the prompt positions of
+        session replies, reused or all. `session=`: ask the replica that session is routed to."""
+        return {**super().describe(), "sessions": self.engine.sessions.summary()}
 
     async def _speak(self, job: SpeechJob, clock: StageClock):
         events: asyncio.Queue = asyncio.Queue()
@@ -141,7 +163,7 @@ class TalkerStage(StageReplica):
     def _steps(self, job: SpeechJob, reply: "_Reply", params, clock: StageClock):
         """The reply's steps from the replica's engine, in lists of those ready."""
         return self.engine_steps(job.request_id, lambda sink: self.engine.submit(
-            job.request_id, reply.request, params, sink), clock)
+            job.request_id, reply.request, params, sink, session=job.session), clock)
 
 
 class _Reply:

@@ -4,7 +4,7 @@ from it.
 The thinker sends one `TalkerPrompt` after its prefill (`talker_prompts`: the unpadded prompt, its input embeddings
 and the accept-layer states at its multimodal positions, with the grids and audio lengths of its multimodal items),
 then `ThinkerTokens` as it generates. The talker side collects them in a `TalkerRequest` and builds its inputs from it
-(`talker_prompt_inputs` for the prefill, `text_entries` for each decode step):
+(`talker_layout` and `talker_prompt_embeds` for the prefill, `text_entries` for each decode step):
   * user turns of the thinker prompt (system turns and earlier assistant turns dropped): multimodal placeholders
     as `hidden_projection(accept-layer state)`, every other token as `text_projection(thinker input embedding)`;
   * the assistant part, text channel + codec channel (talker codec embedding) summed:
@@ -27,6 +27,7 @@ Shapes: T sequence, H talker hidden size, Ht thinker hidden size.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -171,6 +172,7 @@ class TalkerRequest:
             raise InvalidRequestError("audio output needs a prompt that opens an assistant turn")
         self.prompt = prompt
         self.speaker_id = speaker_id
+        self.user_turns = user_turn_mask(ids, cfg)  # [Tp] the positions the talker prompt takes
         self.max_prompt_len = len(ids) + assistant_positions(cfg.talker_config)  # a bound: user turns are kept only
         # this row's own last assistant turn (transformers takes the assistant start of row 0 for the whole batch)
         self.assistant_start = int(opens[-1])
@@ -213,33 +215,58 @@ def _assistant_part(talker: Talker, request: TalkerRequest, tts: torch.Tensor) -
     return text + torch.cat([codec.new_zeros(ASSISTANT_OPENER, codec.shape[-1]), codec])
 
 
-def talker_prompt_inputs(
-    talker: Talker, cfg: OmniConfig, request: TalkerRequest, tts: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One row's prefill: (embeds [T, H], MRoPE positions [3, T], position of the first decoded step)."""
-    prompt = request.prompt
-    ids = prompt.prompt_ids
-    keep = user_turn_mask(ids, cfg)  # [Tp]
-    th = cfg.thinker_config
-    multimodal = multimodal_mask(th, ids)  # [Tp]
-    user = torch.empty(int(keep.sum()), tts.shape[-1], dtype=tts.dtype, device=tts.device)  # [Tu, H]
-    mm = multimodal[keep]
-    if bool(mm.any()):  # the accept-layer states are those of the multimodal positions, in order
-        accept = prompt.prompt_accept_hidden[keep[multimodal]]  # [Tu_mm, Ht]
-        user[mm] = talker.hidden_projection(accept.to(tts.dtype))
-    user[~mm] = talker.text_projection(prompt.prompt_embeds[keep][~mm].to(tts.dtype))
-    assistant = _assistant_part(talker, request, tts)  # [9, H]
-    embeds = torch.cat([user, assistant])  # [T, H]
+@dataclass
+class TalkerLayout:
+    """What a reply's talker prompt holds, known before any talker computation: its user turns' thinker ids and the
+    accept-layer states at their multimodal positions (the inputs the user part is made of), and the MRoPE positions
+    of the whole prompt (the user part, then the assistant part)."""
 
+    user_ids: torch.Tensor  # [Tu]
+    user_accept: torch.Tensor  # [Tu_mm, Ht]
+    positions: torch.Tensor  # [3, T], T = Tu + assistant_positions
+    next_position: float  # of the first decoded step
+
+
+def talker_layout(talker: Talker, cfg: OmniConfig, request: TalkerRequest) -> TalkerLayout:
+    prompt = request.prompt
+    ids, keep = prompt.prompt_ids, request.user_turns
+    th = cfg.thinker_config
     spec = RopeIndexSpec.for_talker(talker.cfg, th)
-    talker_ids = torch.cat([ids[keep], ids.new_full((len(assistant),), cfg.tts_pad_token_id)])  # [T]
+    assistant = assistant_positions(talker.cfg)
+    talker_ids = torch.cat([ids[keep], ids.new_full((assistant,), cfg.tts_pad_token_id)])  # [T]
     items = _kept_items(ids, keep, prompt, spec)
     positions, delta = get_rope_index(
         spec, talker_ids[None].cpu(),
         image_grid_thw=items["image"], video_grid_thw=items["video"], video_second_per_grid=items["seconds"],
         audio_feature_lengths=items["audio"], use_audio_in_video=prompt.use_audio_in_video,
     )  # [3, 1, T], [1]
-    return embeds, positions[:, 0].to(embeds.device), float(len(talker_ids) + delta[0])
+    accept = prompt.prompt_accept_hidden[keep[multimodal_mask(th, ids)]]  # [Tu_mm, Ht]
+    return TalkerLayout(ids[keep], accept, positions[:, 0].to(ids.device), float(len(talker_ids) + delta[0]))
+
+
+def talker_prompt_embeds(talker: Talker, cfg: OmniConfig, request: TalkerRequest, tts: torch.Tensor,
+                         start: int = 0) -> torch.Tensor:
+    """The talker prompt's input embeddings from position `start` on [T - start, H] (`start` ≤ Tu: the positions
+    before it are a session's kept prefix): multimodal positions of the user turns from their accept-layer states,
+    the other user positions from their thinker input embeddings, then the assistant part."""
+    prompt, keep = request.prompt, request.user_turns
+    multimodal = multimodal_mask(cfg.thinker_config, prompt.prompt_ids)  # [Tp]
+    mm = multimodal[keep]  # [Tu]
+    new = mm[start:]  # [Tu - start]
+    user = torch.empty(len(new), tts.shape[-1], dtype=tts.dtype, device=tts.device)  # [Tu - start, H]
+    if bool(new.any()):  # the accept-layer states are those of the multimodal positions, in order
+        accept = prompt.prompt_accept_hidden[keep[multimodal]][int(mm[:start].sum()) :]  # [new_mm, Ht]
+        user[new] = talker.hidden_projection(accept.to(tts.dtype))
+    user[~new] = talker.text_projection(prompt.prompt_embeds[keep][start:][~new].to(tts.dtype))
+    return torch.cat([user, _assistant_part(talker, request, tts)])  # [T - start, H]
+
+
+def talker_prompt_inputs(
+    talker: Talker, cfg: OmniConfig, request: TalkerRequest, tts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One row's prefill: (embeds [T, H], MRoPE positions [3, T], position of the first decoded step)."""
+    layout = talker_layout(talker, cfg, request)
+    return talker_prompt_embeds(talker, cfg, request, tts), layout.positions, layout.next_position
 
 
 def text_entries(talker: Talker, request: TalkerRequest, step: int, tts: torch.Tensor) -> torch.Tensor:

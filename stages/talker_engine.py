@@ -20,7 +20,12 @@ stages/compile.py).
 
 Each reply gets exactly the frames `stream_frames` gives it alone (greedy, or seeded: one generator per reply, drawn
 in the same order). The caller feeds the thinker's tokens into the `TalkerRequest` from any thread, then calls
-`notify()`; the engine thread sleeps until something calls it.
+`notify()`; the engine thread sleeps until something calls it (or the next kept session expires).
+
+A reply of a session (`submit(..., session=...)`, an engine given a `SessionStore`) leaves the keys and values of its
+prompt's user part behind once prefilled, outside the batch (stages/talker_sessions.py). The session's next reply
+takes them back when it is admitted, checks how much of its own user part they cover, loads that prefix into its row
+and prefills only the rest: the same frames either way.
 
 Shapes: R rows, S slots per row, H hidden, G code groups.
 """
@@ -42,8 +47,10 @@ from stages.code_predictor import FramePredictor, predictor_params
 from stages.compile import batch_buckets, compile_step, needs_warm_up, static_buffers
 from stages.kv_cache import KVCache
 from stages.sampling import make_generators, sample_ragged
-from stages.handoff import TalkerRequest, talker_prompt_inputs, text_entries
+from stages.handoff import TalkerLayout, TalkerRequest, talker_layout, talker_prompt_embeds, text_entries
 from stages.talker import Talker, TalkerStep, decode_hidden
+from stages.talker_sessions import kept_user_part, reusable_talker_prefix
+from stages.thinker_sessions import SessionStore
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +63,7 @@ class _Reply:
     request: TalkerRequest
     params: SamplingParams  # the c0 sampling (`talker_sampling`)
     on_frame: FrameSink
+    session: str | None = None  # its prompt's user part is kept for the session's next reply
 
 
 @dataclass
@@ -74,7 +82,8 @@ class _Row:
 
 
 class TalkerEngine:
-    def __init__(self, talker: Talker, cfg: OmniConfig, *, max_rows: int, max_len: int, compiled: bool = False):
+    def __init__(self, talker: Talker, cfg: OmniConfig, *, max_rows: int, max_len: int, compiled: bool = False,
+                 sessions: SessionStore | None = None):
         text = talker.cfg.text_config
         weight = talker.codec_head.weight
         self.talker, self.cfg = talker, cfg
@@ -97,6 +106,9 @@ class TalkerEngine:
         self.waiting: list[_Reply] = []  # admitted in order once prefill_ready (engine thread only)
         self.incoming: queue.Queue[_Reply] = queue.Queue()
         self.cancellations = Cancellations()
+        self.sessions = sessions  # None: replies of a session are refused
+        self.ending: set[str] = set()  # sessions ended from another thread, dropped by the engine thread
+        self.ending_lock = threading.Lock()
         self.wake = threading.Event()
         self.closed = False
         self.thread = threading.Thread(target=self._run, name="talker-engine", daemon=True)
@@ -110,10 +122,15 @@ class TalkerEngine:
         cache of its own."""
         return request.max_prompt_len + params.max_new_tokens <= self.max_len
 
-    def submit(self, request_id: str, request: TalkerRequest, params: SamplingParams, on_frame: FrameSink) -> None:
-        """Queue a reply; `on_frame` then gets each of its steps (the last has a finish reason) or an error."""
+    def submit(self, request_id: str, request: TalkerRequest, params: SamplingParams, on_frame: FrameSink,
+               session: str | None = None) -> None:
+        """Queue a reply; `on_frame` then gets each of its steps (the last has a finish reason) or an error. With
+        `session`, the reply reuses what the session's earlier replies left of their user part (as much of it as its
+        prompt starts with) and leaves its own."""
+        if session is not None and self.sessions is None:
+            raise ValueError(f"{request_id}: this engine keeps no sessions")
         self.cancellations.submitted(request_id)
-        self.incoming.put(_Reply(request_id, request, params, on_frame))
+        self.incoming.put(_Reply(request_id, request, params, on_frame, session))
         self.notify()
 
     def notify(self) -> None:
@@ -122,6 +139,14 @@ class TalkerEngine:
 
     def cancel(self, request_id: str) -> None:
         self.cancellations.cancel(request_id)
+        self.notify()
+
+    def end_session(self, session: str) -> None:
+        """Drop what a session keeps (its client closed it); a reply of it not yet prefilled keeps nothing either."""
+        if self.sessions is None:
+            return
+        with self.ending_lock:
+            self.ending.add(session)
         self.notify()
 
     def healthy(self) -> bool:
@@ -145,6 +170,7 @@ class TalkerEngine:
                 self.wake.clear()
                 self._take_incoming()
                 self._drop_cancelled()
+                self._end_sessions()
                 moved = self._admit()
                 try:
                     moved |= self._sample_frames()
@@ -154,7 +180,7 @@ class TalkerEngine:
                     self._fail_all(exc)
                     moved = True
                 if not moved:  # every row waits for the thinker (or none is busy): sleep until notified
-                    self.wake.wait()
+                    self.wake.wait(self.sessions.expire() if self.sessions is not None else None)
 
     def _busy(self) -> list[_Row]:
         return [row for row in self.rows if row is not None] + self.solo
@@ -189,13 +215,20 @@ class TalkerEngine:
         return admitted
 
     def _prefill(self, reply: _Reply, into_batch: bool) -> None:
-        """Prefill the reply alone, then copy it into a free row of the batch, or keep its own sized cache."""
+        """Prefill the reply alone (after its session's kept prefix, if any), then copy it into a free row of the
+        batch, or keep its own sized cache."""
         talker = self.talker
-        embeds, positions, next_position = talker_prompt_inputs(talker, self.cfg, reply.request, self.tts)
-        T = embeds.shape[0]
+        layout = talker_layout(talker, self.cfg, reply.request)
+        T = layout.positions.shape[1]
         alone = self.cache.single_row(T if into_batch else T + reply.params.max_new_tokens)
-        slots = alone.append(T)
-        hidden = talker(embeds[None], positions[:, None], alone.mask(slots), alone, slots)[0, -1]  # [H]
+        reused = self._reuse(reply, layout, alone)
+        embeds = talker_prompt_embeds(talker, self.cfg, reply.request, self.tts, start=reused)  # [T - reused, H]
+        slots = alone.append(T - reused)
+        positions = layout.positions[:, None, reused:]  # [3, 1, T - reused]
+        hidden = talker(embeds[None], positions, alone.mask(slots), alone, slots)[0, -1]  # [H]
+        if reply.session is not None:
+            self._keep(reply.session, layout, alone)
+        next_position = layout.next_position
         history = torch.full((reply.params.max_new_tokens,), self.vocab_size, dtype=torch.long, device=hidden.device)
         generator = make_generators([reply.params], hidden.device)[0]
         if into_batch:
@@ -204,6 +237,33 @@ class TalkerEngine:
             self.rows[index] = _Row(reply, self.cache, index, T, hidden, None, next_position, history, generator)
         else:
             self.solo.append(_Row(reply, alone, 0, T, hidden, None, next_position, history, generator))
+
+    def _reuse(self, reply: _Reply, layout: TalkerLayout, cache: KVCache) -> int:
+        """Load the part of the reply's prompt its session kept into `cache` (one empty row): how many positions."""
+        if reply.session is None:
+            return 0
+        kept = self.sessions.take(reply.session)
+        reused = 0 if kept is None else reusable_talker_prefix(self.cfg.thinker_config, kept, layout)
+        self.sessions.count(layout.positions.shape[1], reused)
+        if reused:
+            cache.load_row(0, kept.cache, reused)
+        return reused
+
+    def _keep(self, session: str, layout: TalkerLayout, cache: KVCache) -> None:
+        """Leave the user part of a session's reply, just prefilled in `cache`, for its next reply."""
+        try:
+            self.sessions.keep(session, kept_user_part(layout, cache))
+        except Exception:  # e.g. no memory: the session's next reply prefills all of it
+            logger.exception("talker engine: keeping session %s failed", session)
+
+    def _end_sessions(self) -> None:
+        with self.ending_lock:
+            ended, self.ending = self.ending, set()
+        for session in ended:
+            self.sessions.end(session)
+            for reply in self.waiting:
+                if reply.session == session:
+                    reply.session = None
 
     def _sample_frames(self) -> bool:
         """Rows with a fresh state: c0, then (for rows that go on) the residual codes together; frames handed over."""

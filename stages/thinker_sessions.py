@@ -66,7 +66,7 @@ def reusable_prefix(cfg: ThinkerConfig, kept: KeptSession, ids: torch.Tensor, in
     n = min(kept.length, ids.shape[0] - 1)
     same = (kept.ids[:n] == ids[:n]) & (kept.positions[:, :n] == inputs.positions[:, 0, :n]).all(0)  # [n]
     media = multimodal_mask(cfg, ids[:n])  # [n]
-    same[media] &= _rows_equal(inputs.embeds[0, :n][media], kept.media_embeds[: int(media.sum())])
+    same[media] &= rows_equal(inputs.embeds[0, :n][media], kept.media_embeds[: int(media.sum())])
     if inputs.visual_mask is not None and inputs.deepstack is not None:
         visual = inputs.visual_mask[0, :n]
         if kept.deepstack is None or len(kept.deepstack) != len(inputs.deepstack):
@@ -74,12 +74,12 @@ def reusable_prefix(cfg: ThinkerConfig, kept: KeptSession, ids: torch.Tensor, in
         else:
             k = int(visual.sum())
             for ours, theirs in zip(inputs.deepstack, kept.deepstack):
-                same[visual] &= _rows_equal(ours[:k], theirs[:k])
+                same[visual] &= rows_equal(ours[:k], theirs[:k])
     differs = torch.nonzero(~same)
     return int(differs[0]) if len(differs) else n
 
 
-def _rows_equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def rows_equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """[k] whether row i of `a [k, H]` equals row i of `b` bit for bit (False for rows `b` does not have)."""
     equal = torch.zeros(a.shape[0], dtype=torch.bool, device=a.device)
     k = min(a.shape[0], b.shape[0])
@@ -88,7 +88,8 @@ def _rows_equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class SessionStore:
-    """The kept sessions of one engine, least recently used first. The engine thread takes and keeps; `end` and
+    """The kept sessions of one engine (a thinker's `KeptSession`s, a talker's `KeptTalkerPrompt`s: anything with a
+    `length` in tokens and a `used_at`), least recently used first. The engine thread takes and keeps; `end` and
     `summary` may come from any thread."""
 
     def __init__(self, max_sessions: int, max_tokens: int, idle_s: float, clock=time.monotonic):

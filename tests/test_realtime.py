@@ -28,7 +28,7 @@ from pydantic import TypeAdapter
 from common.errors import InvalidRequestError
 from common.media import resample
 from common.vad import EnergyVad, SpeechStarted, SpeechStopped, VadParams
-from deployments.audio_out import to_pcm16
+from deployments.audio_out import encode_audio, to_pcm16
 from deployments.realtime_protocol import (
     Session,
     UnknownEventError,
@@ -55,6 +55,13 @@ def _silence(seconds: float, rate: int) -> np.ndarray:
 
 def _b64(samples: np.ndarray) -> str:
     return base64.b64encode(to_pcm16(samples)).decode()
+
+
+def wav_message(pcm: bytes) -> dict:
+    """A user message of PCM16 at 24 kHz as a chat client sends it: a WAV."""
+    wav = encode_audio(np.frombuffer(pcm, "<i2").astype(np.float32) / 32767.0, RATE, "wav")
+    return {"role": "user", "content": [{"type": "input_audio",
+                                         "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}}]}
 
 
 # --- units -----------------------------------------------------------------------------------------------------------
@@ -151,6 +158,36 @@ def test_resampling_to_the_model_rate():
     spectrum = np.abs(np.fft.rfft(out[:RATE]))
     assert abs(np.argmax(spectrum) * 1.0 - 440) <= 1  # the same tone, 1 Hz bins
     assert to_model_rate(to_pcm16(tone), RATE) == to_pcm16(tone)  # already at the model's rate
+
+
+def test_a_prepared_clip_gives_the_inputs_of_its_wav_in_a_chat_request(tiny_ckpt):
+    """A session's clip prepared once (`clip_features`) and given with a request whose audio part is a placeholder
+    gives the processor's output of the same PCM sent as a WAV through chat completions' path, bit for bit."""
+    import torch
+
+    from common.config import load_config, load_generation_config
+    from common.processor import OmniProcessor
+    from common.sampling import SamplingParams
+    from deployments.prepare import clip_features, prepare_inputs
+    from deployments.protocol import ChatCompletionRequest
+    from deployments.realtime import Item, Part
+    from deployments.settings import ServiceSettings
+
+    processor, config = OmniProcessor.from_pretrained(tiny_ckpt), load_config(tiny_ckpt)
+    settings = ServiceSettings(model=str(tiny_ckpt))
+    defaults = SamplingParams.from_generation_config(load_generation_config(tiny_ckpt))
+
+    def inputs(message: dict, clips=None) -> dict:
+        request = ChatCompletionRequest.model_validate({"messages": [message]})
+        return asyncio.run(prepare_inputs(request, processor, config, settings, defaults, "", clips)).inputs
+
+    pcm = to_pcm16(_speech(RATE))
+    chat = inputs(wav_message(pcm))
+    session = inputs(Item("u", "user", [Part("input_audio", pcm=pcm)]).chat_message(),
+                     [clip_features(pcm, RATE, processor, settings)])
+    assert chat.keys() == session.keys() and "input_features" in chat
+    for key in chat:
+        assert torch.equal(chat[key], session[key]), key
 
 
 def test_a_truncated_transcript_keeps_one_token_per_frame_heard(tiny_ckpt):
@@ -359,10 +396,7 @@ def test_an_audio_turn_with_a_spoken_reply_equals_chat_completions(service):
     done = events[-1]["response"]
     assert done["output"][0]["content"] == [{"type": "output_audio", "transcript": transcript}]
     assert done["usage"]["input_token_details"]["audio_tokens"] > 0
-    from deployments.realtime import Item, Part
-
-    wav_message = Item("u", "user", [Part("input_audio", pcm=to_pcm16(speech))]).chat_message()
-    expected_text, expected_pcm = run(_chat(service, [wav_message], True, 6))
+    expected_text, expected_pcm = run(_chat(service, [wav_message(to_pcm16(speech))], True, 6))
     assert transcript == expected_text and transcript
     assert pcm == expected_pcm and len(pcm) > 0
 
@@ -630,22 +664,37 @@ def test_a_client_that_vanishes_frees_every_stage(service):
     assert not _wait_free(SPOKEN)
 
 
-def _kept_sessions(session: str) -> dict:
-    """The kept sessions of the thinker replica `session` is routed to (tokens each)."""
+def _clips_prepared() -> int:
+    """User audio clips the ingress has prepared for realtime sessions so far."""
     from ray import serve
 
-    thinker = serve.get_deployment_handle("thinker", "omniray")
-    return thinker.describe.remote(session=session).result()["sessions"]["kept"]
+    return serve.get_deployment_handle("ingress", "omniray").describe.remote().result()["realtime_clips_prepared"]
+
+
+def _sessions(session: str, stage: str = "thinker") -> dict:
+    """What the replica of `stage` that `session` is routed to keeps: its kept sessions (tokens each) and the prompt
+    tokens of session turns, reused or all."""
+    from ray import serve
+
+    return serve.get_deployment_handle(stage, "omniray").describe.remote(session=session).result()["sessions"]
+
+
+def _kept_sessions(session: str) -> dict:
+    """The kept sessions of the thinker and talker replicas `session` is routed to (tokens each, both merged)."""
+    return {**_sessions(session)["kept"], **_sessions(session, "talker")["kept"]}
 
 
 @pytest.mark.slow
 def test_a_session_reuses_its_kept_kv_turn_after_turn(service):
     """Three spoken turns, each on a new user clip: every reply equals chat completions' for the same conversation
-    (a fresh prefill, the clips encoded together), turns 2 and 3 report the prompt tokens the thinker kept from the
-    turns before, and closing the socket frees the session's KV."""
+    (a fresh prefill, the clips encoded together), each clip is prepared once (three, where the turns' requests hold
+    six), turns 2 and 3 report the prompt tokens the thinker kept from the turns before, the talker reuses the user
+    turns it kept, and closing the socket frees what both keep of the session."""
     speech = _speech(RATE)
     # one length: chat completions extracts the features of clips of different lengths differently (README)
     clips = [speech, speech[::-1].copy(), np.roll(speech, RATE // 3)]
+
+    prepared_before, talker_before = _clips_prepared(), _sessions("any", "talker")
 
     async def go():
         turns = []
@@ -661,16 +710,16 @@ def test_a_session_reuses_its_kept_kv_turn_after_turn(service):
                 await conn.response.create()
                 turns.append(await _events_until(conn, "response.done"))
             session = created["session"]["id"]
-            kept = await asyncio.to_thread(_kept_sessions, session)
-        return session, turns, kept
+            kept = await asyncio.to_thread(_sessions, session)
+            talker = await asyncio.to_thread(_sessions, session, "talker")
+        return session, turns, kept["kept"], talker
 
-    session, turns, kept = run(go())
-    assert session in kept
-    from deployments.realtime import Item, Part
-
+    session, turns, kept, talker = run(go())
+    assert session in kept and session in talker["kept"]
+    assert _clips_prepared() - prepared_before == len(clips)
     messages = []
     for clip, events in zip(clips, turns):
-        messages.append(Item("u", "user", [Part("input_audio", pcm=to_pcm16(clip))]).chat_message())
+        messages.append(wav_message(to_pcm16(clip)))
         transcript, pcm = _reply(events)
         assert (transcript, pcm) == run(_chat(service, messages, True, 5)) and transcript and pcm
         messages.append({"role": "assistant", "content": transcript})
@@ -680,7 +729,11 @@ def test_a_session_reuses_its_kept_kv_turn_after_turn(service):
     # the turn before's prompt at least, its audio included (its reply's tokens but the last one too)
     assert usage[0]["input_tokens"] <= cached[1] < usage[1]["input_tokens"]
     assert usage[1]["input_tokens"] <= cached[2] < usage[2]["input_tokens"]
-    deadline = time.monotonic() + 10  # the socket's close reaches the thinker a moment later
+    # turns 2 and 3 reuse every user turn before theirs, their audio included (one talker replica: its totals)
+    talker_reused = talker["reused_tokens"] - talker_before["reused_tokens"]
+    audio = [u["input_token_details"]["audio_tokens"] for u in usage]
+    assert audio[0] + audio[1] <= talker_reused < talker["prompt_tokens"] - talker_before["prompt_tokens"]
+    deadline = time.monotonic() + 10  # the socket's close reaches the thinker and the talker a moment later
     while session in _kept_sessions(session) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert session not in _kept_sessions(session)

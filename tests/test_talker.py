@@ -139,7 +139,7 @@ def test_talker_running_ahead_of_the_thinker_is_an_error(model, tiny_ckpt):
     from common.messages import TalkerPrompt, ThinkerTokens
 
     hidden = cfg.thinker_config.text_config.hidden_size
-    prompt = TalkerPrompt("r", ids, torch.randn(len(ids), hidden), torch.randn(len(ids), hidden))
+    prompt = TalkerPrompt("r", ids, torch.randn(len(ids), hidden), torch.randn(0, hidden))  # no media: no states
     request = TalkerRequest(cfg, prompt, speaker_codec_id(cfg.talker_config, "aiden"))
     request.push(ThinkerTokens("r", [60], torch.randn(1, hidden)))
     params = [talker_sampling(cfg.talker_config, SamplingParams(max_new_tokens=5))]
