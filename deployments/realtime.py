@@ -86,8 +86,9 @@ class Turn:
     events: AsyncIterator
 
 
-# (the request, the response id, the session id, the conversation's user audio parts in prompt order) → the turn
-TurnRunner = Callable[[ChatCompletionRequest, str, str, list["Part"]], Awaitable[Turn]]
+# (the request, the response id, the session id, the conversation's user audio parts in prompt order, the token ids
+# of each assistant message in order: `Item.reply_ids`) → the turn
+TurnRunner = Callable[[ChatCompletionRequest, str, str, list["Part"], list[list[int] | None]], Awaitable[Turn]]
 SessionEnder = Callable[[str], Awaitable[None]]  # frees what the stages keep of a session (by its id)
 
 
@@ -117,6 +118,10 @@ class Part:
     # log-mel features alone [M, T] (`prepare.clip_features`) and the audio encoder's output for it alone (an ObjectRef)
     features: torch.Tensor | None = None
     encoded: ray.ObjectRef | None = None
+    # output_text, output_audio of a reply the session generated: its token ids, the stop token excluded (a
+    # truncation cuts them to what was heard), which the next turns' prompts hold instead of its text's tokens;
+    # None for an item the client created (tokenized from its text)
+    token_ids: list[int] | None = None
 
     def api(self) -> dict:
         if self.type in ("input_text", "output_text"):
@@ -138,6 +143,10 @@ class Item:
     def api(self) -> dict:
         return {"id": self.id, "object": "realtime.item", "type": "message", "status": self.status,
                 "role": self.role, "content": [part.api() for part in self.parts]}
+
+    def reply_ids(self) -> list[int] | None:
+        """The ids of the reply this assistant item is, if the session generated it (`Part.token_ids`)."""
+        return self.parts[0].token_ids if len(self.parts) == 1 else None
 
     def chat_message(self) -> dict:
         """The item as a chat-completions message; an audio part is a placeholder, its data empty (the session gives
@@ -166,11 +175,16 @@ def to_model_rate(pcm: bytes, rate: int) -> bytes:
     return to_pcm16(resample(pcm16_to_float(pcm), rate, SAMPLE_RATE))
 
 
+def tokens_heard(audio_end_ms: float, samples_per_token: int) -> int:
+    """How many reply tokens were voiced by `audio_end_ms`: the talker voices one reply token per codec frame, so a
+    frame's worth of audio (or part of one) stands for one more token."""
+    return math.ceil(audio_end_ms * SAMPLE_RATE / 1000 / samples_per_token)
+
+
 def cut_transcript(tokenizer: OmniTokenizer, transcript: str, audio_end_ms: float, samples_per_token: int) -> str:
-    """The part of a spoken reply's transcript heard by `audio_end_ms`: the talker voices one reply token per
-    codec frame, so a frame's worth of audio (or part of one) stands for one more token."""
+    """The part of a transcript the session has no ids for (a client's item) heard by `audio_end_ms`."""
     ids = tokenizer.encode(transcript)
-    heard = math.ceil(audio_end_ms * SAMPLE_RATE / 1000 / samples_per_token)
+    heard = tokens_heard(audio_end_ms, samples_per_token)
     return tokenizer.decode(ids[:heard]) if heard < len(ids) else transcript
 
 
@@ -462,8 +476,13 @@ class RealtimeSession:
                                       f"({part.audio_ms:.0f} ms)", param="audio_end_ms")
         keep = 2 * round(audio_end_ms * SAMPLE_RATE / 1000)
         part.pcm = part.pcm[:keep]
-        part.transcript = cut_transcript(self.context.tokenizer, part.transcript or "", audio_end_ms,
-                                         self.context.samples_per_token)
+        tokenizer, samples_per_token = self.context.tokenizer, self.context.samples_per_token
+        heard = tokens_heard(audio_end_ms, samples_per_token)
+        if part.token_ids is None:
+            part.transcript = cut_transcript(tokenizer, part.transcript or "", audio_end_ms, samples_per_token)
+        elif heard < len(part.token_ids):  # the ids voiced, and their text (as the stream decoded it)
+            part.token_ids = part.token_ids[:heard]
+            part.transcript = tokenizer.decode(part.token_ids, skip_special_tokens=True)
         self.emit({"type": "conversation.item.truncated", "item_id": item.id, "content_index": index,
                    "audio_end_ms": audio_end_ms})
 
@@ -485,7 +504,7 @@ class RealtimeSession:
         self.response = response
         self.emit({"type": "response.created", "response": response.api("in_progress")})
         # the clips as the request holds them (an item added before the task starts is not in it)
-        response.task = asyncio.create_task(self._run(response, request, self._clips()))
+        response.task = asyncio.create_task(self._run(response, request, self._clips(), self._replies()))
 
     def chat_request(self, params: ResponseParams) -> ChatCompletionRequest:
         """The conversation, with the session's configuration under the response's overrides, as the chat request
@@ -523,6 +542,10 @@ class RealtimeSession:
         return [part for item in self.items if item.role == "user" for part in item.parts
                 if part.type == "input_audio"]
 
+    def _replies(self) -> list[list[int] | None]:
+        """The token ids of each assistant item, in the order of the chat request's assistant messages."""
+        return [item.reply_ids() for item in self.items if item.role == "assistant"]
+
     async def _cancel_event(self, event: ResponseCancel) -> None:
         if self.response is None or (event.response_id is not None and event.response_id != self.response.id):
             raise InvalidRequestError("there is no response in progress to cancel", param="response_id")
@@ -535,10 +558,11 @@ class RealtimeSession:
         response.task.cancel()
         await asyncio.gather(response.task, return_exceptions=True)
 
-    async def _run(self, response: Response, request: ChatCompletionRequest, clips: list[Part]) -> None:
+    async def _run(self, response: Response, request: ChatCompletionRequest, clips: list[Part],
+                   replies: list[list[int] | None]) -> None:
         status, details = "completed", None
         try:
-            turn = await self.turns(request, response.id, self.session.id, clips)
+            turn = await self.turns(request, response.id, self.session.id, clips, replies)
             response.prompt_tokens, response.prompt_audio_tokens = turn.prompt_tokens, turn.audio_tokens
             await self._start_output(response)
             async with aclosing(turn.events) as events:
@@ -598,6 +622,7 @@ class RealtimeSession:
         if response.speech:
             response.output_audio_tokens = math.ceil(len(response.part.pcm) / 2 / self.context.samples_per_token)
         if response.started_output:
+            response.part.token_ids = list(response.token_ids)  # (a truncation cuts the part's, not the usage's)
             await self._finish_output(response, status)
         self.emit({"type": "response.done", "response": response.api(status, details)})
 
