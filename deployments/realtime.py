@@ -3,8 +3,14 @@
 A session holds its configuration (`session.update`), the input audio buffer, the conversation's items and at most
 one response in progress. Each response is a normal request of the stage chain over the whole conversation: the
 items become chat messages and go through the chat-completions path (`prepare_inputs`: the same validation and
-limits), so a greedy reply equals what chat completions gives for the same conversation (user audio sent there as
-a WAV of the same PCM16). Its text and PCM come back as the API's delta events.
+limits), so a greedy first reply equals what chat completions gives for the same conversation (user audio sent
+there as a WAV of the same PCM16). Its text and PCM come back as the API's delta events.
+
+A reply the session generated keeps its token ids (`Part.token_ids`), and later prompts hold those ids where the
+reply's text would be tokenized again (`prepare.with_reply_ids`): a model's tokens are often not the tokenizer's own
+split of their text, and the ids are what the thinker's kept KV holds. So a later turn's prompt is the earlier turn's
+prompt and reply exactly as the model saw them; a later greedy reply equals that prompt prefilled afresh, not
+necessarily chat completions of the same text.
 
 Each user audio clip is prepared once, at its first response: its log-mel features (resampled to the encoder's
 rate, the same limits and bits as the WAV's) and its audio encoder output, alone, are kept on its `Part`, so a turn
@@ -18,7 +24,8 @@ clips are what lets that check hold). Closing the session frees what they keep o
 Turn detection: with `server_vad` the appended audio runs through `common.vad.EnergyVad`; the end of speech
 commits the buffer and (with `create_response`) starts the reply. Speech that starts during a reply (with
 `interrupt_response`) cancels it — cancelling the stage call, which frees every stage as a client disconnect
-does — and truncates the assistant item to the audio sent (the next turn sees only what was said).
+does — and truncates the assistant item to the audio sent, its ids to those voiced in it (the next turn sees only
+what was said).
 
 A bad event gets an `error` event naming it, and the session goes on. A client that goes away, or stays idle past
 `realtime_idle_timeout_s`, ends the session and its response.
