@@ -484,11 +484,10 @@ class RealtimeSession:
         keep = 2 * round(audio_end_ms * SAMPLE_RATE / 1000)
         part.pcm = part.pcm[:keep]
         tokenizer, samples_per_token = self.context.tokenizer, self.context.samples_per_token
-        heard = tokens_heard(audio_end_ms, samples_per_token)
         if part.token_ids is None:
             part.transcript = cut_transcript(tokenizer, part.transcript or "", audio_end_ms, samples_per_token)
-        elif heard < len(part.token_ids):  # the ids voiced, and their text (as the stream decoded it)
-            part.token_ids = part.token_ids[:heard]
+        elif (heard := tokens_heard(audio_end_ms, samples_per_token)) < len(part.token_ids):
+            part.token_ids = part.token_ids[:heard]  # the ids voiced, and their text (as the stream decoded it)
             part.transcript = tokenizer.decode(part.token_ids, skip_special_tokens=True)
         self.emit({"type": "conversation.item.truncated", "item_id": item.id, "content_index": index,
                    "audio_end_ms": audio_end_ms})
