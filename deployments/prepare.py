@@ -416,13 +416,15 @@ def with_reply_ids(input_ids: torch.Tensor, replies: list[list[int] | None], con
 
     The ids are the server's own, never the client's: a client's text (an assistant item it created included) is
     tokenized with its special tokens quoted. Special ids the model generated are left out: the text the client
-    saw holds none, and one in a prompt would read as a turn or a media placeholder."""
+    saw holds none, and one in a prompt would read as a turn or a media placeholder. A prompt whose template does
+    not open each turn with `<|im_start|>` and its role keeps its text's tokens (the prompt chat completions gives,
+    of which the kept KV covers less)."""
     ids = input_ids[0].tolist()
     opens = [i for i, token in enumerate(ids) if token == config.im_start_token_id]
-    header = ids[opens[-1] + 1:]  # the generation prompt after its <|im_start|>: `assistant`, `\n`
     turns = [i for i in opens[:-1] if ids[i + 1] == config.assistant_token_id]
-    if header[:1] != [config.assistant_token_id] or len(turns) != len(replies):
-        raise ValueError(f"the prompt has {len(turns)} earlier assistant turns, not the {len(replies)} replies given")
+    if not opens or ids[opens[-1] + 1:opens[-1] + 2] != [config.assistant_token_id] or len(turns) != len(replies):
+        return input_ids
+    header = ids[opens[-1] + 1:]  # the generation prompt after its <|im_start|>: `assistant`, `\n`
     out, copied = [], 0
     for start, reply in zip(turns, replies):
         if reply is None:

@@ -228,6 +228,7 @@ def test_the_next_prompt_holds_the_reply_as_the_model_generated_it(tiny_ckpt):
     rest = as_chat[as_chat.index(config.im_end_token_id, len(turn_1)):]
     assert turn_2[len(turn_1) + len(reply):] == rest
     assert ids(conversation, [None]) == as_chat
+    assert ids(conversation, [generated, generated]) == as_chat  # not the prompt's assistant turns: left as it is
 
 
 def test_a_barge_in_cuts_the_reply_ids_and_their_transcript_to_the_frames_heard(tiny_ckpt):
