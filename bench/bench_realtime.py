@@ -5,16 +5,24 @@ One local Ray Serve with the app (`--model small` for compute that shows). A ses
 the `openai` client's `client.realtime.connect(...)`: each turn appends `--user-seconds` of espeak-ng speech
 (`tests/data/speech_hello.wav`, looped), commits it and sends `response.create`; a spoken reply of up to
 `--new-tokens` text tokens and `--audio-frames` codec frames, greedy. Timed: `response.create` sent → the first
-`response.output_audio.delta` received. Right after each turn the same conversation (the history so far, the
-replies as their transcripts) goes to `POST /v1/chat/completions`, streamed, and its first audio delta is timed
-the same way: a fresh prefill of the whole conversation, its audio encoded in one call. Both replies must be the
-same (greedy), and are checked.
+`response.output_audio.delta` received. Alongside, timed the same way:
+  * right after each turn, the same conversation (the history so far, the replies as their transcripts) as
+    `POST /v1/chat/completions`, streamed (`chat_first_audio_s`): what a client without a session pays, a fresh
+    prefill of the whole conversation, its audio encoded in one call. Its reply is not compared: from turn 2 on its
+    prompt holds the tokenizer's split of the earlier replies' text, which a random model's tokens rarely are;
+  * after the session, its replay on a second realtime session given the same events, whose kept KV (thinker and
+    talker) is ended before each response: the same prompt ids prefilled afresh (`fresh_first_audio_s`). Each
+    turn's reply must be the same on both, transcript and PCM (greedy), and is checked (`same_reply`): a later
+    turn's prompt holds the earlier replies as the ids the model generated, so this is the prompt the kept path
+    must equal.
 
 The realtime session's thinker keeps its KV between turns and each user clip is encoded once, so a turn prefills
 only what it adds: `cached_tokens` (the usage of `response.done`) is how much of its prompt it did not prefill
-again, and the `vs turn 1` column shows how first audio moves with the turn.
+again (the previous turn's prompt and reply, up to a special id the model generated, which a prompt leaves out),
+and the `vs turn 1` column shows how first audio moves with the turn.
 
     python -m bench.bench_realtime --model small --threads 1
+    python -m bench.timeline_medians SESSION --turns 10 --skip 2 --every 2   # per turn, from the ingress's log
 """
 
 from __future__ import annotations
@@ -56,8 +64,9 @@ def main() -> None:
     settings = {"device": str(device), "model": args.model, "turns": args.turns, "new_tokens": args.new_tokens,
                 "audio_frames": args.audio_frames, "user_seconds": args.user_seconds, "sessions": args.repeats,
                 "checkpoint": common.checkpoint_summary(ckpt)}
-    common.report("bench_realtime", args, settings, results, ["chat_first_audio_s", "vs_turn_1", "prompt_tokens",
-                                                              "cached_tokens", "same_reply"])
+    common.report("bench_realtime", args, settings, results, ["fresh_first_audio_s", "chat_first_audio_s",
+                                                              "vs_turn_1", "prompt_tokens", "cached_tokens",
+                                                              "same_reply"])
 
 
 class local_service:
@@ -106,7 +115,9 @@ def _user_audio(seconds: float) -> np.ndarray:
 
 
 async def one_session(url: str, args, turns: int) -> list[dict]:
-    """One session of `turns` turns: per turn the realtime and the chat-completions first audio."""
+    """One session of `turns` turns (per turn its first audio, and that of chat completions of the conversation so
+    far), then its replay on a second session whose kept KV is ended before each turn (per turn its first audio,
+    and whether its reply is the same)."""
     import openai
 
     from deployments.audio_out import to_pcm16
@@ -115,34 +126,61 @@ async def one_session(url: str, args, turns: int) -> list[dict]:
     pcm = to_pcm16(_user_audio(args.user_seconds))
     history, timed = [], []
     async with client.realtime.connect(model="omniray-bench") as conn:
-        await _until(conn, "session.created")
-        await conn.session.update(session={"type": "realtime", "temperature": 0, "max_output_tokens": args.new_tokens,
-                                           "audio": {"input": {"turn_detection": None}}})
-        await _until(conn, "session.updated")
+        await _start(conn, args)
         for _ in range(turns):
-            for start in range(0, len(pcm), 9600):  # 200 ms per append
-                await conn.input_audio_buffer.append(audio=base64.b64encode(pcm[start:start + 9600]).decode())
-            await conn.input_audio_buffer.commit()
-            await _until(conn, "conversation.item.done")
-            start = time.perf_counter()
-            await conn.response.create()
-            first_audio, transcript, done = None, "", None
-            while done is None:
-                event = json.loads(await conn.recv_bytes())
-                if event["type"] == "response.output_audio.delta" and first_audio is None:
-                    first_audio = time.perf_counter() - start
-                elif event["type"] == "response.output_audio_transcript.delta":
-                    transcript += event["delta"]
-                elif event["type"] == "response.done":
-                    done = event["response"]
+            first_audio, reply, done = await _turn(conn, pcm)
             history.append(wav_message(pcm))
-            chat_first_audio, chat_transcript = await _chat(client, history, args)
-            history.append({"role": "assistant", "content": transcript})
-            timed.append({"first_audio": first_audio, "chat_first_audio": chat_first_audio,
+            chat_first_audio = await _chat(client, history, args)
+            history.append({"role": "assistant", "content": reply[0]})
+            timed.append({"first_audio": first_audio, "chat_first_audio": chat_first_audio, "reply": reply,
                           "prompt_tokens": done["usage"]["input_tokens"],
-                          "cached_tokens": done["usage"]["input_token_details"]["cached_tokens"],
-                          "same": transcript == chat_transcript})
+                          "cached_tokens": done["usage"]["input_token_details"]["cached_tokens"]})
+    async with client.realtime.connect(model="omniray-bench") as conn:
+        session = await _start(conn, args)
+        for row in timed:
+            await asyncio.to_thread(_end_kept, session)
+            row["fresh_first_audio"], reply, _ = await _turn(conn, pcm)
+            row["same"] = reply == row.pop("reply")
     return timed
+
+
+async def _start(conn, args) -> str:
+    """Configure a new session (greedy, no turn detection); its id."""
+    session = (await _until(conn, "session.created"))["session"]["id"]
+    await conn.session.update(session={"type": "realtime", "temperature": 0, "max_output_tokens": args.new_tokens,
+                                       "audio": {"input": {"turn_detection": None}}})
+    await _until(conn, "session.updated")
+    return session
+
+
+async def _turn(conn, pcm: bytes) -> tuple[float, tuple[str, bytes], dict]:
+    """Append and commit the user's speech, then ask for a reply: (first audio after `response.create`,
+    (transcript, PCM16), the `response.done` body)."""
+    for start in range(0, len(pcm), 9600):  # 200 ms per append
+        await conn.input_audio_buffer.append(audio=base64.b64encode(pcm[start:start + 9600]).decode())
+    await conn.input_audio_buffer.commit()
+    await _until(conn, "conversation.item.done")
+    start = time.perf_counter()
+    await conn.response.create()
+    first_audio, transcript, audio, done = None, "", b"", None
+    while done is None:
+        event = json.loads(await conn.recv_bytes())
+        if event["type"] == "response.output_audio.delta":
+            first_audio = first_audio or time.perf_counter() - start
+            audio += base64.b64decode(event["delta"])
+        elif event["type"] == "response.output_audio_transcript.delta":
+            transcript += event["delta"]
+        elif event["type"] == "response.done":
+            done = event["response"]
+    return first_audio, (transcript, audio), done
+
+
+def _end_kept(session: str) -> None:
+    """End what the thinker and the talker keep of `session` (its next turn is prefilled afresh)."""
+    from ray import serve
+
+    for stage in ("thinker", "talker"):
+        serve.get_deployment_handle(stage, "omniray").end_session.remote(session=session).result()
 
 
 def wav_message(pcm: bytes) -> dict:
@@ -163,9 +201,10 @@ async def _until(conn, kind: str) -> dict:
             raise SystemExit(f"the session answered an error: {event['error']}")
 
 
-async def _chat(client, messages: list[dict], args) -> tuple[float, str]:
+async def _chat(client, messages: list[dict], args) -> float:
+    """The first audio of the conversation sent as a streamed chat completion."""
     start = time.perf_counter()
-    first_audio, transcript = None, ""
+    first_audio = None
     stream = await client.chat.completions.create(
         model="omniray-bench", messages=messages, stream=True, max_completion_tokens=args.new_tokens,
         modalities=["text", "audio"], audio={"voice": "ethan", "format": "pcm16"},
@@ -174,8 +213,7 @@ async def _chat(client, messages: list[dict], args) -> tuple[float, str]:
         audio = getattr(chunk.choices[0].delta, "audio", None) if chunk.choices else None
         if getattr(audio, "data", None) and first_audio is None:
             first_audio = time.perf_counter() - start
-        transcript += getattr(audio, "transcript", None) or ""
-    return first_audio, transcript
+    return first_audio
 
 
 def per_turn(sessions: list[list[dict]]) -> list[common.Result]:
@@ -186,6 +224,7 @@ def per_turn(sessions: list[list[dict]]) -> list[common.Result]:
         rows = [s[turn] for s in sessions]
         ours = [r["first_audio"] for r in rows]
         results.append(common.Result(f"turn {turn + 1} first audio", common.Timing(ours), None, {
+            "fresh_first_audio_s": statistics.median(r["fresh_first_audio"] for r in rows),
             "chat_first_audio_s": statistics.median(r["chat_first_audio"] for r in rows),
             "vs_turn_1": f"{statistics.median(ours) / first:.2f}×",
             "prompt_tokens": rows[0]["prompt_tokens"],

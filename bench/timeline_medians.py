@@ -3,11 +3,13 @@
 before it on the critical path.
 
     python -m bench.timeline_medians /tmp/ray/session_.../logs/serve     # the session of a bench_serve run
-    python -m bench.timeline_medians SESSION --turns 10 --skip 1         # per turn, a bench_realtime run
+    python -m bench.timeline_medians SESSION --turns 10 --skip 2 --every 2   # per turn, a bench_realtime run
 
 The first reply of each kind is left out (the first call through each handle sets up its router). With `--turns`,
 the realtime responses' timelines (`resp_…`), in the order they ended, after the first `--skip` (bench_realtime's
-warm-up sessions), are sessions of that many turns one after another: per turn, the median of a few steps.
+warm-up session and its replay), are sessions of that many turns one after another, of which the first of each
+`--every` in a row is taken (bench_realtime replays each session on one prefilled afresh): per turn, the median of
+a few steps.
 """
 
 from __future__ import annotations
@@ -74,10 +76,13 @@ def main() -> None:
     p.add_argument("folder", type=Path, help="a Ray session's logs/serve folder (or the session folder)")
     p.add_argument("--turns", type=int, help="per turn of realtime sessions of this many turns (ms, medians)")
     p.add_argument("--skip", type=int, default=0, help="with --turns: realtime responses to leave out first")
+    p.add_argument("--every", type=int, default=1, help="with --turns: of each this many sessions in a row, the first")
     args = p.parse_args()
     folder = args.folder / "logs" / "serve" if (args.folder / "logs").is_dir() else args.folder
     if args.turns:
-        print(per_turn(timelines(folder, "resp_")[args.skip:], args.turns))
+        rows = timelines(folder, "resp_")[args.skip:]
+        sessions = [rows[i:i + args.turns] for i in range(0, len(rows), args.turns)][::args.every]
+        print(per_turn([row for session in sessions for row in session], args.turns))
         return
     rows = timelines(folder)
     for kind, path in PATHS.items():

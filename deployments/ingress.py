@@ -284,19 +284,21 @@ class OmniIngress:
         await serve_websocket(websocket, make_session)
 
     async def _realtime_turn(self, req: ChatCompletionRequest, request_id: str, session: str,
-                             clips: list[Part]) -> Turn:
+                             clips: list[Part], replies: list[list[int] | None]) -> Turn:
         """One response of a realtime session: prepared and admitted like a chat request, its events streamed. Its
         thinker job belongs to the session (its replica keeps the KV: the turn prefills only what is new), and each
         audio clip is prepared (its log-mel features) and encoded once, alone, at its first response (`clips`, in
         prompt order, keep both): an earlier clip's encoder output then stays bit-identical turn after turn, which the
-        kept prefix is checked against, and a turn prepares and encodes only its new audio."""
+        kept prefix is checked against, and a turn prepares and encodes only its new audio. The session's own replies
+        are in the prompt as the ids the model generated (`replies`, `prepare.with_reply_ids`), so the kept prefix
+        runs through the whole previous reply."""
         timeline = Timeline(request_id)
         for clip in clips:
             if clip.features is None:
                 clip.features = await asyncio.to_thread(clip_features, clip.pcm, REALTIME_RATE, self.processor,
                                                         self.settings)
                 self.clips_prepared += 1
-        prepared = await self._prepare(req, request_id, clips)
+        prepared = await self._prepare(req, request_id, clips, replies)
         prepared.thinker_job.session = session
         timeline.ingress.mark("prepared")
         self.metrics.requests.inc(1, tags={"modalities": "+".join(prepared.modalities), "stream": "realtime"})
@@ -331,10 +333,12 @@ class OmniIngress:
     # --- preparing a request ---------------------------------------------------------------------------------------
 
     async def _prepare(self, req: ChatCompletionRequest, request_id: str, clips: list[Part] | None = None,
-                       ) -> Prepared:
-        """`clips`: a realtime response's audio parts (`_realtime_turn`), else None."""
+                       replies: list[list[int] | None] | None = None) -> Prepared:
+        """`clips`, `replies`: a realtime response's audio parts and its assistant messages' ids (`_realtime_turn`),
+        else None."""
         ready = await prepare_inputs(req, self.processor, self.config, self.settings, self.thinker_defaults,
-                                     self.default_voice, None if clips is None else [clip.features for clip in clips])
+                                     self.default_voice, None if clips is None else [clip.features for clip in clips],
+                                     replies)
         job = ThinkerJob(
             request_id=request_id,
             inputs={k: v for k, v in ready.inputs.items() if k not in ENCODER_INPUTS},

@@ -18,6 +18,7 @@ from common.errors import InvalidRequestError, OmniError, TooManyTokensError, Un
 from common.media import MediaLimits, decode_audio, decode_image, decode_video
 from common.processor import OmniProcessor
 from common.sampling import SamplingParams
+from common.tokenizer import OmniTokenizer
 from deployments.fetch import FetchConfig, decode_base64, fetch_media
 from deployments.http_errors import ModelNotFoundError
 from deployments.protocol import (
@@ -363,10 +364,14 @@ def check_model(model: str, settings: ServiceSettings) -> None:
 
 async def prepare_inputs(req: ChatCompletionRequest, processor: OmniProcessor, config: OmniConfig,
                          settings: ServiceSettings, thinker_defaults: SamplingParams, default_voice: str,
-                         clips: list[torch.Tensor] | None = None) -> PreparedInputs:
+                         clips: list[torch.Tensor] | None = None, replies: list[list[int] | None] | None = None,
+                         ) -> PreparedInputs:
     """Everything the HTTP API checks and prepares before the stages run, for the ingress and the batch job alike
     (the same limits, the same errors). `clips`: the features of the request's audio parts in prompt order, each
-    prepared once by the caller (`clip_features`: a realtime session's clips); those parts' data is not read."""
+    prepared once by the caller (`clip_features`: a realtime session's clips); those parts' data is not read.
+    `replies`: per assistant message in order, the token ids the model generated for it (a realtime session's own
+    replies; None for one to tokenize from its text), which the prompt holds instead of its text's tokens
+    (`with_reply_ids`)."""
     if req.model is not None:
         check_model(req.model, settings)
     modalities = req.output_modalities(settings.default_modalities)
@@ -392,10 +397,43 @@ async def prepare_inputs(req: ChatCompletionRequest, processor: OmniProcessor, c
     except OmniError as exc:
         name_the_field(exc, media)
         raise
+    if replies is not None:
+        inputs["input_ids"] = with_reply_ids(inputs["input_ids"], replies, config, processor.tokenizer)
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     prompt_tokens = int(inputs["input_ids"].shape[1])
     sampling = thinker_sampling(req, thinker_defaults, settings, prompt_tokens, config)
     talker = talker_request_sampling(req, sampling, settings, prompt_tokens, config) if speech else None
     return PreparedInputs(modalities, inputs, sampling, prompt_tokens, voice, talker, tool_names)
+
+
+def with_reply_ids(input_ids: torch.Tensor, replies: list[list[int] | None], config: OmniConfig,
+                   tokenizer: OmniTokenizer) -> torch.Tensor:
+    """A one-row prompt `[1, T]` (ending in the generation prompt) in which each earlier assistant turn with ids in
+    `replies` (one entry per assistant turn, in order) holds, between its `<|im_start|>` and its `<|im_end|>`, the
+    generation prompt's role header and then those ids: what the model was given and generated, rather than the
+    tokens of its text (a model's tokens are often not the tokenizer's own split of their text). So the prompt of
+    a session's next turn starts with the whole of the previous turn's prompt and reply, which its kept KV holds.
+
+    The ids are the server's own, never the client's: a client's text (an assistant item it created included) is
+    tokenized with its special tokens quoted. Special ids the model generated are left out: the text the client
+    saw holds none, and one in a prompt would read as a turn or a media placeholder. A prompt whose template does
+    not open each turn with `<|im_start|>` and its role keeps its text's tokens (the prompt chat completions gives,
+    of which the kept KV covers less)."""
+    ids = input_ids[0].tolist()
+    opens = [i for i, token in enumerate(ids) if token == config.im_start_token_id]
+    turns = [i for i in opens[:-1] if ids[i + 1] == config.assistant_token_id]
+    if not opens or ids[opens[-1] + 1:opens[-1] + 2] != [config.assistant_token_id] or len(turns) != len(replies):
+        return input_ids
+    header = ids[opens[-1] + 1:]  # the generation prompt after its <|im_start|>: `assistant`, `\n`
+    out, copied = [], 0
+    for start, reply in zip(turns, replies):
+        if reply is None:
+            continue
+        end = ids.index(config.im_end_token_id, start)
+        out += ids[copied:start + 1] + header + [t for t in reply if t not in tokenizer.special_ids]
+        copied = end
+    out += ids[copied:]
+    return torch.tensor([out], dtype=input_ids.dtype)
 
 
 def clip_features(pcm16: bytes, rate: int, processor: OmniProcessor, settings: ServiceSettings) -> torch.Tensor:

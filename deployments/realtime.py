@@ -3,8 +3,14 @@
 A session holds its configuration (`session.update`), the input audio buffer, the conversation's items and at most
 one response in progress. Each response is a normal request of the stage chain over the whole conversation: the
 items become chat messages and go through the chat-completions path (`prepare_inputs`: the same validation and
-limits), so a greedy reply equals what chat completions gives for the same conversation (user audio sent there as
-a WAV of the same PCM16). Its text and PCM come back as the API's delta events.
+limits), so a greedy first reply equals what chat completions gives for the same conversation (user audio sent
+there as a WAV of the same PCM16). Its text and PCM come back as the API's delta events.
+
+A reply the session generated keeps its token ids (`Part.token_ids`), and later prompts hold those ids where the
+reply's text would be tokenized again (`prepare.with_reply_ids`): a model's tokens are often not the tokenizer's own
+split of their text, and the ids are what the thinker's kept KV holds. So a later turn's prompt is the earlier turn's
+prompt and reply exactly as the model saw them; a later greedy reply equals that prompt prefilled afresh, not
+necessarily chat completions of the same text.
 
 Each user audio clip is prepared once, at its first response: its log-mel features (resampled to the encoder's
 rate, the same limits and bits as the WAV's) and its audio encoder output, alone, are kept on its `Part`, so a turn
@@ -18,7 +24,8 @@ clips are what lets that check hold). Closing the session frees what they keep o
 Turn detection: with `server_vad` the appended audio runs through `common.vad.EnergyVad`; the end of speech
 commits the buffer and (with `create_response`) starts the reply. Speech that starts during a reply (with
 `interrupt_response`) cancels it — cancelling the stage call, which frees every stage as a client disconnect
-does — and truncates the assistant item to the audio sent (the next turn sees only what was said).
+does — and truncates the assistant item to the audio sent, its ids to those voiced in it (the next turn sees only
+what was said).
 
 A bad event gets an `error` event naming it, and the session goes on. A client that goes away, or stays idle past
 `realtime_idle_timeout_s`, ends the session and its response.
@@ -86,8 +93,9 @@ class Turn:
     events: AsyncIterator
 
 
-# (the request, the response id, the session id, the conversation's user audio parts in prompt order) → the turn
-TurnRunner = Callable[[ChatCompletionRequest, str, str, list["Part"]], Awaitable[Turn]]
+# (the request, the response id, the session id, the conversation's user audio parts in prompt order, the token ids
+# of each assistant message in order: `Item.reply_ids`) → the turn
+TurnRunner = Callable[[ChatCompletionRequest, str, str, list["Part"], list[list[int] | None]], Awaitable[Turn]]
 SessionEnder = Callable[[str], Awaitable[None]]  # frees what the stages keep of a session (by its id)
 
 
@@ -117,6 +125,10 @@ class Part:
     # log-mel features alone [M, T] (`prepare.clip_features`) and the audio encoder's output for it alone (an ObjectRef)
     features: torch.Tensor | None = None
     encoded: ray.ObjectRef | None = None
+    # output_text, output_audio of a reply the session generated: its token ids, the stop token excluded (a
+    # truncation cuts them to what was heard), which the next turns' prompts hold instead of its text's tokens;
+    # None for an item the client created (tokenized from its text)
+    token_ids: list[int] | None = None
 
     def api(self) -> dict:
         if self.type in ("input_text", "output_text"):
@@ -138,6 +150,10 @@ class Item:
     def api(self) -> dict:
         return {"id": self.id, "object": "realtime.item", "type": "message", "status": self.status,
                 "role": self.role, "content": [part.api() for part in self.parts]}
+
+    def reply_ids(self) -> list[int] | None:
+        """The ids of the reply this assistant item is, if the session generated it (`Part.token_ids`)."""
+        return self.parts[0].token_ids if len(self.parts) == 1 else None
 
     def chat_message(self) -> dict:
         """The item as a chat-completions message; an audio part is a placeholder, its data empty (the session gives
@@ -166,11 +182,16 @@ def to_model_rate(pcm: bytes, rate: int) -> bytes:
     return to_pcm16(resample(pcm16_to_float(pcm), rate, SAMPLE_RATE))
 
 
+def tokens_heard(audio_end_ms: float, samples_per_token: int) -> int:
+    """How many reply tokens were voiced by `audio_end_ms`: the talker voices one reply token per codec frame, so a
+    frame's worth of audio (or part of one) stands for one more token."""
+    return math.ceil(audio_end_ms * SAMPLE_RATE / 1000 / samples_per_token)
+
+
 def cut_transcript(tokenizer: OmniTokenizer, transcript: str, audio_end_ms: float, samples_per_token: int) -> str:
-    """The part of a spoken reply's transcript heard by `audio_end_ms`: the talker voices one reply token per
-    codec frame, so a frame's worth of audio (or part of one) stands for one more token."""
+    """The part of a transcript the session has no ids for (a client's item) heard by `audio_end_ms`."""
     ids = tokenizer.encode(transcript)
-    heard = math.ceil(audio_end_ms * SAMPLE_RATE / 1000 / samples_per_token)
+    heard = tokens_heard(audio_end_ms, samples_per_token)
     return tokenizer.decode(ids[:heard]) if heard < len(ids) else transcript
 
 
@@ -462,8 +483,12 @@ class RealtimeSession:
                                       f"({part.audio_ms:.0f} ms)", param="audio_end_ms")
         keep = 2 * round(audio_end_ms * SAMPLE_RATE / 1000)
         part.pcm = part.pcm[:keep]
-        part.transcript = cut_transcript(self.context.tokenizer, part.transcript or "", audio_end_ms,
-                                         self.context.samples_per_token)
+        tokenizer, samples_per_token = self.context.tokenizer, self.context.samples_per_token
+        if part.token_ids is None:
+            part.transcript = cut_transcript(tokenizer, part.transcript or "", audio_end_ms, samples_per_token)
+        elif (heard := tokens_heard(audio_end_ms, samples_per_token)) < len(part.token_ids):
+            part.token_ids = part.token_ids[:heard]  # the ids voiced, and their text (as the stream decoded it)
+            part.transcript = tokenizer.decode(part.token_ids, skip_special_tokens=True)
         self.emit({"type": "conversation.item.truncated", "item_id": item.id, "content_index": index,
                    "audio_end_ms": audio_end_ms})
 
@@ -485,7 +510,7 @@ class RealtimeSession:
         self.response = response
         self.emit({"type": "response.created", "response": response.api("in_progress")})
         # the clips as the request holds them (an item added before the task starts is not in it)
-        response.task = asyncio.create_task(self._run(response, request, self._clips()))
+        response.task = asyncio.create_task(self._run(response, request, self._clips(), self._replies()))
 
     def chat_request(self, params: ResponseParams) -> ChatCompletionRequest:
         """The conversation, with the session's configuration under the response's overrides, as the chat request
@@ -523,6 +548,10 @@ class RealtimeSession:
         return [part for item in self.items if item.role == "user" for part in item.parts
                 if part.type == "input_audio"]
 
+    def _replies(self) -> list[list[int] | None]:
+        """The token ids of each assistant item, in the order of the chat request's assistant messages."""
+        return [item.reply_ids() for item in self.items if item.role == "assistant"]
+
     async def _cancel_event(self, event: ResponseCancel) -> None:
         if self.response is None or (event.response_id is not None and event.response_id != self.response.id):
             raise InvalidRequestError("there is no response in progress to cancel", param="response_id")
@@ -535,10 +564,11 @@ class RealtimeSession:
         response.task.cancel()
         await asyncio.gather(response.task, return_exceptions=True)
 
-    async def _run(self, response: Response, request: ChatCompletionRequest, clips: list[Part]) -> None:
+    async def _run(self, response: Response, request: ChatCompletionRequest, clips: list[Part],
+                   replies: list[list[int] | None]) -> None:
         status, details = "completed", None
         try:
-            turn = await self.turns(request, response.id, self.session.id, clips)
+            turn = await self.turns(request, response.id, self.session.id, clips, replies)
             response.prompt_tokens, response.prompt_audio_tokens = turn.prompt_tokens, turn.audio_tokens
             await self._start_output(response)
             async with aclosing(turn.events) as events:
@@ -598,6 +628,7 @@ class RealtimeSession:
         if response.speech:
             response.output_audio_tokens = math.ceil(len(response.part.pcm) / 2 / self.context.samples_per_token)
         if response.started_output:
+            response.part.token_ids = list(response.token_ids)  # (a truncation cuts the part's, not the usage's)
             await self._finish_output(response, status)
         self.emit({"type": "response.done", "response": response.api(status, details)})
 

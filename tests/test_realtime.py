@@ -29,6 +29,7 @@ from common.errors import InvalidRequestError
 from common.media import resample
 from common.vad import EnergyVad, SpeechStarted, SpeechStopped, VadParams
 from deployments.audio_out import encode_audio, to_pcm16
+from deployments.realtime import tokens_heard
 from deployments.realtime_protocol import (
     Session,
     UnknownEventError,
@@ -190,6 +191,63 @@ def test_a_prepared_clip_gives_the_inputs_of_its_wav_in_a_chat_request(tiny_ckpt
         assert torch.equal(chat[key], session[key]), key
 
 
+def test_the_next_prompt_holds_the_reply_as_the_model_generated_it(tiny_ckpt):
+    """A session's turn 2 prompt is turn 1's prompt, then the reply's own ids (not the tokenizer's split of its
+    text; a special id the model generated left out), then the rest of the conversation as chat completions renders
+    it. An assistant message without ids (a client's item) is tokenized from its text, as chat completions does."""
+    from common.config import load_config, load_generation_config
+    from common.processor import OmniProcessor
+    from common.sampling import SamplingParams
+    from deployments.prepare import prepare_inputs
+    from deployments.protocol import ChatCompletionRequest
+    from deployments.settings import ServiceSettings
+
+    processor, config = OmniProcessor.from_pretrained(tiny_ckpt), load_config(tiny_ckpt)
+    settings = ServiceSettings(model=str(tiny_ckpt))
+    defaults = SamplingParams.from_generation_config(load_generation_config(tiny_ckpt))
+    tokenizer = processor.tokenizer
+
+    def ids(messages: list[dict], replies=None) -> list[int]:
+        request = ChatCompletionRequest.model_validate({"messages": messages})
+        ready = asyncio.run(prepare_inputs(request, processor, config, settings, defaults, "", None, replies))
+        assert ready.prompt_tokens == ready.inputs["input_ids"].shape[1] == ready.inputs["attention_mask"].sum()
+        return ready.inputs["input_ids"][0].tolist()
+
+    text = "hello there, friend"
+    generated = [tokenizer.encode(c)[0] for c in text[:8]]  # one id a character: not the tokenizer's split
+    generated.insert(3, config.thinker_config.audio_token_id)
+    said = tokenizer.decode(generated, skip_special_tokens=True)
+    assert tokenizer.encode(said) != [t for t in generated if t != config.thinker_config.audio_token_id]
+    first = [{"role": "user", "content": "Hi"}]
+    conversation = [*first, {"role": "assistant", "content": said}, {"role": "user", "content": "And?"}]
+    turn_1, as_chat = ids(first), ids(conversation)
+
+    turn_2 = ids(conversation, [generated])
+    reply = [t for t in generated if t not in tokenizer.special_ids]
+    assert turn_2[:len(turn_1)] == turn_1 and turn_2[len(turn_1):len(turn_1) + len(reply)] == reply
+    rest = as_chat[as_chat.index(config.im_end_token_id, len(turn_1)):]
+    assert turn_2[len(turn_1) + len(reply):] == rest
+    assert ids(conversation, [None]) == as_chat
+    assert ids(conversation, [generated, generated]) == as_chat  # not the prompt's assistant turns: left as it is
+
+
+def test_a_barge_in_cuts_the_reply_ids_and_their_transcript_to_the_frames_heard(tiny_ckpt):
+    from common.tokenizer import OmniTokenizer
+    from deployments.realtime import Item, Part, RealtimeSession, SessionContext
+    from deployments.settings import ServiceSettings
+
+    tokenizer = OmniTokenizer.from_pretrained(tiny_ckpt)
+    context = SessionContext(ServiceSettings(), tokenizer, "m", "ethan", ("ethan",), 1920)
+    session = RealtimeSession(lambda event: None, None, None, context)
+    generated = [tokenizer.encode(c)[0] for c in "one two three"]
+    part = Part("output_audio", transcript=tokenizer.decode(generated), pcm=bytes(2 * 1920 * len(generated)),
+                token_ids=generated)
+    item = Item("a", "assistant", [part])
+    asyncio.run(session._truncate_part(item, 0, 241))  # 3 frames of 80 ms and a bit: 4 tokens heard
+    assert part.token_ids == generated[:4] and part.transcript == tokenizer.decode(generated[:4]) == "one "
+    assert item.reply_ids() == generated[:4]
+
+
 def test_a_truncated_transcript_keeps_one_token_per_frame_heard(tiny_ckpt):
     from common.tokenizer import OmniTokenizer
     from deployments.realtime import cut_transcript
@@ -341,6 +399,39 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def _end_kept(session: str) -> None:
+    """End what the thinker and the talker keep of `session`, as its client's leaving does."""
+    from ray import serve
+
+    for stage in ("thinker", "talker"):
+        serve.get_deployment_handle(stage, "omniray").end_session.remote(session=session).result()
+
+
+async def _afresh(conn, session: str, done: dict, **response) -> list[dict]:
+    """The response that ended in `done` asked for again over the same conversation, so over the same prompt ids,
+    prefilled afresh: its item deleted, the session's kept KV ended, the same `response.create` sent again.
+
+    A later turn's prompt holds the session's earlier replies as the ids the model generated (not the tokenizer's
+    split of their text, which a random model's tokens rarely are), so chat completions of the same text is another
+    prompt; this is the reference its kept-KV path must equal."""
+    await conn.conversation.item.delete(item_id=done["output"][0]["id"])
+    await _events_until(conn, "conversation.item.deleted")
+    await asyncio.to_thread(_end_kept, session)
+    await conn.response.create(**response)
+    return await _events_until(conn, "response.done")
+
+
+def _cached(events: list[dict]) -> int:
+    return events[-1]["response"]["usage"]["input_token_details"]["cached_tokens"]
+
+
+def _left_kept(done: dict) -> int:
+    """The thinker KV a finished turn leaves: its prompt and its reply, less the reply's last token when the length
+    limit ended it (sampled, never run)."""
+    usage = done["usage"]
+    return usage["input_tokens"] + usage["output_tokens"] - (done["status"] == "incomplete")
+
+
 @pytest.mark.slow
 def test_a_text_turn_equals_chat_completions(service):
     async def go():
@@ -403,23 +494,26 @@ def test_an_audio_turn_with_a_spoken_reply_equals_chat_completions(service):
 
 @pytest.mark.slow
 def test_multi_turn_keeps_the_history(service):
+    """Turn 1 equals chat completions; turn 2, over turn 1's prompt and reply as the model generated them, equals the
+    same prompt prefilled afresh (`_afresh`), and its kept KV covered all of turn 1 (`_left_kept`; the tiny model's
+    reply to this question holds no special id, which a prompt would leave out: `prepare.with_reply_ids`)."""
     async def go():
-        replies = []
+        turns = []
         async with _client(service).realtime.connect(model="omniray-tiny") as conn:
-            await _session(conn, output_modalities=["text"], max_output_tokens=8,
-                           audio={"input": {"turn_detection": None}})
-            for question in ("Hello there, who are you?", "And what can you do?"):
+            session = (await _session(conn, output_modalities=["text"], max_output_tokens=8,
+                                      audio={"input": {"turn_detection": None}}))["id"]
+            for question in ("Hi there, who are you?", "And what can you do?"):
                 await conn.conversation.item.create(item=_user_text(question))
                 await conn.response.create()
-                replies.append(_reply(await _events_until(conn, "response.done"))[0])
-            # a per-response override: this one answers with no history after the first question
-            return replies
+                turns.append(await _events_until(conn, "response.done"))
+            return turns, await _afresh(conn, session, turns[-1][-1]["response"])
 
-    first, second = run(go())
-    messages = [{"role": "user", "content": "Hello there, who are you?"}]
-    assert first == run(_chat(service, messages, False, 8))[0]
-    messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "And what can you do?"}]
-    assert second == run(_chat(service, messages, False, 8))[0]
+    (first, second), again = run(go())
+    messages = [{"role": "user", "content": "Hi there, who are you?"}]
+    assert _reply(first)[0] == run(_chat(service, messages, False, 8))[0]
+    assert _reply(second) == _reply(again) and _reply(second)[0]
+    assert _cached(first) == 0 and _cached(again) == 0
+    assert _cached(second) == _left_kept(first[-1]["response"])
 
 
 @pytest.mark.slow
@@ -473,13 +567,14 @@ SPOKEN = ["thinker", "talker", "code2wav"]
 @pytest.mark.slow
 def test_barge_in_cancels_the_reply_and_truncates_it_to_what_was_sent(service):
     """Speech during a spoken reply: the reply is cancelled (turn_detected), every stage frees it, the assistant
-    item keeps the audio sent and the transcript of it, and the next response is built on that truncated reply."""
+    item keeps the audio sent, the ids voiced in it and their transcript, and the next response is built on that
+    truncated reply: it equals the same prompt prefilled afresh, and its kept KV covered the ids heard."""
     speech = _speech(RATE)
 
     async def go():
         async with _client(service).realtime.connect(model="omniray-tiny") as conn:
-            await _session(conn, audio={"input": {"turn_detection": {
-                "type": "server_vad", "create_response": False, "silence_duration_ms": 300}}})
+            session = (await _session(conn, audio={"input": {"turn_detection": {
+                "type": "server_vad", "create_response": False, "silence_duration_ms": 300}}}))["id"]
             await conn.conversation.item.create(item=_user_text("Count to three, please."))
             await conn.response.create()
             events = await _events_until(conn, "response.output_audio.delta")
@@ -492,11 +587,12 @@ def test_barge_in_cancels_the_reply_and_truncates_it_to_what_was_sent(service):
             # the next turn in text (the committed speech deleted, a question typed instead): exactly comparable
             await conn.conversation.item.delete(item_id=committed["id"])
             await conn.conversation.item.create(item=_user_text("And then?"))
-            await conn.response.create(response={"output_modalities": ["text"], "max_output_tokens": 6})
+            text_only = {"output_modalities": ["text"], "max_output_tokens": 6}
+            await conn.response.create(response=text_only)
             await _events_until(conn, "response.done", events)
-            return events, busy
+            return events, busy, await _afresh(conn, session, events[-1]["response"], response=text_only)
 
-    events, busy = run(go())
+    events, busy, again = run(go())
     assert not busy, f"still serving a cancelled reply: {busy}"
     first_done = _of(events, "response.done")[0]["response"]
     assert first_done["status"] == "cancelled" and first_done["status_details"]["reason"] == "turn_detected"
@@ -508,17 +604,17 @@ def test_barge_in_cancels_the_reply_and_truncates_it_to_what_was_sent(service):
     said = first_done["output"][0]["content"][0]["transcript"]
     full = "".join(e["delta"] for e in _of(events, "response.output_audio_transcript.delta"))
     assert full.startswith(said) and len(said) < len(full)  # the thinker ran ahead of the speech
-    text = _reply(events[[e["type"] for e in events].index("conversation.item.deleted"):])[0]
-    messages = [{"role": "user", "content": "Count to three, please."}, {"role": "assistant", "content": said},
-                {"role": "user", "content": "And then?"}]
-    assert text == run(_chat(service, messages, False, 6))[0] and text
+    after = events[[e["type"] for e in events].index("conversation.item.deleted"):]
+    assert _reply(after) == _reply(again) and _reply(after)[0]
+    heard = tokens_heard(truncated["audio_end_ms"], 1920)
+    assert _cached(after) == first_done["usage"]["input_tokens"] + heard and _cached(again) == 0
 
 
 @pytest.mark.slow
-def test_response_cancel_frees_every_stage_and_the_session_goes_on(service, tiny_ckpt):
+def test_response_cancel_frees_every_stage_and_the_session_goes_on(service):
     async def go():
         async with _client(service).realtime.connect(model="omniray-tiny") as conn:
-            await _session(conn, audio={"input": {"turn_detection": None}})
+            session = (await _session(conn, audio={"input": {"turn_detection": None}}))["id"]
             await conn.conversation.item.create(item=_user_text("Count to three, please."))
             await conn.response.create()
             events = await _events_until(conn, "response.output_audio.delta")
@@ -531,24 +627,22 @@ def test_response_cancel_frees_every_stage_and_the_session_goes_on(service, tiny
             too_far = (await _events_until(conn, "error"))[-1]["error"]
             await conn.conversation.item.truncate(item_id=item["id"], content_index=0, audio_end_ms=40)
             truncated = (await _events_until(conn, "conversation.item.truncated"))[-1]
-            await conn.response.create(response={"output_modalities": ["text"], "max_output_tokens": 3})
+            text_only = {"output_modalities": ["text"], "max_output_tokens": 3}
+            await conn.response.create(response=text_only)
             after = await _events_until(conn, "response.done")
-            return events, busy, after, too_far, truncated
+            again = await _afresh(conn, session, after[-1]["response"], response=text_only)
+            return events, busy, after, too_far, truncated, again
 
-    events, busy, after, too_far, truncated = run(go())
+    events, busy, after, too_far, truncated, again = run(go())
     done = events[-1]["response"]
     assert done["status"] == "cancelled" and done["status_details"]["reason"] == "client_cancelled"
     assert done["output"][0]["status"] == "incomplete"
     assert not busy, f"still serving a cancelled reply: {busy}"
     assert too_far["param"] == "audio_end_ms"
     assert truncated["audio_end_ms"] == 40 and truncated["item_id"] == done["output"][0]["id"]
-    from common.tokenizer import OmniTokenizer
-    from deployments.realtime import cut_transcript
-
-    cut = cut_transcript(OmniTokenizer.from_pretrained(tiny_ckpt), done["output"][0]["content"][0]["transcript"],
-                         40, 1920)
-    messages = [{"role": "user", "content": "Count to three, please."}, {"role": "assistant", "content": cut}]
-    assert _reply(after)[0] == run(_chat(service, messages, False, 3))[0]  # the next turn sees the cut reply
+    # the next turn sees the cut reply: its one id heard, after the prompt before it
+    assert _reply(after) == _reply(again) and _reply(after)[0]
+    assert _cached(after) == done["usage"]["input_tokens"] + 1 and _cached(again) == 0
     assert after[-1]["response"]["status"] == "incomplete" and after[-1]["response"]["usage"]["output_tokens"] == 3
 
 
@@ -686,10 +780,11 @@ def _kept_sessions(session: str) -> dict:
 
 @pytest.mark.slow
 def test_a_session_reuses_its_kept_kv_turn_after_turn(service):
-    """Three spoken turns, each on a new user clip: every reply equals chat completions' for the same conversation
-    (a fresh prefill, the clips encoded together), each clip is prepared once (three, where the turns' requests hold
-    six), turns 2 and 3 report the prompt tokens the thinker kept from the turns before, the talker reuses the user
-    turns it kept, and closing the socket frees what both keep of the session."""
+    """Three spoken turns, each on a new user clip: turn 1 equals chat completions (a fresh prefill), turns 2 and 3
+    equal the same prompt ids prefilled afresh (`_afresh`: their prompts hold the earlier replies as generated),
+    each clip is prepared once (three, where the turns' requests hold six), turns 2 and 3 reuse all the thinker
+    kept of the turn before (its prompt and reply: `_left_kept`), the talker reuses the user turns it kept, and
+    closing the socket frees what both keep of the session."""
     speech = _speech(RATE)
     # one length: chat completions extracts the features of clips of different lengths differently (README)
     clips = [speech, speech[::-1].copy(), np.roll(speech, RATE // 3)]
@@ -697,9 +792,10 @@ def test_a_session_reuses_its_kept_kv_turn_after_turn(service):
     prepared_before, talker_before = _clips_prepared(), _sessions("any", "talker")
 
     async def go():
-        turns = []
+        turns, fresh = [], []
         async with _client(service).realtime.connect(model="omniray-tiny") as conn:
             created = _validated(await conn.recv_bytes())
+            session = created["session"]["id"]
             await conn.session.update(session={"type": "realtime", **GREEDY, "max_output_tokens": 5,
                                                "audio": {"input": {"turn_detection": None}}})
             await _events_until(conn, "session.updated")
@@ -709,26 +805,26 @@ def test_a_session_reuses_its_kept_kv_turn_after_turn(service):
                 await _events_until(conn, "conversation.item.done")
                 await conn.response.create()
                 turns.append(await _events_until(conn, "response.done"))
-            session = created["session"]["id"]
+                if len(turns) > 1:
+                    fresh.append(await _afresh(conn, session, turns[-1][-1]["response"]))
             kept = await asyncio.to_thread(_sessions, session)
             talker = await asyncio.to_thread(_sessions, session, "talker")
-        return session, turns, kept["kept"], talker
+        return session, turns, fresh, kept["kept"], talker
 
-    session, turns, kept, talker = run(go())
+    session, turns, fresh, kept, talker = run(go())
     assert session in kept and session in talker["kept"]
     assert _clips_prepared() - prepared_before == len(clips)
-    messages = []
-    for clip, events in zip(clips, turns):
-        messages.append(wav_message(to_pcm16(clip)))
+    transcript, pcm = _reply(turns[0])
+    assert (transcript, pcm) == run(_chat(service, [wav_message(to_pcm16(clips[0]))], True, 5)) and transcript and pcm
+    for events, again in zip(turns[1:], fresh):
         transcript, pcm = _reply(events)
-        assert (transcript, pcm) == run(_chat(service, messages, True, 5)) and transcript and pcm
-        messages.append({"role": "assistant", "content": transcript})
+        assert (transcript, pcm) == _reply(again) and transcript and pcm
+        assert _cached(again) == 0
     usage = [events[-1]["response"]["usage"] for events in turns]
-    cached = [u["input_token_details"]["cached_tokens"] for u in usage]
-    assert cached[0] == 0
-    # the turn before's prompt at least, its audio included (its reply's tokens but the last one too)
-    assert usage[0]["input_tokens"] <= cached[1] < usage[1]["input_tokens"]
-    assert usage[1]["input_tokens"] <= cached[2] < usage[2]["input_tokens"]
+    assert _cached(turns[0]) == 0
+    # the turn before's prompt, its audio included, and its reply
+    assert _cached(turns[1]) == _left_kept(turns[0][-1]["response"])
+    assert _cached(turns[2]) == _left_kept(turns[1][-1]["response"])
     # turns 2 and 3 reuse every user turn before theirs, their audio included (one talker replica: its totals)
     talker_reused = talker["reused_tokens"] - talker_before["reused_tokens"]
     audio = [u["input_token_details"]["audio_tokens"] for u in usage]
