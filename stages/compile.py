@@ -42,6 +42,7 @@ _COMPILED: dict[tuple[Callable, str], Callable] = {}
 # 8, is fewer than a replica's buckets × spans, and past it dynamo runs the step eagerly without saying so again)
 RECOMPILE_LIMIT = 64
 _WARMED: set[tuple] = set()
+CPU_OPTIONS = {"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}}
 
 
 def compile_step(fn: Callable, device: torch.device) -> Callable:
@@ -55,7 +56,7 @@ def compile_step(fn: Callable, device: torch.device) -> Callable:
         if device.type == "cuda":
             _COMPILED[key] = torch.compile(fn, dynamic=False, mode="reduce-overhead")
         else:  # on a CPU a decode step's kernels are short: calling them from C++ instead of Python is 1.5× faster
-            _COMPILED[key] = torch.compile(fn, dynamic=False, options={"cpp_wrapper": True})
+            _COMPILED[key] = torch.compile(fn, dynamic=False, options=CPU_OPTIONS)
     return _COMPILED[key]
 
 
