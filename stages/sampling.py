@@ -11,6 +11,8 @@ temperature, top-k, top-p and a multinomial draw.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from common.sampling import SamplingParams
@@ -90,17 +92,31 @@ def process_logits(
     B, V = logits.shape
     device = logits.device
     logits = logits.float()
-    penalty = torch.tensor([p.repetition_penalty for p in params], device=device)
-    if history is not None and bool((penalty != 1).any()):
+    if history is not None and any(p.repetition_penalty != 1 for p in params):
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)
         logits = apply_repetition_penalty(logits, history, penalty)
-    banned = torch.zeros(B, V, dtype=torch.bool, device=device)
-    for row, p in enumerate(params):
-        for start, end in p.suppress_ranges:
+    banned = _suppressed(tuple(p.suppress_ranges for p in params), V, device)  # [B, V] or None
+    held = [row for row, p in enumerate(params)  # rows whose stop tokens wait for min_new_tokens
+            if num_generated is not None and num_generated[row] < p.min_new_tokens and p.stop_token_ids]
+    if held:
+        banned = torch.zeros(B, V, dtype=torch.bool, device=device) if banned is None else banned.clone()
+        for row in held:
+            banned[row, [t for t in params[row].stop_token_ids if t < V]] = True
+    return logits if banned is None else logits.masked_fill(banned, float("-inf"))
+
+
+@functools.lru_cache(maxsize=256)
+def _suppressed(ranges: tuple[tuple[tuple[int, int], ...], ...], V: int, device: torch.device) -> torch.Tensor | None:
+    """The tokens each row never samples, `[B, V]` bool (None: none), built once per rows' ranges: an engine samples
+    rows with the same ranges at every step (the talker's codec specials), and building the mask per step was most of
+    a greedy row's sampling time. Read only: callers copy it before changing it."""
+    if not any(ranges):
+        return None
+    banned = torch.zeros(len(ranges), V, dtype=torch.bool, device=device)
+    for row, row_ranges in enumerate(ranges):
+        for start, end in row_ranges:
             banned[row, start : min(end, V)] = True
-        if num_generated is not None and num_generated[row] < p.min_new_tokens:
-            stop = [t for t in p.stop_token_ids if t < V]
-            banned[row, stop] = True
-    return logits.masked_fill(banned, float("-inf"))
+    return banned
 
 
 def warp_logits(scores: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -159,6 +175,8 @@ def sample_ragged(
     """`sample_next` for rows whose histories have different lengths (a batching engine's requests): each history
     is padded with the sentinel V, which the repetition penalty ignores, so every row is sampled as it would be
     alone. `logits [B, V]`, `histories[b] [L_b]` → `[B]`."""
+    if all(p.repetition_penalty == 1 for p in params):  # only the repetition penalty reads the history
+        return sample_next(logits, params, None, generators, num_generated)
     width = max(len(h) for h in histories)
     history = torch.full((len(histories), width), logits.shape[-1], dtype=torch.long, device=logits.device)  # [B, L]
     for row, h in enumerate(histories):

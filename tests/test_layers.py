@@ -13,6 +13,7 @@ from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (
 
 from stages.kv_cache import KVCache
 from stages.layers import (
+    GATHERED_MAX_PAIRS,
     MoE,
     Attention,
     DecoderLayer,
@@ -128,6 +129,25 @@ def test_moe_matches_reference():
     ours.load_state_dict(fuse_projections(ours, ref.state_dict()))
     x = torch.randn(3, 7, 48)
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_moe_of_a_decode_step_takes_the_gathered_experts_and_matches_reference(tokens):
+    """A few tokens (N·K ≤ GATHERED_MAX_PAIRS) read their experts' weights by index instead of the grouped matmul: the
+    same sum as transformers' expert loop and as the grouped path, up to rounding."""
+    cfg = text_config()
+    ref = randomize(hf.Qwen3OmniMoeThinkerTextSparseMoeBlock(cfg))
+    ours = MoE(48, 24, num_experts=5, top_k=3, norm_topk_prob=True)
+    ours.load_state_dict(fuse_projections(ours, ref.state_dict()))
+    x = torch.randn(1, tokens, 48)
+    assert tokens * 3 <= GATHERED_MAX_PAIRS
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-6)
+    flat = x.reshape(-1, 48)
+    expert_ids, weights = ours.route(flat)
+    gathered = ours.experts(flat, expert_ids, weights)
+    both = ours.experts(flat.repeat(6, 1), expert_ids.repeat(6, 1), weights.repeat(6, 1))  # 6N tokens: grouped
+    assert 6 * tokens * 3 > GATHERED_MAX_PAIRS
+    torch.testing.assert_close(gathered, both[:tokens], rtol=1e-6, atol=1e-6)
 
 
 def test_moe_with_shared_expert_matches_talker_reference():
