@@ -208,9 +208,9 @@ class StageReplica:
     async def check_health(self) -> None:
         """Serve's periodic replica health check (a replica that fails it is replaced, and `/health` names the
         stage meanwhile): a batching engine whose thread has stopped would leave every request it holds waiting.
-        A coroutine: Serve runs a plain method in a worker thread, which it starts anew when the last one idled out
-        (the period is longer than that), and the event loop waits for the start, milliseconds on a loaded machine
-        in the middle of a reply's messages."""
+        A coroutine: Serve runs a plain method in an anyio worker thread, which idles out (10 s) before the next
+        check (every 10 s) and is started anew while the event loop waits, tens of milliseconds on a loaded machine,
+        in the middle of the replies this replica relays."""
         if self.engine is not None and not self.engine.healthy():
             raise RuntimeError(f"{self.stage_name}: the batching engine's thread has stopped")
 
