@@ -1,6 +1,6 @@
 """Where a request's time goes, from the ingress's timeline log lines (`deployments/timeline.py`): per kind of reply
 (text, spoken), the median time of each event after the request arrived and the median step from the event
-before it on the critical path.
+before it on the critical path; and how long the first text took from the thinker to the ingress.
 
     python -m bench.timeline_medians /tmp/ray/session_.../logs/serve     # the session of a bench_serve run
     python -m bench.timeline_medians SESSION --turns 10 --skip 2 --every 2   # per turn, a bench_realtime run
@@ -71,6 +71,14 @@ def per_turn(rows: list[dict[str, float]], turns: int) -> str:
     return "\n".join(lines)
 
 
+def text_hop(rows: list[dict[str, float]]) -> str:
+    """The median time from the thinker sending its first text to the ingress having it: one hop for a text reply,
+    three (through the talker and Code2Wav) for a spoken one."""
+    hops = [row["ingress.first_text"] - row["thinker.first_out"] for row in rows
+            if "ingress.first_text" in row and "thinker.first_out" in row]
+    return f"thinker.first_out → ingress.first_text: {statistics.median(hops):.1f} ms" if hops else ""
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("folder", type=Path, help="a Ray session's logs/serve folder (or the session folder)")
@@ -88,7 +96,7 @@ def main() -> None:
     for kind, path in PATHS.items():
         mine = [row for row in rows if ("code2wav.called" in row) == (kind == "speech")][1:]
         if mine:
-            print(f"\n{kind}\n{table(mine, path)}")
+            print(f"\n{kind}\n{table(mine, path)}\n{text_hop(mine)}")
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from common.messages import CodecFrames
-from deployments.jobs import PcmChunk, SpeechJob, TextDelta, resumed
+from deployments.jobs import PcmChunk, SpeechJob, TextDelta, coalesced, resumed
 from deployments.resume import Received, resuming
-from deployments.runtime import STAGE_DEFAULTS, StageReplica
+from deployments.runtime import STAGE_DEFAULTS, StageReplica, all_ready
 from deployments.settings import ServiceSettings
 from deployments.timeline import StageClock, StageTimes
 from stages.code2wav import Code2Wav
@@ -57,19 +57,19 @@ class Code2WavStage(StageReplica):
         with self.in_engine_for(job.request_id):
             try:
                 while not (talker_done and speech_done):
-                    event = await events.get()
-                    if isinstance(event, BaseException):
-                        raise event
-                    if event is None:
-                        talker_done = True
-                    elif isinstance(event, (TextDelta, StageTimes)):
-                        yield event
-                    else:
-                        self.metrics.stage_tokens("code2wav", event.frames)
-                        speech_done = event.finished
-                        if event.samples.numel() or event.finished:
-                            yield PcmChunk(job.request_id, event.samples.float().cpu().numpy(), SAMPLE_RATE,
-                                           finished=event.finished)
+                    for event in coalesced(await all_ready(events)):  # the text behind as one delta
+                        if isinstance(event, BaseException):
+                            raise event
+                        if event is None:
+                            talker_done = True
+                        elif isinstance(event, (TextDelta, StageTimes)):
+                            yield event
+                        else:
+                            clock.outputs += event.frames
+                            speech_done = event.finished
+                            if event.samples.numel() or event.finished:
+                                yield PcmChunk(job.request_id, event.samples.float().cpu().numpy(), SAMPLE_RATE,
+                                               finished=event.finished)
             finally:
                 feeding.cancel()
 

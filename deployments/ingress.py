@@ -516,10 +516,11 @@ class OmniIngress:
                     if isinstance(event, TextDelta):
                         completion_tokens += len(event.token_ids)
                         text = calls.push(event.text) if calls is not None else event.text
-                        if text and text_out:
-                            yield writer.text(text)
+                        body = writer.text(text) if text and text_out else ""
                         if event.text and prepared.speech:
-                            yield writer.audio(audio_id, None, event.text)
+                            body += writer.audio(audio_id, None, event.text)
+                        if body:  # the delta's text and transcript events in one send
+                            yield body
                     elif len(event.samples):
                         samples += len(event.samples)
                         reply.sample_rate = event.sample_rate

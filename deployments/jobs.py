@@ -99,6 +99,23 @@ class TextDelta:
     finish_reason: str | None = None  # "stop" | "length" on the last delta
     cached_tokens: int | None = None  # on a thinker run's first delta: prompt tokens its session's kept KV covered
 
+    def then(self, later: TextDelta) -> TextDelta:
+        """This delta and the one after it as one."""
+        return replace(self, text=self.text + later.text, token_ids=self.token_ids + later.token_ids,
+                       finish_reason=later.finish_reason)
+
+
+def coalesced(events: list) -> list:
+    """`events` in order, each run of consecutive `TextDelta`s as one: a stage that relays text sends what is ready
+    as one message."""
+    out = []
+    for event in events:
+        if isinstance(event, TextDelta) and out and isinstance(out[-1], TextDelta):
+            out[-1] = out[-1].then(event)
+        else:
+            out.append(event)
+    return out
+
 
 @dataclass
 class TalkerInput:

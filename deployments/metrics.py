@@ -61,7 +61,7 @@ class ServiceMetrics:
         self.tokens = Counter(
             "omniray_stage_tokens_total",
             description="Tokens produced per stage (thinker: text tokens; talker: codec frames; code2wav: frames "
-            "decoded).",
+            "decoded), counted when each request ends.",
             tag_keys=("stage",),
         )
         self.batch_rows = Gauge(

@@ -27,9 +27,9 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from common.messages import CodecFrames, TalkerPrompt, ThinkerTokens
-from deployments.jobs import ReplySoFar, SpeechJob, TalkerInput, resumed
+from deployments.jobs import ReplySoFar, SpeechJob, TalkerInput, coalesced, resumed
 from deployments.resume import Received, resuming
-from deployments.runtime import STAGE_DEFAULTS, StageReplica
+from deployments.runtime import STAGE_DEFAULTS, StageReplica, all_ready
 from deployments.session_routing import SessionAffinityRouter
 from deployments.settings import ServiceSettings
 from deployments.timeline import StageClock
@@ -96,13 +96,13 @@ class TalkerStage(StageReplica):
         try:
             running = 2
             while running:
-                event = await events.get()
-                if event is _DONE:
-                    running -= 1
-                elif isinstance(event, BaseException):
-                    raise event
-                else:
-                    yield event
+                for event in coalesced(await all_ready(events)):  # the text behind as one delta
+                    if event is _DONE:
+                        running -= 1
+                    elif isinstance(event, BaseException):
+                        raise event
+                    else:
+                        yield event
         finally:
             for task in (reader, decoder):
                 task.cancel()
@@ -150,7 +150,7 @@ class TalkerStage(StageReplica):
                     reason = ready[-1].finish_reasons[0]
                     if frames:
                         clock.mark("first_frame")
-                        self.metrics.stage_tokens("talker", len(frames))
+                        clock.outputs += len(frames)
                     codes = torch.stack(frames, dim=1) if frames else torch.zeros(groups, 0, dtype=torch.long)  # [Q, F]
                     if frames or reason is not None:
                         events.put_nowait(CodecFrames(job.request_id, codes.cpu(), finished=reason is not None))

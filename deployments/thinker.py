@@ -112,7 +112,7 @@ class ThinkerStage(StageReplica):
                             tokens[-1] = replace(tokens[-1], finished=True, finish_reason="stop_sequence")
                     if reason is not None:  # the steps after a stop sequence are not the reply's
                         break
-                self.metrics.stage_tokens("thinker", len(ready))
+                clock.outputs += len(ready)
                 if job.for_talker:
                     yield TalkerInput(text.delta(), _on_host(_joined(tokens)), talker_prompt)
                 else:

@@ -35,6 +35,7 @@ class StageClock:
         self.started_at = time.time()
         self._origin = time.monotonic()
         self.events = {"called": 0.0}
+        self.outputs = 0  # tokens, frames or samples' frames the stage produced for the request (for the metrics)
 
     def mark(self, event: str) -> None:
         if event not in self.events:

@@ -1,6 +1,7 @@
 """The continuously batched thinker engine against `stream_generate` on each request alone: the same tokens (greedy
 and seeded), the same talker messages, whatever joins or leaves the batch meanwhile."""
 
+import asyncio
 import queue
 import threading
 import time
@@ -199,10 +200,10 @@ def test_a_replica_whose_engine_stopped_fails_its_health_check(setup, engines):
     model, prompts, eos, layer = setup
     replica = object.__new__(StageReplica)
     replica.stage_name, replica.engine = "thinker", engines(model, max_rows=1, max_len=64, accept_hidden_layer=layer)
-    replica.check_health()
+    asyncio.run(replica.check_health())
     replica.engine.close()
     with pytest.raises(RuntimeError, match="engine's thread has stopped"):
-        replica.check_health()
+        asyncio.run(replica.check_health())
 
 
 @pytest.mark.parametrize("resumed", [1, 9])
