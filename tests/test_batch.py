@@ -44,7 +44,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def cluster():
     """A two-CPU head node in a process group of its own, so the teardown stops exactly its processes."""
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard, agent = _free_port(), _free_port(), _free_port()
     temp_dir = tempfile.mkdtemp(prefix="rb")  # short: Ray's socket paths live under it
     # no token auth for this throwaway cluster, whether or not the machine has a Ray token (~/.ray/auth_token)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
@@ -52,7 +52,9 @@ def cluster():
     head = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(port),
          "--include-dashboard", "true", "--dashboard-port", str(dashboard), "--temp-dir", temp_dir,
-         "--disable-usage-stats"],
+         # the job agent's own port (Ray's default, 52365, is taken while another Ray runs on the machine, the
+         # session's Serve one included: the agent would start without it, and every job submission be refused)
+         "--dashboard-agent-listen-port", str(agent), "--disable-usage-stats"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{dashboard}"
     try:
