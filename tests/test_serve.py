@@ -677,7 +677,9 @@ def test_health_is_503_naming_the_stage_that_is_not_up(service):
 
     plain = ServiceSettings(model=str(service["thinker_only_ckpt"]), torch_threads=1).model_dump(mode="json")
     encoders = [serve.get_deployment_handle(name, "thinker_only") for name in ("vision_encoder", "audio_encoder")]
-    unplaceable = ThinkerStage.options(ray_actor_options={"num_cpus": 0.25, "resources": {"absent_accelerator": 1}})
+    # it never starts: deleting it need not wait out Serve's default graceful shutdown (20 s) first
+    unplaceable = ThinkerStage.options(ray_actor_options={"num_cpus": 0.25, "resources": {"absent_accelerator": 1}},
+                                       graceful_shutdown_timeout_s=1)
     app = OmniIngress.bind(plain, *encoders, unplaceable.bind(plain))
     serve.run_many([RunTarget(app, name="degraded", route_prefix="/degraded")],
                    wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
