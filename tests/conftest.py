@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random checkpoints in the real hub format, and the transformers oracle on them.
+"""Shared fixtures: tiny random checkpoints in the real hub format, the transformers oracle on them, and the local
+Ray Serve that the service tests share.
 
 Only `tests/` (and `bench/`) import transformers; the oracle helpers live here so every stage's tests build
 the reference the same way.
@@ -43,6 +44,15 @@ def tiny_ckpt_alt(tmp_path_factory):
 def tiny_ckpt_thinker_only(tmp_path_factory):
     """`enable_audio_output: false` and no talker / code2wav weights (like the Thinking and Captioner variants)."""
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_thinker"), thinker_only=True)
+
+
+@pytest.fixture(scope="session")
+def serve_instance():
+    """One local Ray Serve for every module that deploys applications (`tests/serving.py`): `url`, `metrics`."""
+    from serving import local_serve
+
+    with local_serve() as instance:
+        yield instance
 
 
 @pytest.fixture(params=["default", "alt"])

@@ -16,10 +16,11 @@ import time
 import openai
 import pytest
 
-from test_serve import one_app_service
+from serving import one_app
 
 pytestmark = pytest.mark.slow
 
+APP = "admission"
 RETRY_AFTER_S = 2
 HOLD = {"messages": [{"role": "user", "content": "Count to three, please."}], "max_tokens": 300,
         "extra_body": {"temperature": 0, "ignore_eos": True}}  # a few seconds of thinker work
@@ -30,11 +31,11 @@ SPOKEN = {"messages": [{"role": "user", "content": "Hello there, who are you?"}]
 
 
 @pytest.fixture(scope="module")
-def service(tiny_ckpt):
+def service(serve_instance, tiny_ckpt):
     settings = {"model": str(tiny_ckpt), "served_model_name": "omniray-tiny", "torch_threads": 1,
                 "thinker_batch_rows": 1, "talker_batch_rows": 1, "retry_after_s": RETRY_AFTER_S}
-    with one_app_service(settings) as url:
-        yield url
+    with one_app(settings, APP):
+        yield serve_instance["url"]
 
 
 def _client(url: str) -> openai.AsyncOpenAI:
@@ -67,7 +68,7 @@ def _assert_refused(refused: openai.RateLimitError) -> None:
 def _handle(stage: str):
     from ray import serve
 
-    return serve.get_deployment_handle(stage, "omniray")
+    return serve.get_deployment_handle(stage, APP)
 
 
 def _in_flight(stage: str) -> list[str]:

@@ -21,11 +21,12 @@ import openai
 import pytest
 import yaml
 
-from test_serve import ROOT, START_TIMEOUT_S, _free_port, _wait_running
+from serving import ROOT, applications
 
 pytestmark = pytest.mark.slow
 
 CONFIG = ROOT / "serve_config.autoscale.yaml"
+APP = "autoscale"
 SCALED = ("thinker", "talker")
 LOAD = 4  # spoken streams kept going at once: 2 per replica, above the target of 1 even on two replicas
 SCALE_TIMEOUT_S = 180  # for Serve to start or stop a replica on a busy two-core machine (a minute, seen)
@@ -38,30 +39,19 @@ SPOKEN = {"messages": [{"role": "user", "content": "Hello there, who are you?"}]
 
 
 @pytest.fixture(scope="module")
-def service(tiny_ckpt):
-    """The config file as `omniray serve --config` deploys it, with the tests' checkpoint and a free port."""
-    import ray
-    from ray import serve
+def service(serve_instance, tiny_ckpt):
+    """The config file's application as `omniray serve --config` deploys it, with the tests' checkpoint, on the
+    session's Serve (one node, so one proxy, as the config's `HeadOnly`)."""
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
-    from deployments.serve_cli import wait_for_proxies
-
     raw = yaml.safe_load(CONFIG.read_text())
-    port = _free_port()
-    raw["http_options"]["port"] = port
-    raw["applications"][0]["args"].update(model=str(tiny_ckpt), served_model_name="omniray-tiny")
-    config = ServeDeploySchema.model_validate(raw)
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    try:
-        serve.start(proxy_location=config.proxy_location, http_options=config.http_options.model_dump())
-        wait_for_proxies(START_TIMEOUT_S)
-        _get_global_client().deploy_apps(config)
-        _wait_running(["omniray"])
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    (app,) = raw["applications"]
+    app["args"].update(model=str(tiny_ckpt), served_model_name="omniray-tiny")
+    app["name"] = APP
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}))
+    with applications([APP]):
+        yield serve_instance["url"]
 
 
 def _client(url: str) -> openai.AsyncOpenAI:
@@ -89,7 +79,7 @@ def _running(stage: str) -> dict:
     """The stage's replicas by state (RUNNING, STARTING, STOPPING, ...), as Serve's controller reports them."""
     from ray import serve
 
-    return dict(serve.status().applications["omniray"].deployments[stage].replica_states)
+    return dict(serve.status().applications[APP].deployments[stage].replica_states)
 
 
 def _replicas(stage: str, asks: int = 6) -> dict[str, dict]:
@@ -98,7 +88,7 @@ def _replicas(stage: str, asks: int = 6) -> dict[str, dict]:
     `max_queued_requests` (8), which also bounds this caller."""
     from ray import serve
 
-    handle = serve.get_deployment_handle(stage, "omniray")
+    handle = serve.get_deployment_handle(stage, APP)
     answers = [handle.describe.remote() for _ in range(asks)]
     return {d["replica"]: d for d in (a.result(timeout_s=60) for a in answers)}
 

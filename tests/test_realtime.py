@@ -37,6 +37,7 @@ from deployments.realtime_protocol import (
     parse_client_event,
     updated_session,
 )
+from serving import one_app
 
 DATA = Path(__file__).resolve().parent / "data"
 RATE = 24000
@@ -293,6 +294,7 @@ def test_an_idle_session_is_closed_and_binary_frames_are_refused(tiny_ckpt):
 
 # --- the service -----------------------------------------------------------------------------------------------------
 
+APP = "realtime"
 API_KEY = "realtime-key"
 
 
@@ -318,14 +320,12 @@ def _validated(data: bytes) -> dict:
 
 
 @pytest.fixture(scope="module")
-def service(tiny_ckpt):
-    from test_serve import one_app_service
-
+def service(serve_instance, tiny_ckpt):
     settings = {"model": str(tiny_ckpt), "served_model_name": "omniray-tiny", "torch_threads": 1,
                 "api_key": API_KEY, "default_talker_max_tokens": TALKER_FRAMES,
                 "realtime_max_items": MAX_ITEMS, "realtime_max_buffer_seconds": MAX_BUFFER_S}
-    with one_app_service(settings, num_cpus=4) as url:
-        yield url
+    with one_app(settings, APP):
+        yield serve_instance["url"]
 
 
 def _client(url: str, key: str = API_KEY) -> openai.AsyncOpenAI:
@@ -404,7 +404,7 @@ def _end_kept(session: str) -> None:
     from ray import serve
 
     for stage in ("thinker", "talker"):
-        serve.get_deployment_handle(stage, "omniray").end_session.remote(session=session).result()
+        serve.get_deployment_handle(stage, APP).end_session.remote(session=session).result()
 
 
 async def _afresh(conn, session: str, done: dict, **response) -> list[dict]:
@@ -549,7 +549,7 @@ def _busy(stages: list[str]) -> dict:
     from ray import serve
 
     return {name: ids for name in stages
-            if (ids := serve.get_deployment_handle(name, "omniray").describe.remote().result()["in_flight"])}
+            if (ids := serve.get_deployment_handle(name, APP).describe.remote().result()["in_flight"])}
 
 
 def _wait_free(stages: list[str]) -> dict:
@@ -762,7 +762,7 @@ def _clips_prepared() -> int:
     """User audio clips the ingress has prepared for realtime sessions so far."""
     from ray import serve
 
-    return serve.get_deployment_handle("ingress", "omniray").describe.remote().result()["realtime_clips_prepared"]
+    return serve.get_deployment_handle("ingress", APP).describe.remote().result()["realtime_clips_prepared"]
 
 
 def _sessions(session: str, stage: str = "thinker") -> dict:
@@ -770,7 +770,7 @@ def _sessions(session: str, stage: str = "thinker") -> dict:
     tokens of session turns, reused or all."""
     from ray import serve
 
-    return serve.get_deployment_handle(stage, "omniray").describe.remote(session=session).result()["sessions"]
+    return serve.get_deployment_handle(stage, APP).describe.remote(session=session).result()["sessions"]
 
 
 def _kept_sessions(session: str) -> dict:

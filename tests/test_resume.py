@@ -16,11 +16,11 @@ import openai
 import pytest
 import requests
 
-from test_serve import START_TIMEOUT_S, one_app_service
+from serving import START_TIMEOUT_S, one_app
 
 pytestmark = pytest.mark.slow
 
-APP = "omniray"
+APP = "resume"
 # long enough for the thinker to be generating when it is killed after the talker's resume (its text outlasts the
 # talker's replacement), greedy on both stages
 SPOKEN = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 300,
@@ -32,11 +32,11 @@ DRAIN_S = 120  # the bound on waiting for every engine to be empty after the rep
 
 
 @pytest.fixture(scope="module")
-def service(tiny_ckpt):
+def service(serve_instance, tiny_ckpt):
     settings = {"model": str(tiny_ckpt), "served_model_name": "omniray-tiny", "torch_threads": 1,
                 "retry_backoff_s": 0.2}
-    with one_app_service(settings, app=APP) as url:
-        yield url
+    with one_app(settings, APP):
+        yield serve_instance["url"]
 
 
 @pytest.fixture(scope="module")

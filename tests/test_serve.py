@@ -1,8 +1,8 @@
 """The service end to end: a real local Ray Serve, the tiny checkpoints, the real `openai` client.
 
-One Ray instance for the module with two applications: the full model at `/` (no API key) and a thinker-only
-checkpoint at `/thinker-only` (with an API key). Greedy replies through the service must equal
-`OmniModel.generate` on the same inputs, token for token and sample for sample.
+The session's local Ray Serve (conftest's `serve_instance`) with two applications for the module: the full model at
+`/` (no API key) and a thinker-only checkpoint at `/thinker-only` (with an API key). Greedy replies through the
+service must equal `OmniModel.generate` on the same inputs, token for token and sample for sample.
 """
 
 from __future__ import annotations
@@ -11,10 +11,7 @@ import asyncio
 import base64
 import copy
 import io
-import socket
 import time
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,96 +22,36 @@ import soundfile as sf
 import torch
 from PIL import Image
 
+from serving import START_TIMEOUT_S, applications, metric_samples, wait_running
+
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
-START_TIMEOUT_S = 420
 API_KEY = "test-key-123"
 STAGES = ["ingress", "vision_encoder", "audio_encoder", "thinker", "talker", "code2wav"]
 VIDEO_FPS = 2.0  # the service's default video_fps
 GREEDY = {"temperature": 0, "talker_temperature": 0}  # sent as extra_body: both stages greedy
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_running(names: list[str]) -> None:
-    """Until every application runs; a deployment that cannot start fails the tests with Serve's message."""
-    from ray import serve
-
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        apps = serve.status().applications
-        for name in names:
-            if name in apps and apps[name].status == "DEPLOY_FAILED":
-                details = {d: s.message for d, s in apps[name].deployments.items() if s.message}
-                pytest.fail(f"application {name} failed to deploy: {apps[name].message} {details}")
-        if all(name in apps and apps[name].status == "RUNNING" for name in names):
-            return
-        time.sleep(1)
-    pytest.fail(f"applications {names} not running after {START_TIMEOUT_S} s: {serve.status().applications}")
-
-
-@contextmanager
-def one_app_service(settings: dict, *, num_cpus: int = 2, app: str = "omniray"):
-    """A local Ray (`num_cpus`) with Serve on a free port and one application, `build_app(settings)` at `/`;
-    yields the base URL, and shuts both down after."""
-    import ray
-    from ray import serve
-    from ray.serve.api import RunTarget
-
-    from deployments.app import build_app
-    from deployments.serve_cli import wait_for_proxies
-
-    port = _free_port()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        wait_for_proxies(START_TIMEOUT_S)  # Serve's deploy call allows the proxy only 60 s
-        serve.run_many([RunTarget(build_app(settings), name=app, route_prefix="/")],
-                       wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
-        _wait_running([app])
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-
-
 @pytest.fixture(scope="module")
-def service(tiny_ckpt, tiny_ckpt_thinker_only, tmp_path_factory):
-    import ray
+def service(serve_instance, tiny_ckpt, tiny_ckpt_thinker_only, tmp_path_factory):
     from ray import serve
     from ray.serve.api import RunTarget
 
     from deployments.app import build_app
-    from deployments.serve_cli import wait_for_proxies
 
     media_dir = tmp_path_factory.mktemp("media")
-    http_port, metrics_port = _free_port(), _free_port()
-    # Replica processes import our packages from the checkout (an installed omniray needs nothing).
-    ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=metrics_port,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-        wait_for_proxies(START_TIMEOUT_S)  # Serve's deploy call allows the proxy only 60 s
-        common = {"torch_threads": 1, "allowed_local_media_dirs": [str(media_dir)], "max_media_bytes": 2_000_000,
-                  "max_audio_seconds": 30.0, "max_image_pixels": 4_000_000}  # small limits: small 413 cases
-        apps = [
-            RunTarget(build_app({"model": str(tiny_ckpt), **common}), name="omniray", route_prefix="/"),
-            RunTarget(build_app({"model": str(tiny_ckpt_thinker_only), "api_key": API_KEY, **common}),
-                      name="thinker_only", route_prefix="/thinker-only"),
-        ]
-        # deploy without waiting, then wait with a deadline and Serve's own failure messages
-        serve.run_many(apps, wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
-        _wait_running(["omniray", "thinker_only"])
-        yield {"url": f"http://127.0.0.1:{http_port}", "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
-               "ckpt": tiny_ckpt, "thinker_only_ckpt": tiny_ckpt_thinker_only, "media_dir": media_dir}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    common = {"torch_threads": 1, "allowed_local_media_dirs": [str(media_dir)], "max_media_bytes": 2_000_000,
+              "max_audio_seconds": 30.0, "max_image_pixels": 4_000_000}  # small limits: small 413 cases
+    apps = [
+        RunTarget(build_app({"model": str(tiny_ckpt), **common}), name="omniray", route_prefix="/"),
+        RunTarget(build_app({"model": str(tiny_ckpt_thinker_only), "api_key": API_KEY, **common}),
+                  name="thinker_only", route_prefix="/thinker-only"),
+    ]
+    # deploy without waiting, then wait with a deadline and Serve's own failure messages
+    serve.run_many(apps, wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    with applications(["omniray", "thinker_only"]):
+        yield {**serve_instance, "ckpt": tiny_ckpt, "thinker_only_ckpt": tiny_ckpt_thinker_only,
+               "media_dir": media_dir}
 
 
 @pytest.fixture(scope="module")
@@ -494,7 +431,7 @@ def test_health_stays_ok_while_the_thinker_is_saturated(service):
     import httpx
 
     try:
-        _wait_running(["busy"])
+        wait_running(["busy"])
         health, seconds, statuses = asyncio.run(queue_then_probe())
         assert statuses == [200] * 6
         assert health.status_code == 200 and seconds < 3, (health.text, seconds)
@@ -701,7 +638,7 @@ def test_models_health_and_metrics(service, client):
     missing = wanted
     while missing and time.monotonic() < deadline:
         time.sleep(3)
-        text = urllib.request.urlopen(service["metrics"], timeout=30).read().decode()
+        text = metric_samples(service["metrics"], "omniray")
         missing = [m for m in wanted if m not in text]
     assert not missing, f"metrics not exported: {missing}"
 
@@ -740,7 +677,9 @@ def test_health_is_503_naming_the_stage_that_is_not_up(service):
 
     plain = ServiceSettings(model=str(service["thinker_only_ckpt"]), torch_threads=1).model_dump(mode="json")
     encoders = [serve.get_deployment_handle(name, "thinker_only") for name in ("vision_encoder", "audio_encoder")]
-    unplaceable = ThinkerStage.options(ray_actor_options={"num_cpus": 0.25, "resources": {"absent_accelerator": 1}})
+    # it never starts: deleting it need not wait out Serve's default graceful shutdown (20 s) first
+    unplaceable = ThinkerStage.options(ray_actor_options={"num_cpus": 0.25, "resources": {"absent_accelerator": 1}},
+                                       graceful_shutdown_timeout_s=1)
     app = OmniIngress.bind(plain, *encoders, unplaceable.bind(plain))
     serve.run_many([RunTarget(app, name="degraded", route_prefix="/degraded")],
                    wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)

@@ -7,33 +7,22 @@ on another one, re-prefilled from the whole conversation, with the same reply.
 
 from __future__ import annotations
 
-import socket
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 from common.config import load_config
 from common.processor import OmniProcessor
 from common.sampling import SamplingParams
+from serving import applications, metric_samples
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
-START_TIMEOUT_S = 300
 APP = "sessions"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def thinker(tiny_ckpt):
-    import ray
+def thinker(serve_instance, tiny_ckpt):
     from ray import serve
     from ray.serve.api import RunTarget
 
@@ -41,28 +30,14 @@ def thinker(tiny_ckpt):
     from deployments.settings import ServiceSettings
     from deployments.thinker import ThinkerStage
 
-    metrics_port = _free_port()
-    ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=metrics_port,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
-        settings = ServiceSettings(model=str(tiny_ckpt), torch_threads=1)
-        options = {**admission_options(settings)["thinker"], "num_replicas": 2}
-        app = ThinkerStage.options(**options).bind(settings.model_dump(mode="json"))
-        # deploy without waiting, then wait with a deadline and Serve's own failure message
-        serve.run_many([RunTarget(app, name=APP, route_prefix=None)], wait_for_ingress_deployment_creation=False,
-                       wait_for_applications_running=False)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while (status := serve.status().applications.get(APP)) is None or status.status != "RUNNING":
-            if status is not None and status.status == "DEPLOY_FAILED":
-                pytest.fail(f"the thinker failed to deploy: {status.message}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"the thinker is not running after {START_TIMEOUT_S} s: {status}")
-            time.sleep(1)
-        yield serve.get_deployment_handle("thinker", APP), f"http://127.0.0.1:{metrics_port}/metrics"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    settings = ServiceSettings(model=str(tiny_ckpt), torch_threads=1)
+    options = {**admission_options(settings)["thinker"], "num_replicas": 2}
+    app = ThinkerStage.options(**options).bind(settings.model_dump(mode="json"))
+    # deploy without waiting, then wait with a deadline and Serve's own failure message
+    serve.run_many([RunTarget(app, name=APP, route_prefix=None)], wait_for_ingress_deployment_creation=False,
+                   wait_for_applications_running=False)
+    with applications([APP]):
+        yield serve.get_deployment_handle("thinker", APP), serve_instance["metrics"]
 
 
 class Conversation:
@@ -168,7 +143,7 @@ def test_a_session_stays_on_its_replica_and_moves_when_it_dies(thinker, tiny_ckp
     # operators see the reuse: each replica pushes its metrics on its own schedule, so wait for both kinds
     wanted = ['ray_omniray_session_prompt_tokens_total{', 'kind="reused"', 'kind="prefilled"']
     for _ in range(30):
-        text = urllib.request.urlopen(metrics, timeout=30).read().decode()
+        text = metric_samples(metrics, APP)
         if all(w in text for w in wanted):
             break
         time.sleep(3)
