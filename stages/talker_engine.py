@@ -50,7 +50,7 @@ from stages.sampling import make_generators, sample_ragged
 from stages.handoff import TalkerLayout, TalkerRequest, talker_layout, talker_prompt_embeds, text_entries
 from stages.talker import Talker, TalkerStep, decode_hidden
 from stages.talker_sessions import kept_user_part, reusable_talker_prefix
-from stages.thinker_sessions import SessionStore
+from stages.thinker_sessions import EndedSessions, SessionStore
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +107,7 @@ class TalkerEngine:
         self.incoming: queue.Queue[_Reply] = queue.Queue()
         self.cancellations = Cancellations()
         self.sessions = sessions  # None: replies of a session are refused
-        self.ending: set[str] = set()  # sessions ended from another thread, dropped by the engine thread
-        self.ending_lock = threading.Lock()
+        self.ended = EndedSessions()
         self.wake = threading.Event()
         self.closed = False
         self.thread = threading.Thread(target=self._run, name="talker-engine", daemon=True)
@@ -145,8 +144,7 @@ class TalkerEngine:
         """Drop what a session keeps (its client closed it); a reply of it not yet prefilled keeps nothing either."""
         if self.sessions is None:
             return
-        with self.ending_lock:
-            self.ending.add(session)
+        self.ended.end(session)
         self.notify()
 
     def healthy(self) -> bool:
@@ -257,9 +255,7 @@ class TalkerEngine:
             logger.exception("talker engine: keeping session %s failed", session)
 
     def _end_sessions(self) -> None:
-        with self.ending_lock:
-            ended, self.ending = self.ending, set()
-        for session in ended:
+        for session in self.ended.take():
             self.sessions.end(session)
             for reply in self.waiting:
                 if reply.session == session:

@@ -46,7 +46,7 @@ from stages.sampling import make_generators, replay_draws, sample_ragged
 from stages.handoff import accept_states, multimodal_mask, talker_prompts
 from stages.thinker import (PromptInputs, ThinkerLM, ThinkerPrompt, ThinkerStep, decode_logits, extend_logits, prefill,
                             prompt_inputs)
-from stages.thinker_sessions import KeptSession, SessionStore, reusable_prefix
+from stages.thinker_sessions import EndedSessions, KeptSession, SessionStore, reusable_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +121,7 @@ class ThinkerEngine:
         self.waiting: list[_Request] = []  # taken in, waiting for a free row (engine thread only)
         self.cancellations = Cancellations()
         self.sessions = sessions  # None: requests of a session are refused
-        self.ending: set[str] = set()  # sessions ended from another thread, dropped by the engine thread
-        self.ending_lock = threading.Lock()
+        self.ended = EndedSessions()
         self.closed = False
         self.thread = threading.Thread(target=self._run, name="thinker-engine", daemon=True)
         self.thread.start()
@@ -166,8 +165,7 @@ class ThinkerEngine:
         """Drop what a session keeps (its client closed it); a turn of it still running keeps nothing either."""
         if self.sessions is None:
             return
-        with self.ending_lock:
-            self.ending.add(session)
+        self.ended.end(session)
         self.incoming.put(None)
 
     def healthy(self) -> bool:
@@ -335,9 +333,7 @@ class ThinkerEngine:
         self.sessions.keep(row.request.session, kept)
 
     def _end_sessions(self) -> None:
-        with self.ending_lock:
-            ended, self.ending = self.ending, set()
-        for session in ended:
+        for session in self.ended.take():
             self.sessions.end(session)
             for request in self.waiting:
                 if request.session == session:

@@ -87,6 +87,24 @@ def rows_equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return equal
 
 
+class EndedSessions:
+    """Sessions ended from any thread (their clients closed them), taken by the engine thread between steps, which
+    then drops what its own state still holds of them (waiting requests, a running turn's draft)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._ids: set[str] = set()
+
+    def end(self, session: str) -> None:
+        with self._lock:
+            self._ids.add(session)
+
+    def take(self) -> set[str]:
+        with self._lock:
+            taken, self._ids = self._ids, set()
+        return taken
+
+
 class SessionStore:
     """The kept sessions of one engine (a thinker's `KeptSession`s, a talker's `KeptTalkerPrompt`s: anything with a
     `length` in tokens and a `used_at`), least recently used first. The engine thread takes and keeps; `end` and
