@@ -34,6 +34,18 @@ def tiny_ckpt(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_default"), variant="default")
 
 
+@pytest.fixture(scope="module")
+def tiny_omni(tiny_ckpt):
+    """(`OmniModel` in float32 on the CPU, its `OmniProcessor`, its `OmniConfig`) of the default tiny checkpoint: what
+    the engine-level session tests drive their engines with."""
+    from common.config import load_config
+    from common.processor import OmniProcessor
+    from stages.omni import OmniModel
+
+    model = OmniModel.from_pretrained(tiny_ckpt, device="cpu", dtype=torch.float32)
+    return model, OmniProcessor.from_pretrained(tiny_ckpt), load_config(tiny_ckpt)
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt_alt(tmp_path_factory):
     """A second shape: head_dim ≠ hidden/heads, top-3 routing, 3 DeepStack levels, 8 code groups, odd sizes."""

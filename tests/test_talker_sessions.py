@@ -19,16 +19,6 @@ from test_thinker import chirp
 from test_thinker_sessions import TURNS, Conversation, run, store, tokens
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_ckpt):
-    from common.config import load_config
-    from common.processor import OmniProcessor
-    from stages.omni import OmniModel
-
-    model = OmniModel.from_pretrained(tiny_ckpt, device="cpu", dtype=torch.float32)
-    return model, OmniProcessor.from_pretrained(tiny_ckpt), load_config(tiny_ckpt)
-
-
 @pytest.fixture
 def engines():
     """(a thinker engine keeping sessions, a talker engine keeping sessions: or not, `talker_sessions=None`)."""
@@ -88,10 +78,10 @@ def reply_steps(thinker, model, talk, turn):
     return steps
 
 
-def test_replies_reusing_the_session_equal_fresh_prefills(setup, engines):
+def test_replies_reusing_the_session_equal_fresh_prefills(tiny_omni, engines):
     """Four spoken turns (audio, an image, text, audio again): each reply's codes equal a fresh prefill's, and every
     reply after the first reuses the whole user part of the one before."""
-    model, proc, cfg = setup
+    model, proc, cfg = tiny_omni
     sessions = store()
     thinker, talker = engines(model, sessions)
     talk = Conversation(model, proc)
@@ -108,11 +98,11 @@ def test_replies_reusing_the_session_equal_fresh_prefills(setup, engines):
     assert sessions.summary()["kept"]["chat"] == previous_user
 
 
-def test_other_media_in_the_kept_prefix_end_the_reuse_and_a_session_ends(setup, engines):
+def test_other_media_in_the_kept_prefix_end_the_reuse_and_a_session_ends(tiny_omni, engines):
     """Turn 2 whose first clip is another sound of the same length (same ids and positions, other accept-layer
     states): the reuse ends at that clip's first position, and the codes are a fresh prefill's. An ended session
     keeps nothing; an engine without a store refuses a session."""
-    model, proc, cfg = setup
+    model, proc, cfg = tiny_omni
     sessions = store()
     thinker, talker = engines(model, sessions)
     talk = Conversation(model, proc)

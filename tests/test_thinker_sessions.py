@@ -12,21 +12,13 @@ import time
 import pytest
 import torch
 
-from common.config import load_config
-from common.processor import OmniProcessor
 from common.sampling import SamplingParams
 from stages.handoff import TalkerRequest, multimodal_mask
-from stages.omni import OmniModel, thinker_prompt
+from stages.omni import thinker_prompt
 from stages.talker import generate_codes, speaker_codec_id, talker_sampling
 from stages.thinker_engine import ThinkerEngine
 from stages.thinker_sessions import SessionStore
 from test_thinker import chirp, image
-
-
-@pytest.fixture(scope="module")
-def setup(tiny_ckpt):
-    model = OmniModel.from_pretrained(tiny_ckpt, device="cpu", dtype=torch.float32)
-    return model, OmniProcessor.from_pretrained(tiny_ckpt), load_config(tiny_ckpt)
 
 
 @pytest.fixture
@@ -122,10 +114,10 @@ def codes(model, steps):
     return generate_codes(model.talker, cfg, [request], [params])[0]
 
 
-def test_turns_reusing_the_session_equal_fresh_prefills(setup, engines):
+def test_turns_reusing_the_session_equal_fresh_prefills(tiny_omni, engines):
     """Four turns (audio, then an image, text, audio again), spoken: each turn's reply, talker message and codec codes
     equal a fresh prefill's, and every turn after the first prefills only what follows the previous turn."""
-    model, proc, cfg = setup
+    model, proc, cfg = tiny_omni
     session_engine, fresh_engine = engines(model, store()), engines(model)
     params = SamplingParams(max_new_tokens=10, stop_token_ids=(cfg.im_end_token_id,))
     talk = Conversation(model, proc)
@@ -159,10 +151,10 @@ def test_turns_reusing_the_session_equal_fresh_prefills(setup, engines):
     assert list(summary["kept"]) == ["chat"] and summary["reused_tokens"] > 0
 
 
-def test_different_media_in_the_kept_prefix_are_not_reused(setup, engines):
+def test_different_media_in_the_kept_prefix_are_not_reused(tiny_omni, engines):
     """Turn 2 whose first turn's audio is another sound of the same length (same ids, same positions): the kept
     state is reused only up to that audio's first token, and the reply is a fresh prefill's."""
-    model, proc, cfg = setup
+    model, proc, cfg = tiny_omni
     engine, fresh_engine = engines(model, store()), engines(model)
     params = SamplingParams(max_new_tokens=8, stop_token_ids=(cfg.im_end_token_id,))
     talk = Conversation(model, proc)
@@ -180,10 +172,10 @@ def test_different_media_in_the_kept_prefix_are_not_reused(setup, engines):
     assert torch.equal(codes(model, ours), codes(model, fresh))
 
 
-def test_a_cancelled_reply_is_kept_up_to_where_it_stopped(setup, engines):
+def test_a_cancelled_reply_is_kept_up_to_where_it_stopped(tiny_omni, engines):
     """Barge-in: the reply is cancelled after 4 tokens; the next turn's prompt holds that cut reply, and reuses the
     kept state through the first turn's prompt at least."""
-    model, proc, cfg = setup
+    model, proc, cfg = tiny_omni
     engine, fresh_engine = engines(model, store()), engines(model)
     params = SamplingParams(max_new_tokens=30, min_new_tokens=30)
     talk = Conversation(model, proc)
@@ -204,10 +196,10 @@ def test_a_cancelled_reply_is_kept_up_to_where_it_stopped(setup, engines):
     assert tokens(ours) == tokens(fresh)
 
 
-def test_sessions_are_bounded_ended_and_expire(setup, engines):
+def test_sessions_are_bounded_ended_and_expire(tiny_omni, engines):
     """The least recently used session goes beyond the count and the token bounds; `end_session` drops one; an
     idle one expires. A turn of a dropped session is a fresh prefill with the same reply."""
-    model, proc, cfg = setup
+    model, proc, cfg = tiny_omni
     now = [0.0]
     sessions = store(max_sessions=2, max_tokens=10_000, idle_s=100.0, clock=lambda: now[0])
     engine = engines(model, sessions)
@@ -240,11 +232,11 @@ def test_sessions_are_bounded_ended_and_expire(setup, engines):
         engines(model).submit("x", prompt, params, False, lambda step: None, session="x")
 
 
-def test_a_resumed_turn_reuses_the_session_and_keeps_what_the_undisturbed_turn_keeps(setup, engines):
+def test_a_resumed_turn_reuses_the_session_and_keeps_what_the_undisturbed_turn_keeps(tiny_omni, engines):
     """A session's turn resumed from its first tokens (its thinker replica was lost, and the session routed to a
     replica that keeps it): its prompt reuses the kept state, the rest of its reply is the undisturbed one's, and it
     keeps what the undisturbed turn keeps."""
-    model, proc, cfg = setup
+    model, proc, cfg = tiny_omni
     resuming, undisturbed = engines(model, store()), engines(model, store())
     params = SamplingParams(max_new_tokens=10, min_new_tokens=10)
     talk = Conversation(model, proc)
