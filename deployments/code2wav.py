@@ -14,11 +14,12 @@ import asyncio
 import logging
 
 from ray import serve
+from ray.actor import ActorHandle
 from ray.serve.handle import DeploymentHandle
 
 from common.messages import CodecFrames
 from deployments.jobs import PcmChunk, SpeechJob, TextDelta, coalesced, resumed
-from deployments.resume import Received, resuming
+from deployments.resume import Received, relayed, resuming
 from deployments.runtime import STAGE_DEFAULTS, StageReplica, all_ready
 from deployments.settings import ServiceSettings
 from deployments.timeline import StageClock, StageTimes
@@ -38,11 +39,12 @@ class Code2WavStage(StageReplica):
         self.engine = Code2WavEngine(self.stage.module, self.settings.codec_chunking())
         self.talker = talker
 
-    async def synthesize(self, job: SpeechJob):
-        """Yields TextDelta and StageTimes (passed through), PcmChunk events, and last this stage's StageTimes."""
+    async def synthesize(self, job: SpeechJob, consumer: ActorHandle | None = None):
+        """Yields TextDelta and StageTimes (passed through), PcmChunk events, and last this stage's StageTimes.
+        `consumer`: the replica reading them, watched (`deployments.resume`)."""
         logger.info("code2wav: %s", job.request_id)
         with self.serving(job.request_id) as clock:
-            async for event in self._synthesize(job, clock):
+            async for event in self.while_consumer_lives(job.request_id, self._synthesize(job, clock), consumer):
                 if isinstance(event, PcmChunk):
                     clock.mark("first_out")
                 yield event
@@ -83,7 +85,7 @@ class Code2WavStage(StageReplica):
 
         def talker_stream(_lost):
             frames.new_stream()
-            return self.talker.options(stream=True).speak.remote(resumed(job, text))
+            return relayed(self.talker.options(stream=True).speak.remote(resumed(job, text), consumer=self.actor))
 
         try:
             async for event in resuming("talker", job.request_id, talker_stream, self.settings):

@@ -23,12 +23,13 @@ from contextlib import aclosing
 
 import torch
 from ray import serve
+from ray.actor import ActorHandle
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from common.messages import CodecFrames, TalkerPrompt, ThinkerTokens
 from deployments.jobs import ReplySoFar, SpeechJob, TalkerInput, coalesced, resumed
-from deployments.resume import Received, resuming
+from deployments.resume import Received, relayed, resuming
 from deployments.runtime import STAGE_DEFAULTS, StageReplica, all_ready
 from deployments.session_routing import SessionAffinityRouter
 from deployments.settings import ServiceSettings
@@ -66,12 +67,13 @@ class TalkerStage(StageReplica):
                                    compiled=compile_enabled(settings.compile, self.stage.device, self.stage.dtype),
                                    sessions=sessions)
 
-    async def speak(self, job: SpeechJob):
+    async def speak(self, job: SpeechJob, consumer: ActorHandle | None = None):
         """Yields TextDelta and StageTimes (passed through from the thinker), CodecFrames ([Q, F]: the frames
-        ready since the last ones), and last this stage's StageTimes."""
+        ready since the last ones), and last this stage's StageTimes. `consumer`: the replica reading them, watched
+        (`deployments.resume`)."""
         logger.info("talker: %s (voice %s)", job.request_id, job.speaker)
         with self.serving(job.request_id) as clock:
-            async for event in self._speak(job, clock):
+            async for event in self.while_consumer_lives(job.request_id, self._speak(job, clock), consumer):
                 if isinstance(event, CodecFrames):
                     clock.mark("first_out")
                 yield event
@@ -130,7 +132,8 @@ class TalkerStage(StageReplica):
 
     def _thinker_stream(self, job: SpeechJob, reply: "_Reply"):
         reply.inputs.new_stream()  # every thinker stream gives the talker inputs from the reply's first token
-        return self.thinker.options(stream=True).generate.remote(resumed(job.thinker, reply.text))
+        return relayed(self.thinker.options(stream=True).generate.remote(resumed(job.thinker, reply.text),
+                                                                         consumer=self.actor))
 
     def _notify_engine(self) -> None:
         self.engine.notify()  # a reply in the batch may be able to take its next step

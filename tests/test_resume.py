@@ -4,6 +4,10 @@ actors killed through Ray (`ray.kill`) in the middle of greedy streaming replies
 A spoken reply loses its talker, then its thinker, then its Code2Wav replica; a text reply loses its thinker. Each
 stream pauses while Serve starts the replacement and then goes on: no error event, and its text and PCM equal those
 of the same request undisturbed, byte for byte. `/health` names each stage while it has no replica running.
+
+The other way round, a stage whose consumer was killed (the thinker under a talker, the talker under a Code2Wav)
+while the client also went away, so nothing resumes the reply: it notices, and its engine lets the reply go long
+before the reply's end.
 """
 
 from __future__ import annotations
@@ -29,12 +33,15 @@ SPOKEN = {"messages": [{"role": "user", "content": "Tell me a long story."}], "m
 TEXT = {"messages": [{"role": "user", "content": "Count to three, please."}], "max_tokens": 400,
         "extra_body": {"temperature": 0, "ignore_eos": True}}
 DRAIN_S = 120  # the bound on waiting for every engine to be empty after the replies
+# a spoken reply whose whole run takes minutes here (thinker tokens up to the tiny model's context, as many frames)
+LONG = {**SPOKEN, "max_tokens": 3000, "extra_body": {**SPOKEN["extra_body"], "talker_max_tokens": 3000}}
+ORPHAN_S = 30  # the bound on a producer whose consumer died letting the reply go
 
 
 @pytest.fixture(scope="module")
 def service(serve_instance, tiny_ckpt):
     settings = {"model": str(tiny_ckpt), "served_model_name": "omniray-tiny", "torch_threads": 1,
-                "retry_backoff_s": 0.2}
+                "retry_backoff_s": 0.2, "consumer_check_s": 0.2}
     with one_app(settings, APP):
         yield serve_instance["url"]
 
@@ -216,3 +223,27 @@ def test_an_encoder_lost_before_its_output_is_told_apart_from_its_errors(service
         asyncio.run(_encoded(encoder.refuses.remote()))
     with pytest.raises(EncoderLostError):
         asyncio.run(_encoded(encoder.dies.remote()))
+
+
+@pytest.mark.parametrize("consumer, producers", [("talker", ["thinker"]), ("code2wav", ["talker", "thinker"])])
+def test_a_stage_whose_consumer_died_lets_the_reply_go(service, client, consumer, producers):
+    """The consumer's replica is killed mid-reply and the client goes away at once, so no one resumes the reply: the
+    stage that streamed to the dead replica cancels the reply in its engine (and the talker its thinker stream),
+    though its reply had minutes to run."""
+    stream = client.chat.completions.create(model="omniray-tiny", stream=True, **LONG)
+    request_id = None
+    for chunk in stream:
+        if chunk.choices and getattr(chunk.choices[0].delta, "audio", None) is not None:
+            request_id = chunk.id
+            break
+    assert request_id is not None, "the stream ended before any audio"
+    for stage in (consumer, *producers):
+        _serving(stage, request_id)
+    killed = _kill(consumer)
+    stream.close()
+    deadline = time.monotonic() + ORPHAN_S
+    for stage in producers:
+        while request_id in (held := _stage(stage).describe.remote().result(timeout_s=60))["batch"]:
+            assert time.monotonic() < deadline, f"the {stage} still decodes a reply nobody reads: {held}"
+            time.sleep(0.2)
+    _replaced(consumer, killed)  # for the tests after this one
