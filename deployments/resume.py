@@ -9,16 +9,18 @@ it a second time, and goes on:
   The new thinker prefills the prompt and those tokens (`ThinkerEngine.submit(resume_tokens=)`) and sends the text
   of the tokens after them only; to a talker it also sends the talker inputs of every token from the first (the
   talker asking may be a new one that has none of them), and a talker that has them skips those.
-- a talker lost: Code2Wav resumes it from the tokens it has passed on; the new talker resumes the thinker from them,
-  voices the reply from its first frame again, and Code2Wav skips the frames it has.
+- a talker lost: Code2Wav resumes it from the tokens it has passed on and the frames it has (`SpeechJob.frames`);
+  the new talker resumes the thinker from those tokens, feeds the frames after its prompt
+  (`TalkerEngine.submit(resume_frames=)`) and sends the frames after them only.
 - Code2Wav lost: the ingress resumes it from the tokens it has; the new Code2Wav (with a new talker stream) decodes
   the speech from its first frame again, and the ingress skips the samples it has sent.
 Why a greedy or seeded reply ends exactly as undisturbed: a resumed thinker gives the tokens that follow the resumed
-ones in the undisturbed reply (`ThinkerEngine._resume`); the talker engine gives a reply the frames it gets alone,
-however its text arrives, so the frames made again are the ones already sent; and the Code2Wav engine gives a reply
-the samples `decode_chunked` gives its frames from the first, so the samples made again are those already sent.
-Making the frames again costs a pause that grows with the speech already made, but leaves no state to rebuild (a
-seeded talker's generator replays by itself, drawn in the same order from the same seed).
+ones in the undisturbed reply (`ThinkerEngine._resume`); a resumed talker feeds the frames it is given as the lost
+one's decode steps fed them (teacher-forced), with its generator moved past their draws, so the state after them,
+and the frames it goes on with, are the undisturbed reply's (`TalkerEngine._resume`); and the Code2Wav engine gives
+a reply the samples `decode_chunked` gives its frames from the first, so the samples a new Code2Wav makes again
+(it has no frames: the ingress keeps none, and a new talker stream voices the reply from its first frame) are those
+already sent.
 
 What a live replica raises (a bad request, a full queue) comes back wrapped in Ray's `RayTaskError` and is never
 retried, and neither is a lost replica further up the chain (its own consumer resumes it). A consumer resumes a

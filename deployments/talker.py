@@ -8,7 +8,8 @@ send). Both put their events on one queue that this generator drains. The frames
 `TalkerEngine` (replies decode together; one too long for a row of its batch runs there in a cache of its own).
 When the thinker's replica is lost, the reader resumes it from the reply's text passed on so far
 (`deployments.resume`); the resumed thinker gives the talker inputs from the first token again, and those the
-`TalkerRequest` has are skipped.
+`TalkerRequest` has are skipped. A job resumed with the frames of a lost talker (`SpeechJob.frames`) has the engine
+feed them after the prompt and go on from the next.
 
 A job with a session (`SpeechJob.session`) is routed to the replica that keeps the session's user turns
 (`deployments.session_routing`, as the thinker's), whose engine prefills only what the reply's prompt adds
@@ -71,7 +72,8 @@ class TalkerStage(StageReplica):
         """Yields TextDelta and StageTimes (passed through from the thinker), CodecFrames ([Q, F]: the frames
         ready since the last ones), and last this stage's StageTimes. `consumer`: the replica reading them, watched
         (`deployments.resume`)."""
-        logger.info("talker: %s (voice %s)", job.request_id, job.speaker)
+        resumed_after = "" if job.frames is None else f", resumed after {job.frames.shape[1]} frames"
+        logger.info("talker: %s (voice %s%s)", job.request_id, job.speaker, resumed_after)
         with self.serving(job.request_id) as clock:
             async for event in self.while_consumer_lives(job.request_id, self._speak(job, clock), consumer):
                 if isinstance(event, CodecFrames):
@@ -166,7 +168,7 @@ class TalkerStage(StageReplica):
     def _steps(self, job: SpeechJob, reply: "_Reply", params, clock: StageClock):
         """The reply's steps from the replica's engine, in lists of those ready."""
         return self.engine_steps(job.request_id, lambda sink: self.engine.submit(
-            job.request_id, reply.request, params, sink, session=job.session), clock)
+            job.request_id, reply.request, params, sink, session=job.session, resume_frames=job.frames), clock)
 
 
 class _Reply:
