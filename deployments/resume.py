@@ -45,7 +45,7 @@ from collections.abc import AsyncIterator, Callable
 
 import ray
 from ray.actor import ActorHandle
-from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
+from ray.exceptions import ActorDiedError, RayActorError, RayError, RayTaskError
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
 from common.errors import OmniError
@@ -137,14 +137,14 @@ def this_replica() -> ActorHandle:
 
 async def _until_dead(consumer: ActorHandle, every_s: float) -> None:
     """Returns once Ray says `consumer` is dead; asked every `every_s`. An actor Ray cannot reach for now
-    (`ActorUnavailableError`) may come back, so only `ActorDiedError` counts."""
+    (`ActorUnavailableError`) may come back, and so may Ray itself, so only `ActorDiedError` counts."""
     while True:
         await asyncio.sleep(every_s)
         try:
             await consumer.__ray_ready__.remote()
         except ActorDiedError:
             return
-        except RayActorError:
+        except RayError:
             continue
 
 
@@ -157,14 +157,12 @@ async def while_consumer_lives(request_id: str, events: AsyncIterator, consumer:
         async for event in events:
             yield event
         return
-    dead = asyncio.ensure_future(_until_dead(consumer, every_s))
+    dead, step = asyncio.ensure_future(_until_dead(consumer, every_s)), None
     try:
         while True:
             step = asyncio.ensure_future(anext(events))
             await asyncio.wait((step, dead), return_when=asyncio.FIRST_COMPLETED)
             if not step.done():
-                step.cancel()
-                await asyncio.wait((step,))  # its cleanup has run: the engine frees the reply's rows
                 logger.warning("%s: the replica reading this reply died; cancelling it", request_id)
                 raise ConsumerLostError(f"{request_id}: the replica reading this reply died")
             try:
@@ -172,8 +170,11 @@ async def while_consumer_lives(request_id: str, events: AsyncIterator, consumer:
             except StopAsyncIteration:
                 return
             yield event
-    finally:
+    finally:  # the consumer died, or this was cancelled or closed (by Serve, for a live consumer that went away)
         dead.cancel()
+        if step is not None and not step.done():
+            step.cancel()  # the stream cancelled where it waits
+            await asyncio.wait((step,))  # its cleanup has run: the engine freed the reply's rows
         await events.aclose()
 
 

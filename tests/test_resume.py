@@ -247,3 +247,49 @@ def test_a_stage_whose_consumer_died_lets_the_reply_go(service, client, consumer
             assert time.monotonic() < deadline, f"the {stage} still decodes a reply nobody reads: {held}"
             time.sleep(0.2)
     _replaced(consumer, killed)  # for the tests after this one
+
+
+def test_a_watched_stream_is_cleaned_up_when_cancelled_and_when_its_consumer_dies(serve_instance):
+    """`while_consumer_lives` over a stream that waits after its first event: cancelled from outside (Serve does so
+    for a live caller that went away), or once its consumer actor is killed (it then raises `ConsumerLostError`),
+    the stream's own cleanup has run (the stages cancel their engine request there)."""
+    import asyncio
+
+    import ray
+
+    from deployments.resume import ConsumerLostError, while_consumer_lives
+
+    @ray.remote(num_cpus=0)
+    class Consumer:
+        pass
+
+    async def stream(cleaned: list):
+        try:
+            yield "first"
+            await asyncio.Event().wait()  # a reply whose next step is far off
+        finally:
+            cleaned.append(True)
+
+    async def cancelled_while_waiting(consumer) -> list:
+        cleaned = []
+        watched = while_consumer_lives("r", stream(cleaned), consumer, every_s=0.05)
+        assert await anext(watched) == "first"
+        waiting = asyncio.ensure_future(anext(watched))
+        await asyncio.sleep(0.2)
+        waiting.cancel()
+        await asyncio.wait((waiting,))
+        return cleaned
+
+    async def consumer_killed(consumer) -> tuple[list, type]:
+        cleaned = []
+        watched = while_consumer_lives("r", stream(cleaned), consumer, every_s=0.05)
+        assert await anext(watched) == "first"
+        ray.kill(consumer, no_restart=True)
+        with pytest.raises(ConsumerLostError):
+            await asyncio.wait_for(anext(watched), timeout=START_TIMEOUT_S)
+        return cleaned
+
+    consumer = Consumer.remote()
+    ray.get(consumer.__ray_ready__.remote())
+    assert asyncio.run(cancelled_while_waiting(consumer)) == [True]
+    assert asyncio.run(consumer_killed(consumer)) == [True]
