@@ -4,8 +4,8 @@ One `Code2WavEngine` per replica decodes the frames of all its requests, batchin
 `CodecChunking` schedule of the settings (a 1-frame first call for a short time to first audio, then larger
 ones). Each request's samples are the ones it gets alone, and `OmniModel.generate` decodes with the same engine,
 so a greedy reply's samples equal OmniModel's bit for bit. Text deltas and the upstream stages' times pass straight
-through. When the talker's replica is lost, the talker is resumed (`deployments.resume`) and the frames it makes
-again are skipped.
+through. When the talker's replica is lost, the talker is resumed (`deployments.resume`) with the frames received,
+and sends the frames after them.
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import torch
 from ray import serve
+from ray.actor import ActorHandle
 from ray.serve.handle import DeploymentHandle
 
 from common.messages import CodecFrames
 from deployments.jobs import PcmChunk, SpeechJob, TextDelta, coalesced, resumed
-from deployments.resume import Received, resuming
+from deployments.resume import relayed, resuming
 from deployments.runtime import STAGE_DEFAULTS, StageReplica, all_ready
 from deployments.settings import ServiceSettings
 from deployments.timeline import StageClock, StageTimes
@@ -38,11 +40,12 @@ class Code2WavStage(StageReplica):
         self.engine = Code2WavEngine(self.stage.module, self.settings.codec_chunking())
         self.talker = talker
 
-    async def synthesize(self, job: SpeechJob):
-        """Yields TextDelta and StageTimes (passed through), PcmChunk events, and last this stage's StageTimes."""
+    async def synthesize(self, job: SpeechJob, consumer: ActorHandle | None = None):
+        """Yields TextDelta and StageTimes (passed through), PcmChunk events, and last this stage's StageTimes.
+        `consumer`: the replica reading them, watched (`deployments.resume`)."""
         logger.info("code2wav: %s", job.request_id)
         with self.serving(job.request_id) as clock:
-            async for event in self._synthesize(job, clock):
+            async for event in self.while_consumer_lives(job.request_id, self._synthesize(job, clock), consumer):
                 if isinstance(event, PcmChunk):
                     clock.mark("first_out")
                 yield event
@@ -77,13 +80,13 @@ class Code2WavStage(StageReplica):
         """The talker's stream into the engine (frames) and `events` (text deltas and the upstream stages' times,
         then None at its end, or the error that ended it). A stream that ends without marking its last frames
         finished ends the speech there. When the talker's replica is lost, the talker is resumed from the reply's
-        tokens passed on so far (`deployments.resume`): it makes the reply's frames again from the first, and those
-        the engine has are skipped."""
-        text, frames = job.thinker.resume.copy(), Received()
+        tokens passed on so far and the frames received (`deployments.resume`): it sends the frames after them."""
+        text, received = job.thinker.resume.copy(), []  # the talker's CodecFrames [G, f] so far
 
         def talker_stream(_lost):
-            frames.new_stream()
-            return self.talker.options(stream=True).speak.remote(resumed(job, text))
+            frames = torch.cat(received, dim=1) if received else None  # [G, F]
+            return relayed(self.talker.options(stream=True).speak.remote(resumed(job, text, frames),
+                                                                         consumer=self.actor))
 
         try:
             async for event in resuming("talker", job.request_id, talker_stream, self.settings):
@@ -94,8 +97,8 @@ class Code2WavStage(StageReplica):
                     continue
                 assert isinstance(event, CodecFrames)
                 clock.mark("first_frames")
-                had = frames.new_part(event.codes.shape[-1])
-                self.engine.push(job.request_id, event.codes[:, had:], event.finished)
+                received.append(event.codes)
+                self.engine.push(job.request_id, event.codes, event.finished)
             self.engine.push(job.request_id, None, finished=True)
             events.put_nowait(None)
         except Exception as exc:

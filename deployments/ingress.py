@@ -31,7 +31,7 @@ from deployments.http_errors import error_for, error_response
 from deployments.jobs import PcmChunk, ReplySoFar, SpeechJob, TextDelta, ThinkerJob, resumed
 from deployments.metrics import service_metrics
 from deployments.prepare import check_model, clip_features, default_voice, prepare_inputs
-from deployments.resume import EncoderLostError, Received, replica_lost, resuming
+from deployments.resume import EncoderLostError, Received, relayed, replica_lost, resuming, this_replica
 from deployments.protocol import (
     AssistantMessage,
     AudioReply,
@@ -188,6 +188,7 @@ class OmniIngress:
         code2wav: DeploymentHandle | None = None,
     ):
         send_tensors_as_arrays()  # the job's tensors, to the encoders and down the chain
+        self.actor = this_replica()  # named in the stage calls, which stop once this replica is dead
         self.settings = ServiceSettings.model_validate(settings)
         ckpt = self.settings.checkpoint_dir(prefixes=[])  # config, tokenizer, processor files; no weights
         self.config: OmniConfig = load_config(ckpt)
@@ -417,19 +418,11 @@ class OmniIngress:
                 for clip in prepared.clips or ():  # which of them was lost is not known: all are encoded again
                     clip.encoded = None
                 await self._start_encoders(prepared.thinker_job, prepared.encoder_inputs, prepared.clips)
-            job = resumed(prepared.job, text)
-            if prepared.speech:
-                stream = self.stages[stage].options(stream=True).synthesize.remote(job)
-            else:
-                stream = self.stages[stage].options(stream=True).generate.remote(job)
-            finished = False
-            try:
-                async for event in stream:
-                    yield event
-                finished = True
-            finally:
-                if not finished:  # cancelled or closed early (a realtime response cancelled): every stage stops
-                    stream.cancel()
+            job, call = resumed(prepared.job, text), self.stages[stage].options(stream=True)
+            method = call.synthesize if prepared.speech else call.generate
+            # cancelled or closed early (a realtime response cancelled): every stage stops
+            async for event in relayed(method.remote(job, consumer=self.actor)):
+                yield event
 
         def resumable(exc: BaseException) -> bool:
             return replica_lost(exc) or (isinstance(exc, EncoderLostError) and prepared.encoder_inputs is not None)

@@ -70,6 +70,9 @@ class SpeechJob:
     thinker: ThinkerJob
     speaker: str  # a key of talker_config.speaker_id (lower case)
     sampling: SamplingParams  # the talker's (max_new_tokens = codec frames)
+    # The reply's codec frames [G, F] its consumer had received when the talker's replica was lost
+    # (`deployments.resume`): the new talker feeds them after its prompt and sends the frames after them only.
+    frames: torch.Tensor | None = None
 
     @property
     def request_id(self) -> str:
@@ -81,10 +84,12 @@ class SpeechJob:
         return self.thinker.session
 
 
-def resumed(job: ThinkerJob | SpeechJob, so_far: ReplySoFar) -> ThinkerJob | SpeechJob:
-    """The job again, resumed from what its consumer has of the reply's text (`deployments.resume`)."""
+def resumed(job: ThinkerJob | SpeechJob, so_far: ReplySoFar,
+            frames: torch.Tensor | None = None) -> ThinkerJob | SpeechJob:
+    """The job again, resumed from what its consumer has of the reply's text (and for a talker, of its frames
+    [G, F]) (`deployments.resume`)."""
     if isinstance(job, SpeechJob):
-        return replace(job, thinker=resumed(job.thinker, so_far))
+        return replace(job, thinker=resumed(job.thinker, so_far), frames=frames)
     return replace(job, resume=so_far.copy())
 
 

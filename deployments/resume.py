@@ -9,22 +9,32 @@ it a second time, and goes on:
   The new thinker prefills the prompt and those tokens (`ThinkerEngine.submit(resume_tokens=)`) and sends the text
   of the tokens after them only; to a talker it also sends the talker inputs of every token from the first (the
   talker asking may be a new one that has none of them), and a talker that has them skips those.
-- a talker lost: Code2Wav resumes it from the tokens it has passed on; the new talker resumes the thinker from them,
-  voices the reply from its first frame again, and Code2Wav skips the frames it has.
+- a talker lost: Code2Wav resumes it from the tokens it has passed on and the frames it has (`SpeechJob.frames`);
+  the new talker resumes the thinker from those tokens, feeds the frames after its prompt
+  (`TalkerEngine.submit(resume_frames=)`) and sends the frames after them only.
 - Code2Wav lost: the ingress resumes it from the tokens it has; the new Code2Wav (with a new talker stream) decodes
   the speech from its first frame again, and the ingress skips the samples it has sent.
 Why a greedy or seeded reply ends exactly as undisturbed: a resumed thinker gives the tokens that follow the resumed
-ones in the undisturbed reply (`ThinkerEngine._resume`); the talker engine gives a reply the frames it gets alone,
-however its text arrives, so the frames made again are the ones already sent; and the Code2Wav engine gives a reply
-the samples `decode_chunked` gives its frames from the first, so the samples made again are those already sent.
-Making the frames again costs a pause that grows with the speech already made, but leaves no state to rebuild (a
-seeded talker's generator replays by itself, drawn in the same order from the same seed).
+ones in the undisturbed reply (`ThinkerEngine._resume`); a resumed talker feeds the frames it is given as the lost
+one's decode steps fed them (teacher-forced), with its generator moved past their draws, so the state after them,
+and the frames it goes on with, are the undisturbed reply's (`TalkerEngine._resume`); and the Code2Wav engine gives
+a reply the samples `decode_chunked` gives its frames from the first, so the samples a new Code2Wav makes again
+(it has no frames: the ingress keeps none, and a new talker stream voices the reply from its first frame) are those
+already sent.
 
 What a live replica raises (a bad request, a full queue) comes back wrapped in Ray's `RayTaskError` and is never
 retried, and neither is a lost replica further up the chain (its own consumer resumes it). A consumer resumes a
 reply at most `stage_retries` times, after `retry_backoff_s` (doubling each time): Serve's router holds the new call
 until the stage has a running replica again. After that the reply ends with `StageUnavailableError`: a 503, or the
 stream's error event once it has begun.
+
+The other way round, a producer whose consumer died (the thinker streaming to a killed talker, the talker to a killed
+Code2Wav) must stop by itself: Ray does not end a streaming call when its caller dies, and Serve's own cancellation
+comes from a live caller only. So each consumer names its replica's actor in the call (`this_replica()`), and the
+producer asks it every `consumer_check_s` whether it is alive (`while_consumer_lives`, a Ray actor's built-in ready
+call, answered at once by a live replica and refused by Ray for a dead one); once it is dead, the producer's
+stream is closed where it waits, which cancels the reply in its engine (its rows free) and, through `relayed`, the
+stream it reads itself (the thinker's of a talker whose Code2Wav died).
 """
 
 from __future__ import annotations
@@ -33,7 +43,9 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 
-from ray.exceptions import RayActorError, RayTaskError
+import ray
+from ray.actor import ActorHandle
+from ray.exceptions import ActorDiedError, RayActorError, RayError, RayTaskError
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
 from common.errors import OmniError
@@ -59,6 +71,10 @@ class EncoderLostError(OmniError):
 
     status_code = 503
     error_type = "server_error"
+
+
+class ConsumerLostError(OmniError):
+    """The replica reading a stage's stream died: the stage ends the reply (no one reads the error)."""
 
 
 def replica_lost(exc: BaseException) -> bool:
@@ -112,3 +128,65 @@ class Received:
         had = min(max(self.count - first, 0), n)
         self.count = max(self.count, self.streamed)
         return had
+
+
+def this_replica() -> ActorHandle:
+    """This replica's actor, for the stages it calls to watch (`while_consumer_lives`)."""
+    return ray.get_runtime_context().current_actor
+
+
+async def _until_dead(consumer: ActorHandle, every_s: float) -> None:
+    """Returns once Ray says `consumer` is dead; asked every `every_s`. An actor Ray cannot reach for now
+    (`ActorUnavailableError`) may come back, and so may Ray itself, so only `ActorDiedError` counts."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await consumer.__ray_ready__.remote()
+        except ActorDiedError:
+            return
+        except RayError:
+            continue
+
+
+async def while_consumer_lives(request_id: str, events: AsyncIterator, consumer: ActorHandle | None,
+                               every_s: float) -> AsyncIterator:
+    """The events of a stage's own stream while the replica reading it (`consumer`; None: not watched) is alive.
+    Once it is dead, the stream is cancelled where it waits (its engine request cancelled, the streams it reads
+    closed) and this ends with `ConsumerLostError`, which no one reads."""
+    if consumer is None:
+        async for event in events:
+            yield event
+        return
+    dead, step = asyncio.ensure_future(_until_dead(consumer, every_s)), None
+    try:
+        while True:
+            step = asyncio.ensure_future(anext(events))
+            await asyncio.wait((step, dead), return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                logger.warning("%s: the replica reading this reply died; cancelling it", request_id)
+                raise ConsumerLostError(f"{request_id}: the replica reading this reply died")
+            try:
+                event = step.result()
+            except StopAsyncIteration:
+                return
+            yield event
+    finally:  # the consumer died, or this was cancelled or closed (by Serve, for a live consumer that went away)
+        dead.cancel()
+        if step is not None and not step.done():
+            step.cancel()  # the stream cancelled where it waits
+            await asyncio.wait((step,))  # its cleanup has run: the engine freed the reply's rows
+        await events.aclose()
+
+
+async def relayed(stream) -> AsyncIterator:
+    """The events of a stage's stream (a `DeploymentResponseGenerator`), the call cancelled at the stage when its
+    reader stops before its end (it failed, was cancelled, or resumes the stream elsewhere): Serve does not end a
+    call its caller merely stops reading."""
+    finished = False
+    try:
+        async for event in stream:
+            yield event
+        finished = True
+    finally:
+        if not finished:
+            stream.cancel()

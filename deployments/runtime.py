@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import pickle
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +15,13 @@ import numpy as np
 import ray
 import torch
 from ray import serve
+from ray.actor import ActorHandle
 from torch import nn
 
 from common.checkpoint import STAGE_PREFIXES, load_stage_weights
 from common.config import OmniConfig, load_config
 from deployments.metrics import service_metrics
+from deployments.resume import this_replica, while_consumer_lives
 from deployments.settings import ServiceSettings
 from deployments.timeline import StageClock, StageTimes
 
@@ -149,6 +151,7 @@ class StageReplica:
         self.served = 0  # requests this replica has taken on since it started
         self.engine = None  # the thinker, talker and code2wav set their batching engine here
         self.in_engine = 0  # requests in the engine: decoding in its batch or waiting for a row
+        self.actor = this_replica()  # named in the calls to the stage it reads, which stops once this is dead
 
     @contextmanager
     def serving(self, request_id: str):
@@ -171,6 +174,11 @@ class StageReplica:
         clock.mark("done")
         self.metrics.stage_times(clock)
         return clock.times()
+
+    def while_consumer_lives(self, request_id: str, events: AsyncIterator, consumer: ActorHandle | None):
+        """The events of one of this stage's streams while `consumer`, the replica reading it, is alive
+        (`deployments.resume`): once it is dead, the reply is cancelled here."""
+        return while_consumer_lives(request_id, events, consumer, self.settings.consumer_check_s)
 
     async def engine_steps(self, request_id: str, submit: Callable[[Callable], None], clock: StageClock):
         """The steps the replica's batching engine hands one request, on this event loop: each item is every step

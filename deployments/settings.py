@@ -63,6 +63,9 @@ class ServiceSettings(BaseModel):
     # until a replica runs again; a pause keeps a stage that fails at once from taking all the retries in a blink)
     stage_retries: int = Field(default=3, ge=0)
     retry_backoff_s: float = Field(default=0.5, ge=0)
+    # How often a stage streaming a reply asks whether the replica reading it is still alive (deployments/resume.py):
+    # Ray does not end a streaming call whose caller died, so a stage whose consumer is gone cancels the reply itself
+    consumer_check_s: float = Field(default=1.0, gt=0)
     # Whether the thinker and talker engines compile their decode steps (stages/compile.py): auto = on CUDA, where
     # CUDA graphs remove the launch overhead; on a CPU compiling every batch bucket takes minutes (set `on` for a
     # long-running CPU service). A replica compiles before it takes requests; compiled code is cached on disk.

@@ -8,7 +8,8 @@ send). Both put their events on one queue that this generator drains. The frames
 `TalkerEngine` (replies decode together; one too long for a row of its batch runs there in a cache of its own).
 When the thinker's replica is lost, the reader resumes it from the reply's text passed on so far
 (`deployments.resume`); the resumed thinker gives the talker inputs from the first token again, and those the
-`TalkerRequest` has are skipped.
+`TalkerRequest` has are skipped. A job resumed with the frames of a lost talker (`SpeechJob.frames`) has the engine
+feed them after the prompt and go on from the next.
 
 A job with a session (`SpeechJob.session`) is routed to the replica that keeps the session's user turns
 (`deployments.session_routing`, as the thinker's), whose engine prefills only what the reply's prompt adds
@@ -23,12 +24,13 @@ from contextlib import aclosing
 
 import torch
 from ray import serve
+from ray.actor import ActorHandle
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from common.messages import CodecFrames, TalkerPrompt, ThinkerTokens
 from deployments.jobs import ReplySoFar, SpeechJob, TalkerInput, coalesced, resumed
-from deployments.resume import Received, resuming
+from deployments.resume import Received, relayed, resuming
 from deployments.runtime import STAGE_DEFAULTS, StageReplica, all_ready
 from deployments.session_routing import SessionAffinityRouter
 from deployments.settings import ServiceSettings
@@ -66,12 +68,14 @@ class TalkerStage(StageReplica):
                                    compiled=compile_enabled(settings.compile, self.stage.device, self.stage.dtype),
                                    sessions=sessions)
 
-    async def speak(self, job: SpeechJob):
+    async def speak(self, job: SpeechJob, consumer: ActorHandle | None = None):
         """Yields TextDelta and StageTimes (passed through from the thinker), CodecFrames ([Q, F]: the frames
-        ready since the last ones), and last this stage's StageTimes."""
-        logger.info("talker: %s (voice %s)", job.request_id, job.speaker)
+        ready since the last ones), and last this stage's StageTimes. `consumer`: the replica reading them, watched
+        (`deployments.resume`)."""
+        resumed_after = "" if job.frames is None else f", resumed after {job.frames.shape[1]} frames"
+        logger.info("talker: %s (voice %s%s)", job.request_id, job.speaker, resumed_after)
         with self.serving(job.request_id) as clock:
-            async for event in self._speak(job, clock):
+            async for event in self.while_consumer_lives(job.request_id, self._speak(job, clock), consumer):
                 if isinstance(event, CodecFrames):
                     clock.mark("first_out")
                 yield event
@@ -130,7 +134,8 @@ class TalkerStage(StageReplica):
 
     def _thinker_stream(self, job: SpeechJob, reply: "_Reply"):
         reply.inputs.new_stream()  # every thinker stream gives the talker inputs from the reply's first token
-        return self.thinker.options(stream=True).generate.remote(resumed(job.thinker, reply.text))
+        return relayed(self.thinker.options(stream=True).generate.remote(resumed(job.thinker, reply.text),
+                                                                         consumer=self.actor))
 
     def _notify_engine(self) -> None:
         self.engine.notify()  # a reply in the batch may be able to take its next step
@@ -163,7 +168,7 @@ class TalkerStage(StageReplica):
     def _steps(self, job: SpeechJob, reply: "_Reply", params, clock: StageClock):
         """The reply's steps from the replica's engine, in lists of those ready."""
         return self.engine_steps(job.request_id, lambda sink: self.engine.submit(
-            job.request_id, reply.request, params, sink, session=job.session), clock)
+            job.request_id, reply.request, params, sink, session=job.session, resume_frames=job.frames), clock)
 
 
 class _Reply:

@@ -21,6 +21,7 @@ from dataclasses import fields, replace
 
 import torch
 from ray import serve
+from ray.actor import ActorHandle
 from ray.serve.config import RequestRouterConfig
 
 from common.messages import ThinkerTokens
@@ -60,10 +61,12 @@ class ThinkerStage(StageReplica):
                                     compiled=compile_enabled(settings.compile, self.stage.device, self.stage.dtype),
                                     sessions=sessions)
 
-    async def generate(self, job: ThinkerJob):
+    async def generate(self, job: ThinkerJob, consumer: ActorHandle | None = None):
+        """The reply's events (see the module docstring); `consumer`: the replica reading them, watched
+        (`deployments.resume`)."""
         logger.info("thinker: %s (%s)", job.request_id, "for the talker" if job.for_talker else "text")
         with self.serving(job.request_id) as clock:
-            async for event in self._generate(job, clock):
+            async for event in self.while_consumer_lives(job.request_id, self._generate(job, clock), consumer):
                 clock.mark("first_out")
                 yield event
             yield self.finish_times(clock)

@@ -22,6 +22,10 @@ Each reply gets exactly the frames `stream_frames` gives it alone (greedy, or se
 in the same order). The caller feeds the thinker's tokens into the `TalkerRequest` from any thread, then calls
 `notify()`; the engine thread sleeps until something calls it (or the next kept session expires).
 
+A reply resumed after the replica making it was lost (`submit(..., resume_frames=)`) comes with the frames it had made:
+they are teacher-forced after its prompt (the inputs the lost run fed back, in one forward) and its generator replayed
+past their draws, so it goes on from the next frame with the frames the undisturbed reply has there.
+
 A reply of a session (`submit(..., session=...)`, an engine given a `SessionStore`) leaves the keys and values of its
 prompt's user part behind once prefilled, outside the batch (stages/talker_sessions.py). The session's next reply
 takes them back when it is admitted, checks how much of its own user part they cover, loads that prefix into its row
@@ -46,7 +50,7 @@ from stages.batching import Cancellations, finish_reason, hand_over, span_for, s
 from stages.code_predictor import FramePredictor, predictor_params
 from stages.compile import batch_buckets, compile_step, needs_warm_up, static_buffers
 from stages.kv_cache import KVCache
-from stages.sampling import make_generators, sample_ragged
+from stages.sampling import make_generators, replay_draws, sample_ragged
 from stages.handoff import TalkerLayout, TalkerRequest, talker_layout, talker_prompt_embeds, text_entries
 from stages.talker import Talker, TalkerStep, decode_hidden
 from stages.talker_sessions import kept_user_part, reusable_talker_prefix
@@ -64,6 +68,17 @@ class _Reply:
     params: SamplingParams  # the c0 sampling (`talker_sampling`)
     on_frame: FrameSink
     session: str | None = None  # its prompt's user part is kept for the session's next reply
+    known: torch.Tensor | None = None  # [G, F] its first frames, made before by a lost replica (fed, not made)
+
+    @property
+    def known_frames(self) -> int:
+        return 0 if self.known is None else int(self.known.shape[1])
+
+    @property
+    def prefill_ready(self) -> bool:
+        """Its prompt is known, and so are the text entries its known frames are fed with."""
+        request, known = self.request, self.known_frames
+        return request.prefill_ready and (known == 0 or request.entry_ready(known - 1))
 
 
 @dataclass
@@ -122,14 +137,18 @@ class TalkerEngine:
         return request.max_prompt_len + params.max_new_tokens <= self.max_len
 
     def submit(self, request_id: str, request: TalkerRequest, params: SamplingParams, on_frame: FrameSink,
-               session: str | None = None) -> None:
+               session: str | None = None, resume_frames: torch.Tensor | None = None) -> None:
         """Queue a reply; `on_frame` then gets each of its steps (the last has a finish reason) or an error. With
         `session`, the reply reuses what the session's earlier replies left of their user part (as much of it as its
-        prompt starts with) and leaves its own."""
+        prompt starts with) and leaves its own. `resume_frames` [G, F]: the reply's first frames, made before by a
+        replica that was lost; the steps handed over start at the frame after them."""
         if session is not None and self.sessions is None:
             raise ValueError(f"{request_id}: this engine keeps no sessions")
+        known = None if resume_frames is None or resume_frames.shape[1] == 0 else resume_frames
+        if known is not None and known.shape[1] >= params.max_new_tokens:
+            raise ValueError(f"{request_id}: {known.shape[1]} frames to resume from leave none to make")
         self.cancellations.submitted(request_id)
-        self.incoming.put(_Reply(request_id, request, params, on_frame, session))
+        self.incoming.put(_Reply(request_id, request, params, on_frame, session, known))
         self.notify()
 
     def notify(self) -> None:
@@ -198,7 +217,7 @@ class TalkerEngine:
             fits = self.fits(reply.request, reply.params)
             if fits and None not in self.rows:
                 continue  # a later reply may still be admitted alone (one too long for a row)
-            if not reply.request.prefill_ready:
+            if not reply.prefill_ready:
                 continue
             self.waiting.remove(reply)
             if not reply.request.has_voice:  # nothing to say (an empty reply)
@@ -213,12 +232,12 @@ class TalkerEngine:
         return admitted
 
     def _prefill(self, reply: _Reply, into_batch: bool) -> None:
-        """Prefill the reply alone (after its session's kept prefix, if any), then copy it into a free row of the
-        batch, or keep its own sized cache."""
+        """Prefill the reply alone (after its session's kept prefix, if any; then its known frames), then copy it
+        into a free row of the batch, or keep its own sized cache."""
         talker = self.talker
         layout = talker_layout(talker, self.cfg, reply.request)
-        T = layout.positions.shape[1]
-        alone = self.cache.single_row(T if into_batch else T + reply.params.max_new_tokens)
+        T, F = layout.positions.shape[1], reply.known_frames
+        alone = self.cache.single_row(T + F if into_batch else T + reply.params.max_new_tokens)
         reused = self._reuse(reply, layout, alone)
         embeds = talker_prompt_embeds(talker, self.cfg, reply.request, self.tts, start=reused)  # [T - reused, H]
         slots = alone.append(T - reused)
@@ -226,15 +245,51 @@ class TalkerEngine:
         hidden = talker(embeds[None], positions, alone.mask(slots), alone, slots)[0, -1]  # [H]
         if reply.session is not None:
             self._keep(reply.session, layout, alone)
-        next_position = layout.next_position
         history = torch.full((reply.params.max_new_tokens,), self.vocab_size, dtype=torch.long, device=hidden.device)
         generator = make_generators([reply.params], hidden.device)[0]
+        hidden = self._resume(reply, alone, hidden, layout.next_position, history, generator)
+        next_position = layout.next_position + F
         if into_batch:
             index = self.rows.index(None)
             self.cache.load_row(index, alone)
-            self.rows[index] = _Row(reply, self.cache, index, T, hidden, None, next_position, history, generator)
+            row = self.rows[index] = _Row(reply, self.cache, index, T + F, hidden, None, next_position, history,
+                                          generator)
         else:
-            self.solo.append(_Row(reply, alone, 0, T, hidden, None, next_position, history, generator))
+            row = _Row(reply, alone, 0, T + F, hidden, None, next_position, history, generator)
+            self.solo.append(row)
+        row.generated = row.step = F
+
+    def _resume(self, reply: _Reply, cache: KVCache, hidden: torch.Tensor, position: float, history: torch.Tensor,
+                generator: torch.Generator | None) -> torch.Tensor:
+        """For a resumed reply: its known frames fed after the prompt (into `cache`), their c0 codes in `history`,
+        its generator moved past their draws → the talker state that gives its next c0 [H]; for any other reply,
+        `hidden` as it is.
+
+        Teacher-forced: frame k is fed as its decode step fed it, its summed code embeddings plus text entry k, at
+        position `position + k`, so the state after the last one is the undisturbed reply's there, and its next
+        frames are too. One forward of F positions rather than F decode steps: equal up to float rounding, the same
+        rounding the engine's batching already differs by (as a resumed thinker's tokens, `ThinkerEngine._resume`)."""
+        if reply.known is None:
+            return hidden
+        talker, tts = self.talker, self.tts
+        frames = reply.known.to(hidden.device)  # [G, F]
+        F = frames.shape[1]
+        history[:F] = frames[0]
+        self._replay(reply.params, generator, F)
+        entries = torch.stack([text_entries(talker, reply.request, k, tts) for k in range(F)])  # [F, H]
+        fed = _summed_code_embeddings(talker, frames) + entries  # [F, H]
+        slots = cache.append(F)  # [1, F]
+        positions = (position + torch.arange(F, dtype=torch.float32, device=hidden.device))[None, None]
+        return talker(fed[None], positions.expand(3, 1, F), cache.mask(slots), cache, slots)[0, -1]
+
+    def _replay(self, params: SamplingParams, generator: torch.Generator | None, frames: int) -> None:
+        """Move a reply's generator past the draws of `frames` frames: each drew its c0, then its residual codes
+        (`FramePredictor`, from the same generator), in that order."""
+        predictor = self.talker.code_predictor.cfg
+        residual = predictor_params(params)
+        for _ in range(frames):
+            replay_draws(generator, params, 1, self.vocab_size)
+            replay_draws(generator, residual, predictor.num_code_groups - 1, predictor.vocab_size)
 
     def _reuse(self, reply: _Reply, layout: TalkerLayout, cache: KVCache) -> int:
         """Load the part of the reply's prompt its session kept into `cache` (one empty row): how many positions."""
@@ -375,3 +430,11 @@ class TalkerEngine:
 
     def _hand(self, reply: _Reply, step) -> None:
         hand_over(reply.on_frame, reply.request_id, step, self.cancellations)
+
+
+def _summed_code_embeddings(talker: Talker, frames: torch.Tensor) -> torch.Tensor:
+    """Each frame's G code embeddings summed [F, H], from its codes [G, F]: what a decode step feeds back of it, as
+    `FramePredictor` sums them (c0 in the talker's codec table, code g in the predictor's table g - 1)."""
+    tables = talker.code_predictor.model.codec_embedding
+    embeds = [talker.model.codec_embedding(frames[0]), *(tables[g - 1](frames[g]) for g in range(1, len(frames)))]
+    return torch.stack(embeds, dim=1).sum(1)  # [F, G, H] → [F, H]

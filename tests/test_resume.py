@@ -4,6 +4,10 @@ actors killed through Ray (`ray.kill`) in the middle of greedy streaming replies
 A spoken reply loses its talker, then its thinker, then its Code2Wav replica; a text reply loses its thinker. Each
 stream pauses while Serve starts the replacement and then goes on: no error event, and its text and PCM equal those
 of the same request undisturbed, byte for byte. `/health` names each stage while it has no replica running.
+
+The other way round, a stage whose consumer was killed (the thinker under a talker, the talker under a Code2Wav)
+while the client also went away, so nothing resumes the reply: it notices, and its engine lets the reply go long
+before the reply's end.
 """
 
 from __future__ import annotations
@@ -29,12 +33,15 @@ SPOKEN = {"messages": [{"role": "user", "content": "Tell me a long story."}], "m
 TEXT = {"messages": [{"role": "user", "content": "Count to three, please."}], "max_tokens": 400,
         "extra_body": {"temperature": 0, "ignore_eos": True}}
 DRAIN_S = 120  # the bound on waiting for every engine to be empty after the replies
+# a spoken reply whose whole run takes minutes here (thinker tokens up to the tiny model's context, as many frames)
+LONG = {**SPOKEN, "max_tokens": 3000, "extra_body": {**SPOKEN["extra_body"], "talker_max_tokens": 3000}}
+ORPHAN_S = 30  # the bound on a producer whose consumer died letting the reply go
 
 
 @pytest.fixture(scope="module")
 def service(serve_instance, tiny_ckpt):
     settings = {"model": str(tiny_ckpt), "served_model_name": "omniray-tiny", "torch_threads": 1,
-                "retry_backoff_s": 0.2}
+                "retry_backoff_s": 0.2, "consumer_check_s": 0.2}
     with one_app(settings, APP):
         yield serve_instance["url"]
 
@@ -216,3 +223,73 @@ def test_an_encoder_lost_before_its_output_is_told_apart_from_its_errors(service
         asyncio.run(_encoded(encoder.refuses.remote()))
     with pytest.raises(EncoderLostError):
         asyncio.run(_encoded(encoder.dies.remote()))
+
+
+@pytest.mark.parametrize("consumer, producers", [("talker", ["thinker"]), ("code2wav", ["talker", "thinker"])])
+def test_a_stage_whose_consumer_died_lets_the_reply_go(service, client, consumer, producers):
+    """The consumer's replica is killed mid-reply and the client goes away at once, so no one resumes the reply: the
+    stage that streamed to the dead replica cancels the reply in its engine (and the talker its thinker stream),
+    though its reply had minutes to run."""
+    stream = client.chat.completions.create(model="omniray-tiny", stream=True, **LONG)
+    request_id = None
+    for chunk in stream:
+        if chunk.choices and getattr(chunk.choices[0].delta, "audio", None) is not None:
+            request_id = chunk.id
+            break
+    assert request_id is not None, "the stream ended before any audio"
+    for stage in (consumer, *producers):
+        _serving(stage, request_id)
+    killed = _kill(consumer)
+    stream.close()
+    deadline = time.monotonic() + ORPHAN_S
+    for stage in producers:
+        while request_id in (held := _stage(stage).describe.remote().result(timeout_s=60))["batch"]:
+            assert time.monotonic() < deadline, f"the {stage} still decodes a reply nobody reads: {held}"
+            time.sleep(0.2)
+    _replaced(consumer, killed)  # for the tests after this one
+
+
+def test_a_watched_stream_is_cleaned_up_when_cancelled_and_when_its_consumer_dies(serve_instance):
+    """`while_consumer_lives` over a stream that waits after its first event: cancelled from outside (Serve does so
+    for a live caller that went away), or once its consumer actor is killed (it then raises `ConsumerLostError`),
+    the stream's own cleanup has run (the stages cancel their engine request there)."""
+    import asyncio
+
+    import ray
+
+    from deployments.resume import ConsumerLostError, while_consumer_lives
+
+    @ray.remote(num_cpus=0)
+    class Consumer:
+        pass
+
+    async def stream(cleaned: list):
+        try:
+            yield "first"
+            await asyncio.Event().wait()  # a reply whose next step is far off
+        finally:
+            cleaned.append(True)
+
+    async def cancelled_while_waiting(consumer) -> list:
+        cleaned = []
+        watched = while_consumer_lives("r", stream(cleaned), consumer, every_s=0.05)
+        assert await anext(watched) == "first"
+        waiting = asyncio.ensure_future(anext(watched))
+        await asyncio.sleep(0.2)
+        waiting.cancel()
+        await asyncio.wait((waiting,))
+        return cleaned
+
+    async def consumer_killed(consumer) -> tuple[list, type]:
+        cleaned = []
+        watched = while_consumer_lives("r", stream(cleaned), consumer, every_s=0.05)
+        assert await anext(watched) == "first"
+        ray.kill(consumer, no_restart=True)
+        with pytest.raises(ConsumerLostError):
+            await asyncio.wait_for(anext(watched), timeout=START_TIMEOUT_S)
+        return cleaned
+
+    consumer = Consumer.remote()
+    ray.get(consumer.__ray_ready__.remote())
+    assert asyncio.run(cancelled_while_waiting(consumer)) == [True]
+    assert asyncio.run(consumer_killed(consumer)) == [True]

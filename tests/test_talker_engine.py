@@ -165,3 +165,39 @@ def test_a_reply_longer_than_a_row_runs_in_a_cache_of_its_own(setup, engines):
         expected = generate_codes(model.talker, cfg, [request(model, reply)], [params])[0]
         assert torch.equal(torch.stack(got.frames[name], dim=1), expected), name
     assert engine.active == []
+
+
+def test_a_resumed_reply_goes_on_with_the_frames_of_the_undisturbed_one(setup, engines):
+    """A reply resumed from its first F frames (made by a replica that was lost): the engine feeds them after its
+    prompt and hands over only the frames after them, which are the undisturbed reply's, greedy and seeded, whichever
+    frame it resumes after; half of them get their thinker tokens later than the known frames need (they wait)."""
+    model, replies = setup
+    cfg = model.cfg
+    greedy = SamplingParams(max_new_tokens=16, min_new_tokens=16, repetition_penalty=1.05)
+    seeded = SamplingParams(max_new_tokens=16, min_new_tokens=16, do_sample=True, temperature=0.9, top_k=20,
+                            top_p=0.8, seed=7)
+    engine = engines(model.talker, cfg, max_rows=2, max_len=256)
+    got, expected, partial = Frames(), {}, {}
+    for kind, choice in (("greedy", greedy), ("seeded", seeded)):
+        params = talker_sampling(cfg.talker_config, choice)
+        whole = generate_codes(model.talker, cfg, [request(model, replies[0])], [params])[0]  # [G, N]
+        assert whole.shape[1] == 15  # the 16th c0 ends the reply ("length"): no frame
+        for known in (1, 7, 14):
+            name = f"{kind}-{known}"
+            expected[name] = whole[:, known:]
+            late = known % 2 == 1
+            r = request(model, replies[0], chunks=1 if late else None)
+            if late:
+                partial[name] = r
+            engine.submit(name, r, params, got.sink(name), resume_frames=whole[:, :known])
+    time.sleep(0.05)
+    for r in partial.values():  # the rest of the thinker's tokens
+        for chunk in replies[0].talker_chunks[1:]:
+            r.push(chunk)
+    engine.notify()
+    for name, event in got.done.items():
+        assert event.wait(120), name
+    for name, want in expected.items():
+        assert got.reasons[name] == "length", (name, got.reasons[name])
+        assert torch.equal(got.codes(name, cfg.talker_config.num_code_groups), want), name
+    assert engine.active == []
