@@ -318,7 +318,8 @@ def bench_talker(args, cfg, ckpt, hf, device, dtype) -> list[common.Result]:
         c0_embeds = ours.model.codec_embedding(c0.to(device))  # [B, H]
         params = [predictor_params(SamplingParams())] * batch
         groups = cfg.talker_config.num_code_groups
-        frames = FramePredictor(predictor, batch, compiled=args.compile == "on")  # the talker engine's path
+        frames = FramePredictor(predictor, batch, compiled=args.compile == "on", c0_head=ours.codec_head.weight,
+                                c0_table=ours.model.codec_embedding.weight)  # the talker engine's path
 
         def ours_frame():
             return frames(talker_hidden, c0_embeds, params, [None] * batch)[0]

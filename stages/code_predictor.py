@@ -29,7 +29,7 @@ from common.sampling import SamplingParams
 from stages.kv_cache import KVCache
 from stages.layers import Attention, DecoderLayer, RMSNorm, Rotary, SwiGLU, rotate_half
 from stages.compile import batch_buckets, bucket_for, compile_step, needs_warm_up, static_buffers
-from stages.sampling import sample_next
+from stages.sampling import penalize_seen, sample_next
 
 
 class CodePredictorModel(nn.Module):
@@ -139,13 +139,18 @@ class FramePredictor:
     G-2 of them. A code's draw stays outside the steps (eager), so sampling with a request's own generator is exactly
     the oracle's. A frame whose rows are all greedy draws nothing: it runs as one step instead (`_greedy_frame`: the
     G-1 steps and their argmax picks, one graph per bucket), which saves the G-2 calls into compiled code and the
-    eager picks between them (about 3× less CPU time a frame on the small config). Compiled, a frame of B rows runs
-    at the smallest bucket ≥ B (extra rows are zeros, drawn greedily and dropped).
+    eager picks between them (about 3× less CPU time a frame on the small config). The talker engine runs its
+    greedy rows through `with_c0`, the same step with c0's pick before it, so that graph is the one warmed up.
+    Compiled, a frame of B rows runs at the smallest bucket ≥ B (extra rows are zeros, drawn greedily and dropped).
     """
 
-    def __init__(self, predictor: CodePredictor, max_rows: int, compiled: bool = False):
+    def __init__(self, predictor: CodePredictor, max_rows: int, compiled: bool = False, *, c0_head: torch.Tensor,
+                 c0_table: torch.Tensor):
+        """`c0_head [V, H]`, `c0_table [V, H]`: the talker's codec head and codec embedding weights (c0's pick and
+        embedding, `with_c0`)."""
         cfg = predictor.cfg
         self.predictor = predictor
+        self.c0_head, self.c0_table = c0_head, c0_table
         self.groups = cfg.num_code_groups
         self.buckets = batch_buckets(max_rows)
         weight = predictor.lm_head[0].weight
@@ -162,23 +167,47 @@ class FramePredictor:
         self.tables = [table.weight for table in predictor.model.codec_embedding]  # G-1 × [V, H]
         self.compiled = compiled
         self.first_step, self.code_step, self.greedy_frame = _first_step, _code_step, _greedy_frame
+        self.greedy_talker_frame = _greedy_talker_frame
         if compiled:
             static_buffers(self.keys + self.values)
             self.first_step = compile_step(_first_step, weight.device)
             self.code_step = compile_step(_code_step, weight.device)
             self.greedy_frame = compile_step(_greedy_frame, weight.device)
+            self.greedy_talker_frame = compile_step(_greedy_talker_frame, weight.device)
             if needs_warm_up((FramePredictor, id(predictor), shape)):
                 self._warm_up()
 
     def _warm_up(self) -> None:
-        """Compile every bucket's greedy frame and sampled steps now, not on a request's time."""
+        """Compile every bucket's frame of greedy rows (with c0's pick: how the talker engine runs them) and the
+        sampled steps now, not on a request's time."""
         weight, sampled = self.heads[0], predictor_params(SamplingParams(do_sample=True))
         for rows in self.buckets:
-            for params in (GREEDY, sampled):
-                # two tensors, as a frame gets (one passed twice would compile a graph of its own for aliases), and
-                # generators of its own (a draw from the global one would change what unseeded requests draw)
-                hidden, c0 = weight.new_zeros(rows, weight.shape[1]), weight.new_zeros(rows, weight.shape[1])
-                self(hidden, c0, [params] * rows, [torch.Generator(weight.device) for _ in range(rows)])
+            hidden = weight.new_zeros(rows, weight.shape[1])
+            seen = torch.zeros(rows, self.c0_head.shape[0], dtype=torch.bool, device=weight.device)
+            self.with_c0(hidden, seen, hidden.new_ones(rows), seen.clone())
+            # two tensors, as a frame gets (one passed twice would compile a graph of its own for aliases), and
+            # generators of its own (a draw from the global one would change what unseeded requests draw)
+            hidden, c0 = weight.new_zeros(rows, weight.shape[1]), weight.new_zeros(rows, weight.shape[1])
+            self(hidden, c0, [sampled] * rows, [torch.Generator(weight.device) for _ in range(rows)])
+
+    @torch.no_grad()
+    def with_c0(self, talker_hidden: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor,
+                banned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A frame of greedy rows from the talker's state, its c0 picked in the same call: the talker's codec head,
+        the repetition `penalty [B]` on the codes each row has had (`seen [B, V]`), the codes it may not have next
+        (`banned [B, V]`), then the argmax, as `sample_next` picks a greedy row's c0. talker_hidden [B, H] ->
+        (frames [B, G], the frame's summed code embeddings [B, H]). One call into compiled code per frame instead of
+        the talker head, sampling and embedding run eagerly around `__call__`."""
+        B, limit = talker_hidden.shape[0], self.buckets[-1]
+        inputs = (talker_hidden, seen, penalty, banned)
+        if B > limit:  # more rows than the buffers hold (the engine's replies in caches of their own): in parts
+            parts = [self.with_c0(*(x[i : i + limit] for x in inputs)) for i in range(0, B, limit)]
+            return torch.cat([frames for frames, _ in parts]), torch.cat([sums for _, sums in parts])
+        if self.compiled and B not in self.buckets:  # extra rows of zeros (no penalty, nothing banned), dropped
+            extra = bucket_for(B, self.buckets) - B
+            frames, embed_sum = self.with_c0(*(torch.cat([x, x.new_zeros(extra, *x.shape[1:])]) for x in inputs))
+            return frames[:B], embed_sum[:B]
+        return self.greedy_talker_frame(*self._state(), *inputs, self.c0_head, self.c0_table, self.heads, self.tables)
 
     def _visible(self, window: int | None) -> torch.Tensor:
         query, key = self.slots[:, None], self.slots[None, :]
@@ -264,6 +293,20 @@ def _greedy_frame(model, keys, values, visible, cos, sin, slots, talker_hidden, 
         if g < len(heads):
             logits = _code_step(model, keys, values, visible, cos, sin, slots, embeds[-1], slots[g + 1], heads[g])
     return torch.stack(codes, dim=1), torch.stack(embeds, dim=1)
+
+
+def _greedy_talker_frame(model, keys, values, visible, cos, sin, slots, talker_hidden, seen, penalty, banned,
+                         c0_head, c0_table, heads, tables):
+    """c0's greedy pick (as `sample_next` makes it: penalty, then the banned codes, then the argmax) and the greedy
+    frame after it, in one graph: -> (frames [B, G], summed code embeddings [B, H]). `c0_head`, `c0_table`: the
+    talker's codec head and codec embedding weights."""
+    logits = penalize_seen(F.linear(talker_hidden, c0_head).float(), seen, penalty).masked_fill(banned, float("-inf"))
+    c0 = logits.argmax(dim=-1)  # [B]
+    c0_embeds = F.embedding(c0, c0_table)  # [B, H]
+    state = (model, keys, values, visible, cos, sin, slots)
+    codes, embeds = _greedy_frame(*state, talker_hidden, c0_embeds, heads, tables)  # [B, G-1], [B, G-1, H]
+    # summed as one reduction over the groups, as `__call__` sums them
+    return torch.cat([c0[:, None], codes], dim=1), torch.cat([c0_embeds[:, None], embeds], dim=1).sum(1)
 
 
 def _layers(model, x, cos, sin, keys, values, visible, write_slots) -> torch.Tensor:

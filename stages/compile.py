@@ -75,8 +75,9 @@ def needs_warm_up(key: tuple) -> bool:
 
 
 def static_buffers(tensors: list[torch.Tensor]) -> None:
-    """Tell the compiler these buffers (KV caches) live at one address for good: a compiled step that writes them in
-    place can then be replayed as a CUDA graph (cudagraph trees skip graphs that mutate inputs of changing address)."""
+    """Tell the compiler these buffers (KV caches, with their validity and lengths, which a step moves on) live at one
+    address for good: a compiled step that writes them in place can then be replayed as a CUDA graph (cudagraph trees
+    skip graphs that mutate inputs of changing address)."""
     for tensor in tensors:
         torch._dynamo.mark_static_address(tensor)
 

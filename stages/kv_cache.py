@@ -107,16 +107,19 @@ class KVCache:
         return attention_mask(write_slots, self.valid[:, :span], causal=causal, sliding_window=sliding_window)
 
     def decode_slots(self, span: int, advancing: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step's write slots `[B, 1]` (each row's next free slot) and its attention mask `[B, 1, 1, span]`,
-        with nothing read back to the host, so a batching engine's step can be compiled or captured: the caller
-        knows the longest row and passes `span` ≥ its length after this step. Rows where `advancing [B]` is False
+        """One decode step's write slots `[n, 1]` (each row's next free slot) and its attention mask
+        `[n, 1, 1, span]` for the first n rows (n = `len(advancing)`, all rows without it), with nothing read back
+        to the host, so a batching engine's step can make them inside its compiled or captured step: the caller
+        knows the longest row and passes `span` ≥ its length after this step. Rows where `advancing [n]` is False
         (rows sitting the step out, free rows) compute a throwaway token: their slot stays invalid and their length
         unchanged, so the next step overwrites it."""
-        slots = self.lengths[:, None].clone()  # [B, 1] (a copy: the lengths move on below)
-        real = torch.ones_like(slots, dtype=torch.bool) if advancing is None else advancing[:, None]  # [B, 1]
-        self.valid.scatter_(1, slots, real)
-        self.lengths += real[:, 0]
-        return slots, attention_mask(slots, self.valid[:, :span])
+        n = self.batch_size if advancing is None else advancing.shape[0]
+        valid, lengths = self.valid[:n], self.lengths[:n]
+        slots = lengths[:, None].clone()  # [n, 1] (a copy: the lengths move on below)
+        real = torch.ones_like(slots, dtype=torch.bool) if advancing is None else advancing[:, None]  # [n, 1]
+        valid.scatter_(1, slots, real)
+        lengths += real[:, 0]
+        return slots, attention_mask(slots, valid[:, :span])
 
     def reset_rows(self, rows: torch.Tensor | list[int]) -> None:
         """Free rows for new sequences (stale keys stay in memory but are invalid)."""

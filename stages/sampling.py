@@ -58,6 +58,13 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
     return padded.scatter(1, ids, seen)[:, :V]
 
 
+def penalize_seen(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """`apply_repetition_penalty` with the history kept as a mask, `seen [B, V]` bool (the tokens a row has had),
+    as an engine that keeps no ids can hold it: the same arithmetic on the same entries, so the same logits."""
+    p = penalty[:, None].to(logits.dtype)
+    return torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
+
+
 def _filter_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     """Keep the `top_k [B]` largest logits per row (ties with the k-th kept); 0 = no filtering."""
     V = logits.shape[-1]
@@ -87,26 +94,40 @@ def process_logits(
     params: list[SamplingParams],
     history: torch.Tensor | None = None,
     num_generated: list[int] | None = None,
+    seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The processed float32 logits `[B, V]` (before temperature / top-k / top-p)."""
+    """The processed float32 logits `[B, V]` (before temperature / top-k / top-p). The repetition penalty reads the
+    history as ids (`history [B, L]`) or as a mask (`seen [B, V]`)."""
     B, V = logits.shape
     device = logits.device
     logits = logits.float()
-    if history is not None and any(p.repetition_penalty != 1 for p in params):
+    if (history is not None or seen is not None) and any(p.repetition_penalty != 1 for p in params):
         penalty = torch.tensor([p.repetition_penalty for p in params], device=device)
-        logits = apply_repetition_penalty(logits, history, penalty)
-    banned = _suppressed(tuple(p.suppress_ranges for p in params), V, device)  # [B, V] or None
-    held = [row for row, p in enumerate(params)  # rows whose stop tokens wait for min_new_tokens
-            if num_generated is not None and num_generated[row] < p.min_new_tokens and p.stop_token_ids]
-    if held:
-        banned = torch.zeros(B, V, dtype=torch.bool, device=device) if banned is None else banned.clone()
-        for row in held:
-            banned[row, [t for t in params[row].stop_token_ids if t < V]] = True
+        if history is not None:
+            logits = apply_repetition_penalty(logits, history, penalty)
+        else:
+            logits = penalize_seen(logits, seen, penalty)
+    banned = banned_tokens(params, V, device, num_generated)  # [B, V] or None
     return logits if banned is None else logits.masked_fill(banned, float("-inf"))
 
 
+def banned_tokens(params: list[SamplingParams], V: int, device: torch.device | str,
+                  num_generated: list[int] | None = None) -> torch.Tensor | None:
+    """The tokens each row may not have next, `[B, V]` bool (None: none): its suppressed ranges, and its stop
+    tokens while `num_generated` is below its min_new_tokens."""
+    banned = suppressed_mask(tuple(p.suppress_ranges for p in params), V, device)
+    held = [row for row, p in enumerate(params)  # rows whose stop tokens wait for min_new_tokens
+            if num_generated is not None and num_generated[row] < p.min_new_tokens and p.stop_token_ids]
+    if held:
+        banned = torch.zeros(len(params), V, dtype=torch.bool, device=device) if banned is None else banned.clone()
+        for row in held:
+            banned[row, [t for t in params[row].stop_token_ids if t < V]] = True
+    return banned
+
+
 @functools.lru_cache(maxsize=256)
-def _suppressed(ranges: tuple[tuple[tuple[int, int], ...], ...], V: int, device: torch.device) -> torch.Tensor | None:
+def suppressed_mask(ranges: tuple[tuple[tuple[int, int], ...], ...], V: int,
+                    device: torch.device | str) -> torch.Tensor | None:
     """The tokens each row never samples, `[B, V]` bool (None: none), built once per rows' ranges: an engine samples
     rows with the same ranges at every step (the talker's codec specials), and building the mask per step was most of
     a greedy row's sampling time. Read only: callers copy it before changing it."""
@@ -134,16 +155,18 @@ def sample_next(
     history: torch.Tensor | None = None,
     generators: list[torch.Generator | None] | None = None,
     num_generated: list[int] | None = None,
+    seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next token per row, `[B]` int64, from `logits [B, V]`.
 
-    `history [B, L]`: the tokens the repetition penalty looks at (values ≥ V are padding and ignored);
-    `generators`: per-row RNG (None = global); `num_generated`: tokens generated so far per row (min_new_tokens).
+    `history [B, L]`: the tokens the repetition penalty looks at (values ≥ V are padding and ignored), or the same as
+    a mask, `seen [B, V]`; `generators`: per-row RNG (None = global); `num_generated`: tokens generated so far per
+    row (min_new_tokens).
     """
     B = logits.shape[0]
     if all(_plain_argmax(p) for p in params):  # nothing to process: skip building per-row tensors
         return logits.float().argmax(dim=-1)
-    scores = process_logits(logits, params, history, num_generated)
+    scores = process_logits(logits, params, history, num_generated, seen)
     next_ids = scores.argmax(dim=-1)  # greedy rows keep this
     sampled = [row for row, p in enumerate(params) if not p.greedy]
     if not sampled:

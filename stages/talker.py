@@ -134,9 +134,14 @@ class Talker(nn.Module):
         return self.model.norm(h)
 
 
-def decode_hidden(talker: Talker, embeds, position_ids, mask, cache: KVCache, write_slots) -> torch.Tensor:
-    """`Talker.forward` as a module-level function: the decode step the engine compiles (see stages/compile.py)."""
-    return talker(embeds, position_ids, mask, cache, write_slots)
+def decode_hidden(talker: Talker, embeds: torch.Tensor, positions: torch.Tensor, advancing: torch.Tensor,
+                  cache: KVCache, span: int) -> torch.Tensor:
+    """One decode step of the first n rows of `cache`, as a module-level function: the step the engine compiles (see
+    stages/compile.py). `embeds [n, 1, H]` at MRoPE positions `positions [n]` (the same in all three sections), each
+    written at its row's next slot where `advancing [n]` -> final-normed hidden states [n, 1, H]. The write slots and
+    the attention mask over `span` slots are made inside the step (`KVCache.decode_slots`), not around it."""
+    slots, mask = cache.decode_slots(span, advancing)
+    return talker(embeds, positions[None, :, None].expand(3, -1, 1), mask, cache, slots)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -7,16 +7,16 @@ One engine per replica owns a preallocated talker `KVCache` of `max_rows` rows Ã
 A reply is admitted once its prefill can run (`TalkerRequest.prefill_ready`): its prompt is prefilled alone and
 copied into a free row (a reply too long for a row gets a one-row cache sized for it, and runs the same loop).
 Then, frame after frame, every row whose state allows it moves on:
-- a row with a fresh talker state samples its first code (c0) with its own parameters and generator; the rows
-  that did not finish get their residual codes from the code predictor together (`FramePredictor`), and their
-  frame is handed over;
+- the rows with a fresh talker state get their next frame together: c0 sampled with each row's own parameters and
+  generator, then the residual codes from the code predictor (`FramePredictor`; rows that are all greedy get c0
+  and the frame from one call); a row whose c0 ends its reply gets no frame, the others hand theirs over;
 - a row whose next text entry has arrived from the thinker (`entry_ready`) feeds the frame back: all such rows
   take one talker decode step together. A row still waiting for the thinker sits the step out (it computes a
   throwaway token that takes no slot), so a slow thinker stream holds back only its own reply.
 
-A decode step reads nothing back to the host: the engine knows every row's length, so it passes the attention span
-(`KVCache.decode_slots`), and steps run on fixed batch buckets and spans, compiled when `compiled` (see
-stages/compile.py).
+A decode step reads nothing back to the host: the engine knows every row's length, so it passes the attention span,
+and the step makes its write slots and mask from the cache inside itself (`KVCache.decode_slots`); steps run on
+fixed batch buckets and spans, compiled when `compiled` (see stages/compile.py).
 
 Each reply gets exactly the frames `stream_frames` gives it alone (greedy, or seeded: one generator per reply, drawn
 in the same order). The caller feeds the thinker's tokens into the `TalkerRequest` from any thread, then calls
@@ -50,7 +50,7 @@ from stages.batching import Cancellations, finish_reason, hand_over, span_for, s
 from stages.code_predictor import FramePredictor, predictor_params
 from stages.compile import batch_buckets, compile_step, needs_warm_up, static_buffers
 from stages.kv_cache import KVCache
-from stages.sampling import make_generators, replay_draws, sample_ragged
+from stages.sampling import banned_tokens, make_generators, replay_draws, sample_next
 from stages.handoff import TalkerLayout, TalkerRequest, talker_layout, talker_prompt_embeds, text_entries
 from stages.talker import Talker, TalkerStep, decode_hidden
 from stages.talker_sessions import kept_user_part, reusable_talker_prefix
@@ -90,7 +90,7 @@ class _Row:
     hidden: torch.Tensor | None  # [H] talker state that gives the next c0; None while waiting to feed a frame
     embed_sum: torch.Tensor | None  # [H] the last frame's summed code embeddings, to feed back
     position: float  # MRoPE position of the next fed frame (same in all three rows)
-    history: torch.Tensor  # [max_new] c0 codes so far, the sentinel V after them
+    seen: torch.Tensor  # [V] bool: the c0 codes it has had (its repetition penalty's history)
     generator: torch.Generator | None
     generated: int = 0
     step: int = 0  # frames fed back so far (the text entry the next feed takes)
@@ -112,8 +112,9 @@ class TalkerEngine:
         self.compiled = compiled
         self.decode = compile_step(decode_hidden, weight.device) if compiled else decode_hidden
         if compiled:
-            static_buffers(self.cache.keys + self.cache.values)
-        self.frames = FramePredictor(talker.code_predictor, max_rows, compiled=compiled)
+            static_buffers([*self.cache.keys, *self.cache.values, self.cache.valid, self.cache.lengths])
+        self.frames = FramePredictor(talker.code_predictor, max_rows, compiled=compiled, c0_head=weight,
+                                     c0_table=talker.model.codec_embedding.weight)
         if compiled and needs_warm_up((decode_hidden, id(talker), self.cache.keys[0].shape)):
             self._warm_up()
         self.rows: list[_Row | None] = [None] * max_rows
@@ -245,23 +246,23 @@ class TalkerEngine:
         hidden = talker(embeds[None], positions, alone.mask(slots), alone, slots)[0, -1]  # [H]
         if reply.session is not None:
             self._keep(reply.session, layout, alone)
-        history = torch.full((reply.params.max_new_tokens,), self.vocab_size, dtype=torch.long, device=hidden.device)
+        seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=hidden.device)
         generator = make_generators([reply.params], hidden.device)[0]
-        hidden = self._resume(reply, alone, hidden, layout.next_position, history, generator)
+        hidden = self._resume(reply, alone, hidden, layout.next_position, seen, generator)
         next_position = layout.next_position + F
         if into_batch:
             index = self.rows.index(None)
             self.cache.load_row(index, alone)
-            row = self.rows[index] = _Row(reply, self.cache, index, T + F, hidden, None, next_position, history,
+            row = self.rows[index] = _Row(reply, self.cache, index, T + F, hidden, None, next_position, seen,
                                           generator)
         else:
-            row = _Row(reply, alone, 0, T + F, hidden, None, next_position, history, generator)
+            row = _Row(reply, alone, 0, T + F, hidden, None, next_position, seen, generator)
             self.solo.append(row)
         row.generated = row.step = F
 
-    def _resume(self, reply: _Reply, cache: KVCache, hidden: torch.Tensor, position: float, history: torch.Tensor,
+    def _resume(self, reply: _Reply, cache: KVCache, hidden: torch.Tensor, position: float, seen: torch.Tensor,
                 generator: torch.Generator | None) -> torch.Tensor:
-        """For a resumed reply: its known frames fed after the prompt (into `cache`), their c0 codes in `history`,
+        """For a resumed reply: its known frames fed after the prompt (into `cache`), their c0 codes marked `seen`,
         its generator moved past their draws â†’ the talker state that gives its next c0 [H]; for any other reply,
         `hidden` as it is.
 
@@ -274,7 +275,7 @@ class TalkerEngine:
         talker, tts = self.talker, self.tts
         frames = reply.known.to(hidden.device)  # [G, F]
         F = frames.shape[1]
-        history[:F] = frames[0]
+        seen[frames[0]] = True
         self._replay(reply.params, generator, F)
         entries = torch.stack([text_entries(talker, reply.request, k, tts) for k in range(F)])  # [F, H]
         fed = _summed_code_embeddings(talker, frames) + entries  # [F, H]
@@ -317,39 +318,40 @@ class TalkerEngine:
                     reply.session = None
 
     def _sample_frames(self) -> bool:
-        """Rows with a fresh state: c0, then (for rows that go on) the residual codes together; frames handed over."""
+        """Rows with a fresh state: c0 and the residual codes together; frames handed over. A row whose c0 ends its
+        reply gets no frame (the codes computed beside it are dropped)."""
         rows = [row for row in self._busy() if row.hidden is not None]
         if not rows:
             return False
-        logits = self.talker.codec_head(torch.stack([row.hidden for row in rows]))  # [k, V]
-        codes = sample_ragged(logits, [row.reply.params for row in rows], [row.history for row in rows],
-                              [row.generator for row in rows], [row.generated for row in rows]).tolist()
-        going_on = []
-        for row, c0 in zip(rows, codes):
-            row.history[row.generated] = c0
+        hidden = torch.stack([row.hidden for row in rows])  # [k, H]
+        seen = torch.stack([row.seen for row in rows])  # [k, V]
+        frames, embed_sum = self._frames(rows, hidden, seen)  # [k, G], [k, H]
+        for k, (row, c0) in enumerate(zip(rows, frames[:, 0].tolist())):
+            row.seen[c0] = True
             row.generated += 1
             reason = finish_reason(c0, row.generated, row.reply.params)  # the codec EOS is the talker's stop token
             if reason is not None:
-                self._finish(row, reason)  # a c0 that ends the reply gets no residual codes: no frame
+                self._finish(row, reason)
             else:
-                going_on.append((row, c0))
-        if going_on:
-            self._residual_codes(going_on)
+                row.hidden, row.embed_sum = None, embed_sum[k]
+                self._hand(row.reply, TalkerStep([frames[k]], [None]))
         return True
 
-    def _residual_codes(self, going_on: list[tuple[_Row, int]]) -> None:
-        rows = [row for row, _ in going_on]
-        device = rows[0].hidden.device
-        c0 = torch.tensor([code for _, code in going_on], device=device)  # [b]
-        hidden = torch.stack([row.hidden for row in rows])  # [b, H]
-        c0_embeds = self.talker.model.codec_embedding(c0)  # [b, H]
-        residual, embed_sum = self.frames(
-            hidden, c0_embeds, [predictor_params(row.reply.params) for row in rows], [row.generator for row in rows]
-        )  # [b, G-1], [b, H]
-        frames = torch.cat([c0[:, None], residual], dim=1)  # [b, G]
-        for k, row in enumerate(rows):
-            row.hidden, row.embed_sum = None, embed_sum[k]
-            self._hand(row.reply, TalkerStep([frames[k]], [None]))
+    def _frames(self, rows: list[_Row], hidden: torch.Tensor, seen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's next frame [k, G] and its summed code embeddings [k, H]. Rows that are all greedy get both
+        from one call (`FramePredictor.with_c0`); otherwise c0 is sampled (each row its own parameters and
+        generator), then the residual codes."""
+        params = [row.reply.params for row in rows]
+        generated = [row.generated for row in rows]
+        if all(p.greedy for p in params):
+            penalty = torch.tensor([p.repetition_penalty for p in params], device=hidden.device)  # [k]
+            banned = banned_tokens(params, self.vocab_size, hidden.device, generated)  # [k, V] or None
+            return self.frames.with_c0(hidden, seen, penalty, torch.zeros_like(seen) if banned is None else banned)
+        generators = [row.generator for row in rows]
+        c0 = sample_next(self.talker.codec_head(hidden), params, None, generators, generated, seen)  # [k]
+        residual, embed_sum = self.frames(hidden, self.talker.model.codec_embedding(c0),
+                                          [predictor_params(p) for p in params], generators)  # [k, G-1], [k, H]
+        return torch.cat([c0[:, None], residual], dim=1), embed_sum
 
     def _feed_frames(self) -> bool:
         """One talker decode step for the rows whose next text entry is there; the others sit it out."""
@@ -381,10 +383,9 @@ class TalkerEngine:
             x[row.index, 0] = row.embed_sum + text_entries(talker, row.reply.request, row.step, tts)
             positions[row.index] = row.position
             advancing[row.index] = True
-        slots, mask = cache.head(n).decode_slots(span, torch.tensor(advancing, device=tts.device))
-        position_ids = torch.tensor(positions, device=tts.device)[None, :, None].expand(3, -1, 1)  # [3, n, 1]
         decode = self.decode if batched else decode_hidden
-        out = decode(talker, x, position_ids, mask, cache, slots)  # [n, 1, H]
+        out = decode(talker, x, torch.tensor(positions, device=tts.device), torch.tensor(advancing, device=tts.device),
+                     cache, span)  # [n, 1, H]
         for row in feeding:
             row.hidden, row.embed_sum = out[row.index, 0], None
             row.position += 1
@@ -395,13 +396,10 @@ class TalkerEngine:
         """Compile the decode step of every batch bucket now (at the shortest span), not on a reply's time."""
         tts = self.tts
         with torch.inference_mode():
-            for n in self.buckets:
-                view = self.cache.head(n)
-                slots, mask = view.decode_slots(span_for(1, self.max_len))
+            for n in self.buckets:  # no row advances: the cache is left as it was
                 x = torch.zeros(n, 1, tts.shape[-1], dtype=tts.dtype, device=tts.device)
-                positions = torch.zeros(n, device=tts.device)[None, :, None].expand(3, -1, 1)  # as `_decode` makes them
-                self.decode(self.talker, x, positions, mask, self.cache, slots)
-                view.reset_rows(list(range(n)))
+                positions = torch.zeros(n, device=tts.device)
+                self.decode(self.talker, x, positions, positions.bool(), self.cache, span_for(1, self.max_len))
 
     def _finish(self, row: _Row, reason: str) -> None:
         self._free(row)

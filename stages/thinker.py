@@ -279,6 +279,15 @@ def decode_logits(model: ThinkerLM, tokens: torch.Tensor, positions: torch.Tenso
     return model.logits(hidden[:, 0])
 
 
+def engine_decode_step(model: ThinkerLM, tokens: torch.Tensor, positions: torch.Tensor, advancing: torch.Tensor,
+                       cache: KVCache, span: int) -> torch.Tensor:
+    """A batching engine's decode step of the first n rows of `cache` (the step it compiles): `decode_logits` with
+    the write slots and the attention mask over `span` slots made inside the step (`KVCache.decode_slots`: rows where
+    `advancing [n]` is False take no slot). `tokens [n]`, `positions [n]` → logits `[n, V]`."""
+    slots, mask = cache.decode_slots(span, advancing)
+    return decode_logits(model, tokens, positions, mask, cache, slots)
+
+
 @dataclass
 class ThinkerStep:
     """One step of a batch: the token each row produced (None once the row had finished before this step)."""

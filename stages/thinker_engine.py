@@ -10,9 +10,10 @@ row: sample with the request's own `SamplingParams` and generator, record, and h
 A row is freed when its request finishes or is cancelled, and a waiting request takes it at the next step. Rows hold
 sequences of different lengths; the cache's validity mask keeps them apart, and each row keeps its own MRoPE position.
 
-A decode step reads nothing back to the host: the engine knows every row's length, so it passes the attention span
-(`KVCache.decode_slots`), and steps run on fixed batch buckets and spans, compiled when `compiled` (see
-stages/compile.py). The sampled tokens are read back once per step, after it.
+A decode step reads nothing back to the host: the engine knows every row's length, so it passes the attention span,
+and the step makes its write slots and mask from the cache inside itself (`KVCache.decode_slots`); steps run on
+fixed batch buckets and spans, compiled when `compiled` (see stages/compile.py). The sampled tokens are read back
+once per step, after it.
 
 Each request sees exactly what `stream_generate` yields for a batch of one (the same tokens under greedy decoding,
 the same talker messages). A request resumed from the first tokens of its reply (`submit(..., resume_tokens=)`, after
@@ -44,8 +45,8 @@ from stages.compile import batch_buckets, compile_step, needs_warm_up, static_bu
 from stages.kv_cache import KVCache
 from stages.sampling import make_generators, replay_draws, sample_ragged
 from stages.handoff import accept_states, multimodal_mask, talker_prompts
-from stages.thinker import (PromptInputs, ThinkerLM, ThinkerPrompt, ThinkerStep, decode_logits, extend_logits, prefill,
-                            prompt_inputs)
+from stages.thinker import (PromptInputs, ThinkerLM, ThinkerPrompt, ThinkerStep, engine_decode_step, extend_logits,
+                            prefill, prompt_inputs)
 from stages.thinker_sessions import EndedSessions, KeptSession, SessionStore, reusable_prefix
 
 logger = logging.getLogger(__name__)
@@ -110,10 +111,10 @@ class ThinkerEngine:
                              dtype=weight.dtype, device=weight.device)
         self.buckets = batch_buckets(max_rows)
         self.compiled = compiled
-        self.decode = compile_step(decode_logits, weight.device) if compiled else decode_logits
+        self.decode = compile_step(engine_decode_step, weight.device) if compiled else engine_decode_step
         if compiled:
-            static_buffers(self.cache.keys + self.cache.values)
-            if needs_warm_up((decode_logits, id(model), self.cache.keys[0].shape)):
+            static_buffers([*self.cache.keys, *self.cache.values, self.cache.valid, self.cache.lengths])
+            if needs_warm_up((engine_decode_step, id(model), self.cache.keys[0].shape)):
                 self._warm_up()
         self.rows: list[_Row | None] = [None] * max_rows
         self.solo: list[_Row] = []  # requests too long for a row, each in a cache of its own
@@ -382,22 +383,18 @@ class ThinkerEngine:
         tokens, positions, busy = [0] * n, [0.0] * n, [False] * n
         for row in rows:
             tokens[row.index], positions[row.index], busy[row.index] = row.last_token, row.position, True
-        slots, mask = cache.head(n).decode_slots(span, torch.tensor(busy, device=device))
-        decode = self.decode if batched else decode_logits
-        logits = decode(self.model, torch.tensor(tokens, device=device),
-                        torch.tensor(positions, device=device), mask, cache, slots)  # [n, V]
+        decode = self.decode if batched else engine_decode_step
+        logits = decode(self.model, torch.tensor(tokens, device=device), torch.tensor(positions, device=device),
+                        torch.tensor(busy, device=device), cache, span)  # [n, V]
         return logits[[row.index for row in rows]]
 
     def _warm_up(self) -> None:
         """Compile the decode step of every batch bucket now (at the shortest span), not on a request's time."""
         device = self.cache.valid.device
         with torch.inference_mode():
-            for n in self.buckets:
-                view = self.cache.head(n)
-                slots, mask = view.decode_slots(span_for(1, self.max_len))
+            for n in self.buckets:  # no row advances: the cache is left as it was
                 zeros = torch.zeros(n, dtype=torch.long, device=device)
-                self.decode(self.model, zeros, zeros.float(), mask, self.cache, slots)
-                view.reset_rows(list(range(n)))
+                self.decode(self.model, zeros, zeros.float(), zeros.bool(), self.cache, span_for(1, self.max_len))
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         """The next token of each row from its logits (`[k, V]`, in that order): one `sample_next` call for all,

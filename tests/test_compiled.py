@@ -41,7 +41,8 @@ def test_compiled_code_step_logits_are_within_1e_5(models):
     frame's codes are the same."""
     eager, compiled = models
     predictor = compiled.talker.code_predictor
-    fast, slow = FramePredictor(predictor, 1, compiled=True), FramePredictor(predictor, 1)
+    c0_weights = dict(c0_head=compiled.talker.codec_head.weight, c0_table=compiled.talker.model.codec_embedding.weight)
+    fast, slow = FramePredictor(predictor, 1, True, **c0_weights), FramePredictor(predictor, 1, **c0_weights)
     hidden = torch.randn(1, predictor.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
     c0 = torch.randn(1, predictor.cfg.hidden_size, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():

@@ -117,6 +117,17 @@ def test_invalid_params_are_request_errors():
             SamplingParams(**bad)
 
 
+def test_the_history_as_a_mask_penalizes_as_the_ids_do():
+    """An engine that keeps a row's history as a mask of the tokens seen (`seen`) gets the logits the ids give,
+    bit for bit, repeated ids included (each seen token is penalized once)."""
+    x = logits()
+    history = torch.randint(0, V, (4, 12), generator=torch.Generator().manual_seed(2))  # repeats ids
+    seen = torch.zeros(4, V, dtype=torch.bool).scatter_(1, history, True)
+    params = [SamplingParams(repetition_penalty=p) for p in (1.05, 1.0, 0.7, 2.0)]
+    assert torch.equal(process_logits(x, params, seen=seen), process_logits(x, params, history))
+    assert not torch.equal(process_logits(x, params, seen=seen)[0], x[0])
+
+
 def test_from_generation_config():
     params = SamplingParams.from_generation_config(
         {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.05,

@@ -15,6 +15,7 @@ from stages.code_predictor import GREEDY, FramePredictor, predict_residual_codes
 from stages.omni import OmniModel
 from stages.handoff import TalkerRequest, user_turn_mask
 from stages.talker import generate_codes, speaker_codec_id, stream_frames, talker_sampling
+from stages.sampling import sample_next, suppressed_mask
 from stages.thinker import generate as thinker_generate
 
 
@@ -62,7 +63,8 @@ def test_greedy_frame_in_one_step_equals_the_per_code_steps_and_the_oracle(model
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(3, predictor.cfg.hidden_size, generator=g)
     c0 = torch.randn(3, predictor.cfg.hidden_size, generator=g)
-    frames = FramePredictor(predictor, 3)
+    frames = FramePredictor(predictor, 3, c0_head=model.talker.codec_head.weight,
+                            c0_table=model.talker.model.codec_embedding.weight)
     top_1 = SamplingParams(do_sample=True, top_k=1)
     greedy_codes, greedy_sum = frames(hidden, c0, [GREEDY] * 3, [None] * 3)
     step_codes, step_sum = frames(hidden, c0, [top_1] * 3, [torch.Generator().manual_seed(1) for _ in range(3)])
@@ -70,6 +72,29 @@ def test_greedy_frame_in_one_step_equals_the_per_code_steps_and_the_oracle(model
     assert torch.equal(greedy_codes, step_codes) and torch.equal(greedy_codes, oracle_codes)
     assert torch.equal(greedy_sum, step_sum)
     torch.testing.assert_close(greedy_sum, oracle_sum, atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_frame_with_c0_picked_in_the_same_call_equals_sampling_c0_first(model):
+    """`FramePredictor.with_c0` (the talker engine's greedy path: c0's pick inside the frame's call) gives the c0 that
+    `sample_next` picks from the codec head with the talker's penalty and suppressed codes, and then the frame and
+    summed embeddings that the residual codes of that c0 give, bit for bit."""
+    talker = model.talker
+    V, H = talker.codec_head.weight.shape
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, H, generator=g)
+    seen = torch.rand(3, V, generator=g) < 0.3
+    params = [talker_sampling(talker.cfg, SamplingParams(repetition_penalty=p)) for p in (1.05, 1.0, 1.3)]
+    frames = FramePredictor(talker.code_predictor, 3, c0_head=talker.codec_head.weight,
+                            c0_table=talker.model.codec_embedding.weight)
+    banned = suppressed_mask(tuple(p.suppress_ranges for p in params), V, "cpu")
+    penalty = torch.tensor([p.repetition_penalty for p in params])
+    got, got_sum = frames.with_c0(hidden, seen, penalty, banned)
+
+    c0 = sample_next(talker.codec_head(hidden), params, seen=seen)
+    residual, want_sum = frames(hidden, talker.model.codec_embedding(c0), [GREEDY] * 3, [None] * 3)
+    assert torch.equal(got, torch.cat([c0[:, None], residual], dim=1)) and torch.equal(got_sum, want_sum)
+    assert not torch.equal(c0, talker.codec_head(hidden).argmax(-1))  # the penalty and the suppression took part
 
 
 @torch.no_grad()

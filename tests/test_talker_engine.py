@@ -82,7 +82,7 @@ class Frames:
 
 
 def test_replies_equal_each_alone_while_joining_and_waiting_for_text(setup, engines):
-    """Five replies on two rows, greedy and seeded-sampled mixed, three of them fed their thinker tokens bit by bit
+    """Five replies on two rows, greedy (one with min_new_tokens) and seeded-sampled mixed, three of them fed their thinker tokens bit by bit
     (the talker waits for each): every reply's codes equal `generate_codes` on it alone."""
     model, replies = setup
     cfg, groups = model.cfg, model.cfg.talker_config.num_code_groups
@@ -90,6 +90,9 @@ def test_replies_equal_each_alone_while_joining_and_waiting_for_text(setup, engi
               for n in (14, 9, 20, 6, 12)]
     params[1] = talker_sampling(cfg.talker_config, SamplingParams(max_new_tokens=9, do_sample=True, temperature=0.9,
                                                                   top_k=20, top_p=0.8, seed=5))
+    # a greedy reply whose codec EOS is held back until its last frame (min_new_tokens)
+    params[3] = talker_sampling(cfg.talker_config, SamplingParams(max_new_tokens=6, min_new_tokens=6,
+                                                                  repetition_penalty=1.05))
     expected = [generate_codes(model.talker, cfg, [request(model, reply)], [p])[0]
                 for reply, p in zip(replies, params)]
 
