@@ -14,12 +14,10 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
-from ray import serve
 from torch import nn
 
 from common.checkpoint import STAGE_PREFIXES, load_stage_weights
 from common.config import OmniConfig, load_config
-from deployments.metrics import service_metrics
 from deployments.settings import ServiceSettings
 from deployments.timeline import StageClock, StageTimes
 
@@ -141,6 +139,8 @@ class StageReplica:
     stage_name: str
 
     def _start(self, settings: ServiceSettings, **load_args) -> None:
+        from deployments.metrics import service_metrics  # Serve's metrics: not imported by the batch job's actors
+
         send_tensors_as_arrays()
         self.settings = settings
         self.stage = load_stage(settings, self.stage_name, **load_args)
@@ -219,6 +219,8 @@ class StageReplica:
         decoding in its batch now (None for a stage without a batching engine); which replica it is (Serve's id) and
         how many requests it has taken on, so a caller that asks repeatedly through the handle can tell how Serve
         spread the requests over the stage's replicas."""
+        from ray import serve
+
         batch = self.engine.active if self.engine is not None else None
         replica = serve.get_replica_context().replica_id.to_full_id_str()
         return {**describe(self.stage_name, self.stage.module), "replica": replica, "served": self.served,
