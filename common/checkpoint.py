@@ -43,6 +43,8 @@ STAGE_PREFIXES: dict[str, dict[str, str]] = {
     "talker": {"talker.": ""},
     "code2wav": {"code2wav.": ""},
 }
+# hub tensor the talker reads beyond `talker.`: three rows (tts bos/eos/pad) of the thinker's embedding table
+THINKER_EMBEDDING = "thinker.model.embed_tokens."
 
 # Everything but the weights that a serving process reads from a hub checkpoint.
 METADATA_FILES = [

@@ -241,7 +241,7 @@ class ThinkerStage:
         return self.run(batch)
 
     def _generate(self, items: list[Item]) -> None:
-        from deployments.thinker import ReplyText
+        from deployments.stop_strings import ReplyText
 
         by_key = {item.key: item for item in items}
         texts = {item.key: ReplyText(self.tokenizer, item.request.stop_strings(), item.ready.thinker.stop_token_ids)
@@ -286,8 +286,8 @@ class TalkerStage:
     """The talker engine (with its code predictor) over the spoken rows of a batch: their codec frames."""
 
     def __init__(self, settings: dict):
+        from common.checkpoint import THINKER_EMBEDDING
         from deployments.runtime import load_stage
-        from deployments.talker import THINKER_EMBEDDING
         from stages.compile import compile_enabled
         from stages.talker import Talker
         from stages.talker_engine import TalkerEngine

@@ -13,15 +13,16 @@ from __future__ import annotations
 import logging
 import math
 import re
+import sys
+from typing import TYPE_CHECKING
 
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError
-from starlette.exceptions import HTTPException
 
 from common.errors import OmniError
+
+if TYPE_CHECKING:
+    from fastapi.responses import JSONResponse
 
 logger = logging.getLogger("ray.serve")  # Serve writes it to the replica's log, with its request context
 
@@ -88,18 +89,26 @@ def validation_error(errors: list[dict]) -> tuple[int, dict]:
     return 400, error_body("; ".join(list(lines)[:5]), "invalid_request_error", param, "invalid_value")
 
 
+def _is(exc: BaseException, module: str, name: str) -> bool:
+    """Whether `exc` is an instance of FastAPI's, Starlette's or Serve's class `module.name`, looked up only where
+    this process imported that module: the batch job's stage actors map errors here without the HTTP stack, whose
+    import costs each of them seconds of CPU at start, and an exception of a module never imported cannot exist."""
+    cls = getattr(sys.modules.get(module), name, None)
+    return cls is not None and isinstance(exc, cls)
+
+
 def error_for(exc: BaseException) -> tuple[int, dict]:
     """Any exception → (HTTP status, OpenAI error body)."""
     if isinstance(exc, OmniError):
         if exc.status_code >= 500:  # typed, but the server's fault (e.g. a broken chat template): keep it in the log
             logger.error("%s: %s", type(exc).__name__, exc.message)
         return exc.status_code, error_body(exc.message, exc.error_type, exc.param, _snake(type(exc).__name__))
-    if isinstance(exc, (RequestValidationError, ValidationError)):
+    if isinstance(exc, ValidationError) or _is(exc, "fastapi.exceptions", "RequestValidationError"):
         return validation_error(list(exc.errors()))
-    if isinstance(exc, HTTPException):
+    if _is(exc, "starlette.exceptions", "HTTPException"):
         error_type = "authentication_error" if exc.status_code == 401 else "invalid_request_error"
         return exc.status_code, error_body(str(exc.detail), error_type)
-    if isinstance(exc, BackPressureError):  # OpenAI's rate-limit body ("requests": the limit is on requests)
+    if _is(exc, "ray.serve.exceptions", "BackPressureError"):  # OpenAI's rate-limit body (the limit is on requests)
         return 429, error_body(f"the service is at capacity; retry after {_retry_after(exc)} s", "requests", None,
                                "rate_limit_exceeded")
     if isinstance(exc, RayActorError):  # a replica died
@@ -110,16 +119,18 @@ def error_for(exc: BaseException) -> tuple[int, dict]:
     return 500, error_body("internal server error", "server_error", None, "internal_error")
 
 
-def _retry_after(exc: BackPressureError) -> int:
+def _retry_after(exc: BaseException) -> int:
     """The refusing deployment's `retry_after_s` in whole seconds, rounded up (`Retry-After` takes no fraction)."""
     return math.ceil(exc.retry_after_s or 0)
 
 
 def error_response(exc: BaseException) -> JSONResponse:
+    from fastapi.responses import JSONResponse
+
     status, body = error_for(exc)
     headers = None
     if status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
-    elif isinstance(exc, BackPressureError):
+    elif _is(exc, "ray.serve.exceptions", "BackPressureError"):
         headers = {"Retry-After": str(_retry_after(exc))}
     return JSONResponse(body, status_code=status, headers=headers)

@@ -14,14 +14,11 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
-from ray import serve
 from ray.actor import ActorHandle
 from torch import nn
 
 from common.checkpoint import STAGE_PREFIXES, load_stage_weights
 from common.config import OmniConfig, load_config
-from deployments.metrics import service_metrics
-from deployments.resume import this_replica, while_consumer_lives
 from deployments.settings import ServiceSettings
 from deployments.timeline import StageClock, StageTimes
 
@@ -143,6 +140,10 @@ class StageReplica:
     stage_name: str
 
     def _start(self, settings: ServiceSettings, **load_args) -> None:
+        # Serve's metrics and replica context: not imported by the batch job's actors
+        from deployments.metrics import service_metrics
+        from deployments.resume import this_replica
+
         send_tensors_as_arrays()
         self.settings = settings
         self.stage = load_stage(settings, self.stage_name, **load_args)
@@ -178,6 +179,8 @@ class StageReplica:
     def while_consumer_lives(self, request_id: str, events: AsyncIterator, consumer: ActorHandle | None):
         """The events of one of this stage's streams while `consumer`, the replica reading it, is alive
         (`deployments.resume`): once it is dead, the reply is cancelled here."""
+        from deployments.resume import while_consumer_lives
+
         return while_consumer_lives(request_id, events, consumer, self.settings.consumer_check_s)
 
     async def engine_steps(self, request_id: str, submit: Callable[[Callable], None], clock: StageClock):
@@ -227,6 +230,8 @@ class StageReplica:
         decoding in its batch now (None for a stage without a batching engine); which replica it is (Serve's id) and
         how many requests it has taken on, so a caller that asks repeatedly through the handle can tell how Serve
         spread the requests over the stage's replicas."""
+        from ray import serve
+
         batch = self.engine.active if self.engine is not None else None
         replica = serve.get_replica_context().replica_id.to_full_id_str()
         return {**describe(self.stage_name, self.stage.module), "replica": replica, "served": self.served,

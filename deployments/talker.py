@@ -28,6 +28,7 @@ from ray.actor import ActorHandle
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
+from common.checkpoint import THINKER_EMBEDDING
 from common.messages import CodecFrames, TalkerPrompt, ThinkerTokens
 from deployments.jobs import ReplySoFar, SpeechJob, TalkerInput, coalesced, resumed
 from deployments.resume import Received, relayed, resuming
@@ -43,8 +44,6 @@ from stages.thinker_sessions import SessionStore
 
 logger = logging.getLogger("ray.serve")
 
-# hub tensor the talker reads beyond `talker.`: three rows (tts bos/eos/pad) of the thinker's embedding table
-THINKER_EMBEDDING = "thinker.model.embed_tokens."
 _DONE = object()  # end of one producer's events
 
 

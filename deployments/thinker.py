@@ -31,7 +31,7 @@ from deployments.resume import EncoderLostError, replica_lost
 from deployments.runtime import STAGE_DEFAULTS, StageReplica
 from deployments.session_routing import SessionAffinityRouter
 from deployments.settings import ServiceSettings
-from deployments.stop_strings import StopStrings
+from deployments.stop_strings import ReplyText
 from deployments.timeline import StageClock
 from stages.compile import compile_enabled
 from stages.thinker import ThinkerLM, ThinkerPrompt
@@ -212,32 +212,3 @@ def _joined(chunks: list[ThinkerTokens]) -> ThinkerTokens:
     ids = [i for chunk in chunks for i in chunk.token_ids]
     embeds = torch.cat([chunk.token_embeds for chunk in chunks])  # [n, H]
     return ThinkerTokens(last.request_id, ids, embeds, last.finished, last.finish_reason)
-
-
-class ReplyText:
-    """The reply's text as tokens arrive: streaming detokenization (no broken UTF-8) and OpenAI stop sequences."""
-
-    def __init__(self, tokenizer: OmniTokenizer, stop_strings: list[str], stop_token_ids: tuple[int, ...]):
-        self.detokenizer = tokenizer.stream(skip_special_tokens=True)
-        self.stops = StopStrings(stop_strings)
-        self.stop_token_ids = stop_token_ids
-
-    def replay(self, tokens: list[int]) -> None:
-        """Take in a resumed reply's first tokens, whose text was sent before: the detokenizer and the stop
-        sequences then hold what they held after those tokens in the undisturbed reply (a character split across
-        tokens, text that may start a stop sequence), so the text of the tokens after them is the same too."""
-        for token in tokens:
-            self.add(token, None)
-
-    def add(self, token: int, reason: str | None) -> tuple[list[int], str, str | None, bool]:
-        """One generated token and the thinker's finish reason → (the reply's new ids, its new text, the finish
-        reason, whether a stop sequence ended it)."""
-        # the stop token ends the reply but is not part of it (OmniModel.generate's token_ids agree)
-        ids = [] if reason == "stop" and token in self.stop_token_ids else [token]
-        piece = self.detokenizer.push(ids) + (self.detokenizer.flush() if reason is not None else "")
-        text, hit = self.stops.push(piece)
-        if hit:
-            return ids, text, "stop", True
-        if reason is not None:
-            text += self.stops.flush()  # held-back text that turned out not to start a stop sequence
-        return ids, text, reason, False

@@ -14,7 +14,7 @@ from deployments.http_errors import error_for
 from deployments.jobs import ReplySoFar, SpeechJob, TextDelta, ThinkerJob, resumed
 from deployments.resume import Received, StageUnavailableError, replica_lost, resuming
 from deployments.settings import ServiceSettings
-from deployments.thinker import ReplyText
+from deployments.stop_strings import ReplyText
 
 SETTINGS = ServiceSettings(stage_retries=2, retry_backoff_s=0)
 
