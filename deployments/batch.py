@@ -7,7 +7,9 @@
 Each stage actor holds only its stage's weights and the same engine as the service's deployment; the thinker and
 talker actors run a whole Ray Data batch of rows through their engine at once. A row travels between stages as one
 pickled `Item`; a row that fails anywhere carries its error (the HTTP API's status and body) to its result line,
-and the stages after pass it through. A thinker-only checkpoint has no Talker or Code2Wav stage.
+and the stages after pass it through. A thinker-only checkpoint has no Talker or Code2Wav stage, and a dataset
+without media has no Encoders stage: a row without media gets its prompt (its tokens) as it is prepared, and each
+stage actor is a process that takes seconds of CPU to start (Ray Data, torch, its weights).
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ from deployments.prepare import PreparedInputs, default_voice, prepare_inputs
 from deployments.protocol import ChatCompletionRequest, Usage, parse_json_body
 from deployments.settings import ServiceSettings
 from stages.batching import drive
-from stages.omni import SAMPLE_RATE
+from stages.omni import SAMPLE_RATE, has_media, text_prompt
 
 STAGES = ("encoders", "thinker", "talker", "code2wav")
 OPENAI_URL = "/v1/chat/completions"
-MEDIA_PARTS = ("image_url", "audio_url", "video_url")
+MEDIA_PARTS = ("image_url", "audio_url", "video_url")  # the media parts given by URL
+MEDIA_PART_TYPES = (*MEDIA_PARTS, "input_audio")  # every content part the encoders read
 
 
 @dataclass
@@ -132,6 +135,9 @@ class RowPreparer:
                 raise InvalidRequestError("a batch row gets its reply whole: stream must be false", param="stream")
             item.ready = asyncio.run(prepare_inputs(item.request, self.processor, self.config, self.settings,
                                                     self.defaults, self.voice))
+            if not has_media(item.ready.inputs):  # its prompt is its tokens: no encoder stage to go through
+                item.prompt = text_prompt(item.ready.inputs, item.request.audio_in_video())
+                item.ready.inputs = None
         except Exception as exc:
             item.fail(exc)
         item.busy["prepare"] = time.perf_counter() - start
@@ -207,6 +213,8 @@ class EncoderStage:
         from stages.omni import thinker_prompt
 
         for item in items:
+            if item.prompt is not None:  # a row without media, its prompt made as it was prepared
+                continue
             try:
                 prompt = thinker_prompt(item.ready.inputs, self.audio.module, self.vision.module,
                                         item.request.audio_in_video())
@@ -520,19 +528,37 @@ def _pipeline(rows, settings: ServiceSettings, options: BatchOptions, form: str)
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS (set inside `ray job submit`) or a local instance
     has_talker = load_config(settings.checkpoint_dir(prefixes=[])).has_talker
-    stages = [EncoderStage, ThinkerStage] + ([TalkerStage, Code2WavStage] if has_talker else [])
+    with_media = any(_holds_media(json.loads(row.line)) for row in rows)
+    stages = {"encoders": EncoderStage} if with_media else {}  # rows without media need no encoders
+    stages |= {"thinker": ThinkerStage} | ({"talker": TalkerStage, "code2wav": Code2WavStage} if has_talker else {})
     ds = ray.data.from_items(
         [{"key": r.key, "position": r.position, "line": r.line, "media_dir": r.media_dir or ""} for r in rows],
         override_num_blocks=max(1, min(len(rows) // options.batch_rows, 1000)))
     ds = ds.map_batches(prepare_rows, batch_size=options.batch_rows, num_cpus=options.cpus_per_stage,
                         fn_kwargs={"settings_json": settings.model_dump_json(), "form": form,
                                    "temperature": options.temperature})
-    for stage, name in zip(stages, STAGES):
+    for name, stage in stages.items():
         ds = ds.map_batches(stage, batch_size=options.batch_rows, concurrency=options.concurrency.get(name, 1),
                             num_cpus=options.cpus_per_stage, num_gpus=options.gpus_per_stage or None,
                             fn_constructor_kwargs={"settings": settings.model_dump()})
     return ds.map_batches(result_rows, batch_size=options.batch_rows, num_cpus=options.cpus_per_stage,
                           fn_kwargs={"form": form, "model_id": settings.model_id()})
+
+
+def _holds_media(row) -> bool:
+    """Whether a row (its JSON value) has a media content part: an object anywhere in it typed as one. The API
+    reads a part by its `type` alone, so no row that this finds none in gets media features. (A walk with a stack:
+    a row nested too deep for the API is an error entry later, not a crash of the job here.)"""
+    pending = [row]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            if value.get("type") in MEDIA_PART_TYPES:
+                return True
+            pending += value.values()
+        elif isinstance(value, list):
+            pending += value
+    return False
 
 
 class Progress:

@@ -317,9 +317,7 @@ def thinker_prompt(inputs: dict, audio_encoder: AudioEncoder, vision_encoder: Vi
     OmniModel and the batch job's encoder stage both build the thinker's prompt here."""
     weight = next(vision_encoder.parameters())
     dev, dtype = weight.device, weight.dtype
-    ids = inputs["input_ids"].to(dev)
-    prompt = ThinkerPrompt(input_ids=ids, attention_mask=inputs.get("attention_mask", torch.ones_like(ids)).to(dev),
-                           use_audio_in_video=use_audio_in_video)
+    prompt = text_prompt(inputs, use_audio_in_video, dev)
     if inputs.get("input_features") is not None:
         lengths = inputs["feature_attention_mask"].sum(-1).to(dev)
         prompt.audio_features = audio_encoder(inputs["input_features"].to(dev, dtype), lengths)
@@ -335,6 +333,19 @@ def thinker_prompt(inputs: dict, audio_encoder: AudioEncoder, vision_encoder: Vi
         prompt.video_grid_thw = grid
         prompt.video_second_per_grid = inputs["video_second_per_grid"].to(dev)
     return prompt
+
+
+def has_media(inputs: dict) -> bool:
+    """Whether a processor output holds media for the encoders (else its prompt is `text_prompt`'s alone)."""
+    return any(inputs.get(name) is not None for name in ("input_features", "pixel_values", "pixel_values_videos"))
+
+
+def text_prompt(inputs: dict, use_audio_in_video: bool, device: torch.device | str = "cpu") -> ThinkerPrompt:
+    """A processor output's tokens as the thinker's prompt, without any media features (the whole prompt of
+    inputs without media: no encoder runs for them)."""
+    ids = inputs["input_ids"].to(device)
+    return ThinkerPrompt(input_ids=ids, attention_mask=inputs.get("attention_mask", torch.ones_like(ids)).to(device),
+                         use_audio_in_video=use_audio_in_video)
 
 
 def engine_shape(rows: int, length: int) -> tuple[int, int]:
