@@ -38,15 +38,6 @@ class KVCache:
     def batch_size(self) -> int:
         return self.valid.shape[0]
 
-    def head(self, rows: int) -> "KVCache":
-        """The first `rows` rows as a cache of their own, sharing this one's memory (views: what a step writes or
-        appends there is written here). A batching engine steps only the rows up to its last busy one."""
-        view = object.__new__(KVCache)
-        view.keys = [k[:rows] for k in self.keys]
-        view.values = [v[:rows] for v in self.values]
-        view.valid, view.lengths, view.max_len = self.valid[:rows], self.lengths[:rows], self.max_len
-        return view
-
     def single_row(self, max_len: int) -> "KVCache":
         """An empty one-row cache of the same layers, heads, dtype and device, `max_len` slots long: where a
         batching engine prefills a request alone before `load_row` moves it into the batch."""

@@ -270,16 +270,14 @@ def test_unpadded_prefill_takes_the_causal_kernel_and_equals_the_masked_path():
     assert windowed.mask(slots, sliding_window=2) is not None and windowed.mask(slots, sliding_window=4) is None
 
 
-def test_kv_cache_head_is_a_view_of_the_first_rows():
-    """What a step through `head(n)` writes and appends is in the whole cache; rows past n are untouched."""
+def test_kv_cache_decode_slots_move_only_the_first_rows_that_advance():
+    """A decode step of the first n rows (`decode_slots` with `advancing [n]`): those that advance take their next
+    slot, one sitting the step out takes none, and rows past n are untouched; the mask covers the n rows."""
     cache = KVCache(1, 3, 1, 8, 4, dtype=torch.float32, device="cpu")
     cache.append(2)
-    head = cache.head(2)
-    slots = head.append(1)
-    head.keys[0][torch.arange(2)[:, None], :, slots] = torch.ones(2, 1, 1, 4)
-    assert cache.lengths.tolist() == [3, 3, 2] and cache.valid[:, 2].tolist() == [True, True, False]
-    assert cache.keys[0][:2, 0, 2].eq(1).all() and cache.keys[0][2].eq(0).all()
-    assert head.mask(slots).shape == (2, 1, 1, 3)
+    slots, mask = cache.decode_slots(4, torch.tensor([True, False]))
+    assert slots.tolist() == [[2], [2]] and mask.shape == (2, 1, 1, 4)
+    assert cache.lengths.tolist() == [3, 2, 2] and cache.valid[:, 2].tolist() == [True, False, False]
 
 
 def test_kv_cache_load_row_takes_a_single_row_prefill():
