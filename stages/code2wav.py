@@ -54,6 +54,21 @@ def each_row(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([conv(x[i : i + 1].clone()) for i in range(x.shape[0])])
 
 
+def each_row_after(conv: nn.Module, state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`each_row(conv, torch.cat([state, x], -1))` without building the whole batch's concatenation first: each row's
+    own concatenation is the fresh copy `each_row` makes of it (one copy of the input instead of two).
+    state [B, C, c], x [B, C, L] -> [B, C_out, L']."""
+    return torch.cat([conv(torch.cat([state[i : i + 1], x[i : i + 1]], dim=-1)) for i in range(x.shape[0])])
+
+
+def _last_columns(state: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
+    """The last `n` columns of `torch.cat([state, x], -1)` [B, C, n], without that concatenation; a copy, so the
+    state carried to the next call does not hold on to this call's whole activation."""
+    if x.shape[-1] >= n:
+        return x[..., x.shape[-1] - n :].clone()
+    return torch.cat([state[..., state.shape[-1] - (n - x.shape[-1]) :], x], dim=-1)
+
+
 class CausalConv1d(nn.Module):
     """Conv1d (stride 1) over the past only: zero left padding of (k-1)·dilation at the start of the stream.
 
@@ -69,11 +84,10 @@ class CausalConv1d(nn.Module):
         # x [B, C, L]; state [B, C, context] (None: start of the stream = zero padding)
         if state is None:
             state = x.new_zeros(x.shape[0], x.shape[1], self.context)
-        padded = torch.cat([state, x], dim=-1)  # [B, C, context + L]
-        new_state = padded[..., padded.shape[-1] - self.context :]
+        new_state = _last_columns(state, x, self.context)
         if x.shape[-1] == 0:
             return x.new_zeros(x.shape[0], self.conv.out_channels, 0), new_state
-        return each_row(self.conv, padded), new_state
+        return each_row_after(self.conv, state, x), new_state  # the conv of [state, x]: [B, C_out, L]
 
 
 class CausalTransConv1d(nn.Module):
@@ -96,12 +110,13 @@ class CausalTransConv1d(nn.Module):
         # x [B, C, L]; state [B, C, lookahead] carried input columns (None at the start)
         if self.lookahead == 0:
             return each_row(self.conv, x) if x.shape[-1] else x.new_zeros(x.shape[0], self.conv.out_channels, 0), None
-        if state is not None:
-            x = torch.cat([state, x], dim=-1)
-        new_state = x[..., x.shape[-1] - self.lookahead :] if x.shape[-1] >= self.lookahead else x
-        if x.shape[-1] <= self.lookahead:  # nothing complete yet
+        if state is None:
+            state = x[..., :0]
+        inputs = state.shape[-1] + x.shape[-1]
+        new_state = _last_columns(state, x, min(self.lookahead, inputs))
+        if inputs <= self.lookahead:  # nothing complete yet
             return x.new_zeros(x.shape[0], self.conv.out_channels, 0), new_state
-        y = each_row(self.conv, x)  # [B, C_out, (L+1)·s] for k = 2s
+        y = each_row_after(self.conv, state, x)  # the conv of [state, x]: [B, C_out, (L+1)·s] for k = 2s
         return y[..., self.trim : y.shape[-1] - self.trim], new_state
 
 
@@ -116,8 +131,13 @@ class SnakeBeta(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [B, C, L]
         alpha = self.alpha.exp()[None, :, None]
-        beta = self.beta.exp()[None, :, None]
-        return x + (1.0 / (beta + 1e-9)) * torch.sin(x * alpha).pow(2)
+        inverse_beta = 1.0 / (self.beta.exp()[None, :, None] + 1e-9)
+        # in place on one new tensor: the decoder's activations are its largest tensors, and a new one per operation
+        # costs more than the arithmetic (the same bits: pow(2) multiplies the value by itself)
+        out = x * alpha
+        out.sin_()
+        out.mul_(out)
+        return out.mul_(inverse_beta).add_(x)
 
 
 class ConvNeXtBlock(nn.Module):
