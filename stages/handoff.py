@@ -271,9 +271,28 @@ def talker_prompt_inputs(
 
 def text_entries(talker: Talker, request: TalkerRequest, step: int, tts: torch.Tensor) -> torch.Tensor:
     """Text input of decode step `step` [H]: P(reply token step+2), then T(tts_eos), then T(tts_pad)."""
+    entry = _text_entry(request, step)
+    return tts[entry] if isinstance(entry, int) else talker.text_projection(entry.to(tts.dtype))
+
+
+def text_entries_of(talker: Talker, requests: list[TalkerRequest], steps: list[int],
+                    tts: torch.Tensor) -> torch.Tensor:
+    """`text_entries` of several replies' decode steps [k, H], their reply tokens projected in one call (an engine's
+    step of k rows: one small matrix product instead of k)."""
+    entries = [_text_entry(request, step) for request, step in zip(requests, steps)]
+    tokens = [i for i, entry in enumerate(entries) if not isinstance(entry, int)]
+    out = tts[[entry if isinstance(entry, int) else TTS_PAD for entry in entries]]  # [k, H]
+    if tokens:
+        out[tokens] = talker.text_projection(torch.stack([entries[i] for i in tokens]).to(tts.dtype))
+    return out
+
+
+def _text_entry(request: TalkerRequest, step: int) -> torch.Tensor | int:
+    """What the text entry of decode step `step` is: the thinker embedding of reply token step+2 [Ht] (to project),
+    or the row of T(tts_eos) or T(tts_pad) in the talker's tts embeddings."""
     index = FIRST_ENTRY + step
     if index < len(request.assistant_embeds):
-        return talker.text_projection(request.assistant_embeds[index].to(tts.dtype))
+        return request.assistant_embeds[index]
     if not request.finished:
         raise RuntimeError("the talker ran ahead of the thinker: push more tokens before this step")
-    return tts[TTS_EOS] if index == len(request.assistant_embeds) else tts[TTS_PAD]
+    return TTS_EOS if index == len(request.assistant_embeds) else TTS_PAD

@@ -249,11 +249,14 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-# Token-expert pairs up to which a CPU step takes `Experts._gathered` instead of the grouped matmul. Measured on the
-# small config's talker decode step (4 of 16 experts, hidden 128, 2 cores), CPU ms grouped / gathered: 1 row 0.37 /
-# 0.18 compiled, 1.40 / 1.04 eager; 4 rows 0.54 / 0.32 compiled, 1.39 / 1.44 eager; 8 rows 0.79 / 0.70 compiled but
-# 1.8 / 8.6 eager (eager, the gathered weights are copied). CUDA keeps the grouped matmul: not measured there yet.
+# Token-expert pairs up to which a CPU step takes `Experts._gathered` instead of the grouped matmul, eager and
+# compiled. Measured on the small config's talker decode step (4 of 16 experts, hidden 128, 2 cores), CPU ms grouped /
+# gathered: 1 row 0.37 / 0.18 compiled, 1.40 / 1.04 eager; 4 rows 0.54 / 0.32 compiled, 1.39 / 1.44 eager; 8 rows
+# 1.11 / 0.83 compiled (the grouped matmul is an operator the compiled step calls back into Python for) but 1.8 / 8.6
+# eager (eager, the gathered weights are copied). The thinker's step at 8 rows: 2.52 / 2.52 compiled. CUDA keeps the
+# grouped matmul: not measured there yet.
 GATHERED_MAX_PAIRS = 16
+GATHERED_MAX_PAIRS_COMPILED = 32
 
 
 class Experts(nn.Module):
@@ -275,7 +278,8 @@ class Experts(nn.Module):
         summation order as the reference's expert-by-expert loop.
         """
         N, K = expert_ids.shape
-        if x.device.type == "cpu" and N * K <= GATHERED_MAX_PAIRS:
+        limit = GATHERED_MAX_PAIRS_COMPILED if torch.compiler.is_compiling() else GATHERED_MAX_PAIRS
+        if x.device.type == "cpu" and N * K <= limit:
             return self._gathered(x, expert_ids, weights)
         flat_experts = expert_ids.reshape(-1)  # [N·K]
         order = torch.argsort(flat_experts, stable=True)  # [N·K]

@@ -191,11 +191,12 @@ class _Replies:
     """One `generate` call: its rows through the thinker, talker and Code2Wav engines, which run at once, each on
     its own thread, as the service's stages do; this thread routes each engine's steps to the next (`run`).
 
-    A single reply streams: the talker takes the thinker's tokens as they come and Code2Wav the talker's frames, so
-    the three overlap. In a batch the talker starts once every reply's text is there: its steps then batch the same
-    rows in every run (which rows share a step changes the rounding of a compiled step's matrix products), so a batch
-    gives the same codes every time. Code2Wav takes frames as they come either way (a request's samples are the same
-    bits however its calls are batched)."""
+    The talker takes the thinker's tokens as they come and Code2Wav the talker's frames, so the three overlap. A single
+    reply starts on the talker as soon as it can prefill. A batch starts once every reply can, in lockstep
+    (`TalkerEngine.submit_lockstep`): its steps then batch the same rows in every run however the thinker's tokens
+    arrive (which rows share a step changes the rounding of its matrix products), so a batch gives the same codes
+    every time. Code2Wav takes frames as they come either way (a request's samples are the same bits however its calls
+    are batched)."""
 
     def __init__(self, model: OmniModel, rows: list[ThinkerPrompt], thinker_params: SamplingParams,
                  talker_params: SamplingParams | None, speaker_id: int | None,
@@ -209,7 +210,7 @@ class _Replies:
         self.talker_requests: list[TalkerRequest | None] = [None] * len(rows)
         self.frames: list[list[torch.Tensor]] = [[] for _ in rows]
         self.samples: list[list[torch.Tensor]] = [[] for _ in rows]
-        self.thinking = len(rows)  # rows whose text is still coming
+        self.voicing = False  # the talker has the batch's rows
         self.steps: queue.Queue = queue.Queue()  # (stage, row, step or error) from the engines' threads
         max_rows, max_len = engine_shape(len(rows), max(r.input_ids.shape[1] for r in rows)
                                          + thinker_params.max_new_tokens)
@@ -256,11 +257,9 @@ class _Replies:
         if step.talker_tokens is not None:
             self.talker_requests[row].push(step.talker_tokens[0])
             self.talker.notify()
-        if done:
-            self.thinking -= 1
-            if not self.streaming and not self.thinking:
-                for each in range(len(self.rows)):
-                    self._voice(each)
+        if not self.streaming and not self.voicing and all(
+                request is not None and request.prefill_ready for request in self.talker_requests):
+            self._voice_all()
         return False
 
     def _record_text(self, row: int, step) -> bool:
@@ -281,6 +280,14 @@ class _Replies:
         """Start the row's talker request and its Code2Wav request."""
         self.code2wav.submit(str(row), self._sink("code2wav", row))
         self.talker.submit(str(row), self.talker_requests[row], self.talker_params, self._sink("talker", row))
+
+    def _voice_all(self) -> None:
+        """Start every row's Code2Wav request and their talker requests, in lockstep."""
+        self.voicing = True
+        for row in range(len(self.rows)):
+            self.code2wav.submit(str(row), self._sink("code2wav", row))
+        self.talker.submit_lockstep([(str(row), request, self.talker_params, self._sink("talker", row))
+                                     for row, request in enumerate(self.talker_requests)])
 
     def _on_talker(self, row: int, step) -> bool:
         """A talker step: the row's next frame (if any) to Code2Wav; its end tells Code2Wav there are no more."""

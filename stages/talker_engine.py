@@ -19,7 +19,13 @@ and the step makes its write slots and mask from the cache inside itself (`KVCac
 fixed batch buckets and spans, compiled when `compiled` (see stages/compile.py).
 
 Each reply gets exactly the frames `stream_frames` gives it alone (greedy, or seeded: one generator per reply, drawn
-in the same order). The caller feeds the thinker's tokens into the `TalkerRequest` from any thread, then calls
+in the same order).
+
+Which replies share a step changes the rounding of its matrix products (they run at another batch size), so a reply's
+codes can differ in the last bits of its states with the timing of the others' text. Replies submitted together with
+`submit_lockstep` (a batch of `OmniModel.generate`) are kept from that: they are admitted together, once all of them
+can prefill, and each feed step takes all of them or none (a reply whose next text entry has not arrived holds the
+others back), so the same replies share every step in every run however the thinker's tokens arrive. The caller feeds the thinker's tokens into the `TalkerRequest` from any thread, then calls
 `notify()`; the engine thread sleeps until something calls it (or the next kept session expires).
 
 A reply resumed after the replica making it was lost (`submit(..., resume_frames=)`) comes with the frames it had made:
@@ -51,7 +57,7 @@ from stages.code_predictor import FramePredictor, predictor_params
 from stages.compile import batch_buckets, compile_step, needs_warm_up, static_buffers
 from stages.kv_cache import KVCache
 from stages.sampling import banned_tokens, make_generators, replay_draws, sample_next
-from stages.handoff import TalkerLayout, TalkerRequest, talker_layout, talker_prompt_embeds, text_entries
+from stages.handoff import TalkerLayout, TalkerRequest, talker_layout, talker_prompt_embeds, text_entries_of
 from stages.talker import Talker, TalkerStep, decode_hidden
 from stages.talker_sessions import kept_user_part, reusable_talker_prefix
 from stages.thinker_sessions import EndedSessions, SessionStore
@@ -69,6 +75,7 @@ class _Reply:
     on_frame: FrameSink
     session: str | None = None  # its prompt's user part is kept for the session's next reply
     known: torch.Tensor | None = None  # [G, F] its first frames, made before by a lost replica (fed, not made)
+    lockstep: object | None = None  # shared by the replies of one `submit_lockstep` call
 
     @property
     def known_frames(self) -> int:
@@ -120,7 +127,7 @@ class TalkerEngine:
         self.rows: list[_Row | None] = [None] * max_rows
         self.solo: list[_Row] = []  # replies too long for a row, each in a cache of its own
         self.waiting: list[_Reply] = []  # admitted in order once prefill_ready (engine thread only)
-        self.incoming: queue.Queue[_Reply] = queue.Queue()
+        self.incoming: queue.Queue[list[_Reply]] = queue.Queue()  # a reply, or a lockstep group, per item
         self.cancellations = Cancellations()
         self.sessions = sessions  # None: replies of a session are refused
         self.ended = EndedSessions()
@@ -149,7 +156,18 @@ class TalkerEngine:
         if known is not None and known.shape[1] >= params.max_new_tokens:
             raise ValueError(f"{request_id}: {known.shape[1]} frames to resume from leave none to make")
         self.cancellations.submitted(request_id)
-        self.incoming.put(_Reply(request_id, request, params, on_frame, session, known))
+        self.incoming.put([_Reply(request_id, request, params, on_frame, session, known)])
+        self.notify()
+
+    def submit_lockstep(self, replies: list[tuple[str, TalkerRequest, SamplingParams, FrameSink]]) -> None:
+        """Queue replies (request id, request, params, sink, as `submit` takes them) that move in lockstep: admitted
+        together once every one of them can prefill, then fed all together or not at all (see the module
+        docstring). All of them must fit the free rows of the batch to share its steps."""
+        group = object()
+        for request_id, _, _, _ in replies:
+            self.cancellations.submitted(request_id)
+        self.incoming.put([_Reply(request_id, request, params, on_frame, lockstep=group)
+                           for request_id, request, params, on_frame in replies])  # one item: taken in at once
         self.notify()
 
     def notify(self) -> None:
@@ -206,11 +224,12 @@ class TalkerEngine:
     def _take_incoming(self) -> None:
         while True:
             try:
-                reply = self.incoming.get_nowait()
+                replies = self.incoming.get_nowait()
             except queue.Empty:
                 return
-            self.cancellations.arrived(reply.request_id)
-            self.waiting.append(reply)
+            for reply in replies:
+                self.cancellations.arrived(reply.request_id)
+                self.waiting.append(reply)
 
     def _admit(self) -> bool:
         admitted = False
@@ -218,7 +237,7 @@ class TalkerEngine:
             fits = self.fits(reply.request, reply.params)
             if fits and None not in self.rows:
                 continue  # a later reply may still be admitted alone (one too long for a row)
-            if not reply.prefill_ready:
+            if not reply.prefill_ready or not self._group_ready(reply):
                 continue
             self.waiting.remove(reply)
             if not reply.request.has_voice:  # nothing to say (an empty reply)
@@ -231,6 +250,12 @@ class TalkerEngine:
                 logger.exception("talker engine: prefill of %s failed", reply.request_id)
                 self._hand(reply, exc)
         return admitted
+
+    def _group_ready(self, reply: _Reply) -> bool:
+        """Whether the reply's lockstep group (if any) can be admitted: every one of it still waiting can prefill
+        (the engine takes a group in all at once)."""
+        return reply.lockstep is None or all(other.prefill_ready for other in self.waiting
+                                             if other.lockstep is reply.lockstep)
 
     def _prefill(self, reply: _Reply, into_batch: bool) -> None:
         """Prefill the reply alone (after its session's kept prefix, if any; then its known frames), then copy it
@@ -277,7 +302,7 @@ class TalkerEngine:
         F = frames.shape[1]
         seen[frames[0]] = True
         self._replay(reply.params, generator, F)
-        entries = torch.stack([text_entries(talker, reply.request, k, tts) for k in range(F)])  # [F, H]
+        entries = text_entries_of(talker, [reply.request] * F, list(range(F)), tts)  # [F, H]
         fed = _summed_code_embeddings(talker, frames) + entries  # [F, H]
         slots = cache.append(F)  # [1, F]
         positions = (position + torch.arange(F, dtype=torch.float32, device=hidden.device))[None, None]
@@ -354,9 +379,13 @@ class TalkerEngine:
         return torch.cat([c0[:, None], residual], dim=1), embed_sum
 
     def _feed_frames(self) -> bool:
-        """One talker decode step for the rows whose next text entry is there; the others sit it out."""
-        feeding = [row for row in self._busy()
-                   if row.hidden is None and row.reply.request.entry_ready(row.step)]
+        """One talker decode step for the rows whose next text entry is there; the others sit it out (with the
+        rest of their lockstep group, if they have one)."""
+        waiting = [row for row in self._busy() if row.hidden is None]
+        held = {row.reply.lockstep for row in waiting if not row.reply.request.entry_ready(row.step)}
+        feeding = [row for row in waiting
+                   if row.reply.request.entry_ready(row.step) and (row.reply.lockstep is None
+                                                                   or row.reply.lockstep not in held)]
         if not feeding:
             return False
         in_batch = [row for row in feeding if row.cache is self.cache]
@@ -380,9 +409,10 @@ class TalkerEngine:
         positions = [0.0] * n
         advancing = [False] * n
         for row in feeding:
-            x[row.index, 0] = row.embed_sum + text_entries(talker, row.reply.request, row.step, tts)
             positions[row.index] = row.position
             advancing[row.index] = True
+        entries = text_entries_of(talker, [row.reply.request for row in feeding], [row.step for row in feeding], tts)
+        x[[row.index for row in feeding], 0] = torch.stack([row.embed_sum for row in feeding]) + entries  # [k, H]
         decode = self.decode if batched else decode_hidden
         out = decode(talker, x, torch.tensor(positions, device=tts.device), torch.tensor(advancing, device=tts.device),
                      cache, span)  # [n, 1, H]

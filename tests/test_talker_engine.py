@@ -117,6 +117,36 @@ def test_replies_equal_each_alone_while_joining_and_waiting_for_text(setup, engi
     assert engine.active == []
 
 
+def test_lockstep_replies_wait_for_each_other_and_equal_each_alone(setup, engines):
+    """Replies submitted in lockstep: not admitted before all can prefill, and no frame fed back for one while
+    another's next text entry is missing; their codes still equal `generate_codes` on each alone."""
+    model, replies = setup
+    cfg, groups = model.cfg, model.cfg.talker_config.num_code_groups
+    params = talker_sampling(cfg.talker_config, SamplingParams(max_new_tokens=12, repetition_penalty=1.05))
+    expected = [generate_codes(model.talker, cfg, [request(model, reply)], [params])[0] for reply in replies[:3]]
+    engine = engines(model.talker, cfg, max_rows=4, max_len=256)
+    got = Frames()
+    complete = request(model, replies[0])  # all its text there
+    late = request(model, replies[1], chunks=1)  # its first token only: it can prefill, not feed its first frame
+    not_yet = TalkerRequest(cfg, replies[2].talker_prompt, speaker_codec_id(cfg.talker_config, "ethan"))
+    engine.submit_lockstep([(f"r{i}", r, params, got.sink(f"r{i}")) for i, r in enumerate((complete, late, not_yet))])
+    time.sleep(0.3)
+    assert engine.active == []  # r2 cannot prefill yet: none of the three is admitted
+    for chunk in replies[2].talker_chunks:
+        not_yet.push(chunk)
+    engine.notify()
+    time.sleep(0.5)
+    assert engine.active == ["r0", "r1", "r2"]
+    assert [len(got.frames[f"r{i}"]) for i in range(3)] == [1, 1, 1]  # held at their first frame by r1's text
+    for chunk in replies[1].talker_chunks[1:]:
+        late.push(chunk)
+    engine.notify()
+    for i, event in got.done.items():
+        assert event.wait(120), i
+    for i, want in enumerate(expected):
+        assert torch.equal(got.codes(f"r{i}", groups), want), i
+
+
 def test_cancel_frees_the_row(setup, engines):
     model, replies = setup
     cfg = model.cfg
