@@ -53,6 +53,8 @@ def main() -> None:
     p.add_argument("--audio-frames", type=int, default=40, help="talker_max_tokens (codec frames + 1)")
     p.add_argument("--serve-config", type=Path, default=None, help="a serve config file (default: CPU defaults)")
     p.add_argument("--port", type=int, default=8011)
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="compiled steps, for the service's replicas and the in-process OmniModel alike")
     args = p.parse_args()
     device, dtype = common.resolve_device_dtype(args)
     ckpt = common.build_checkpoint(args, dtype)
@@ -77,6 +79,7 @@ def main() -> None:
                 **({"layers": args.layers} if args.model == "full" and args.checkpoint is None else {}),
                 "concurrency": args.concurrency, "new_tokens": args.new_tokens, "audio_frames": args.audio_frames,
                 "serve_config": str(args.serve_config) if args.serve_config else "CPU defaults",
+                "compile": args.compile,
                 "repeats": args.repeats, "checkpoint": common.checkpoint_summary(ckpt)}
     common.report("bench_serve", args, settings, results, ["extra"])
 
@@ -130,7 +133,7 @@ def omni_in_process(ckpt: Path, conversation, cases: list[str], args, device, dt
     from stages.code2wav import CodecChunking
     from stages.omni import OmniModel
 
-    model = OmniModel.from_pretrained(ckpt, device=device, dtype=dtype)
+    model = OmniModel.from_pretrained(ckpt, device=device, dtype=dtype, compile=args.compile)
     processor = OmniProcessor.from_pretrained(ckpt)
     eos = common.generation_eos_ids(ckpt)
     first = CodecChunking().ramp[0]  # the service's default first chunk
@@ -191,7 +194,7 @@ class local_service:
 
         ray.init(namespace="serve", include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
         cli = argparse.Namespace(model=str(self.ckpt), config=self.args.serve_config, host="127.0.0.1",
-                                 port=self.args.port, api_key=None, address=None)
+                                 port=self.args.port, api_key=None, address=None, compile=self.args.compile)
         deploy = serve_cli._deploy_config if cli.config is not None else serve_cli._deploy_builder
         deploy(cli)
         return f"http://127.0.0.1:{self.args.port}"

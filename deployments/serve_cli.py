@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=None, help="HTTP host (default 127.0.0.1, or the config file's)")
     parser.add_argument("--port", type=int, default=None, help="HTTP port (default 8000, or the config file's)")
     parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default=None,
+                        help="compiled decode steps (default auto, or the config file's: on CUDA only; `on` for a "
+                             "long-running CPU service, whose replicas then compile for minutes at their first start)")
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join (e.g. auto); default: start a local one")
 
@@ -61,7 +64,8 @@ def _ignore_stop_signals() -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in (("model", args.model), ("api_key", args.api_key)) if v is not None}
+    return {k: v for k, v in (("model", args.model), ("api_key", args.api_key), ("compile", args.compile))
+            if v is not None}
 
 
 def _deploy_builder(args: argparse.Namespace) -> tuple[str, int]:
