@@ -5,8 +5,8 @@ A checkpoint is the hub layout: config.json, tokenizer/processor files and safet
 tensor-name prefixes (`STAGE_PREFIXES`), so a stage process maps, and on the hub downloads, only its shards.
 
 Loading contract (see docs/internals.md, "Weights"):
-- The stage module is built on the meta device (`with torch.device("meta"): module = Stage(cfg)`), so building
-  it allocates nothing; `load_stage_weights` assigns the file tensors (converted to `dtype`, on `device`), so
+- The stage module is built on the meta device (`with built_on_meta(): module = Stage(cfg)`), so building
+  it allocates and computes nothing; `load_stage_weights` assigns the file tensors (converted to `dtype`, on `device`), so
   peak memory is about the stage's weights plus one tensor.
 - Parameter names are the hub names with the stage's prefix replaced (`prefix_map`), except MoE experts, which
   we hold stacked (`STACKED_EXPERTS`), and projections of one input that a module holds fused
@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -29,6 +30,7 @@ from typing import Iterable
 import torch
 from safetensors import safe_open
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from common.errors import CheckpointError
 
@@ -258,6 +260,28 @@ def to_hub_state_dict(module: nn.Module, prefix_map: dict[str, str]) -> dict[str
 
 # ----------------------------------------------------------------------------------------------------------
 # Loading
+
+
+@contextmanager
+def built_on_meta():
+    """Modules built in this block have their parameters and buffers on the meta device, and nothing is computed
+    there: `torch.nn`'s initialisers are skipped on meta tensors, and our modules compute their buffers only off meta
+    (`reset_buffers`, which the loader calls once the buffers are on their device). Not for speed of the meta ops
+    themselves: the first meta op of a process that computes anything (an initialiser's fill, a rotary table's
+    `arange`, a division) runs torch's Python meta kernels, which import torch._dynamo and sympy, about 2.5 s of CPU
+    at every start of a process that loads a stage (a replica, a batch job's actor)."""
+    with torch.device("meta"), _InitialisersSkippedOnMeta():
+        yield
+
+
+class _InitialisersSkippedOnMeta(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            tensor = args[0] if args else kwargs["tensor"]
+            if tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
 
 
 def load_stage_weights(

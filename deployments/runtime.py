@@ -17,7 +17,7 @@ import torch
 from ray.actor import ActorHandle
 from torch import nn
 
-from common.checkpoint import STAGE_PREFIXES, load_stage_weights
+from common.checkpoint import STAGE_PREFIXES, built_on_meta, load_stage_weights
 from common.config import OmniConfig, load_config
 from deployments.settings import ServiceSettings
 from deployments.timeline import StageClock, StageTimes
@@ -125,7 +125,7 @@ def load_stage(
     if load is not None:
         module = load(ckpt, config, dtype, device)
     else:
-        with torch.device("meta"):
+        with built_on_meta():
             module = build(config)
         load_stage_weights(module, ckpt, prefix_map, dtype, device)
     logger.info("%s: loaded %s from %s on %s", stage, type(module).__name__, ckpt, device)

@@ -101,7 +101,8 @@ class AudioEncoder(nn.Module):
         self.proj2 = nn.Linear(cfg.d_model, cfg.output_dim)
         # Not in the checkpoint; recomputed by reset_buffers() after meta-device materialisation.
         self.register_buffer("positions", torch.empty(cfg.max_source_positions, cfg.d_model), persistent=False)
-        self.reset_buffers()
+        if not self.positions.is_meta:  # on meta the loader computes it (`load_stage_weights`)
+            self.reset_buffers()
 
     def reset_buffers(self) -> None:
         table = sinusoid_positions(self.cfg.max_source_positions, self.cfg.d_model)

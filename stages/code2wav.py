@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.checkpoint import STAGE_PREFIXES, load_stage_weights
+from common.checkpoint import STAGE_PREFIXES, built_on_meta, load_stage_weights
 from common.config import Code2WavConfig, OmniConfig
 from common.errors import ConfigError
 from stages.layers import Attention, RMSNorm, Rotary, SwiGLU
@@ -291,8 +291,9 @@ class Code2Wav(nn.Module):
         self.cfg = cfg
         self.code_embedding = nn.Embedding(cfg.codebook_size * cfg.num_quantizers, cfg.hidden_size)
         # row offset of each code group's table inside code_embedding (not in the checkpoint)
-        self.register_buffer("code_offset", torch.zeros(1, cfg.num_quantizers, 1, dtype=torch.long), persistent=False)
-        self.reset_buffers()
+        self.register_buffer("code_offset", torch.empty(1, cfg.num_quantizers, 1, dtype=torch.long), persistent=False)
+        if not self.code_offset.is_meta:  # on meta the loader computes it (`load_stage_weights`)
+            self.reset_buffers()
         self.pre_transformer = PreTransformer(cfg)
         self.upsample = nn.ModuleList(
             nn.ModuleList([CausalTransConv1d(cfg.hidden_size, cfg.hidden_size, r, r), ConvNeXtBlock(cfg.hidden_size)])
@@ -319,7 +320,7 @@ class Code2Wav(nn.Module):
         """Build on the meta device and load the hub tensors `code2wav.*`."""
         if cfg.code2wav_config is None:
             raise ConfigError("this checkpoint has no code2wav (enable_audio_output is false)")
-        with torch.device("meta"):
+        with built_on_meta():
             model = cls(cfg.code2wav_config)
         load_stage_weights(model, ckpt_dir, STAGE_PREFIXES["code2wav"], dtype, device)
         return model.eval()

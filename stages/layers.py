@@ -112,7 +112,9 @@ class Rotary(nn.Module):
         self.head_dim = head_dim
         self.theta = theta
         self.mrope_section = mrope_section
-        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta), persistent=False)
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
+        if not self.inv_freq.is_meta:  # on meta the loader computes it (`load_stage_weights`)
+            self.reset_buffers()
 
     def reset_buffers(self) -> None:
         """Recompute `inv_freq` (it is not in the checkpoint; needed after building on the meta device)."""
@@ -288,8 +290,9 @@ class Experts(nn.Module):
         counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add_(
             0, flat_experts, torch.ones_like(flat_experts))  # [E] (bincount, with a static shape)
         ends = counts.cumsum(0).to(torch.int32)  # [E] where each expert's pairs end
-        gate, up = _grouped_linear(x[token_of_pair], self.gate_up_proj, ends).chunk(2, dim=-1)  # [N·K, I] each
-        y = _grouped_linear(F.silu(gate) * up, self.down_proj, ends)  # [N·K, H]
+        grouped = _grouped_linear if torch.compiler.is_compiling() else _grouped_linear_eager
+        gate, up = grouped(x[token_of_pair], self.gate_up_proj, ends).chunk(2, dim=-1)  # [N·K, I] each
+        y = grouped(F.silu(gate) * up, self.down_proj, ends)  # [N·K, H]
         return torch.zeros_like(x).index_add_(0, token_of_pair, y * pair_weights[:, None])
 
     def _gathered(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -304,13 +307,14 @@ class Experts(nn.Module):
         return (y * pair_weights[..., None]).sum(1)
 
 
-@torch.library.custom_op("omniray::grouped_linear", mutates_args=())
-def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+def _grouped_linear_eager(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """Rows of x `[n, in]` grouped by `ends [E]`, each group times its expert's `weight [E, out, in]` → `[n, out]`.
 
     `F.grouped_mm` runs on CPU and on CUDA in bfloat16; CUDA in other dtypes takes the per-expert loop, which reads
-    the group sizes back to the host. An operator of its own, so a compiled step calls it as it is: the compiler's
-    shape-only stand-in for `F.grouped_mm` accepts bfloat16 only, even where the kernel runs float32.
+    the group sizes back to the host. Compiled steps call it as an operator of its own (`_grouped_linear`): the
+    compiler's shape-only stand-in for `F.grouped_mm` accepts bfloat16 only, even where the kernel runs float32.
+    Eager code calls it directly: the operator's wrapper imports torch._dynamo at its first call (seconds of CPU in a
+    process that never compiles).
     """
     if x.device.type == "cpu" or x.dtype == torch.bfloat16:
         return F.grouped_mm(x, weight.transpose(1, 2), offs=ends)
@@ -320,6 +324,9 @@ def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -
         out[start:end] = F.linear(x[start:end], weight[expert])
         start = end
     return out
+
+
+_grouped_linear = torch.library.custom_op("omniray::grouped_linear", _grouped_linear_eager, mutates_args=())
 
 
 @_grouped_linear.register_fake

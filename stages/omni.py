@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.checkpoint import STAGE_PREFIXES, load_stage_weights, resolve_checkpoint
+from common.checkpoint import STAGE_PREFIXES, built_on_meta, load_stage_weights, resolve_checkpoint
 from common.config import DEFAULT_VOICE, OmniConfig, load_config, load_generation_config
 from common.errors import InvalidRequestError
 from common.sampling import SamplingParams
@@ -374,6 +374,6 @@ def _pick(*values):
 
 def _load(cls: type, stage_cfg, folder: Path, stage: str, dtype: torch.dtype, device: torch.device):
     """An encoder built on the meta device with its stage's tensors loaded."""
-    with torch.device("meta"):
+    with built_on_meta():
         module = cls(stage_cfg)
     return load_stage_weights(module, folder, STAGE_PREFIXES[stage], dtype, device).eval()

@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from common.checkpoint import STAGE_PREFIXES, load_stage_weights, weight_map
+from common.checkpoint import STAGE_PREFIXES, built_on_meta, load_stage_weights, weight_map
 from common.config import OmniConfig, TalkerConfig, TalkerTextConfig
 from common.errors import ConfigError, UnknownVoiceError
 from common.sampling import SamplingParams
@@ -92,7 +92,9 @@ class Talker(nn.Module):
         self.code_predictor = CodePredictor(cfg.code_predictor_config)
         # Thinker input embeddings of tts_bos / tts_eos / tts_pad [3, Ht]: rows of the thinker's embedding table,
         # copied in by `load_talker` (or `set_tts_embeds`) so a talker process needs no thinker weights.
-        self.register_buffer("tts_embeds", torch.zeros(3, cfg.thinker_hidden_size), persistent=False)
+        self.register_buffer("tts_embeds", torch.empty(3, cfg.thinker_hidden_size), persistent=False)
+        if not self.tts_embeds.is_meta:
+            self.reset_buffers()
 
     @classmethod
     def from_pretrained(
@@ -103,7 +105,7 @@ class Talker(nn.Module):
         embedding table (read as a slice: the table itself is not loaded)."""
         if cfg.talker_config is None:
             raise ConfigError("this checkpoint has no talker (enable_audio_output is false)")
-        with torch.device("meta"):
+        with built_on_meta():
             talker = cls(cfg.talker_config)
         load_stage_weights(talker, ckpt_dir, STAGE_PREFIXES["talker"], dtype, device)
         name = "thinker.model.embed_tokens.weight"

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.checkpoint import STAGE_PREFIXES, load_stage_weights
+from common.checkpoint import STAGE_PREFIXES, built_on_meta, load_stage_weights
 from common.config import ThinkerConfig, ThinkerTextConfig, load_config
 from common.errors import ConfigError, InvalidRequestError
 from common.messages import TalkerPrompt, ThinkerTokens
@@ -74,7 +74,7 @@ class ThinkerLM(nn.Module):
     ) -> ThinkerLM:
         """Build on the meta device and load only the thinker LM's tensors of a checkpoint folder."""
         cfg = load_config(ckpt_dir)
-        with torch.device("meta"):
+        with built_on_meta():
             model = cls(cfg.thinker_config)
         load_stage_weights(model, ckpt_dir, STAGE_PREFIXES["thinker"], dtype, device)
         return model.eval()

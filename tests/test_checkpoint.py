@@ -5,7 +5,10 @@ the stacking on load is checked against tensors that never went through our mapp
 """
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -375,3 +378,26 @@ def test_tiny_checkpoint_splits_into_stages(any_tiny_ckpt):
         assert len(owners) == 1, (name, owners)
     for prefixes in STAGE_PREFIXES.values():
         assert shards_for_prefixes(names, prefixes)
+
+
+def test_loading_and_running_every_stage_eagerly_imports_no_compiler(tiny_ckpt):
+    """A process that loads the stages (built on meta) and generates a spoken reply eagerly never imports
+    torch._dynamo: its import is seconds of CPU at every replica and batch-actor start. A fresh interpreter, since
+    this one may have compiled already."""
+    code = (
+        "import sys\n"
+        "from common.processor import OmniProcessor\n"
+        "from stages.omni import OmniModel\n"
+        f"model = OmniModel.from_pretrained({str(tiny_ckpt)!r}, compile='off')\n"
+        f"processor = OmniProcessor.from_pretrained({str(tiny_ckpt)!r})\n"
+        "inputs = processor([processor.apply_chat_template([{'role': 'user', 'content': 'Hi'}],"
+        " add_generation_prompt=True)])\n"
+        "result = model.generate(inputs, thinker_max_new_tokens=4, talker_max_new_tokens=6)[0]\n"
+        "assert result.waveform is not None and len(result.waveform) > 0\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
