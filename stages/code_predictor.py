@@ -179,16 +179,18 @@ class FramePredictor:
 
     def _warm_up(self) -> None:
         """Compile every bucket's frame of greedy rows (with c0's pick: how the talker engine runs them) and the
-        sampled steps now, not on a request's time."""
+        sampled steps now, not on a request's time. Under inference mode, as the engine thread runs them: a compiled
+        graph is kept per grad mode of its tensors, so one warmed up outside it would compile again at a request."""
         weight, sampled = self.heads[0], predictor_params(SamplingParams(do_sample=True))
-        for rows in self.buckets:
-            hidden = weight.new_zeros(rows, weight.shape[1])
-            seen = torch.zeros(rows, self.c0_head.shape[0], dtype=torch.bool, device=weight.device)
-            self.with_c0(hidden, seen, hidden.new_ones(rows), seen.clone())
-            # two tensors, as a frame gets (one passed twice would compile a graph of its own for aliases), and
-            # generators of its own (a draw from the global one would change what unseeded requests draw)
-            hidden, c0 = weight.new_zeros(rows, weight.shape[1]), weight.new_zeros(rows, weight.shape[1])
-            self(hidden, c0, [sampled] * rows, [torch.Generator(weight.device) for _ in range(rows)])
+        with torch.inference_mode():
+            for rows in self.buckets:
+                hidden = weight.new_zeros(rows, weight.shape[1])
+                seen = torch.zeros(rows, self.c0_head.shape[0], dtype=torch.bool, device=weight.device)
+                self.with_c0(hidden, seen, hidden.new_ones(rows), seen.clone())
+                # two tensors, as a frame gets (one passed twice would compile a graph of its own for aliases), and
+                # generators of its own (a draw from the global one would change what unseeded requests draw)
+                hidden, c0 = weight.new_zeros(rows, weight.shape[1]), weight.new_zeros(rows, weight.shape[1])
+                self(hidden, c0, [sampled] * rows, [torch.Generator(weight.device) for _ in range(rows)])
 
     @torch.no_grad()
     def with_c0(self, talker_hidden: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor,

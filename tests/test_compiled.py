@@ -56,6 +56,23 @@ def test_compiled_code_step_logits_are_within_1e_5(models):
     torch.testing.assert_close(sum_fast, sum_slow, rtol=0, atol=1e-5)
 
 
+def test_a_predictor_built_outside_inference_mode_compiles_nothing_at_a_request(models):
+    """A replica builds its engines outside inference mode and runs them under it (the engine thread): the warm-up
+    compiles the graphs a request then runs, so no request waits for a compile (it did: seconds per bucket)."""
+    from torch._dynamo.utils import counters
+
+    _, compiled = models
+    talker = compiled.talker
+    frames = FramePredictor(talker.code_predictor, 2, True, c0_head=talker.codec_head.weight,
+                            c0_table=talker.model.codec_embedding.weight)  # buckets 1 and 2, warmed up here
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        hidden = torch.randn(2, talker.codec_head.weight.shape[1])
+        seen = torch.zeros(2, talker.codec_head.weight.shape[0], dtype=torch.bool)
+        frames.with_c0(hidden, seen, torch.ones(2), seen.clone())
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_compile_setting_and_buckets():
     cpu, cuda, fp32, bf16 = torch.device("cpu"), torch.device("cuda"), torch.float32, torch.bfloat16
     assert not compile_enabled("auto", cpu, fp32) and compile_enabled("auto", cuda, bf16)
