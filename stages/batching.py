@@ -25,6 +25,15 @@ def span_for(length: int, max_len: int) -> int:
     return min(span, max_len)
 
 
+def all_spans(max_len: int) -> list[int]:
+    """Every span `span_for` gives for a cache of `max_len` slots, shortest first: what an engine's warm-up compiles
+    for each batch bucket, so that no request meets a step shape that has yet to compile."""
+    spans = [min(MIN_SPAN, max_len)]
+    while spans[-1] < max_len:
+        spans.append(min(spans[-1] * 2, max_len))
+    return spans
+
+
 def finish_reason(token: int, generated: int, params: SamplingParams) -> str | None:
     """Why a reply ends with `token`, its `generated`-th: "stop" on a stop token, "length" at `max_new_tokens`, else
     None (still going). The one rule every loop — engines and reference loops, thinker and talker — applies."""

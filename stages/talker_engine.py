@@ -52,7 +52,7 @@ import torch
 
 from common.config import OmniConfig
 from common.sampling import SamplingParams
-from stages.batching import Cancellations, finish_reason, hand_over, span_for, step_shape
+from stages.batching import Cancellations, all_spans, finish_reason, hand_over, step_shape
 from stages.code_predictor import FramePredictor, predictor_params
 from stages.compile import batch_buckets, compile_step, needs_warm_up, static_buffers
 from stages.kv_cache import KVCache
@@ -423,13 +423,15 @@ class TalkerEngine:
             row.step += 1
 
     def _warm_up(self) -> None:
-        """Compile the decode step of every batch bucket now (at the shortest span), not on a reply's time."""
+        """Compile the decode step of every batch bucket and attention span now, not on a reply's time (a step
+        shape first met by a reply would compile then: seconds)."""
         tts = self.tts
         with torch.inference_mode():
             for n in self.buckets:  # no row advances: the cache is left as it was
                 x = torch.zeros(n, 1, tts.shape[-1], dtype=tts.dtype, device=tts.device)
                 positions = torch.zeros(n, device=tts.device)
-                self.decode(self.talker, x, positions, positions.bool(), self.cache, span_for(1, self.max_len))
+                for span in all_spans(self.max_len):
+                    self.decode(self.talker, x, positions, positions.bool(), self.cache, span)
 
     def _finish(self, row: _Row, reason: str) -> None:
         self._free(row)

@@ -40,7 +40,7 @@ import torch
 
 from common.messages import ThinkerTokens
 from common.sampling import SamplingParams
-from stages.batching import Cancellations, finish_reason, hand_over, span_for, step_shape
+from stages.batching import Cancellations, all_spans, finish_reason, hand_over, step_shape
 from stages.compile import batch_buckets, compile_step, needs_warm_up, static_buffers
 from stages.kv_cache import KVCache
 from stages.sampling import make_generators, replay_draws, sample_ragged
@@ -389,12 +389,14 @@ class ThinkerEngine:
         return logits[[row.index for row in rows]]
 
     def _warm_up(self) -> None:
-        """Compile the decode step of every batch bucket now (at the shortest span), not on a request's time."""
+        """Compile the decode step of every batch bucket and attention span now, not on a request's time (a step
+        shape first met by a request would compile then: seconds)."""
         device = self.cache.valid.device
         with torch.inference_mode():
             for n in self.buckets:  # no row advances: the cache is left as it was
                 zeros = torch.zeros(n, dtype=torch.long, device=device)
-                self.decode(self.model, zeros, zeros.float(), zeros.bool(), self.cache, span_for(1, self.max_len))
+                for span in all_spans(self.max_len):
+                    self.decode(self.model, zeros, zeros.float(), zeros.bool(), self.cache, span)
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         """The next token of each row from its logits (`[k, V]`, in that order): one `sample_next` call for all,

@@ -12,6 +12,7 @@ import torch
 from common.processor import OmniProcessor
 from common.sampling import SamplingParams
 from stages.code_predictor import FramePredictor, predictor_params
+from stages.batching import MIN_SPAN, all_spans, span_for
 from stages.compile import batch_buckets, bucket_for, compile_enabled
 from stages.omni import OmniModel
 
@@ -84,3 +85,11 @@ def test_compile_setting_and_buckets():
         compile_enabled("sometimes", cpu, fp32)
     assert batch_buckets(1) == [1] and batch_buckets(12) == [1, 2, 4, 8, 12] and batch_buckets(16) == [1, 2, 4, 8, 16]
     assert [bucket_for(n, batch_buckets(12)) for n in (1, 3, 8, 9, 12)] == [1, 4, 8, 12, 12]
+
+
+@pytest.mark.parametrize("max_len", [MIN_SPAN // 2, MIN_SPAN, 3 * MIN_SPAN, 8192])
+def test_the_warm_up_spans_are_every_span_a_step_can_take(max_len):
+    """The engines' warm-up compiles each bucket at `all_spans`: exactly the spans a decode step of any length up to
+    the cache's takes, so a compiled replica meets no new step shape at a request."""
+    taken = {span_for(length, max_len) for length in range(1, max_len + 1)}
+    assert all_spans(max_len) == sorted(taken)
