@@ -5,9 +5,9 @@ A checkpoint is the hub layout: config.json, tokenizer/processor files and safet
 tensor-name prefixes (`STAGE_PREFIXES`), so a stage process maps, and on the hub downloads, only its shards.
 
 Loading contract (see docs/internals.md, "Weights"):
-- The stage module is built on the meta device (`with built_on_meta(): module = Stage(cfg)`), so building
-  it allocates and computes nothing; `load_stage_weights` assigns the file tensors (converted to `dtype`, on `device`), so
-  peak memory is about the stage's weights plus one tensor.
+- The stage module is built on the meta device (`with built_on_meta(): module = Stage(cfg)`), so building it
+  allocates and computes nothing; `load_stage_weights` assigns the file tensors (converted to `dtype`, on
+  `device`), so peak memory is about the stage's weights plus one tensor.
 - Parameter names are the hub names with the stage's prefix replaced (`prefix_map`), except MoE experts, which
   we hold stacked (`STACKED_EXPERTS`), and projections of one input that a module holds fused
   (`stages.layers.FusedLinear`: e.g. `self_attn.qkv_proj.weight` is the rows of the hub's `self_attn.q_proj.weight`,

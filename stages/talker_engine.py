@@ -25,8 +25,10 @@ Which replies share a step changes the rounding of its matrix products (they run
 codes can differ in the last bits of its states with the timing of the others' text. Replies submitted together with
 `submit_lockstep` (a batch of `OmniModel.generate`) are kept from that: they are admitted together, once all of them
 can prefill, and each feed step takes all of them or none (a reply whose next text entry has not arrived holds the
-others back), so the same replies share every step in every run however the thinker's tokens arrive. The caller feeds the thinker's tokens into the `TalkerRequest` from any thread, then calls
-`notify()`; the engine thread sleeps until something calls it (or the next kept session expires).
+others back), so the same replies share every step in every run however the thinker's tokens arrive.
+
+The caller feeds the thinker's tokens into the `TalkerRequest` from any thread, then calls `notify()`; the engine
+thread sleeps until something calls it (or the next kept session expires).
 
 A reply resumed after the replica making it was lost (`submit(..., resume_frames=)`) comes with the frames it had made:
 they are teacher-forced after its prompt (the inputs the lost run fed back, in one forward) and its generator replayed
