@@ -4,8 +4,10 @@ One `Code2WavEngine` per replica decodes the frames of all its requests, batchin
 `CodecChunking` schedule of the settings (a 1-frame first call for a short time to first audio, then larger
 ones). Each request's samples are the ones it gets alone, and `OmniModel.generate` decodes with the same engine,
 so a greedy reply's samples equal OmniModel's bit for bit. Text deltas and the upstream stages' times pass straight
-through. When the talker's replica is lost, the talker is resumed (`deployments.resume`) with the frames received,
-and sends the frames after them.
+through, and the talker's frames go on to the ingress with the next chunk (`PcmChunk.codes`). When the talker's
+replica is lost, the talker is resumed (`deployments.resume`) with the frames received, and sends the frames after
+them; a job resumed after a lost Code2Wav comes with the frames its ingress had (`SpeechJob.frames`): they are
+decoded again and the talker is resumed from them.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class Code2WavStage(StageReplica):
         self.engine.submit(job.request_id, lambda piece: loop.call_soon_threadsafe(events.put_nowait, piece))
         feeding = asyncio.create_task(self._feed(job, events, clock))
         talker_done = speech_done = False
+        frames_in: list[torch.Tensor] = []  # the talker's frames since the last chunk, passed on with the next
         with self.in_engine_for(job.request_id):
             try:
                 while not (talker_done and speech_done):
@@ -67,12 +70,16 @@ class Code2WavStage(StageReplica):
                             talker_done = True
                         elif isinstance(event, (TextDelta, StageTimes)):
                             yield event
+                        elif isinstance(event, torch.Tensor):
+                            frames_in.append(event)
                         else:
                             clock.outputs += event.frames
                             speech_done = event.finished
                             if event.samples.numel() or event.finished:
+                                codes = torch.cat(frames_in, dim=1) if frames_in else None  # [G, f]
+                                frames_in.clear()
                                 yield PcmChunk(job.request_id, event.samples.float().cpu().numpy(), SAMPLE_RATE,
-                                               finished=event.finished)
+                                               finished=event.finished, codes=codes)
             finally:
                 feeding.cancel()
 
@@ -81,7 +88,10 @@ class Code2WavStage(StageReplica):
         then None at its end, or the error that ended it). A stream that ends without marking its last frames
         finished ends the speech there. When the talker's replica is lost, the talker is resumed from the reply's
         tokens passed on so far and the frames received (`deployments.resume`): it sends the frames after them."""
-        text, received = job.thinker.resume.copy(), []  # the talker's CodecFrames [G, f] so far
+        text = job.thinker.resume.copy()
+        received = [] if job.frames is None else [job.frames]  # the talker's frames [G, f] so far
+        if job.frames is not None:  # resumed after a lost Code2Wav: its frames are decoded again, not made again
+            self.engine.push(job.request_id, job.frames)
 
         def talker_stream(_lost):
             frames = torch.cat(received, dim=1) if received else None  # [G, F]
@@ -99,6 +109,7 @@ class Code2WavStage(StageReplica):
                 clock.mark("first_frames")
                 received.append(event.codes)
                 self.engine.push(job.request_id, event.codes, event.finished)
+                events.put_nowait(event.codes)  # for the ingress, with the next chunk
             self.engine.push(job.request_id, None, finished=True)
             events.put_nowait(None)
         except Exception as exc:

@@ -15,6 +15,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import torch
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -406,11 +407,12 @@ class OmniIngress:
         one run to two consumers (the ingress and the talker), which a Serve handle call does not do.
 
         When the replica streaming the reply is lost, the stage is called again with the job resumed from the
-        reply's tokens received so far (`deployments.resume`): a thinker sends the text after them only, a new
-        Code2Wav the speech from its start, of which the samples already sent are skipped. When an encoder replica
+        reply's tokens received so far (`deployments.resume`): a thinker sends the text after them only; a new
+        Code2Wav gets the frames its lost one had passed on, decodes them again (the samples already sent are
+        skipped) and has the talker make only the frames after them. When an encoder replica
         was lost before the thinker had its output, the encoders run again first."""
         stage = "code2wav" if prepared.speech else "thinker"
-        text, samples = ReplySoFar(), Received()
+        text, samples, frames = ReplySoFar(), Received(), []  # frames: Code2Wav's [G, f] so far
 
         async def stage_stream(lost: BaseException | None):
             samples.new_stream()
@@ -418,7 +420,9 @@ class OmniIngress:
                 for clip in prepared.clips or ():  # which of them was lost is not known: all are encoded again
                     clip.encoded = None
                 await self._start_encoders(prepared.thinker_job, prepared.encoder_inputs, prepared.clips)
-            job, call = resumed(prepared.job, text), self.stages[stage].options(stream=True)
+            known = torch.cat(frames, dim=1) if frames else None  # [G, F]
+            job = resumed(prepared.job, text, known) if prepared.speech else resumed(prepared.job, text)
+            call = self.stages[stage].options(stream=True)
             method = call.synthesize if prepared.speech else call.generate
             # cancelled or closed early (a realtime response cancelled): every stage stops
             async for event in relayed(method.remote(job, consumer=self.actor)):
@@ -435,6 +439,8 @@ class OmniIngress:
             if isinstance(event, TextDelta):
                 text.take(event)
             else:
+                if event.codes is not None:
+                    frames.append(event.codes)
                 had = samples.new_part(len(event.samples))
                 if had:
                     event = replace(event, samples=event.samples[had:])

@@ -70,8 +70,8 @@ class SpeechJob:
     thinker: ThinkerJob
     speaker: str  # a key of talker_config.speaker_id (lower case)
     sampling: SamplingParams  # the talker's (max_new_tokens = codec frames)
-    # The reply's codec frames [G, F] its consumer had received when the talker's replica was lost
-    # (`deployments.resume`): the new talker feeds them after its prompt and sends the frames after them only.
+    # The reply's codec frames [G, F] known when the talker's replica (or Code2Wav's) was lost (`deployments.resume`):
+    # the new talker feeds them after its prompt and sends the frames after them only.
     frames: torch.Tensor | None = None
 
     @property
@@ -139,3 +139,6 @@ class PcmChunk:
     samples: np.ndarray  # [S] float32 at `sample_rate`
     sample_rate: int
     finished: bool = False
+    # the talker's frames [G, f] Code2Wav received since its last chunk: the ingress keeps them, so that a Code2Wav
+    # replica lost mid-reply is resumed from them rather than the talker making the reply's speech again
+    codes: torch.Tensor | None = None

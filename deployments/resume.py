@@ -12,15 +12,15 @@ it a second time, and goes on:
 - a talker lost: Code2Wav resumes it from the tokens it has passed on and the frames it has (`SpeechJob.frames`);
   the new talker resumes the thinker from those tokens, feeds the frames after its prompt
   (`TalkerEngine.submit(resume_frames=)`) and sends the frames after them only.
-- Code2Wav lost: the ingress resumes it from the tokens it has; the new Code2Wav (with a new talker stream) decodes
-  the speech from its first frame again, and the ingress skips the samples it has sent.
+- Code2Wav lost: the ingress resumes it from the tokens it has and the frames the lost one passed on with its
+  chunks (`PcmChunk.codes`); the new Code2Wav decodes those frames again (the ingress skips the samples it has sent)
+  and resumes the talker from them, as for a lost talker, so only the frames after them are made.
 Why a greedy or seeded reply ends exactly as undisturbed: a resumed thinker gives the tokens that follow the resumed
 ones in the undisturbed reply (`ThinkerEngine._resume`); a resumed talker feeds the frames it is given as the lost
 one's decode steps fed them (teacher-forced), with its generator moved past their draws, so the state after them,
 and the frames it goes on with, are the undisturbed reply's (`TalkerEngine._resume`); and the Code2Wav engine gives
 a reply the samples `decode_chunked` gives its frames from the first, so the samples a new Code2Wav makes again
-(it has no frames: the ingress keeps none, and a new talker stream voices the reply from its first frame) are those
-already sent.
+from the frames it is given are those already sent.
 
 What a live replica raises (a bad request, a full queue) comes back wrapped in Ray's `RayTaskError` and is never
 retried, and neither is a lost replica further up the chain (its own consumer resumes it). A consumer resumes a
