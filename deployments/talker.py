@@ -58,6 +58,7 @@ class TalkerStage(StageReplica):
             load=lambda ckpt, cfg, dtype, device: Talker.from_pretrained(ckpt, cfg, dtype=dtype, device=device),
         )
         self.thinker = thinker
+        self.replies_resumed = 0  # replies this replica took on from frames made before (a lost talker or Code2Wav)
         context = self.stage.config.talker_config.text_config.max_position_embeddings
         settings = self.settings
         sessions = SessionStore(settings.talker_kept_sessions, settings.talker_kept_session_tokens,
@@ -72,6 +73,7 @@ class TalkerStage(StageReplica):
         ready since the last ones), and last this stage's StageTimes. `consumer`: the replica reading them, watched
         (`deployments.resume`)."""
         resumed_after = "" if job.frames is None else f", resumed after {job.frames.shape[1]} frames"
+        self.replies_resumed += job.frames is not None
         logger.info("talker: %s (voice %s%s)", job.request_id, job.speaker, resumed_after)
         with self.serving(job.request_id) as clock:
             async for event in self.while_consumer_lives(job.request_id, self._speak(job, clock), consumer):
@@ -87,8 +89,10 @@ class TalkerStage(StageReplica):
 
     def describe(self, session: str | None = None) -> dict:
         """`StageReplica.describe`, plus this replica's kept sessions (positions each) with the prompt positions of
-        session replies, reused or all. `session=`: ask the replica that session is routed to."""
-        return {**super().describe(), "sessions": self.engine.sessions.summary()}
+        session replies, reused or all, and how many replies it took on from frames made before (a lost talker's or
+        Code2Wav's). `session=`: ask the replica that session is routed to."""
+        return {**super().describe(), "sessions": self.engine.sessions.summary(),
+                "replies_resumed": self.replies_resumed}
 
     async def _speak(self, job: SpeechJob, clock: StageClock):
         events: asyncio.Queue = asyncio.Queue()

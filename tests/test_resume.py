@@ -179,6 +179,9 @@ def test_a_spoken_reply_survives_losing_its_talker_thinker_and_code2wav(service,
     assert disturbed.text == undisturbed.text and disturbed.finish == undisturbed.finish
     assert len(disturbed.pcm) == len(undisturbed.pcm) and disturbed.pcm == undisturbed.pcm
     assert {"talker", "thinker", "code2wav"} <= health.named, health.named
+    # the new talker resumed the reply twice from frames made before: for the talker it replaced, then for the new
+    # Code2Wav (from the frames the lost one had passed on), not making the speech again from its first frame
+    assert _stage("talker").describe.remote().result(timeout_s=60)["replies_resumed"] == 2
     _engines_drain()
 
 
