@@ -143,7 +143,7 @@ def ours_job(ckpt: Path, rows: list[dict], args) -> tuple[float, dict[str, str]]
 def through_service(ckpt: Path, rows: list[dict], args) -> tuple[float, dict[str, str]]:
     """Seconds for the HTTP service to answer every row, `--service-concurrency` requests in flight, and each
     row's reply text."""
-    with local_service(ckpt, argparse.Namespace(serve_config=args.serve_config, port=args.port, compile="auto")) as url:
+    with local_service(ckpt, argparse.Namespace(serve_config=args.serve_config, port=args.port)) as url:
         return asyncio.run(_through_service(url, rows, args.service_concurrency))
 
 

@@ -71,7 +71,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    with local_service(ckpt, args) as url:
+    with local_service(ckpt, args, args.compile) as url:
         results = [service_case(url, case, conversations, baseline[case], args) for case in cases]
     results += [against_in_process(result, in_process) for result in results if in_process]
 
@@ -182,10 +182,11 @@ def against_in_process(result: common.Result, in_process: dict[str, common.Timin
 
 
 class local_service:
-    """A local Ray with the app deployed (as `omniray serve` deploys it); yields the base URL."""
+    """A local Ray with the app deployed (as `omniray serve` deploys it); yields the base URL. `compile`: the
+    replicas' compile setting, as `omniray serve --compile` gives it (None: the service's own, or the config file's)."""
 
-    def __init__(self, ckpt: Path, args):
-        self.ckpt, self.args = ckpt, args
+    def __init__(self, ckpt: Path, args, compile: str | None = None):
+        self.ckpt, self.args, self.compile = ckpt, args, compile
 
     def __enter__(self) -> str:
         import ray
@@ -194,7 +195,7 @@ class local_service:
 
         ray.init(namespace="serve", include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
         cli = argparse.Namespace(model=str(self.ckpt), config=self.args.serve_config, host="127.0.0.1",
-                                 port=self.args.port, api_key=None, address=None, compile=self.args.compile)
+                                 port=self.args.port, api_key=None, address=None, compile=self.compile)
         deploy = serve_cli._deploy_config if cli.config is not None else serve_cli._deploy_builder
         deploy(cli)
         return f"http://127.0.0.1:{self.args.port}"

@@ -88,9 +88,9 @@ class Code2WavStage(StageReplica):
         then None at its end, or the error that ended it). A stream that ends without marking its last frames
         finished ends the speech there. When the talker's replica is lost, the talker is resumed from the reply's
         tokens passed on so far and the frames received (`deployments.resume`): it sends the frames after them."""
-        text = job.thinker.resume.copy()
-        received = [] if job.frames is None else [job.frames]  # the talker's frames [G, f] so far
+        text, received = job.thinker.resume.copy(), []  # the talker's frames [G, f] so far
         if job.frames is not None:  # resumed after a lost Code2Wav: its frames are decoded again, not made again
+            received.append(job.frames)
             self.engine.push(job.request_id, job.frames)
 
         def talker_stream(_lost):

@@ -420,8 +420,7 @@ class OmniIngress:
                 for clip in prepared.clips or ():  # which of them was lost is not known: all are encoded again
                     clip.encoded = None
                 await self._start_encoders(prepared.thinker_job, prepared.encoder_inputs, prepared.clips)
-            known = torch.cat(frames, dim=1) if frames else None  # [G, F]
-            job = resumed(prepared.job, text, known) if prepared.speech else resumed(prepared.job, text)
+            job = resumed(prepared.job, text, torch.cat(frames, dim=1) if frames else None)  # frames [G, F]
             call = self.stages[stage].options(stream=True)
             method = call.synthesize if prepared.speech else call.generate
             # cancelled or closed early (a realtime response cancelled): every stage stops

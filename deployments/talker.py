@@ -73,7 +73,8 @@ class TalkerStage(StageReplica):
         ready since the last ones), and last this stage's StageTimes. `consumer`: the replica reading them, watched
         (`deployments.resume`)."""
         resumed_after = "" if job.frames is None else f", resumed after {job.frames.shape[1]} frames"
-        self.replies_resumed += job.frames is not None
+        if job.frames is not None:
+            self.replies_resumed += 1
         logger.info("talker: %s (voice %s%s)", job.request_id, job.speaker, resumed_after)
         with self.serving(job.request_id) as clock:
             async for event in self.while_consumer_lives(job.request_id, self._speak(job, clock), consumer):

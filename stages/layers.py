@@ -280,8 +280,8 @@ class Experts(nn.Module):
         summation order as the reference's expert-by-expert loop.
         """
         N, K = expert_ids.shape
-        limit = GATHERED_MAX_PAIRS_COMPILED if torch.compiler.is_compiling() else GATHERED_MAX_PAIRS
-        if x.device.type == "cpu" and N * K <= limit:
+        compiling = torch.compiler.is_compiling()
+        if x.device.type == "cpu" and N * K <= (GATHERED_MAX_PAIRS_COMPILED if compiling else GATHERED_MAX_PAIRS):
             return self._gathered(x, expert_ids, weights)
         flat_experts = expert_ids.reshape(-1)  # [N·K]
         order = torch.argsort(flat_experts, stable=True)  # [N·K]
@@ -290,7 +290,7 @@ class Experts(nn.Module):
         counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add_(
             0, flat_experts, torch.ones_like(flat_experts))  # [E] (bincount, with a static shape)
         ends = counts.cumsum(0).to(torch.int32)  # [E] where each expert's pairs end
-        grouped = _grouped_linear if torch.compiler.is_compiling() else _grouped_linear_eager
+        grouped = _grouped_linear if compiling else _grouped_linear_eager
         gate, up = grouped(x[token_of_pair], self.gate_up_proj, ends).chunk(2, dim=-1)  # [N·K, I] each
         y = grouped(F.silu(gate) * up, self.down_proj, ends)  # [N·K, H]
         return torch.zeros_like(x).index_add_(0, token_of_pair, y * pair_weights[:, None])
