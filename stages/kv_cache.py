@@ -41,17 +41,24 @@ class KVCache:
     def single_row(self, max_len: int) -> "KVCache":
         """An empty one-row cache of the same layers, heads, dtype and device, `max_len` slots long: where a
         batching engine prefills a request alone before `load_row` moves it into the batch."""
-        keys = self.keys[0]
-        return KVCache(len(self.keys), 1, keys.shape[1], max_len, keys.shape[3], dtype=keys.dtype, device=keys.device)
+        return self.empty_like(1, max_len)
 
-    def load_row(self, row: int, source: "KVCache", length: int | None = None) -> None:
-        """Make `row` hold what the one-row cache `source` holds (its filled slots, or only its first `length`, which
-        of them are valid and its length), replacing whatever the row held."""
-        n = int(source.lengths[0]) if length is None else length
+    def empty_like(self, batch_size: int, max_len: int) -> "KVCache":
+        """An empty cache of the same layers, heads, dtype and device, `batch_size` rows of `max_len` slots."""
+        keys = self.keys[0]
+        return KVCache(len(self.keys), batch_size, keys.shape[1], max_len, keys.shape[3], dtype=keys.dtype,
+                       device=keys.device)
+
+    def load_row(self, row: int, source: "KVCache", length: int | None = None, *, source_row: int = 0,
+                 skip: int = 0) -> None:
+        """Make `row` hold what row `source_row` of `source` holds from its slot `skip` on (its filled slots, or only
+        `length` of them, which of them are valid and their count), replacing whatever the row held. `skip` drops
+        a left-padded batch row's padding: keys carry their rotary positions, not their slots, so they may move."""
+        n = int(source.lengths[source_row]) - skip if length is None else length
         for mine, theirs in zip(self.keys + self.values, source.keys + source.values):
-            mine[row, :, :n] = theirs[0, :, :n]
+            mine[row, :, :n] = theirs[source_row, :, skip : skip + n]
         self.valid[row] = False
-        self.valid[row, :n] = source.valid[0, :n]
+        self.valid[row, :n] = source.valid[source_row, skip : skip + n]
         self.lengths[row] = n
 
     def copy_row(self, row: int, length: int) -> "KVCache":

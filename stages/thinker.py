@@ -212,6 +212,14 @@ class Prefill:
     positions: torch.Tensor  # [3, B, T] the prompt's MRoPE positions
     reused: int = 0  # prompt tokens whose keys and values the cache held already (a session's earlier turns)
 
+    def row(self, index: int, padding: int) -> Prefill:
+        """Row `index` of a left-padded batch's prefill, without its `padding` slots: a one-row prefill, as the
+        prompt's own would be (up to the rounding of the batch's matrix products)."""
+        row = slice(index, index + 1)
+        captured = None if self.captured is None else self.captured[row, padding:]
+        return Prefill(self.logits[row], self.next_positions[row], self.embeds[row, padding:], captured,
+                       self.positions[:, row, padding:], self.reused)
+
 
 def prompt_positions(model: ThinkerLM, prompt: ThinkerPrompt) -> tuple[torch.Tensor, torch.Tensor]:
     """The prompt's MRoPE positions [3, B, T] and each row's rope delta [B] (next position − its length)."""
@@ -227,6 +235,31 @@ def prompt_inputs(model: ThinkerLM, prompt: ThinkerPrompt) -> PromptInputs:
     embeds, visual_mask, deepstack = model.embed_prompt(prompt)
     positions, deltas = prompt_positions(model, prompt)
     return PromptInputs(embeds, visual_mask, deepstack, positions, deltas)
+
+
+def left_padded(prompts: list[ThinkerPrompt], inputs: list[PromptInputs]) -> tuple[ThinkerPrompt, PromptInputs]:
+    """One-row prompts and their inputs as one left-padded batch of B rows, to prefill them in one call: the batch's
+    ids and attention mask (its media are in its inputs already, so it holds none) and its inputs. Padding takes
+    zero embeddings at MRoPE position 0, as `prompt_positions` gives a padded batch; the DeepStack rows stay in
+    sequence order, row after row."""
+    T = max(prompt.input_ids.shape[1] for prompt in prompts)
+    B, first = len(prompts), inputs[0].embeds
+    ids = prompts[0].input_ids.new_zeros(B, T)  # [B, T]
+    attention = prompts[0].attention_mask.new_zeros(B, T)  # [B, T], 0 = padding
+    embeds = first.new_zeros(B, T, first.shape[-1])  # [B, T, H]
+    positions = inputs[0].positions.new_zeros(3, B, T)  # [3, B, T]
+    visual = torch.zeros(B, T, dtype=torch.bool, device=first.device)  # [B, T]
+    for row, (prompt, one) in enumerate(zip(prompts, inputs)):
+        pad = T - prompt.input_ids.shape[1]
+        ids[row, pad:], attention[row, pad:] = prompt.input_ids[0], 1
+        embeds[row, pad:], positions[:, row, pad:] = one.embeds[0], one.positions[:, 0]
+        if one.visual_mask is not None:
+            visual[row, pad:] = one.visual_mask[0]
+    levels = [one.deepstack for one in inputs if one.deepstack is not None]
+    deepstack = [torch.cat(level) for level in zip(*levels, strict=True)] if levels else None
+    batch = PromptInputs(embeds, visual if levels else None, deepstack, positions,
+                         torch.cat([one.deltas for one in inputs]))
+    return ThinkerPrompt(ids, attention), batch
 
 
 def prefill(model: ThinkerLM, prompt: ThinkerPrompt, cache: KVCache, capture_layer: int | None = None, *,

@@ -4,20 +4,23 @@ The thinker's only fast loop: the deployment, `OmniModel.generate` and the batch
 `stream_generate` (stages/thinker.py) is the simple loop it is tested against.
 
 One engine per replica owns a preallocated `KVCache` of `max_rows` rows × `max_len` slots and a thread that loops:
-admit waiting requests (each prefilled alone, its keys and values copied into a free row; a request too long for a
-row gets a one-row cache sized for it and runs the same loop), then one decode step for every row at once, then per
-row: sample with the request's own `SamplingParams` and generator, record, and hand the request its `ThinkerStep`.
-A row is freed when its request finishes or is cancelled, and a waiting request takes it at the next step. Rows hold
-sequences of different lengths; the cache's validity mask keeps them apart, and each row keeps its own MRoPE position.
+admit waiting requests, then one decode step for every row at once, then per row: sample with the request's own
+`SamplingParams` and generator, record, and hand the request its `ThinkerStep`. Requests that arrived together are
+prefilled together, as one left-padded batch, and each one's keys and values are then copied into a free row without
+its padding; a session's turn, a resumed request and a request too long for a row (which gets a one-row cache sized
+for it and runs the same loop) are prefilled alone. A row is freed when its request finishes or is cancelled, and a
+waiting request takes it at the next step. Rows hold sequences of different lengths; the cache's validity mask keeps
+them apart, and each row keeps its own MRoPE position.
 
 A decode step reads nothing back to the host: the engine knows every row's length, so it passes the attention span,
 and the step makes its write slots and mask from the cache inside itself (`KVCache.decode_slots`); steps run on
 fixed batch buckets and spans, compiled when `compiled` (see stages/compile.py). The sampled tokens are read back
 once per step, after it.
 
-Each request sees exactly what `stream_generate` yields for a batch of one (the same tokens under greedy decoding,
-the same talker messages). A request resumed from the first tokens of its reply (`submit(..., resume_tokens=)`, after
-the replica generating it was lost) gets the steps that follow them.
+Each request sees what `stream_generate` yields for a batch of one (the same tokens under greedy decoding, the same
+talker messages; the states in them equal up to the rounding of a batch's matrix products, which a prefill together
+with others and a compiled step at a batch bucket change). A request resumed from the first tokens of its reply
+(`submit(..., resume_tokens=)`, after the replica generating it was lost) gets the steps that follow them.
 
 A request of a session (`submit(..., session=...)`, an engine given a `SessionStore`) leaves its row's keys and
 values behind when it ends, outside the batch: a one-row cache of its own in the store (stages/thinker_sessions.py).
@@ -45,8 +48,8 @@ from stages.compile import batch_buckets, compile_step, needs_warm_up, static_bu
 from stages.kv_cache import KVCache
 from stages.sampling import make_generators, replay_draws, sample_ragged
 from stages.handoff import accept_states, multimodal_mask, talker_prompts
-from stages.thinker import (PromptInputs, ThinkerLM, ThinkerPrompt, ThinkerStep, engine_decode_step, extend_logits,
-                            prefill, prompt_inputs)
+from stages.thinker import (Prefill, PromptInputs, ThinkerLM, ThinkerPrompt, ThinkerStep, engine_decode_step,
+                            extend_logits, left_padded, prefill, prompt_inputs)
 from stages.thinker_sessions import EndedSessions, KeptSession, SessionStore, reusable_prefix
 
 logger = logging.getLogger(__name__)
@@ -212,17 +215,33 @@ class ThinkerEngine:
                 self.waiting.append(request)
 
     def _admit(self) -> None:
-        """Move waiting requests into free rows (or caches of their own), in the order they came."""
+        """Move waiting requests into free rows (or caches of their own), in the order they came. The fresh ones
+        that take a free row now (no session, nothing resumed) prefill together, in one call: a burst of arrivals
+        costs about one prefill, not one each."""
+        fresh: list[_Request] = []
         for request in list(self.waiting):
             fits = self.fits(request.prompt, request.params)
-            if fits and None not in self.rows:
+            if fits and self.rows.count(None) <= len(fresh):
                 continue
             self.waiting.remove(request)
-            try:
-                self._prefill(request, fits)
-            except Exception as exc:  # this request's fault or not, it ends here; the others go on
-                logger.exception("thinker engine: prefill of %s failed", request.request_id)
-                self._hand(request, exc)
+            if fits and request.session is None and not request.resume_tokens and not request.ended:
+                fresh.append(request)
+            else:
+                self._prefill_or_fail(request, lambda: self._prefill(request, fits))
+        if fresh:
+            self._prefill_together(fresh)
+
+    def _prefill_or_fail(self, request: _Request, run: Callable[[], None]) -> None:
+        """Run a request's prefill; if it fails (the request's fault or not), the request ends with the error and
+        gives back any row it took, and the others go on."""
+        try:
+            run()
+        except Exception as exc:
+            logger.exception("thinker engine: prefill of %s failed", request.request_id)
+            for row in self._busy():
+                if row.request is request:
+                    self._free(row, keep=False)
+            self._hand(request, exc)
 
     def _prefill(self, request: _Request, into_batch: bool) -> None:
         """Prefill one request alone, copy its keys and values into a free row (or keep its own sized cache), and
@@ -238,26 +257,59 @@ class ThinkerEngine:
         inputs = prompt_inputs(model, prompt)
         reused, reused_accept = self._reuse(request, inputs, alone)
         pre = prefill(model, prompt, alone, capture, inputs=inputs, reused=reused)
+        self._start(request, inputs, pre, alone, into_batch, reused_accept=reused_accept)
+
+    def _prefill_together(self, requests: list[_Request]) -> None:
+        """Prefill fresh requests, each going into a free row, as one left-padded batch (for one request: its
+        prompt alone, no padding), then start each from its row of it. A request whose own inputs fail (media that
+        do not match their placeholders) ends alone; a failing batch ends them all."""
+        ready: list[tuple[_Request, PromptInputs]] = []
+        for request in requests:
+            self._prefill_or_fail(request, lambda: ready.append((request, prompt_inputs(self.model, request.prompt))))
+        if not ready:
+            return
+        prompt, inputs = left_padded([request.prompt for request, _ in ready], [one for _, one in ready])
+        T = prompt.input_ids.shape[1]
+        batch = self.cache.empty_like(len(ready), T)
+        capture = self.accept_hidden_layer if any(request.speaking for request, _ in ready) else None
+        try:
+            pre = prefill(self.model, prompt, batch, capture, inputs=inputs)
+        except Exception as exc:
+            logger.exception("thinker engine: prefill of %s failed", ", ".join(r.request_id for r, _ in ready))
+            for request, _ in ready:
+                self._hand(request, exc)
+            return
+        for index, (request, one) in enumerate(ready):
+            padding = T - request.prompt.input_ids.shape[1]
+            self._prefill_or_fail(request, lambda: self._start(request, one, pre.row(index, padding), batch, True,
+                                                               source_row=index, padding=padding))
+
+    def _start(self, request: _Request, inputs: PromptInputs, pre: Prefill, cache: KVCache, into_batch: bool, *,
+               source_row: int = 0, padding: int = 0, reused_accept: torch.Tensor | None = None) -> None:
+        """After a request's prefill (`pre`, one row, unpadded; its keys and values in row `source_row` of `cache`
+        after `padding` slots): its row of the batch (or `cache` kept as its own), its first token."""
+        prompt, resumed = request.prompt, request.resume_tokens
+        T, k = prompt.input_ids.shape[1], len(resumed)
         history = torch.full((T + request.params.max_new_tokens,), self.vocab_size, dtype=torch.long,
                              device=prompt.input_ids.device)
         history[:T] = prompt.input_ids[0]
         generator = make_generators([request.params], prompt.input_ids.device)[0]
         first_position = float(pre.next_positions[0])
-        logits, position = self._resume(request, alone, pre.logits[0:1], first_position, history, T, generator)
+        logits, position = self._resume(request, cache, pre.logits[0:1], first_position, history, T, generator)
         if into_batch:
             index = self.rows.index(None)
-            self.cache.load_row(index, alone)
+            self.cache.load_row(index, cache, source_row=source_row, skip=padding)
             row = self.rows[index] = _Row(request, self.cache, index, T + k, history, T, position, generator,
                                           list(resumed))
         else:
-            row = _Row(request, alone, 0, T + k, history, T, position, generator, list(resumed))
+            row = _Row(request, cache, 0, T + k, history, T, position, generator, list(resumed))
             self.solo.append(row)
-        row.reused = reused
+        row.reused = pre.reused
         if request.session is not None:
             row.draft = self._draft(prompt, inputs, pre, reused_accept, first_position)
         talker_prompt = None
         if request.speaking:
-            talker_prompt = talker_prompts(model, prompt, pre, [request.request_id], [True], reused_accept)[0]
+            talker_prompt = talker_prompts(self.model, prompt, pre, [request.request_id], [True], reused_accept)[0]
         token = self._sample([row], logits)[0]
         self._advance(row, token, self._embeds([row], [*resumed, token]), talker_prompt, resumed)
 

@@ -11,6 +11,7 @@ import torch
 from test_thinker import BATCH, chirp, encoder_outputs, im_end, image, mixed_inputs
 
 from common.config import load_config
+from common.errors import InvalidRequestError
 from common.sampling import SamplingParams
 from stages.thinker import ThinkerLM, stream_generate
 from stages.thinker_engine import ThinkerEngine
@@ -118,6 +119,54 @@ def test_talker_messages_equal_each_alone(setup, engines):
         assert ours_tokens.token_ids == their_tokens.token_ids and ours_tokens.finished == their_tokens.finished
         assert torch.equal(ours_tokens.token_embeds, their_tokens.token_embeds)
     assert all(s.talker_tokens is None and s.talker_prompts is None for s in got.steps["text"])
+
+
+def test_requests_that_arrive_together_prefill_together_and_equal_each_alone(setup, engines, monkeypatch):
+    """Six requests arrive while the engine is busy (text, an image with audio, two images, audio; two of them
+    speak; one has an image feature too few): the five good ones prefill in one left-padded call, and each gets the
+    tokens and talker messages it gets alone; the bad one ends alone, with its error."""
+    import dataclasses
+
+    from stages import thinker_engine
+
+    model, prompts, eos, layer = setup
+    batch_sizes = []
+    real_prefill = thinker_engine.prefill
+
+    def counted_prefill(model, prompt, *args, **kwargs):
+        batch_sizes.append(prompt.input_ids.shape[0])
+        return real_prefill(model, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(thinker_engine, "prefill", counted_prefill)
+    engine = engines(model, max_rows=7, max_len=256, accept_hidden_layer=layer)
+    got, holding, release = Collector(), threading.Event(), threading.Event()
+    first = got.sink("first")
+    engine.submit("first", prompts[1], SamplingParams(max_new_tokens=4, min_new_tokens=4), False,
+                  lambda step: (holding.set(), release.wait(60), first(step)))  # holds the engine thread
+    assert holding.wait(60)
+    params = SamplingParams(max_new_tokens=8, stop_token_ids=(eos,))
+    bad = dataclasses.replace(prompts[4], image_features=prompts[4].image_features[:-1])
+    cases = {"image+audio": (prompts[0], True), "text": (prompts[3], False), "images": (prompts[4], True),
+             "audio": (prompts[5], False), "bad": (bad, False), "audio2": (prompts[2], False)}
+    for request_id, (prompt, speaking) in cases.items():
+        engine.submit(request_id, prompt, params, speaking, got.sink(request_id))
+    release.set()
+    got.wait()
+    assert batch_sizes == [1, 5]
+    assert isinstance(got.steps["bad"][0], InvalidRequestError) and len(got.steps["bad"]) == 1
+    for request_id, (prompt, speaking) in cases.items():
+        if request_id == "bad":
+            continue
+        steps = got.steps[request_id]
+        expected = alone(model, prompt, params, speaking=speaking, layer=layer, request_id=request_id)
+        assert [s.token_ids[0] for s in steps] == [s.token_ids[0] for s in expected], request_id
+        if speaking:
+            ours, theirs = steps[0].talker_prompts[0], expected[0].talker_prompts[0]
+            assert torch.equal(ours.prompt_ids, theirs.prompt_ids) and torch.equal(ours.image_grid_thw,
+                                                                                   theirs.image_grid_thw)
+            torch.testing.assert_close(ours.prompt_embeds, theirs.prompt_embeds, rtol=0, atol=0)
+            torch.testing.assert_close(ours.prompt_accept_hidden, theirs.prompt_accept_hidden, rtol=0, atol=1e-5)
+    assert engine.active == []
 
 
 def test_cancel_frees_the_row_for_a_waiting_request(setup, engines):
