@@ -4,8 +4,10 @@ The talker's only fast loop: the deployment, `OmniModel.generate` and the batch 
 `stream_frames` (stages/talker.py) is the simple loop it is tested against.
 
 One engine per replica owns a preallocated talker `KVCache` of `max_rows` rows × `max_len` slots and a thread.
-A reply is admitted once its prefill can run (`TalkerRequest.prefill_ready`): its prompt is prefilled alone and
-copied into a free row (a reply too long for a row gets a one-row cache sized for it, and runs the same loop).
+A reply is admitted once its prefill can run (`TalkerRequest.prefill_ready`): the replies admitted together are
+prefilled together, as one left-padded batch, and each is copied into a free row without its padding (a session's
+reply, a resumed one and one too long for a row, which gets a one-row cache sized for it and runs the same loop, are
+prefilled alone).
 Then, frame after frame, every row whose state allows it moves on:
 - the rows with a fresh talker state get their next frame together: c0 sampled with each row's own parameters and
   generator, then the residual codes from the code predictor (`FramePredictor`; rows that are all greedy get c0
@@ -234,24 +236,37 @@ class TalkerEngine:
                 self.waiting.append(reply)
 
     def _admit(self) -> bool:
-        admitted = False
+        """Move the waiting replies that can prefill into free rows (or caches of their own), in the order they came.
+        The fresh ones that take a free row now (no session, no frames made before) prefill together, in one call."""
+        fresh: list[_Reply] = []
+        busy = len(self._busy())
         for reply in list(self.waiting):
             fits = self.fits(reply.request, reply.params)
-            if fits and None not in self.rows:
+            if fits and self.rows.count(None) <= len(fresh):
                 continue  # a later reply may still be admitted alone (one too long for a row)
             if not reply.prefill_ready or not self._group_ready(reply):
                 continue
             self.waiting.remove(reply)
             if not reply.request.has_voice:  # nothing to say (an empty reply)
                 self._hand(reply, TalkerStep([None], ["stop"]))
-                continue
-            try:
-                self._prefill(reply, fits)
-                admitted = True
-            except Exception as exc:
-                logger.exception("talker engine: prefill of %s failed", reply.request_id)
-                self._hand(reply, exc)
-        return admitted
+            elif fits and reply.session is None and reply.known is None:
+                fresh.append(reply)
+            else:
+                self._prefill_or_fail(reply, lambda: self._prefill(reply, fits))
+        if fresh:
+            self._prefill_together(fresh)
+        return len(self._busy()) > busy
+
+    def _prefill_or_fail(self, reply: _Reply, run: Callable[[], None]) -> None:
+        """Run a reply's prefill; if it fails, the reply ends with the error and gives back any row it took."""
+        try:
+            run()
+        except Exception as exc:
+            logger.exception("talker engine: prefill of %s failed", reply.request_id)
+            for row in self._busy():
+                if row.reply is reply:
+                    self._free(row)
+            self._hand(reply, exc)
 
     def _group_ready(self, reply: _Reply) -> bool:
         """Whether the reply's lockstep group (if any) can be admitted: every one of it still waiting can prefill
@@ -262,28 +277,66 @@ class TalkerEngine:
     def _prefill(self, reply: _Reply, into_batch: bool) -> None:
         """Prefill the reply alone (after its session's kept prefix, if any; then its known frames), then copy it
         into a free row of the batch, or keep its own sized cache."""
-        talker = self.talker
-        layout = talker_layout(talker, self.cfg, reply.request)
+        layout = talker_layout(self.talker, self.cfg, reply.request)
         T, F = layout.positions.shape[1], reply.known_frames
         alone = self.cache.single_row(T + F if into_batch else T + reply.params.max_new_tokens)
         reused = self._reuse(reply, layout, alone)
-        embeds = talker_prompt_embeds(talker, self.cfg, reply.request, self.tts, start=reused)  # [T - reused, H]
+        embeds = talker_prompt_embeds(self.talker, self.cfg, reply.request, self.tts, start=reused)  # [T - reused, H]
         slots = alone.append(T - reused)
         positions = layout.positions[:, None, reused:]  # [3, 1, T - reused]
-        hidden = talker(embeds[None], positions, alone.mask(slots), alone, slots)[0, -1]  # [H]
+        hidden = self.talker(embeds[None], positions, alone.mask(slots), alone, slots)[0, -1]  # [H]
         if reply.session is not None:
             self._keep(reply.session, layout, alone)
+        self._start(reply, layout, hidden, alone, into_batch)
+
+    def _prefill_together(self, replies: list[_Reply]) -> None:
+        """Prefill fresh replies, each going into a free row, as one left-padded batch (for one reply: its prompt
+        alone, no padding), then start each from its row of it. A reply whose own inputs fail ends alone; a failing
+        batch ends them all."""
+        ready: list[tuple[_Reply, TalkerLayout, torch.Tensor]] = []
+        for reply in replies:
+            self._prefill_or_fail(reply, lambda: ready.append((
+                reply, talker_layout(self.talker, self.cfg, reply.request),
+                talker_prompt_embeds(self.talker, self.cfg, reply.request, self.tts))))  # [T_i, H]
+        if not ready:
+            return
+        T = max(embeds.shape[0] for _, _, embeds in ready)
+        tts = self.tts
+        x = tts.new_zeros(len(ready), T, tts.shape[-1])  # [B, T, H]
+        positions = torch.zeros(3, len(ready), T, device=tts.device)  # [3, B, T], 0 at padding
+        real = torch.zeros(len(ready), T, dtype=torch.bool, device=tts.device)  # [B, T]
+        for i, (_, layout, embeds) in enumerate(ready):
+            pad = T - embeds.shape[0]
+            x[i, pad:], positions[:, i, pad:], real[i, pad:] = embeds, layout.positions, True
+        batch = self.cache.empty_like(len(ready), T)
+        try:
+            slots = batch.append(T, real)  # [B, T]
+            hidden = self.talker(x, positions, batch.mask(slots), batch, slots)[:, -1]  # [B, H]
+        except Exception as exc:
+            logger.exception("talker engine: prefill of %s failed", ", ".join(r.request_id for r, _, _ in ready))
+            for reply, _, _ in ready:
+                self._hand(reply, exc)
+            return
+        for i, (reply, layout, embeds) in enumerate(ready):
+            self._prefill_or_fail(reply, lambda: self._start(reply, layout, hidden[i], batch, True, source_row=i,
+                                                             padding=T - embeds.shape[0]))
+
+    def _start(self, reply: _Reply, layout: TalkerLayout, hidden: torch.Tensor, cache: KVCache, into_batch: bool, *,
+               source_row: int = 0, padding: int = 0) -> None:
+        """After a reply's prefill (its last state `hidden` [H]; its keys and values in row `source_row` of `cache`
+        after `padding` slots): its known frames fed, then its row of the batch (or `cache` kept as its own)."""
+        T, F = layout.positions.shape[1], reply.known_frames
         seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=hidden.device)
         generator = make_generators([reply.params], hidden.device)[0]
-        hidden = self._resume(reply, alone, hidden, layout.next_position, seen, generator)
+        hidden = self._resume(reply, cache, hidden, layout.next_position, seen, generator)
         next_position = layout.next_position + F
         if into_batch:
             index = self.rows.index(None)
-            self.cache.load_row(index, alone)
+            self.cache.load_row(index, cache, source_row=source_row, skip=padding)
             row = self.rows[index] = _Row(reply, self.cache, index, T + F, hidden, None, next_position, seen,
                                           generator)
         else:
-            row = _Row(reply, alone, 0, T + F, hidden, None, next_position, seen, generator)
+            row = _Row(reply, cache, 0, T + F, hidden, None, next_position, seen, generator)
             self.solo.append(row)
         row.generated = row.step = F
 

@@ -147,6 +147,37 @@ def test_lockstep_replies_wait_for_each_other_and_equal_each_alone(setup, engine
         assert torch.equal(got.codes(f"r{i}", groups), want), i
 
 
+def test_replies_admitted_together_prefill_together_and_equal_each_alone(setup, engines, monkeypatch):
+    """Five replies of prompts of different lengths, in two voices, admitted at once: their prompts prefill in one
+    left-padded call, and each reply's codes equal `generate_codes` on it alone."""
+    from stages.kv_cache import KVCache
+
+    model, replies = setup
+    cfg, groups = model.cfg, model.cfg.talker_config.num_code_groups
+    params = talker_sampling(cfg.talker_config, SamplingParams(max_new_tokens=10, repetition_penalty=1.05))
+    voices = ["ethan", "chelsie", "ethan", "chelsie", "aiden"]
+    expected = [generate_codes(model.talker, cfg, [request(model, reply, voice)], [params])[0]
+                for reply, voice in zip(replies, voices)]
+    assert len({reply.talker_prompt.prompt_ids.shape[0] for reply in replies}) > 1  # the batch has padding
+    prefill_rows = []
+    real_empty_like = KVCache.empty_like
+
+    def counted(cache, batch_size, max_len):
+        prefill_rows.append(batch_size)
+        return real_empty_like(cache, batch_size, max_len)
+
+    monkeypatch.setattr(KVCache, "empty_like", counted)
+    engine = engines(model.talker, cfg, max_rows=5, max_len=256)
+    got = Frames()
+    engine.submit_lockstep([(f"r{i}", request(model, reply, voice), params, got.sink(f"r{i}"))
+                            for i, (reply, voice) in enumerate(zip(replies, voices))])
+    for i, event in got.done.items():
+        assert event.wait(120), i
+    assert prefill_rows == [5]
+    for i, want in enumerate(expected):
+        assert torch.equal(got.codes(f"r{i}", groups), want), i
+
+
 def test_cancel_frees_the_row(setup, engines):
     model, replies = setup
     cfg = model.cfg
