@@ -328,8 +328,11 @@ def record(args, settings: dict, load: Load, memory: dict, leftover: dict) -> No
     growth = memory["growth"]
     measured = [g["growth"] for g in growth.values() if "growth" in g]
     worst = max(measured, default=None)
-    verdict = (f"memory growth after warm-up: worst {worst:+.1%} (target under {GROWTH_TARGET:.0%}: "
-               f"{'met' if worst is not None and worst < GROWTH_TARGET else 'missed'}); "
+    # a run too short to sample memory after its warm-up has no growth figure: the target is then not shown met
+    memory_verdict = ("no process sampled long enough after the warm-up for a growth figure (target: not shown)"
+                      if worst is None else f"worst {worst:+.1%} (target under {GROWTH_TARGET:.0%}: "
+                                            f"{'met' if worst < GROWTH_TARGET else 'missed'})")
+    verdict = (f"memory growth after warm-up: {memory_verdict}; "
                f"5xx: {load.server_errors()} (target none: {'met' if load.server_errors() == 0 else 'missed'}); "
                f"other failures: {load.failures() - load.server_errors()}; "
                f"stages holding requests after the load: {leftover or 'none'}")
