@@ -193,6 +193,15 @@ def _left_pad(rows: list[torch.Tensor], length: int, dim: int) -> torch.Tensor:
     return torch.stack(padded, dim=1 if dim == 1 else 0)
 
 
+def left_padded_prompts(embeds: list[torch.Tensor],
+                        positions: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows' talker prompts (input embeddings [T_i, H], MRoPE positions [3, T_i]) as one left-padded batch to
+    prefill together: embeddings [B, T, H] (zeros at padding), positions [3, B, T] (0 at padding), valid [B, T]."""
+    T = max(len(row) for row in embeds)
+    valid = [torch.ones(len(row), dtype=torch.bool, device=row.device) for row in embeds]
+    return _left_pad(embeds, T, dim=0), _left_pad(positions, T, dim=1), _left_pad(valid, T, dim=0)
+
+
 @torch.inference_mode()
 def stream_frames(
     talker: Talker,
@@ -211,10 +220,8 @@ def stream_frames(
     text_cfg = tcfg.text_config
     tts = talker.tts_text()  # [3, H]
     prompts = [talker_prompt_inputs(talker, cfg, r, tts) for r in requests]
-    T = max(p[0].shape[0] for p in prompts)
-    embeds = _left_pad([p[0] for p in prompts], T, dim=0)  # [B, T, H]
-    positions = _left_pad([p[1] for p in prompts], T, dim=1)  # [3, B, T]
-    valid = _left_pad([torch.ones(len(p[0]), dtype=torch.bool, device=embeds.device) for p in prompts], T, dim=0)
+    embeds, positions, valid = left_padded_prompts([p[0] for p in prompts], [p[1] for p in prompts])  # [B, T, H]
+    T = embeds.shape[1]
     next_pos = torch.tensor([p[2] for p in prompts], dtype=torch.float32, device=embeds.device)  # [B]
 
     longest = max(p.max_new_tokens for p in params)

@@ -62,7 +62,7 @@ from stages.compile import batch_buckets, compile_step, needs_warm_up, static_bu
 from stages.kv_cache import KVCache
 from stages.sampling import banned_tokens, make_generators, replay_draws, sample_next
 from stages.handoff import TalkerLayout, TalkerRequest, talker_layout, talker_prompt_embeds, text_entries_of
-from stages.talker import Talker, TalkerStep, decode_hidden
+from stages.talker import Talker, TalkerStep, decode_hidden, left_padded_prompts
 from stages.talker_sessions import kept_user_part, reusable_talker_prefix
 from stages.thinker_sessions import EndedSessions, SessionStore
 
@@ -300,17 +300,12 @@ class TalkerEngine:
                 talker_prompt_embeds(self.talker, self.cfg, reply.request, self.tts))))  # [T_i, H]
         if not ready:
             return
-        T = max(embeds.shape[0] for _, _, embeds in ready)
-        tts = self.tts
-        x = tts.new_zeros(len(ready), T, tts.shape[-1])  # [B, T, H]
-        positions = torch.zeros(3, len(ready), T, device=tts.device)  # [3, B, T], 0 at padding
-        real = torch.zeros(len(ready), T, dtype=torch.bool, device=tts.device)  # [B, T]
-        for i, (_, layout, embeds) in enumerate(ready):
-            pad = T - embeds.shape[0]
-            x[i, pad:], positions[:, i, pad:], real[i, pad:] = embeds, layout.positions, True
+        x, positions, valid = left_padded_prompts([embeds for _, _, embeds in ready],
+                                                  [layout.positions for _, layout, _ in ready])  # [B, T, H]
+        T = x.shape[1]
         batch = self.cache.empty_like(len(ready), T)
         try:
-            slots = batch.append(T, real)  # [B, T]
+            slots = batch.append(T, valid)  # [B, T]
             hidden = self.talker(x, positions, batch.mask(slots), batch, slots)[:, -1]  # [B, H]
         except Exception as exc:
             logger.exception("talker engine: prefill of %s failed", ", ".join(r.request_id for r, _, _ in ready))
