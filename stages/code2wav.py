@@ -21,7 +21,10 @@ Which frames go into which call is one more choice: float32 sums of a [1, Q, 4] 
 differently (~1e-6), so two decodes of the same codes are equal sample for sample only if they make the same calls.
 `CodecChunking` is that schedule. `Code2WavEngine` (stages/code2wav_engine.py) follows it for every request of a
 replica, batching their calls, and `OmniModel.generate` decodes with the engine too, so the service's samples and
-OmniModel's are equal bit for bit; `decode_chunked` is the one-request oracle of the same calls.
+OmniModel's are equal bit for bit; `decode_chunked` is the one-request oracle of the same calls. A batch's rows get
+the bits they get alone because every operation whose rounding depends on the rest of the batch (matrix products,
+convolutions, vectorised sin and GELU) runs one row at a time (`each_row`); only exact ones (elementwise products and
+sums, clamp) run on the whole batch.
 
 Shapes: B batch, Q code groups (quantizers), F frames, H hidden, C channels, L length (frames or samples at the
 current rate), S samples, D head dim, K cached + new keys.
@@ -30,6 +33,7 @@ current rate), S samples, D head dim, K cached + new keys.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,13 +49,14 @@ from stages.layers import Attention, RMSNorm, Rotary, SwiGLU
 # ---------------------------------------------------------------------------------------------------------------------
 # Causal convolutions with carried state
 # ---------------------------------------------------------------------------------------------------------------------
-def each_row(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`conv(x)` computed one batch row at a time, each from a fresh copy of its row: oneDNN picks its convolution
-    algorithm by batch size (other rounding), and BLAS kernels round differently on differently aligned rows, so
-    only this makes a row's samples the same bits whatever else is in the batch. x [B, C, L] -> [B, C_out, L']."""
+def each_row(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """`fn(x)` computed one batch row at a time, each from a fresh copy of its row: oneDNN picks its convolution
+    algorithm by batch size, BLAS its matrix-product kernel by the number of rows, and both round differently on
+    differently aligned rows, so only this makes a row's samples the same bits whatever else is in the batch.
+    x [B, ...] -> [B, ...']."""
     if x.shape[0] == 1:
-        return conv(x)
-    return torch.cat([conv(x[i : i + 1].clone()) for i in range(x.shape[0])])
+        return fn(x)
+    return torch.cat([fn(x[i : i + 1].clone()) for i in range(x.shape[0])])
 
 
 def each_row_after(conv: nn.Module, state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -135,7 +140,10 @@ class SnakeBeta(nn.Module):
         # in place on one new tensor: the decoder's activations are its largest tensors, and a new one per operation
         # costs more than the arithmetic (the same bits: pow(2) multiplies the value by itself)
         out = x * alpha
-        out.sin_()
+        # sin's vector kernel leaves a tensor's last values (short of a whole vector) to scalar code, which rounds
+        # them another way: taken row by row, a row's values meet the same lanes as when it is alone
+        for row in out:
+            row.sin_()
         out.mul_(out)
         return out.mul_(inverse_beta).add_(x)
 
@@ -154,9 +162,11 @@ class ConvNeXtBlock(nn.Module):
     def forward(self, x: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         # x [B, C, L]
         h, state = self.dwconv(x, state)
-        h = h.transpose(1, 2)  # [B, L, C]
-        h = self.pwconv2(F.gelu(self.pwconv1(self.norm(h))))
+        h = each_row(self._pointwise, h.transpose(1, 2))  # [B, L, C]: matrix products, and GELU's vector tail
         return x + (self.gamma * h).transpose(1, 2), state
+
+    def _pointwise(self, h: torch.Tensor) -> torch.Tensor:
+        return self.pwconv2(F.gelu(self.pwconv1(self.norm(h))))
 
 
 class ResidualUnit(nn.Module):
@@ -344,8 +354,7 @@ class Code2Wav(nn.Module):
         if state is None:
             frames = torch.zeros(codes.shape[0], dtype=torch.long, device=codes.device)
             state = {"frames": frames, "attn": None, "upsample": None, "decoder": None}
-        x = self.code_embedding(codes + self.code_offset).mean(1)  # [B, L, H]
-        x, attn = self.pre_transformer(x, state["frames"], state["attn"])
+        x, attn = self._attend_each_row(codes, state["frames"], state["attn"])  # [B, L, H]
         x = x.transpose(1, 2)  # [B, H, L]
         up_states = []
         for (trans, convnext), (s_trans, s_next) in zip(self.upsample, state["upsample"] or [(None, None)] * 2):
@@ -367,6 +376,21 @@ class Code2Wav(nn.Module):
             "decoder": dec_states,
         }
         return x.clamp(-1.0, 1.0)[:, 0], new_state  # [B, S]
+
+    def _attend_each_row(self, codes: torch.Tensor, start: torch.Tensor, caches: list | None) -> tuple:
+        """The code embeddings and the pre-transformer, one row at a time (the matrix products' rounding depends on
+        the number of rows). codes [B, Q, L] -> ([B, L, H], the rows' attention caches)."""
+        rows = codes.shape[0]
+        if rows == 1:
+            return self.pre_transformer(self.code_embedding(codes + self.code_offset).mean(1), start, caches)
+        row_caches = split_state(caches, rows)
+        outs, new_caches = [], []
+        for b in range(rows):
+            x = self.code_embedding(codes[b : b + 1] + self.code_offset).mean(1)  # [1, L, H]
+            x, cache = self.pre_transformer(x, start[b : b + 1], row_caches[b])
+            outs.append(x)
+            new_caches.append(cache)
+        return torch.cat(outs), stack_states(new_caches)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         """Full decode in one call. codes [B, Q, F] -> [B, F·total_upsample - tail_samples]."""

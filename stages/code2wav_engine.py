@@ -9,14 +9,10 @@ hand each request the samples of its call.
 Calls batch together when their states have the same shapes and their lengths are equal: same call length and
 same number of cached frames (min(frames decoded, window - 1)); rows may be at different frame positions (the
 pre-transformer takes per-row positions). A row's result is the same bits it gets alone, which is what makes the
-service's speech equal OmniModel's however requests overlap. Three things would break that, so they are avoided:
-- oneDNN picks its convolution algorithm by batch size: the convolutions run row by row (`code2wav.each_row`);
-- BLAS's matrix products take another kernel below 4 rows: calls shorter than `MIN_BATCHED_FRAMES` run alone;
-- vectorised elementwise kernels (SiLU, GELU, sin) compute a tensor's last values, the ones short of a full
-  vector, another way; a row of a batch lands elsewhere in the vectors unless it holds a multiple of `VECTOR`
-  values. So rows batch only where every activation holds a multiple of `VECTOR` values per frame
-  (`batches_exactly`), and a request's first call (shorter: the transposed convs' lookahead) runs alone.
-So a request's samples are those of `decode_chunked` on its frames.
+service's speech equal OmniModel's however requests overlap: `Code2Wav.step` computes every operation whose
+rounding depends on the rest of the batch (matrix products, convolutions, vectorised transcendentals) one row at a
+time, and batches the rest. So first calls batch too, and a request's samples are those of `decode_chunked` on its
+frames.
 
 Shapes: B rows in a call, Q code groups, L frames, S samples.
 """
@@ -32,30 +28,9 @@ from dataclasses import dataclass, field
 import torch
 
 from stages.batching import Cancellations, drive, hand_over
-from common.config import Code2WavConfig
 from stages.code2wav import Code2Wav, CodecChunking, split_state, stack_states
 
 logger = logging.getLogger(__name__)
-
-# fewer rows than this in a matrix product take another BLAS kernel (other rounding): shorter calls decode alone
-MIN_BATCHED_FRAMES = 4
-VECTOR = 16  # float32 values in the widest vector of torch's CPU kernels (AVX-512)
-
-
-def batches_exactly(cfg: Code2WavConfig) -> bool:
-    """Whether every activation of a call holds a multiple of `VECTOR` values per frame, so that rows of a batch
-    meet the same vector lanes as alone (channels × samples per frame, stage by stage)."""
-    per_frame = [cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim,
-                 cfg.num_key_value_heads * cfg.head_dim]
-    rate = 1
-    for ratio in cfg.upsampling_ratios:
-        rate *= ratio
-        per_frame += [cfg.hidden_size * rate, 4 * cfg.hidden_size * rate]  # upsampler, ConvNeXt
-    for i, up in enumerate([1, *cfg.upsample_rates]):
-        rate *= up
-        per_frame.append(cfg.decoder_dim // 2**i * rate)
-    return all(values % VECTOR == 0 for values in per_frame)
-
 
 @dataclass
 class WavPiece:
@@ -85,7 +60,6 @@ class Code2WavEngine:
     def __init__(self, model: Code2Wav, chunking: CodecChunking):
         self.model, self.chunking = model, chunking
         self.window = model.cfg.sliding_window
-        self.batching = batches_exactly(model.cfg)
         self.requests: dict[str, _Request] = {}  # engine thread only
         self.incoming: queue.Queue = queue.Queue()  # new requests and frames, in the order they were given
         self.cancellations = Cancellations()
@@ -179,12 +153,8 @@ class Code2WavEngine:
                 self._end(request, WavPiece(torch.zeros(0, dtype=self.model.code_embedding.weight.dtype), 0, True))
             elif n:
                 groups.setdefault((n, min(request.frames, self.window - 1)), []).append(request)
-        for (n, cached), rows in groups.items():
-            if self.batching and n >= MIN_BATCHED_FRAMES and cached > 0:
-                self._decode(rows, n)
-            else:
-                for request in rows:
-                    self._decode([request], n)
+        for (n, _), rows in groups.items():
+            self._decode(rows, n)
         return bool(groups)
 
     def _ready_frames(self, request: _Request) -> int:

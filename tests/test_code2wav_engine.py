@@ -1,9 +1,9 @@
 """Code2WavEngine against its oracle, `decode_chunked` on the same schedule, one request at a time.
 
 Requests of different lengths overlap, their frames arriving in random groups at staggered times; each gets the
-oracle's samples bit for bit (that is what the service's speech equality with OmniModel rests on). On the default
-tiny model rows really batch (`batches_exactly`); on the alt one (widths not a multiple of the CPU vector) they
-decode alone, still exact.
+oracle's samples bit for bit (that is what the service's speech equality with OmniModel rests on), while their calls
+really batch, first calls included. The models: the default tiny one, the alt one (widths not a multiple of the CPU
+vector) and one of the small config's widths (matrix products whose BLAS kernel changes with the number of rows).
 """
 
 import queue
@@ -15,14 +15,18 @@ import pytest
 import torch
 
 from common.config import load_config
+from common.tiny import build_config, build_tokenizer
 from stages.code2wav import Code2Wav, CodecChunking, decode_chunked
-from stages.code2wav_engine import Code2WavEngine, WavPiece, batches_exactly, decode_replies
+from stages.code2wav_engine import Code2WavEngine, WavPiece
 
 RAMPS = [CodecChunking(), CodecChunking((4,)), CodecChunking((2, 5))]
 
 
-@pytest.fixture(scope="module", params=["default", "alt"])
+@pytest.fixture(scope="module", params=["default", "alt", "small"])
 def model(request):
+    if request.param == "small":  # random weights: only the widths matter here
+        torch.manual_seed(0)
+        return Code2Wav(load_config(build_config(build_tokenizer(), "small")).code2wav_config).eval()
     path = request.getfixturevalue("tiny_ckpt" if request.param == "default" else "tiny_ckpt_alt")
     return Code2Wav.from_pretrained(path, load_config(path))
 
@@ -57,10 +61,6 @@ class Listener:
 
 def oracle(model, codes, chunking) -> np.ndarray:
     return decode_chunked(model, codes[None], chunking)[0].numpy()
-
-
-def test_the_default_tiny_model_batches(model):
-    assert batches_exactly(model.cfg) == (model.cfg.hidden_size == 32)  # default tiny: yes; alt: no
 
 
 @pytest.mark.parametrize("chunking", RAMPS)
@@ -101,21 +101,46 @@ def test_concurrent_requests_with_staggered_arrivals_equal_the_oracle(model, chu
     finally:
         del model.step
         engine.close()
-    if batches_exactly(model.cfg):
-        assert max(calls) > 1, "no call batched several requests"
+    assert max(calls) > 1, "no call batched several requests"
 
 
 def test_rows_at_different_positions_batch_into_one_call(model):
-    """Whole replies of different lengths submitted at once: after their first calls the rows are in step, later
-    some are ahead (a long reply's full calls beside a short one's last call): still the oracle's bits."""
+    """Whole replies of different lengths arrive while the engine is busy: their first calls are then one call of
+    all five rows, the rows are in step, later some are ahead (a long reply's full calls beside a short one's last
+    call): still the oracle's bits."""
     codes = [random_codes(model, n, seed=10 + n) for n in (5, 30, 60, 61, 100)]
     engine = Code2WavEngine(model, CodecChunking())
+    busy, go_on = threading.Event(), threading.Event()
+    first_calls = []
+    original = model.step
+
+    def step(c, state):
+        if state is None:
+            first_calls.append(c.shape[0])
+        if not busy.is_set():  # the first call of all (a reply ahead of the five) holds the engine
+            busy.set()
+            go_on.wait(60)
+        return original(c, state)
+
+    model.step = step
     try:
-        waveforms = decode_replies(engine, codes)
+        ahead = Listener()
+        engine.submit("ahead", ahead)
+        engine.push("ahead", codes[0], finished=True)
+        assert busy.wait(60)
+        listeners = [Listener() for _ in codes]
+        for i, c in enumerate(codes):
+            engine.submit(f"r{i}", listeners[i])
+            engine.push(f"r{i}", c, finished=True)
+        go_on.set()
+        waveforms = [listener.samples() for listener in listeners]
+        ahead.samples()
     finally:
+        del model.step
         engine.close()
     for c, wav in zip(codes, waveforms):
-        assert np.array_equal(wav.numpy(), oracle(model, c, CodecChunking()))
+        assert np.array_equal(wav, oracle(model, c, CodecChunking()))
+    assert first_calls == [1, 5]
 
 
 def test_cancelled_request_stops_and_the_others_go_on(model):
