@@ -5,9 +5,10 @@ Sustained spoken load makes Serve add a thinker and a talker replica, and both r
 when the load drops, Serve removes the added replicas. Every request of the test succeeds with the reply it gets
 alone (greedy decoding).
 
-Not tested here: a reply still streaming from the replica Serve removes. Placing one there needs the router to pick
-that replica for it, and under this load it did not in 12 tries in a row (the power-of-two router takes the less
-loaded replica, deterministically with two); the config's graceful-shutdown settings are what drain such a reply. Which replica serves what: `StageReplica.describe()` through the stage's handle
+Then a long reply is left on the replica Serve added (Serve removes its newest replica first; two long replies are
+sent at once, one lands on each replica, the other is closed) and the load drops to it alone: Serve removes that
+replica while the reply streams from it, the replica drains (its graceful shutdown waits for its replies), and the
+reply ends whole, equal to the same reply alone. Which replica serves what: `StageReplica.describe()` through the stage's handle
 ("replica" is Serve's id, "served" the requests it has taken on, "in_flight" the ids of those it serves now).
 """
 
@@ -36,6 +37,9 @@ SCALE_TIMEOUT_S = 180  # for Serve to start or stop a replica on a busy two-core
 SPOKEN = {"messages": [{"role": "user", "content": "Hello there, who are you?"}], "max_tokens": 150,
           "modalities": ["text", "audio"], "audio": {"voice": "ethan", "format": "pcm16"},
           "extra_body": {"temperature": 0, "talker_temperature": 0, "ignore_eos": True, "talker_max_tokens": 20}}
+# The reply left on a replica Serve removes: its text streams through the talker for ~15 s, longer than the scale-down
+# takes to start (downscale_delay_s and the look-back of the config)
+DRAINED = {**SPOKEN, "max_tokens": 2048}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +51,7 @@ def service(serve_instance, tiny_ckpt):
 
     raw = yaml.safe_load(CONFIG.read_text())
     (app,) = raw["applications"]
-    app["args"].update(model=str(tiny_ckpt), served_model_name="omniray-tiny")
+    app["args"].update(model=str(tiny_ckpt), served_model_name="omniray-tiny", max_tokens_limit=DRAINED["max_tokens"])
     app["name"] = APP
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}))
     with applications([APP]):
@@ -111,7 +115,7 @@ async def _load(client: openai.AsyncOpenAI, stop: asyncio.Event, replies: list) 
             replies.append(error)
 
 
-def test_load_adds_a_replica_that_takes_requests_and_scales_back_down(service):
+def test_load_adds_a_replica_that_takes_requests_and_scales_back_down_draining_a_reply(service):
     async def main():
         client = _client(service)
         # one call each: six at once would count as six ongoing requests, enough to add a replica
@@ -127,15 +131,22 @@ def test_load_adds_a_replica_that_takes_requests_and_scales_back_down(service):
         served = {stage: await _until(lambda: _both_served(stage), f"both {stage} replicas to serve requests")
                   for stage in SCALED}
 
-        # the load stops: Serve removes the replicas it added
+        # the load stops but for one long reply on the talker Serve added: Serve removes the replicas it added, the
+        # talker's while the reply streams from it
         stop.set()
         await asyncio.gather(*load)
+        drained, added = await _a_reply_on_the_added_talker(client, first["talker"])
+        stopping = await _until(lambda: drained.done() or _running("talker").get("STOPPING", 0),
+                                "Serve to start removing the added talker replica")
+        removed_mid_reply = stopping is not True and not drained.done()
+        drained_reply = await drained
         for stage in SCALED:
             await _until(lambda: _running(stage) == {"RUNNING": 1}, f"the {stage} to be back at one replica")
         left = {stage: set(await asyncio.to_thread(_replicas, stage)) for stage in SCALED}
-        return spoken_alone, replies, first, served, left
+        drained_alone = (await _stream(client, DRAINED))[1:]
+        return spoken_alone, replies, first, served, left, (added, removed_mid_reply, drained_reply, drained_alone)
 
-    spoken_alone, replies, first, served, left = asyncio.run(main())
+    spoken_alone, replies, first, served, left, drain = asyncio.run(main())
     failed = [r for r in replies if isinstance(r, Exception)]
     assert not failed, f"{len(failed)} of {len(replies)} requests failed under load: {failed[:3]}"
     assert all(reply[1:] == spoken_alone for reply in replies), "a reply under load differs from the one alone"
@@ -144,6 +155,31 @@ def test_load_adds_a_replica_that_takes_requests_and_scales_back_down(service):
         assert all(d["served"] > 0 for d in served[stage].values()), served[stage]
     for stage in SCALED:  # Serve removes its newest replica first
         assert left[stage] == first[stage], f"Serve removed the {stage}'s first replica, not the one it added"
+    added, removed_mid_reply, drained_reply, drained_alone = drain
+    assert added not in left["talker"]
+    assert removed_mid_reply, "the long reply ended before Serve removed its replica: make DRAINED longer"
+    assert drained_reply[1:] == drained_alone and len(drained_alone[0]) > 0, "the drained reply differs from alone"
+
+
+async def _a_reply_on_the_added_talker(client: openai.AsyncOpenAI, first: set[str]) -> tuple[asyncio.Task, str]:
+    """A DRAINED reply streaming from the talker replica that is not in `first` (the one Serve added), and that
+    replica's id. Two are sent at once, so that each replica takes one; the other one is closed."""
+    for _ in range(5):
+        started = [asyncio.get_running_loop().create_future() for _ in range(2)]
+        replies = [asyncio.create_task(_stream(client, DRAINED, ready)) for ready in started]
+        ids = [await ready for ready in started]
+        replicas = await asyncio.to_thread(_replicas, "talker")
+        added = {replica: d for replica, d in replicas.items() if replica not in first}
+        on_added = [(reply, replica) for reply, request_id in zip(replies, ids)
+                    for replica, d in added.items() if request_id in d["in_flight"]]
+        kept = on_added[0] if on_added else (None, None)
+        for reply in replies:
+            if reply is not kept[0]:
+                reply.cancel()
+        await asyncio.gather(*(r for r in replies if r is not kept[0]), return_exceptions=True)
+        if kept[0] is not None:
+            return kept
+    raise AssertionError("no long reply landed on the added talker replica in 5 tries")
 
 
 def _both_served(stage: str) -> dict[str, dict] | None:
