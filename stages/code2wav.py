@@ -381,15 +381,15 @@ class Code2Wav(nn.Module):
         """The code embeddings and the pre-transformer, one row at a time (the matrix products' rounding depends on
         the number of rows). codes [B, Q, L] -> ([B, L, H], the rows' attention caches)."""
         rows = codes.shape[0]
-        if rows == 1:
-            return self.pre_transformer(self.code_embedding(codes + self.code_offset).mean(1), start, caches)
-        row_caches = split_state(caches, rows)
+        row_caches = split_state(caches, rows) if rows > 1 else [caches]
         outs, new_caches = [], []
         for b in range(rows):
             x = self.code_embedding(codes[b : b + 1] + self.code_offset).mean(1)  # [1, L, H]
             x, cache = self.pre_transformer(x, start[b : b + 1], row_caches[b])
             outs.append(x)
             new_caches.append(cache)
+        if rows == 1:  # as they are: no copy
+            return outs[0], new_caches[0]
         return torch.cat(outs), stack_states(new_caches)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:

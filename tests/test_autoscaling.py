@@ -8,8 +8,10 @@ alone (greedy decoding).
 Then a long reply is left on the replica Serve added (Serve removes its newest replica first; two long replies are
 sent at once, one lands on each replica, the other is closed) and the load drops to it alone: Serve removes that
 replica while the reply streams from it, the replica drains (its graceful shutdown waits for its replies), and the
-reply ends whole, equal to the same reply alone. Which replica serves what: `StageReplica.describe()` through the stage's handle
-("replica" is Serve's id, "served" the requests it has taken on, "in_flight" the ids of those it serves now).
+reply ends whole, equal to the same reply alone.
+
+Which replica serves what: `StageReplica.describe()` through the stage's handle ("replica" is Serve's id, "served"
+the requests it has taken on, "in_flight" the ids of those it serves now).
 """
 
 from __future__ import annotations
