@@ -1,15 +1,16 @@
 """`omniray batch`: chat requests from a JSONL dataset through the model stages as a Ray Data pipeline, no HTTP.
 
     rows ─▶ prepare (CPU tasks: the HTTP API's validation, media, processor) ─▶ Encoders ─▶ Thinker ─▶ Talker ─▶
-    Code2Wav (actor pools, one per stage) ─▶ results (CPU tasks: result lines, encoded audio) ─▶ the driver
-    commits them shard by shard (deployments/batch_files.py)
+    Code2Wav (actor pools, one per stage; the last one also makes the result lines and encodes the audio) ─▶ the
+    driver commits them shard by shard (deployments/batch_files.py)
 
-Each stage actor holds only its stage's weights and the same engine as the service's deployment; the thinker and
-talker actors run a whole Ray Data batch of rows through their engine at once. A row travels between stages as one
-pickled `Item`; a row that fails anywhere carries its error (the HTTP API's status and body) to its result line,
-and the stages after pass it through. A thinker-only checkpoint has no Talker or Code2Wav stage, and a dataset
-without media has no Encoders stage: a row without media gets its prompt (its tokens) as it is prepared, and each
-stage actor is a process that takes seconds of CPU to start (Ray Data, torch, its weights).
+Each stage actor holds only its stage's weights and the same engine as the service's deployment; the thinker,
+talker and Code2Wav actors run two Ray Data batches at a time through their engine (`BATCHES_PER_ACTOR`). A row
+travels between stages as one pickled `Item`; a row that fails anywhere carries its error (the HTTP API's status
+and body) to its result line, and the stages after pass it through. A thinker-only checkpoint has no Talker or
+Code2Wav stage, and a dataset without media has no Encoders stage: a row without media gets its prompt (its tokens)
+as it is prepared, and each stage actor is a process that takes seconds of CPU to start (Ray Data, torch, its
+weights).
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import functools
 import json
 import pickle
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +44,11 @@ from stages.batching import drive
 from stages.omni import SAMPLE_RATE, has_media, text_prompt
 
 STAGES = ("encoders", "thinker", "talker", "code2wav")
+# Ray Data batches a thinker, talker or Code2Wav actor runs at once, each on a thread of its own: their rows share
+# the actor's engine, which fills the rows one batch frees (its replies end at different times) from the next, and
+# takes a talker batch's rows from two batches (only the spoken rows of a batch reach the talker's engine). The
+# encoders have no engine: their actor runs one batch at a time.
+BATCHES_PER_ACTOR = 2
 OPENAI_URL = "/v1/chat/completions"
 MEDIA_PARTS = ("image_url", "audio_url", "video_url")  # the media parts given by URL
 MEDIA_PART_TYPES = (*MEDIA_PARTS, "input_audio")  # every content part the encoders read
@@ -66,6 +74,7 @@ class Item:
     waveform: np.ndarray | None = None  # [S] float32 at 24 kHz
     error: tuple[int, dict] | None = None  # the HTTP API's status and error body
     busy: dict[str, float] = field(default_factory=dict)  # seconds of each stage's batches, shared out per row
+    prepared_at: float = 0.0  # wall clock (time.time()) when its preparation began
 
     def fail(self, exc: BaseException) -> None:
         self.error = error_for(exc)
@@ -92,20 +101,29 @@ def _on(value, device: torch.device | str):
     return value
 
 
-def _timed(stage: str, run):
-    """A stage's batch function: runs `run` on the rows still alive and shares its wall time out among them."""
+class BusyClock:
+    """The seconds a stage actor had at least one batch in hand, shared out among its batches: a batch that ends
+    takes the busy time since the batch before it ended (or since the actor became busy), so the shares add up to
+    the actor's busy time however many batches it ran at once (`BATCHES_PER_ACTOR`)."""
 
-    def call(batch: dict) -> dict:
-        items = _items(batch)
-        live = [item for item in items if item.error is None]
-        start = time.perf_counter()
-        if live:
-            run(live)
-        for item in live:
-            item.busy[stage] = (time.perf_counter() - start) / len(live)
-        return _batch(items)
+    def __init__(self, now: Callable[[], float] = time.perf_counter):
+        self._now = now
+        self._lock = threading.Lock()
+        self._running = 0
+        self._since = 0.0  # when a batch last took its share, or the actor last became busy
 
-    return call
+    def start(self) -> None:
+        with self._lock:
+            if self._running == 0:
+                self._since = self._now()
+            self._running += 1
+
+    def stop(self) -> float:
+        with self._lock:
+            now = self._now()
+            taken, self._since = now - self._since, now
+            self._running -= 1
+            return taken
 
 
 # --- preparing rows (CPU tasks) -----------------------------------------------------------------------------------
@@ -124,7 +142,7 @@ class RowPreparer:
 
     def __call__(self, key: str, position: int, line: str, media_dir: str | None, form: str,
                  temperature: float | None) -> Item:
-        item = Item(key, position, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()))
+        item = Item(key, position, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), prepared_at=time.time())
         start = time.perf_counter()
         try:
             body = _request_body(line, form)
@@ -192,11 +210,42 @@ def _local_media(body: dict, media_dir: str | None) -> dict:
 
 # --- the stages (actor pools) -------------------------------------------------------------------------------------
 
+class StageActor:
+    """What every stage actor does with a Ray Data batch: runs its stage (`_run`) on the rows still alive, shares its
+    busy time out among them (`BusyClock`), and in the job's last stage makes their result lines (`result_rows`)
+    itself: a task of their own could start a worker process at the end of the job, seconds of imports on a few
+    cores, after every row was done."""
 
-class EncoderStage:
+    stage_name: str
+
+    def __init__(self, results: dict | None):
+        self.results = results  # `result_rows`' form and model_id, in the job's last stage
+        self.clock = BusyClock()
+
+    def __call__(self, batch: dict) -> dict:
+        items = _items(batch)
+        live = [item for item in items if item.error is None]
+        self.clock.start()
+        try:
+            if live:
+                self._run(live)
+        finally:
+            seconds = self.clock.stop()
+        for item in live:
+            item.busy[self.stage_name] = seconds / len(live)
+        return _batch(items) if self.results is None else result_rows(items, **self.results)
+
+    def _run(self, items: list[Item]) -> None:
+        raise NotImplementedError
+
+
+class EncoderStage(StageActor):
     """The vision and audio encoders: each row's media features, scattered into its thinker prompt later."""
 
-    def __init__(self, settings: dict):
+    stage_name = "encoders"
+
+    def __init__(self, settings: dict, results: dict | None = None):
+        super().__init__(results)
         from deployments.runtime import load_stage
         from stages.audio_encoder import AudioEncoder
         from stages.vision_encoder import VisionEncoder
@@ -204,12 +253,8 @@ class EncoderStage:
         s = ServiceSettings.model_validate(settings)
         self.vision = load_stage(s, "vision_encoder", build=lambda cfg: VisionEncoder(cfg.thinker_config.vision_config))
         self.audio = load_stage(s, "audio_encoder", build=lambda cfg: AudioEncoder(cfg.thinker_config.audio_config))
-        self.run = _timed("encoders", self._encode)
 
-    def __call__(self, batch: dict) -> dict:
-        return self.run(batch)
-
-    def _encode(self, items: list[Item]) -> None:
+    def _run(self, items: list[Item]) -> None:
         from stages.omni import thinker_prompt
 
         for item in items:
@@ -224,10 +269,13 @@ class EncoderStage:
                 item.fail(exc)
 
 
-class ThinkerStage:
+class ThinkerStage(StageActor):
     """The thinker engine over a batch of rows: their text, and for spoken rows the talker's inputs."""
 
-    def __init__(self, settings: dict):
+    stage_name = "thinker"
+
+    def __init__(self, settings: dict, results: dict | None = None):
+        super().__init__(results)
         from common.tokenizer import OmniTokenizer
         from deployments.runtime import load_stage
         from stages.compile import compile_enabled
@@ -243,12 +291,8 @@ class ThinkerStage:
             max_len=min(s.thinker_batch_max_len, config.thinker_config.text_config.max_position_embeddings),
             accept_hidden_layer=config.talker_config.accept_hidden_layer if config.has_talker else None,
             compiled=compile_enabled(s.compile, self.stage.device, self.stage.dtype))
-        self.run = _timed("thinker", self._generate)
 
-    def __call__(self, batch: dict) -> dict:
-        return self.run(batch)
-
-    def _generate(self, items: list[Item]) -> None:
+    def _run(self, items: list[Item]) -> None:
         from deployments.stop_strings import ReplyText
 
         by_key = {item.key: item for item in items}
@@ -290,10 +334,13 @@ def _record(item: Item, text, step) -> bool:
     return True
 
 
-class TalkerStage:
+class TalkerStage(StageActor):
     """The talker engine (with its code predictor) over the spoken rows of a batch: their codec frames."""
 
-    def __init__(self, settings: dict):
+    stage_name = "talker"
+
+    def __init__(self, settings: dict, results: dict | None = None):
+        super().__init__(results)
         from common.checkpoint import THINKER_EMBEDDING
         from deployments.runtime import load_stage
         from stages.compile import compile_enabled
@@ -308,12 +355,8 @@ class TalkerStage:
         self.engine = TalkerEngine(self.stage.module, self.stage.config, max_rows=s.talker_batch_rows,
                                    max_len=min(s.talker_batch_max_len, context),
                                    compiled=compile_enabled(s.compile, self.stage.device, self.stage.dtype))
-        self.run = _timed("talker", self._speak)
 
-    def __call__(self, batch: dict) -> dict:
-        return self.run(batch)
-
-    def _speak(self, items: list[Item]) -> None:
+    def _run(self, items: list[Item]) -> None:
         from stages.talker import talker_sampling
 
         config = self.stage.config
@@ -367,11 +410,14 @@ def _codes(frames: list[torch.Tensor], groups: int) -> torch.Tensor:
     return torch.stack(frames, dim=1).cpu() if frames else torch.zeros(groups, 0, dtype=torch.long)  # [G, F]
 
 
-class Code2WavStage:
+class Code2WavStage(StageActor):
     """The Code2Wav engine over the spoken rows of a batch, on the service's chunk schedule (so each row's samples
     are the service's and OmniModel.generate's, bit for bit)."""
 
-    def __init__(self, settings: dict):
+    stage_name = "code2wav"
+
+    def __init__(self, settings: dict, results: dict | None = None):
+        super().__init__(results)
         from deployments.runtime import load_stage
         from stages.code2wav import Code2Wav
         from stages.code2wav_engine import Code2WavEngine
@@ -379,12 +425,8 @@ class Code2WavStage:
         s = ServiceSettings.model_validate(settings)
         self.stage = load_stage(s, "code2wav", build=lambda cfg: Code2Wav(cfg.code2wav_config))
         self.engine = Code2WavEngine(self.stage.module, s.codec_chunking())
-        self.run = _timed("code2wav", self._decode)
 
-    def __call__(self, batch: dict) -> dict:
-        return self.run(batch)
-
-    def _decode(self, items: list[Item]) -> None:
+    def _run(self, items: list[Item]) -> None:
         from stages.code2wav_engine import decode_replies
 
         spoken = [item for item in items if item.codes is not None]
@@ -401,14 +443,14 @@ class Code2WavStage:
             item.waveform = waveform.float().cpu().numpy()
 
 
-# --- result lines (CPU tasks) -------------------------------------------------------------------------------------
+# --- result lines (made in the last stage's actor) --------------------------------------------------------------------
 
 
-def result_rows(batch: dict, form: str, model_id: str) -> dict:
+def result_rows(items: list[Item], form: str, model_id: str) -> dict:
     """Each row's result line (JSON text), its audio file (name and bytes; empty without speech), and what the
     progress line and the summary count."""
-    lines, names, audio, seconds, failed, busy = [], [], [], [], [], []
-    for item in _items(batch):
+    lines, names, audio, seconds, failed, busy, prepared_at = [], [], [], [], [], [], []
+    for item in items:
         line, name, data = _result(item, form, model_id)
         lines.append(json.dumps(line, ensure_ascii=False))
         names.append(name)
@@ -416,9 +458,10 @@ def result_rows(batch: dict, form: str, model_id: str) -> dict:
         seconds.append(0.0 if item.waveform is None else len(item.waveform) / SAMPLE_RATE)
         failed.append(item.error is not None)
         busy.append(json.dumps(item.busy))
+        prepared_at.append(item.prepared_at)
     return {"line": np.array(lines, dtype=object), "audio_name": np.array(names, dtype=object),
             "audio": np.array(audio, dtype=object), "audio_seconds": np.array(seconds),
-            "failed": np.array(failed), "busy": np.array(busy, dtype=object)}
+            "failed": np.array(failed), "busy": np.array(busy, dtype=object), "prepared_at": np.array(prepared_at)}
 
 
 def _result(item: Item, form: str, model_id: str) -> tuple[dict, str, bytes]:
@@ -493,9 +536,9 @@ class BatchOptions:
                 "temperature": self.temperature}
 
 
-def run_batch(options: BatchOptions) -> int:
-    """Run (or resume) the job; prints a progress line per committed shard and a summary."""
-    started = time.perf_counter()
+def run_batch(options: BatchOptions) -> Progress:
+    """Run (or resume) the job; prints a progress line per committed shard and a summary, and returns its counts."""
+    started, started_at = time.perf_counter(), time.time()
     data = read_input(options.input)
     out = OutputDir(options.output, data.form)
     out.open({"input": options.input, "form": data.form, "rows": len(data.rows), "fingerprint": data.fingerprint,
@@ -508,7 +551,7 @@ def run_batch(options: BatchOptions) -> int:
         default_max_tokens=options.max_tokens, default_talker_max_tokens=options.max_audio_tokens,
         thinker_batch_rows=options.batch_rows, talker_batch_rows=options.batch_rows,
         torch_threads=options.torch_threads, allowed_local_media_dirs=media_dirs)
-    progress = Progress(len(data.rows), len(done))
+    progress = Progress(len(data.rows), len(done), started_at)
     print(f"omniray batch: {len(data.rows)} rows ({data.form} form), {len(done)} done before, {len(todo)} to run",
           file=sys.stderr)
     if todo:
@@ -518,7 +561,7 @@ def run_batch(options: BatchOptions) -> int:
             progress.add(batch)
     path = out.merge({row.key: row.position for row in data.rows})
     progress.summary(path, time.perf_counter() - started)
-    return 0
+    return progress
 
 
 def _pipeline(rows, settings: ServiceSettings, options: BatchOptions, form: str):
@@ -537,12 +580,17 @@ def _pipeline(rows, settings: ServiceSettings, options: BatchOptions, form: str)
     ds = ds.map_batches(prepare_rows, batch_size=options.batch_rows, num_cpus=options.cpus_per_stage,
                         fn_kwargs={"settings_json": settings.model_dump_json(), "form": form,
                                    "temperature": options.temperature})
+    last, results = list(stages)[-1], {"form": form, "model_id": settings.model_id()}
     for name, stage in stages.items():
-        ds = ds.map_batches(stage, batch_size=options.batch_rows, concurrency=options.concurrency.get(name, 1),
-                            num_cpus=options.cpus_per_stage, num_gpus=options.gpus_per_stage or None,
-                            fn_constructor_kwargs={"settings": settings.model_dump()})
-    return ds.map_batches(result_rows, batch_size=options.batch_rows, num_cpus=options.cpus_per_stage,
-                          fn_kwargs={"form": form, "model_id": settings.model_id()})
+        at_once = 1 if name == "encoders" else BATCHES_PER_ACTOR
+        actors = ray.data.ActorPoolStrategy(
+            size=options.concurrency.get(name, 1), max_tasks_in_flight_per_actor=at_once,
+            max_concurrent_calls_per_actor=at_once, enable_true_multi_threading=at_once > 1)
+        ds = ds.map_batches(stage, batch_size=options.batch_rows, compute=actors, num_cpus=options.cpus_per_stage,
+                            num_gpus=options.gpus_per_stage or None,
+                            fn_constructor_kwargs={"settings": settings.model_dump(),
+                                                   "results": results if name == last else None})
+    return ds
 
 
 def _holds_media(row) -> bool:
@@ -564,17 +612,21 @@ def _holds_media(row) -> bool:
 class Progress:
     """Rows done and failed, rows per second and audio produced, after each shard; the summary at the end."""
 
-    def __init__(self, total: int, done_before: int):
+    def __init__(self, total: int, done_before: int, started_at: float):
         self.total, self.done = total, done_before
         self.failed, self.audio_seconds, self.ran = 0, 0.0, 0
         self.busy: dict[str, float] = {}
         self.start = time.perf_counter()
+        self.started_at = started_at  # wall clock when the job started
+        self.first_prepared_at: float | None = None  # wall clock when the first row's preparation began
 
     def add(self, batch: dict) -> None:
         self.ran += len(batch["line"])
         self.done += len(batch["line"])
         self.failed += int(batch["failed"].sum())
         self.audio_seconds += float(batch["audio_seconds"].sum())
+        first = float(batch["prepared_at"].min())
+        self.first_prepared_at = first if self.first_prepared_at is None else min(self.first_prepared_at, first)
         for busy in batch["busy"]:
             for stage, seconds in json.loads(busy).items():
                 self.busy[stage] = self.busy.get(stage, 0.0) + seconds
@@ -582,8 +634,15 @@ class Progress:
         print(f"[batch] {self.done}/{self.total} rows ({self.failed} failed), {rate:.2f} rows/s, "
               f"{self.audio_seconds:.1f} s of audio", file=sys.stderr, flush=True)
 
+    @property
+    def startup_s(self) -> float | None:
+        """Seconds from the job's start to the first row's preparation (Ray Data planning, the stage actors'
+        processes starting, importing and loading their weights); None when no row ran."""
+        return None if self.first_prepared_at is None else self.first_prepared_at - self.started_at
+
     def summary(self, results, wall_s: float) -> None:
         busy = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in self.busy.items()) or "none"
+        startup = f", {self.startup_s:.1f} s of it before the first row started" if self.startup_s is not None else ""
         print(f"omniray batch: {self.done}/{self.total} rows in {results} ({self.ran} this run, {self.failed} "
-              f"failed), {self.audio_seconds:.1f} s of audio, {wall_s:.1f} s wall; stage busy time: {busy}",
+              f"failed), {self.audio_seconds:.1f} s of audio, {wall_s:.1f} s wall{startup}; stage busy time: {busy}",
               file=sys.stderr, flush=True)

@@ -175,13 +175,14 @@ def _batch(args: argparse.Namespace) -> int:
     from deployments.batch import BatchOptions, run_batch
 
     try:
-        return run_batch(BatchOptions(
+        run_batch(BatchOptions(
             input=args.input, output=args.output, model=args.model or "", modalities=args.modalities,
             speaker=args.speaker, max_tokens=args.max_tokens, max_audio_tokens=args.max_audio_tokens,
             temperature=args.temperature, concurrency=args.stage_concurrency, cpus_per_stage=args.cpus_per_stage,
             gpus_per_stage=args.gpus_per_stage, batch_rows=args.batch_rows, shard_rows=args.shard_rows,
             torch_threads=args.torch_threads,
         ))
+        return 0
     except OmniError as e:  # the input or the output folder, before anything ran
         print(f"error: {e.message}", file=sys.stderr)
         return 2

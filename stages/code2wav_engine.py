@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -208,10 +209,11 @@ def decode_replies(engine: Code2WavEngine, codes: list[torch.Tensor]) -> list[to
     """Whole replies (codes [Q, F] each) through the engine at once: their waveforms [S], each the samples
     `decode_chunked` gives it alone. Blocks until all are decoded; the first error is raised."""
     pieces: list[list[torch.Tensor]] = [[] for _ in codes]
+    call = uuid.uuid4().hex  # the request ids of this call's replies, apart from those of calls running beside it
 
     def submit(row: int, sink) -> None:
-        engine.submit(f"reply-{row}", sink)
-        engine.push(f"reply-{row}", codes[row], finished=True)
+        engine.submit(f"{call}-{row}", sink)
+        engine.push(f"{call}-{row}", codes[row], finished=True)
 
     def record(row: int, piece) -> bool:
         if isinstance(piece, BaseException):

@@ -114,7 +114,9 @@ def _text(text: str) -> dict:
     return {"type": "text", "text": text}
 
 
-SPEECH = {"modalities": ["text", "audio"], "talker_max_tokens": 12}
+# enough frames that the rerun's talker actor is seen working on a batch before the job ends (its actor runs two
+# batches at once, and 12 frames each went by between two looks)
+SPEECH = {"modalities": ["text", "audio"], "talker_max_tokens": 48}
 
 
 def _dataset(folder: Path) -> tuple[list[dict], set[str]]:
