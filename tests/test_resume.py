@@ -3,7 +3,8 @@ actors killed through Ray (`ray.kill`) in the middle of greedy streaming replies
 
 A spoken reply loses its talker, then its thinker, then its Code2Wav replica; a text reply loses its thinker. Each
 stream pauses while Serve starts the replacement and then goes on: no error event, and its text and PCM equal those
-of the same request undisturbed, byte for byte. `/health` names each stage while it has no replica running.
+of the same request undisturbed, byte for byte. `/health` names each stage while it has no replica running. A
+reply whose thinker is lost again after it was resumed, past `stage_retries`, is a 503 with OpenAI's error body.
 
 The other way round, a stage whose consumer was killed (the thinker under a talker, the talker under a Code2Wav)
 while the client also went away, so nothing resumes the reply: it notices, and its engine lets the reply go long
@@ -40,8 +41,9 @@ ORPHAN_S = 30  # the bound on a producer whose consumer died letting the reply g
 
 @pytest.fixture(scope="module")
 def service(serve_instance, tiny_ckpt):
+    # one resume per stage and reply: every reply below loses each stage once, but the 503's loses its thinker twice
     settings = {"model": str(tiny_ckpt), "served_model_name": "omniray-tiny", "torch_threads": 1,
-                "retry_backoff_s": 0.2, "consumer_check_s": 0.2}
+                "retry_backoff_s": 0.2, "consumer_check_s": 0.2, "stage_retries": 1}
     with one_app(settings, APP):
         yield serve_instance["url"]
 
@@ -199,6 +201,41 @@ def test_a_text_reply_survives_losing_its_thinker(service, client):
     assert killed and killed[0] < len(disturbed.text)
     assert disturbed.text == undisturbed.text and disturbed.finish == undisturbed.finish == "length"
     _engines_drain()
+
+
+def test_a_reply_whose_stage_is_lost_more_often_than_it_is_resumed_is_a_503(service, client):
+    """A whole text reply (nothing sent before its end) loses its thinker, is resumed on the replacement, and loses
+    that one too: past `stage_retries` (1), the client gets a 503 with OpenAI's error body, not a hang or a 500, and
+    the service answers the next request."""
+    import concurrent.futures
+
+    long_text = {**TEXT, "max_tokens": 3000}  # up to the tiny model's context: it outlasts a replica's restart
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(client.chat.completions.create, model="omniray-tiny", **long_text)
+        request_id = _in_flight("thinker")
+        killed = _kill("thinker")
+        _replaced("thinker", killed)
+        _serving("thinker", request_id)  # resumed on the new replica
+        killed = _kill("thinker")
+        with pytest.raises(openai.APIStatusError) as refused:
+            reply.result(timeout=START_TIMEOUT_S)
+    assert refused.value.status_code == 503, refused.value
+    error = refused.value.body
+    assert (error["type"], error["code"]) == ("server_error", "stage_unavailable"), error
+    assert "the thinker stage lost its replica 2 times" in error["message"], error
+    _replaced("thinker", killed)
+    assert _stream(client, TEXT).finish == "length"
+    _engines_drain()
+
+
+def _in_flight(stage: str) -> str:
+    """The id of the one request the stage serves, once it serves one (bounded)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not (ids := _stage(stage).describe.remote().result(timeout_s=START_TIMEOUT_S)["in_flight"]):
+        assert time.monotonic() < deadline, f"the {stage} never served a request"
+        time.sleep(0.05)
+    (request_id,) = ids
+    return request_id
 
 
 def test_an_encoder_lost_before_its_output_is_told_apart_from_its_errors(service):
