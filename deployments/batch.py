@@ -528,6 +528,7 @@ class BatchOptions:
     batch_rows: int = 8  # rows a thinker or talker actor runs through its engine at once
     shard_rows: int = 64  # rows per committed shard
     torch_threads: int | None = None
+    compile: str = "auto"  # the thinker's and talker's decode steps (`ServiceSettings.compile`)
 
     def defaults(self) -> dict:
         """What a row's result depends on besides the row: a resumed job must use the same."""
@@ -550,7 +551,7 @@ def run_batch(options: BatchOptions) -> Progress:
         model=options.model, default_modalities=options.modalities, default_voice=options.speaker,
         default_max_tokens=options.max_tokens, default_talker_max_tokens=options.max_audio_tokens,
         thinker_batch_rows=options.batch_rows, talker_batch_rows=options.batch_rows,
-        torch_threads=options.torch_threads, allowed_local_media_dirs=media_dirs)
+        torch_threads=options.torch_threads, allowed_local_media_dirs=media_dirs, compile=options.compile)
     progress = Progress(len(data.rows), len(done), started_at)
     print(f"omniray batch: {len(data.rows)} rows ({data.form} form), {len(done)} done before, {len(todo)} to run",
           file=sys.stderr)

@@ -180,7 +180,7 @@ def _batch(args: argparse.Namespace) -> int:
             speaker=args.speaker, max_tokens=args.max_tokens, max_audio_tokens=args.max_audio_tokens,
             temperature=args.temperature, concurrency=args.stage_concurrency, cpus_per_stage=args.cpus_per_stage,
             gpus_per_stage=args.gpus_per_stage, batch_rows=args.batch_rows, shard_rows=args.shard_rows,
-            torch_threads=args.torch_threads,
+            torch_threads=args.torch_threads, compile=args.compile,
         ))
         return 0
     except OmniError as e:  # the input or the output folder, before anything ran
@@ -230,6 +230,9 @@ def _add_batch(sub) -> None:
     p.add_argument("--batch-rows", type=int, default=8, help="rows a thinker or talker actor decodes together")
     p.add_argument("--shard-rows", type=int, default=64, help="rows per committed shard of results")
     p.add_argument("--torch-threads", type=int, help="CPU threads of each stage actor")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="compiled decode steps (auto: on CUDA only; `on` for a long job on CPUs: each actor compiles "
+                        "for minutes at the first run on a machine, seconds later from the disk cache)")
     p.set_defaults(func=_batch)
 
 
