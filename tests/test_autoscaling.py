@@ -134,10 +134,11 @@ def test_load_adds_a_replica_that_takes_requests_and_scales_back_down_draining_a
                   for stage in SCALED}
 
         # the load stops but for one long reply on the talker Serve added: Serve removes the replicas it added, the
-        # talker's while the reply streams from it
+        # talker's while the reply streams from it. The reply is placed while the load still runs: once it stops,
+        # Serve may stop routing to the added replica before a new request reaches it.
+        drained, added = await _a_reply_on_the_added_talker(client, first["talker"])
         stop.set()
         await asyncio.gather(*load)
-        drained, added = await _a_reply_on_the_added_talker(client, first["talker"])
         stopping = await _until(lambda: drained.done() or _running("talker").get("STOPPING", 0),
                                 "Serve to start removing the added talker replica")
         removed_mid_reply = stopping is not True and not drained.done()
