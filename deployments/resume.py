@@ -32,14 +32,16 @@ The other way round, a producer whose consumer died (the thinker streaming to a 
 Code2Wav) must stop by itself: Ray does not end a streaming call when its caller dies, and Serve's own cancellation
 comes from a live caller only. So each consumer names its replica's actor in the call (`this_replica()`), and the
 producer asks it every `consumer_check_s` whether it is alive (`while_consumer_lives`, a Ray actor's built-in ready
-call, answered at once by a live replica and refused by Ray for a dead one); once it is dead, the producer's
-stream is closed where it waits, which cancels the reply in its engine (its rows free) and, through `relayed`, the
-stream it reads itself (the thinker's of a talker whose Code2Wav died).
+call, answered at once by a live replica and refused by Ray for a dead one; one call for all the replies a consumer
+reads from the replica); once it is dead, the producer's stream is closed where it waits, which cancels the reply in
+its engine (its rows free) and, through `relayed`, the stream it reads itself (the thinker's of a talker whose
+Code2Wav died).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -148,6 +150,37 @@ async def _until_dead(consumer: ActorHandle, every_s: float) -> None:
             continue
 
 
+class _Watch:
+    """One consumer replica watched for the streams of this event loop that it reads: one ping every `every_s`
+    however many replies it reads from this replica. (A ping is an actor call, about 0.8 ms of the caller's CPU on a
+    2-core machine: one per reply and second would take a tenth of a core at a hundred replies in flight.) Ends with
+    its last stream."""
+
+    def __init__(self, consumer: ActorHandle, every_s: float):
+        self.dead = asyncio.ensure_future(_until_dead(consumer, every_s))
+        self.streams = 0
+
+
+_WATCHES: dict[tuple[int, str], _Watch] = {}  # (event loop, consumer actor id) → its watch
+
+
+@contextlib.contextmanager
+def _watching(consumer: ActorHandle, every_s: float):
+    """The shared watch of `consumer` (`_Watch`), for one stream; its pings stop when no stream needs them."""
+    key = (id(asyncio.get_running_loop()), consumer._actor_id.hex())
+    watch = _WATCHES.get(key)
+    if watch is None:
+        watch = _WATCHES[key] = _Watch(consumer, every_s)
+    watch.streams += 1
+    try:
+        yield watch.dead
+    finally:
+        watch.streams -= 1
+        if watch.streams == 0:
+            watch.dead.cancel()
+            del _WATCHES[key]
+
+
 async def while_consumer_lives(request_id: str, events: AsyncIterator, consumer: ActorHandle | None,
                                every_s: float) -> AsyncIterator:
     """The events of a stage's own stream while the replica reading it (`consumer`; None: not watched) is alive.
@@ -157,21 +190,21 @@ async def while_consumer_lives(request_id: str, events: AsyncIterator, consumer:
         async for event in events:
             yield event
         return
-    dead, step = asyncio.ensure_future(_until_dead(consumer, every_s)), None
+    step = None
     try:
-        while True:
-            step = asyncio.ensure_future(anext(events))
-            await asyncio.wait((step, dead), return_when=asyncio.FIRST_COMPLETED)
-            if not step.done():
-                logger.warning("%s: the replica reading this reply died; cancelling it", request_id)
-                raise ConsumerLostError(f"{request_id}: the replica reading this reply died")
-            try:
-                event = step.result()
-            except StopAsyncIteration:
-                return
-            yield event
+        with _watching(consumer, every_s) as dead:
+            while True:
+                step = asyncio.ensure_future(anext(events))
+                await asyncio.wait((step, dead), return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():
+                    logger.warning("%s: the replica reading this reply died; cancelling it", request_id)
+                    raise ConsumerLostError(f"{request_id}: the replica reading this reply died")
+                try:
+                    event = step.result()
+                except StopAsyncIteration:
+                    return
+                yield event
     finally:  # the consumer died, or this was cancelled or closed (by Serve, for a live consumer that went away)
-        dead.cancel()
         if step is not None and not step.done():
             step.cancel()  # the stream cancelled where it waits
             await asyncio.wait((step,))  # its cleanup has run: the engine freed the reply's rows

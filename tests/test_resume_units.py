@@ -1,6 +1,7 @@
 """The parts of resuming a reply after a lost replica that need no running service: which errors are a lost replica,
-the bounded retries and their give-up (a 503), what a consumer skips of a resumed stream, and the thinker's text
-resumed from the reply's first tokens (the end to end test with killed replicas is tests/test_resume.py)."""
+the bounded retries and their give-up (a 503), what a consumer skips of a resumed stream, the thinker's text
+resumed from the reply's first tokens, and the one watch a producer keeps of each consumer replica (the end to end
+test with killed replicas is tests/test_resume.py)."""
 
 import asyncio
 
@@ -134,3 +135,56 @@ def test_the_text_resumed_after_any_token_is_the_rest_of_the_undisturbed_text(ti
         reply = ReplyText(tokenizer, stops, ())
         reply.replay(ids[:k])
         assert "".join(undisturbed[:k]) + "".join(texts(ids[k:], reply)) == "".join(undisturbed), k
+
+
+class Consumer:
+    """A consumer replica's handle as the watch uses it: its actor id and the ready call, counted; once `dies`, Ray's
+    answer for a dead actor."""
+
+    class _Id:
+        def hex(self) -> str:
+            return "consumer-1"
+
+    def __init__(self):
+        self._actor_id, self.pings, self.dead = self._Id(), 0, False
+        self.__ray_ready__ = self
+
+    def remote(self):
+        self.pings += 1
+        future = asyncio.get_running_loop().create_future()
+        if self.dead:
+            future.set_exception(ActorDiedError())
+        else:
+            future.set_result(True)
+        return future
+
+
+def test_the_streams_a_consumer_reads_share_one_watch_of_it():
+    """Three replies streamed to one consumer replica ping it once per period between them, not three times; when it
+    dies, every one of them ends with `ConsumerLostError`; and the pings stop with the streams."""
+    from deployments import resume
+
+    async def stream():
+        yield "first"
+        await asyncio.Event().wait()  # a reply whose next step is far off
+
+    async def one(consumer, every_s: float):
+        watched = resume.while_consumer_lives("r", stream(), consumer, every_s)
+        assert await anext(watched) == "first"
+        with pytest.raises(resume.ConsumerLostError):
+            await anext(watched)
+
+    async def main():
+        consumer = Consumer()
+        replies = [asyncio.ensure_future(one(consumer, 0.02)) for _ in range(3)]
+        await asyncio.sleep(0.2)  # about 10 periods
+        alive_pings = consumer.pings
+        consumer.dead = True
+        await asyncio.wait_for(asyncio.gather(*replies), timeout=5)
+        ended = consumer.pings
+        await asyncio.sleep(0.1)
+        return alive_pings, ended, consumer.pings
+
+    alive_pings, ended, later = asyncio.run(main())
+    assert 3 <= alive_pings <= 12, alive_pings  # one watch: ~10 pings, where three would make ~30
+    assert later == ended and not resume._WATCHES
