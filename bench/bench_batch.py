@@ -46,6 +46,8 @@ def main() -> None:
     p.add_argument("--service-concurrency", type=int, default=16, help="requests in flight to the HTTP service")
     p.add_argument("--serve-config", type=Path, default=None, help="the service's serve config (default: CPU)")
     p.add_argument("--port", type=int, default=8012)
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="compiled steps, for the job's stage actors and the service's replicas alike")
     args = p.parse_args()
     device, dtype = common.resolve_device_dtype(args)
     ckpt = common.build_checkpoint(args, dtype)
@@ -77,7 +79,7 @@ def main() -> None:
                                                f"transformers {same_service:.0%}"})
     settings = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "model": args.model,
                 "new_tokens": args.new_tokens, "audio_frames": args.audio_frames, "hf_batch": args.hf_batch,
-                "batch_rows": args.batch_rows, "service_concurrency": args.service_concurrency,
+                "batch_rows": args.batch_rows, "service_concurrency": args.service_concurrency, "compile": args.compile,
                 "checkpoint": common.checkpoint_summary(ckpt)}
     common.report("bench_batch", args, settings, [job, service], ["extra"])
 
@@ -136,9 +138,10 @@ def ours_job(ckpt: Path, rows: list[dict], args) -> tuple[float, float, dict[str
         source, output = Path(tmp) / "rows.jsonl", Path(tmp) / "out"
         source.write_text("".join(json.dumps(r) + "\n" for r in rows))
         began = time.perf_counter()
-        progress = run_batch(BatchOptions(input=str(source), output=str(output), model=str(ckpt), max_tokens=args.new_tokens,
-                               max_audio_tokens=args.audio_frames, batch_rows=args.batch_rows,
-                               torch_threads=args.threads))
+        progress = run_batch(BatchOptions(
+            input=str(source), output=str(output), model=str(ckpt), max_tokens=args.new_tokens,
+            max_audio_tokens=args.audio_frames, batch_rows=args.batch_rows, torch_threads=args.threads,
+            compile=args.compile))
         seconds = time.perf_counter() - began
         results = [json.loads(line) for line in (output / "results.jsonl").read_text().splitlines()]
     return seconds, progress.startup_s, {line["id"]: line["text"] for line in results}
@@ -147,7 +150,7 @@ def ours_job(ckpt: Path, rows: list[dict], args) -> tuple[float, float, dict[str
 def through_service(ckpt: Path, rows: list[dict], args) -> tuple[float, dict[str, str]]:
     """Seconds for the HTTP service to answer every row, `--service-concurrency` requests in flight, and each
     row's reply text."""
-    with local_service(ckpt, argparse.Namespace(serve_config=args.serve_config, port=args.port)) as url:
+    with local_service(ckpt, argparse.Namespace(serve_config=args.serve_config, port=args.port), args.compile) as url:
         return asyncio.run(_through_service(url, rows, args.service_concurrency))
 
 
