@@ -142,7 +142,8 @@ class RowPreparer:
 
     def __call__(self, key: str, position: int, line: str, media_dir: str | None, form: str,
                  temperature: float | None) -> Item:
-        item = Item(key, position, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), prepared_at=time.time())
+        now = time.time()
+        item = Item(key, position, f"chatcmpl-{uuid.uuid4().hex}", int(now), prepared_at=now)
         start = time.perf_counter()
         try:
             body = _request_body(line, form)

@@ -85,13 +85,17 @@ def _stage(name: str):
     return serve.get_deployment_handle(name, APP)
 
 
-def _serving(stage: str, request_id: str) -> None:
-    """Until the stage serves the request (bounded; a stage whose replica is being replaced answers once the new one
-    runs)."""
+def _serving(stage: str, request_id: str | None = None) -> str:
+    """Until the stage serves the request, or (None) its one request, whose id it returns (bounded; a stage whose
+    replica is being replaced answers once the new one runs)."""
     deadline = time.monotonic() + START_TIMEOUT_S
-    while request_id not in _stage(stage).describe.remote().result(timeout_s=START_TIMEOUT_S)["in_flight"]:
-        assert time.monotonic() < deadline, f"the {stage} never served {request_id}"
+    while not (ids := _stage(stage).describe.remote().result(timeout_s=START_TIMEOUT_S)["in_flight"]) or \
+            (request_id is not None and request_id not in ids):
+        assert time.monotonic() < deadline, f"the {stage} never served {request_id or 'a request'}"
         time.sleep(0.05)
+    if request_id is None:
+        (request_id,) = ids
+    return request_id
 
 
 def _replica(stage: str) -> str | None:
@@ -212,7 +216,7 @@ def test_a_reply_whose_stage_is_lost_more_often_than_it_is_resumed_is_a_503(serv
     long_text = {**TEXT, "max_tokens": 3000}  # up to the tiny model's context: it outlasts a replica's restart
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         reply = pool.submit(client.chat.completions.create, model="omniray-tiny", **long_text)
-        request_id = _in_flight("thinker")
+        request_id = _serving("thinker")
         killed = _kill("thinker")
         _replaced("thinker", killed)
         _serving("thinker", request_id)  # resumed on the new replica
@@ -226,16 +230,6 @@ def test_a_reply_whose_stage_is_lost_more_often_than_it_is_resumed_is_a_503(serv
     _replaced("thinker", killed)
     assert _stream(client, TEXT).finish == "length"
     _engines_drain()
-
-
-def _in_flight(stage: str) -> str:
-    """The id of the one request the stage serves, once it serves one (bounded)."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not (ids := _stage(stage).describe.remote().result(timeout_s=START_TIMEOUT_S)["in_flight"]):
-        assert time.monotonic() < deadline, f"the {stage} never served a request"
-        time.sleep(0.05)
-    (request_id,) = ids
-    return request_id
 
 
 def test_an_encoder_lost_before_its_output_is_told_apart_from_its_errors(service):
