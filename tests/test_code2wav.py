@@ -12,7 +12,9 @@ import torch
 
 from common.checkpoint import fuse_projections
 from common.config import load_config
-from stages.code2wav import Code2Wav, CodecChunking, decode_chunked
+import torch.nn.functional as F
+
+from stages.code2wav import TAPS_MIN_SAMPLES, CausalConv1d, Code2Wav, CodecChunking, decode_chunked
 
 ROUNDING = 1e-5  # float32 rounding between differently chunked computations of the same samples
 
@@ -129,6 +131,24 @@ def test_every_schedule_equals_the_full_decode(pair, ramp):
     ours, _ = pair
     codes = random_codes(ours, frames=33, seed=7)
     torch.testing.assert_close(decode_chunked(ours, codes, CodecChunking(ramp)), ours(codes), atol=ROUNDING, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("channels, dilation", [(4, 3), (2, 1)])
+def test_few_channel_convolution_by_taps_equals_conv1d(channels, dilation):
+    """A long CPU signal of few channels takes the per-tap matrix products, not the module's convolution: the same
+    samples as F.conv1d of the zero-padded signal, in one call and streamed in two."""
+    torch.manual_seed(0)
+    layer = CausalConv1d(channels, channels, kernel_size=7, dilation=dilation)
+    conv = layer.conv
+    x = torch.randn(1, channels, 2 * TAPS_MIN_SAMPLES + 500)
+    ref = F.conv1d(F.pad(x, (layer.context, 0)), conv.weight, conv.bias, dilation=dilation)
+    conv.forward = lambda _: pytest.fail("a long signal of few channels went to the convolution")
+    out, _ = layer(x, None)
+    first, state = layer(x[..., :TAPS_MIN_SAMPLES + 100], None)
+    second, _ = layer(x[..., TAPS_MIN_SAMPLES + 100 :], state)
+    torch.testing.assert_close(out, ref, atol=ROUNDING, rtol=0)
+    torch.testing.assert_close(torch.cat([first, second], dim=-1), ref, atol=ROUNDING, rtol=0)
 
 
 @torch.no_grad()
