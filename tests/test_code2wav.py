@@ -9,11 +9,10 @@ sample would show as an O(0.1) difference). The engine's tests (test_code2wav_en
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from common.checkpoint import fuse_projections
 from common.config import load_config
-import torch.nn.functional as F
-
 from stages.code2wav import TAPS_MIN_SAMPLES, CausalConv1d, Code2Wav, CodecChunking, decode_chunked
 
 ROUNDING = 1e-5  # float32 rounding between differently chunked computations of the same samples
