@@ -91,7 +91,7 @@ class Talker(nn.Module):
         self.hidden_projection = ResizeMLP(cfg.thinker_hidden_size, text.intermediate_size, text.hidden_size)
         self.code_predictor = CodePredictor(cfg.code_predictor_config)
         # Thinker input embeddings of tts_bos / tts_eos / tts_pad [3, Ht]: rows of the thinker's embedding table,
-        # copied in by `load_talker` (or `set_tts_embeds`) so a talker process needs no thinker weights.
+        # copied in by `from_pretrained` (or `set_tts_embeds`) so a talker process needs no thinker weights.
         self.register_buffer("tts_embeds", torch.empty(3, cfg.thinker_hidden_size), persistent=False)
         if not self.tts_embeds.is_meta:
             self.reset_buffers()
@@ -120,8 +120,10 @@ class Talker(nn.Module):
         self.tts_embeds = torch.zeros_like(self.tts_embeds)  # filled by set_tts_embeds after loading
 
     def set_tts_embeds(self, embeds: torch.Tensor) -> None:
-        """embeds [3, Ht]: the thinker's input embeddings of (tts_bos, tts_eos, tts_pad)."""
-        self.tts_embeds = embeds.to(self.tts_embeds)
+        """embeds [3, Ht]: the thinker's input embeddings of (tts_bos, tts_eos, tts_pad). Kept in the projection's
+        dtype and device: the buffer itself is materialised in float32 on loading, whatever the weights' dtype."""
+        weight = self.text_projection.linear_fc1.weight
+        self.tts_embeds = embeds.to(device=weight.device, dtype=weight.dtype)
 
     def tts_text(self) -> torch.Tensor:
         """T(tts_bos), T(tts_eos), T(tts_pad) in talker space [3, H]."""

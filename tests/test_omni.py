@@ -416,3 +416,20 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(default_setup):
     assert batch[1].token_ids == alone.token_ids and torch.equal(batch[1].codes, alone.codes)
     greedy = ours.generate(processed(proc, rows[1:]), thinker_max_new_tokens=6, talker_max_new_tokens=6)[0]
     assert not torch.equal(greedy.codes, alone.codes) or greedy.token_ids != alone.token_ids  # it did sample
+
+
+def test_bfloat16_weights_give_a_whole_spoken_reply(tiny_ckpt, hf_processor):
+    """The serving dtype on a GPU: every stage runs in bfloat16 (the talker's tts rows, read from the thinker's
+    table, in its weights' dtype too) and the reply is complete: its tokens, its codes, and their waveform on the
+    codec schedule."""
+    model = OmniModel.from_pretrained(tiny_ckpt, device="cpu", dtype=torch.bfloat16)
+    stages = (model.thinker, model.audio_encoder, model.vision_encoder, model.talker, model.code2wav)
+    assert {p.dtype for stage in stages for p in stage.parameters()} == {torch.bfloat16}
+    assert model.talker.tts_embeds.dtype == torch.bfloat16
+    inputs = processed(hf_processor(tiny_ckpt), [("mm", "What is this?")])
+    reply = model.generate(inputs, thinker_max_new_tokens=6, thinker_min_new_tokens=6, talker_max_new_tokens=12)[0]
+    assert len(reply.token_ids) == 6
+    assert reply.codes.shape[0] == model.cfg.talker_config.num_code_groups and reply.codes.shape[1] > 0
+    with torch.no_grad():
+        want = decode_chunked(model.code2wav, reply.codes[None], CodecChunking())[0].float().numpy()
+    assert np.isfinite(reply.waveform).all() and np.array_equal(reply.waveform, want)
