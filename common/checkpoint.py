@@ -304,7 +304,7 @@ def load_stage_weights(
     _check_names(sources, expected, prefix_map, fused)
     tensors = _read(sources, expected, ckpt_dir, dtype, device)
     module.load_state_dict(tensors, strict=True, assign=True)
-    _materialise_buffers(module, device)
+    materialise_buffers(module, device)
     return module
 
 
@@ -401,7 +401,7 @@ def _read(sources, expected, ckpt_dir: Path, dtype: torch.dtype, device: torch.d
     return out
 
 
-def _materialise_buffers(module: nn.Module, device: torch.device) -> None:
+def materialise_buffers(module: nn.Module, device: torch.device) -> None:
     """Allocate the non-persistent buffers left on meta and let their owners fill them (`reset_buffers`)."""
     for name, sub in module.named_modules():
         meta = [b for b, t in sub.named_buffers(recurse=False) if t.is_meta]

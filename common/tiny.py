@@ -583,12 +583,21 @@ def write_checkpoint(out_dir, config: dict, seed: int = 0, dtype: torch.dtype = 
     out.mkdir(parents=True, exist_ok=True)
     tok = tokenizer if tokenizer is not None else build_tokenizer()
     _write_sharded(out, hub_weight_shapes(config), torch.Generator().manual_seed(seed), dtype, shard_bytes)
+    return write_model_files(out, config, tok)
 
-    _write_json(out / "config.json", config)
+
+def write_model_files(out_dir, config: dict, tokenizer=None) -> Path:
+    """A checkpoint's files other than its weights: config.json (last), generation config, the tiny tokenizer and
+    the processor's files. Alone, they let a model whose weights are built in memory load its tokenizer and
+    processor the way a checkpoint's do."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = tokenizer if tokenizer is not None else build_tokenizer()
     _write_json(out / "generation_config.json", _generation_config(tok))
     tok.save(str(out / "tokenizer.json"))
     _write_json(out / "tokenizer_config.json", _tokenizer_config(tok))
     _write_json(out / "chat_template.json", {"chat_template": QWEN3_OMNI_CHAT_TEMPLATE})
     _write_json(out / "preprocessor_config.json",
                 _preprocessor_config(config["thinker_config"]["audio_config"]["num_mel_bins"]))
+    _write_json(out / "config.json", config)  # last: its presence means the checkpoint is complete
     return out

@@ -301,18 +301,36 @@ def test_tiny_omni_generate_cuda_equals_cpu_fp32(tiny_ckpt):
     np.testing.assert_allclose(gpu.waveform, cpu.waveform, rtol=0, atol=1e-4)
 
 
-def test_tiny_compiled_bf16_cuda_equals_eager(tiny_ckpt):
-    """The engines' compiled steps on CUDA (CUDA graphs per batch bucket) give what the same steps give eagerly, in
-    bfloat16: the same greedy tokens and codes on the tiny model."""
+def test_tiny_compiled_bf16_cuda_follows_eager(tiny_ckpt):
+    """The engines' compiled steps on CUDA (CUDA graphs per batch bucket) against the same steps run eagerly, in
+    bfloat16. The two round differently (a fused kernel keeps its intermediates in float32 where eager rounds every
+    operation to bfloat16), so greedy paths may part at a near tie and whole replies are not compared token for
+    token (on the CPU in bfloat16 the two gave the same 12 text tokens, then 7 and 9 codec frames). Compared instead:
+    a whole compiled reply is complete, and the code predictor's compiled step on the same inputs as eager gives the
+    same logits up to bfloat16 rounding."""
+    import numpy as np
+
     from common.processor import OmniProcessor
+    from stages.code_predictor import FramePredictor
     from stages.omni import OmniModel
 
     processor = OmniProcessor.from_pretrained(tiny_ckpt)
     messages = [{"role": "user", "content": [{"type": "text", "text": "Tell me about the sea."}]}]
     inputs = processor(text=[processor.apply_chat_template(messages, add_generation_prompt=True)])
-    kwargs = dict(thinker_max_new_tokens=12, talker_max_new_tokens=20)
-    eager = OmniModel.from_pretrained(tiny_ckpt, device=CUDA, dtype=torch.bfloat16, compile="off")
     compiled = OmniModel.from_pretrained(tiny_ckpt, device=CUDA, dtype=torch.bfloat16, compile="on")
-    want, got = eager.generate(inputs, **kwargs)[0], compiled.generate(inputs, **kwargs)[0]
-    assert got.token_ids == want.token_ids
-    assert torch.equal(got.codes, want.codes)
+    reply = compiled.generate(inputs, thinker_max_new_tokens=12, thinker_min_new_tokens=12,
+                              talker_max_new_tokens=20)[0]
+    assert len(reply.token_ids) == 12
+    assert reply.codes.shape[-1] > 0 and reply.waveform.size > 0 and np.isfinite(reply.waveform).all()
+
+    talker = compiled.talker
+    predictor = talker.code_predictor
+    c0_weights = dict(c0_head=talker.codec_head.weight, c0_table=talker.model.codec_embedding.weight)
+    fast, slow = FramePredictor(predictor, 1, True, **c0_weights), FramePredictor(predictor, 1, **c0_weights)
+    gen = torch.Generator().manual_seed(0)
+    hidden, c0 = (torch.randn(1, predictor.cfg.hidden_size, generator=gen).to(CUDA, torch.bfloat16) for _ in "ab")
+    with torch.inference_mode():
+        head = predictor.lm_head[0].weight
+        got = fast.first_step(*fast._state(), hidden, c0, head).float()
+        want = slow.first_step(*slow._state(), hidden, c0, head).float()
+    assert rel_err(got, want) < 2e-2
