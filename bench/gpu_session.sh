@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # What a session lent one GPU (H100/H200) runs, in order of value. A session has 15 minutes of device time, the
-# machine's start (a minute or more) included, and one call runs at most 10: `fast` is one call of about 7 minutes,
-# `full` a second one. Each check runs under its own time limit and the next runs whatever the last did; logs and
-# result files go to $OUT (the device tool's folder that comes back), else to ./gpu-out.
+# machine's start (a minute or more) included, and one call runs at most 10: `fast` is one call of at most 8.5
+# minutes, `full` a second one. Compiling is most of it: every engine compiles each batch bucket and attention span
+# it may meet before its first step (about 25 graphs for bench_gpu's cases), unmeasured on a GPU so far, so each
+# benchmark prints every case as it finishes and the cheapest cases run first. Each check runs under its own time
+# limit and the next runs whatever the last did; logs and result files go to $OUT (the device tool's folder that
+# comes back), else to ./gpu-out.
 #
-#   bash bench/gpu_session.sh fast    # tiny-model CUDA checks, the fast-decode targets, end to end vs transformers
-#   bash bench/gpu_session.sh full    # full-width bf16 stages vs fp32 and transformers, each stage vs transformers
+#   bash bench/gpu_session.sh fast    # tiny-model CUDA checks, the fast-decode targets
+#   bash bench/gpu_session.sh full    # full-width bf16 stages vs fp32 and transformers, each stage's speed
+#   bash bench/gpu_session.sh e2e     # OmniModel.generate vs transformers' generate, small config, batch 1 and 8
 #
 # The device image has torch but no registry, and lacks some of our imports. Carry them as wheels for its Python
 # (3.12), fetched here once (the folder .whl, ignored by git, named in the call's `carry`):
@@ -47,16 +51,18 @@ tests() { $PY -m pytest -c /tmp/omniray-pytest.ini --rootdir . -q -s -p no:cache
 
 if [[ $step == fast ]]; then
     check tiny 150 tests -k tiny
-    check targets 240 $PY -m bench.bench_gpu --layers 3 --frame-batch 1,16 --replies 16 --frames 100
-    check generate 180 $PY -m bench.bench_generate --device cuda --model small --cases audio --batch 8 \
-        --new-tokens 32 --audio-frames 100 --compile on
+    check targets 360 $PY -m bench.bench_gpu --layers 3 --cases frame,decode,speech --frame-batch 1,16 --replies 16 \
+        --frames 100
 elif [[ $step == full ]]; then
     # the full-width checkpoint (3 layers, bf16, 7 GB) is written once, by the first of these
     check full_tests 300 tests -k full_width
     check stages 240 $PY -m bench.bench_stages --device cuda --model full --layers 3 --stages talker,code2wav,thinker \
         --talker-tokens 256 --talker-batch 1,16 --prompt-tokens 512 --prompt-batch 1 --codec-seconds 10 --compile on
+elif [[ $step == e2e ]]; then
+    check generate 300 $PY -m bench.bench_generate --device cuda --model small --cases audio --batch 8 \
+        --new-tokens 32 --audio-frames 100 --compile on
 else
-    echo "unknown step $step: fast or full" >&2
+    echo "unknown step $step: fast, full or e2e" >&2
     exit 2
 fi
 find bench/results -newer /tmp/omniray-session-start -name '*.json' -exec cp {} "$OUT/" \;
