@@ -151,7 +151,7 @@ class Code2WavEngine:
         for request in list(self.requests.values()):
             n = self._ready_frames(request)
             if n == 0 and request.finished:  # the reply ended on a full call: only the end to tell
-                self._end(request, WavPiece(torch.zeros(0, dtype=self.model.code_embedding.weight.dtype), 0, True))
+                self._end(request, WavPiece(self.model.code_embedding.weight.new_zeros(0), 0, True))  # model dtype, device
             elif n:
                 groups.setdefault((n, min(request.frames, self.window - 1)), []).append(request)
         for (n, _), rows in groups.items():

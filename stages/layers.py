@@ -67,26 +67,25 @@ def mrope_axis_of_frequency(num_freqs: int, mrope_section: tuple[int, ...]) -> t
 
 
 def rotary_cos_sin(
-    position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_section: tuple[int, ...] | None = None
+    position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_axis: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables `[B, T, D]` (float32) for 1-D positions `[B, T]` or MRoPE positions `[3, B, T]`.
 
-    Positions may be fractional (video time stamps). With `mrope_section`, each frequency takes its angle from
-    one of the three position rows, interleaved (see `mrope_axis_of_frequency`); 1-D positions given to an
-    MRoPE model act as T = H = W.
+    Positions may be fractional (video time stamps). With `mrope_axis` (`mrope_axis_of_frequency`, on inv_freq's
+    device), each frequency takes its angle from one of the three position rows, interleaved; 1-D positions given
+    to an MRoPE model act as T = H = W.
     """
     inv_freq = inv_freq.float()
-    if mrope_section is None:
+    if mrope_axis is None:
         if position_ids.dim() != 2:
             raise ValueError(f"1-D rotary expects positions [B, T], got {tuple(position_ids.shape)}")
         angles = position_ids.float()[..., None] * inv_freq  # [B, T, D/2]
     else:
         if position_ids.dim() == 2:
             position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
-        axis = mrope_axis_of_frequency(inv_freq.shape[0], mrope_section).to(inv_freq.device)
         # Pick, per frequency, the position row that drives it, then scale: same float32 products as computing
         # all three rows and selecting afterwards.
-        positions = position_ids.float().permute(1, 2, 0)[..., axis]  # [B, T, D/2]
+        positions = position_ids.float().permute(1, 2, 0)[..., mrope_axis]  # [B, T, D/2]
         angles = positions * inv_freq  # [B, T, D/2]
     angles = torch.cat((angles, angles), dim=-1)  # [B, T, D]
     return angles.cos(), angles.sin()
@@ -113,15 +112,22 @@ class Rotary(nn.Module):
         self.theta = theta
         self.mrope_section = mrope_section
         self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
-        if not self.inv_freq.is_meta:  # on meta the loader computes it (`load_stage_weights`)
+        # which position row drives each frequency, kept on the device: computed per call it would be a host tensor
+        # copied to the device inside every decode step, which a CUDA graph cannot hold
+        axis = torch.empty(head_dim // 2, dtype=torch.long) if mrope_section is not None else None
+        self.register_buffer("mrope_axis", axis, persistent=False)
+        if not self.inv_freq.is_meta:  # on meta the loader computes them (`load_stage_weights`)
             self.reset_buffers()
 
     def reset_buffers(self) -> None:
-        """Recompute `inv_freq` (it is not in the checkpoint; needed after building on the meta device)."""
-        self.inv_freq = rope_inv_freq(self.head_dim, self.theta, device=self.inv_freq.device)
+        """Recompute `inv_freq` and `mrope_axis` (not in the checkpoint; needed after building on the meta device)."""
+        device = self.inv_freq.device
+        self.inv_freq = rope_inv_freq(self.head_dim, self.theta, device=device)
+        if self.mrope_section is not None:
+            self.mrope_axis = mrope_axis_of_frequency(self.head_dim // 2, self.mrope_section).to(device)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return rotary_cos_sin(position_ids, self.inv_freq, self.mrope_section)
+        return rotary_cos_sin(position_ids, self.inv_freq, self.mrope_axis)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -93,3 +93,49 @@ def test_the_warm_up_spans_are_every_span_a_step_can_take(max_len):
     the cache's takes, so a compiled replica meets no new step shape at a request."""
     taken = {span_for(length, max_len) for length in range(1, max_len + 1)}
     assert all_spans(max_len) == sorted(taken)
+
+
+HOST_FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.tensor, torch.as_tensor,
+                  torch.randn, torch.rand, torch.randint, torch.linspace, torch.eye}
+
+
+def test_compiled_steps_make_no_host_tensors(tiny_ckpt, monkeypatch):
+    """On CUDA a compiled step is replayed as a CUDA graph, which cannot hold a tensor made on the host inside the
+    step (a factory call without a device makes it on the CPU, and it is then copied over at every call). The
+    functions the engines compile run here eagerly, through a whole spoken reply with warm-up, with every factory
+    call inside them checked for a device."""
+    import traceback
+
+    from torch.overrides import TorchFunctionMode
+
+    import stages.code_predictor
+    import stages.talker_engine
+    import stages.thinker_engine
+
+    made_on_host = []
+
+    class NoHostTensors(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in HOST_FACTORIES and kwargs.get("device") is None:
+                caller = traceback.extract_stack()[-2]
+                made_on_host.append(f"torch.{func.__name__} at {caller.filename}:{caller.lineno}")
+            return func(*args, **kwargs)
+
+    def checked(fn, device):  # stands in for `compile_step`: the step, eager, inside the check
+        def step(*args, **kwargs):
+            with NoHostTensors():
+                return fn(*args, **kwargs)
+        return step
+
+    for module in (stages.thinker_engine, stages.talker_engine, stages.code_predictor):
+        monkeypatch.setattr(module, "compile_step", checked)
+    model = OmniModel.from_pretrained(tiny_ckpt, device="cpu", compile="on")
+    proc = OmniProcessor.from_pretrained(tiny_ckpt)
+    messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "What is it?"}]}]
+    clip = np.sin(np.arange(16000, dtype=np.float32) / 16000 * 2 * np.pi * 220)
+    inputs = proc(text=[proc.apply_chat_template(messages, add_generation_prompt=True)] * 2, audio=[clip] * 2,
+                  padding=True)
+    reply = model.generate(inputs, thinker_max_new_tokens=6, talker_max_new_tokens=8)[0]
+    assert reply.codes.shape[-1] > 0
+    assert made_on_host == []

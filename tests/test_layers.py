@@ -21,6 +21,7 @@ from stages.layers import (
     Rotary,
     SwiGLU,
     attention_mask,
+    mrope_axis_of_frequency,
     rotary_cos_sin,
     rope_inv_freq,
 )
@@ -76,7 +77,7 @@ def test_mrope_actually_mixes_rows():
     inv = rope_inv_freq(32, 1e6)
     pos = torch.zeros(3, 1, 1)
     pos[1] = 5.0  # only H differs from T
-    _, sin_m = rotary_cos_sin(pos, inv, (6, 5, 5))
+    _, sin_m = rotary_cos_sin(pos, inv, mrope_axis_of_frequency(16, (6, 5, 5)))
     _, sin_t = rotary_cos_sin(torch.zeros(1, 1), inv)
     differs = (sin_m[0, 0, :16] != sin_t[0, 0, :16]).nonzero().flatten().tolist()
     assert differs == [1, 4, 7, 10, 13]  # the H frequencies of the interleaved layout
