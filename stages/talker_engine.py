@@ -421,12 +421,16 @@ class TalkerEngine:
         if all(p.greedy for p in params):
             penalty = torch.tensor([p.repetition_penalty for p in params], device=hidden.device)  # [k]
             banned = banned_tokens(params, self.vocab_size, hidden.device, generated)  # [k, V] or None
-            return self.frames.with_c0(hidden, seen, penalty, torch.zeros_like(seen) if banned is None else banned)
+            frames, embed_sum = self.frames.with_c0(hidden, seen, penalty,
+                                                    torch.zeros_like(seen) if banned is None else banned)
+            # a compiled frame's outputs are its CUDA graph's own memory, written again at the next replay of any
+            # compiled step: what is handed over or kept for the next step is copied out
+            return frames.clone(), embed_sum.clone()
         generators = [row.generator for row in rows]
         c0 = sample_next(self.talker.codec_head(hidden), params, None, generators, generated, seen)  # [k]
         residual, embed_sum = self.frames(hidden, self.talker.model.codec_embedding(c0),
                                           [predictor_params(p) for p in params], generators)  # [k, G-1], [k, H]
-        return torch.cat([c0[:, None], residual], dim=1), embed_sum
+        return torch.cat([c0[:, None], residual], dim=1), embed_sum  # both made eagerly: no graph's memory
 
     def _feed_frames(self) -> bool:
         """One talker decode step for the rows whose next text entry is there; the others sit it out (with the
@@ -467,7 +471,7 @@ class TalkerEngine:
         out = decode(talker, x, torch.tensor(positions, device=tts.device), torch.tensor(advancing, device=tts.device),
                      cache, span)  # [n, 1, H]
         for row in feeding:
-            row.hidden, row.embed_sum = out[row.index, 0], None
+            row.hidden, row.embed_sum = out[row.index, 0].clone(), None  # out of the graph's memory (`_frames`)
             row.position += 1
             row.length += 1
             row.step += 1

@@ -139,3 +139,54 @@ def test_compiled_steps_make_no_host_tensors(tiny_ckpt, monkeypatch):
     reply = model.generate(inputs, thinker_max_new_tokens=6, talker_max_new_tokens=8)[0]
     assert reply.codes.shape[-1] > 0
     assert made_on_host == []
+
+
+def test_compiled_step_outputs_are_copied_before_the_next_step(tiny_ckpt, monkeypatch):
+    """On CUDA a compiled step's outputs are its CUDA graph's own memory, which the next replay of any compiled step
+    on the same thread writes again (cudagraph trees are per thread). Emulated here: each call of a compiled step
+    first overwrites every output of its thread's previous call (those not aliasing its inputs) with garbage.
+    Replies, greedy and seeded, equal those of the eager engines: what the engines keep or hand over was copied out
+    in time."""
+    import threading
+
+    import stages.code_predictor
+    import stages.talker_engine
+    import stages.thinker_engine
+
+    def tensors(x):
+        if isinstance(x, torch.Tensor):
+            yield x
+        elif isinstance(x, (list, tuple)):
+            for item in x:
+                yield from tensors(item)
+
+    thread = threading.local()  # .outputs: the thread's previous call's outputs
+
+    def graph_like(fn, device):  # stands in for `compile_step`
+        def step(*args):
+            for out in getattr(thread, "outputs", []):
+                out.fill_(float("nan") if out.is_floating_point() else -7)
+            inputs = {t.untyped_storage().data_ptr() for t in tensors(args)}
+            result = fn(*args)
+            thread.outputs = [t for t in tensors(result) if t.untyped_storage().data_ptr() not in inputs]
+            return result
+        return step
+
+    proc = OmniProcessor.from_pretrained(tiny_ckpt)
+    messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "What is it?"}]}]
+    clip = np.sin(np.arange(16000, dtype=np.float32) / 16000 * 2 * np.pi * 220)
+    inputs = proc(text=[proc.apply_chat_template(messages, add_generation_prompt=True)] * 2,
+                  audio=[clip, clip[:9000]], padding=True)
+    greedy = dict(thinker_max_new_tokens=8, talker_max_new_tokens=10)
+    seeded = dict(greedy, do_sample=True, seed=3)
+    eager = OmniModel.from_pretrained(tiny_ckpt, device="cpu", compile="off")
+    want = [eager.generate(inputs, **kwargs) for kwargs in (greedy, seeded)]
+    for module in (stages.thinker_engine, stages.talker_engine, stages.code_predictor):
+        monkeypatch.setattr(module, "compile_step", graph_like)
+    model = OmniModel.from_pretrained(tiny_ckpt, device="cpu", compile="on")
+    got = [model.generate(inputs, **kwargs) for kwargs in (greedy, seeded)]
+    for replies, expected in zip(got, want):
+        for reply, other in zip(replies, expected):
+            assert reply.token_ids == other.token_ids
+            assert torch.equal(reply.codes, other.codes) and reply.codes.shape[-1] > 0
+            assert np.array_equal(reply.waveform, other.waveform)
