@@ -3,10 +3,11 @@
 - `frame`: the code predictor's 15 greedy residual codes of one frame, at batch 1 and `--frame-batch`, ours (the
   talker engine's `FramePredictor`) against transformers' code predictor `generate` on the same weights;
   target ≤ 2 ms per frame at batch 1;
-- `decode`: the thinker's decode step at batch 1 through `OmniModel.generate` (the wall time of a reply of
-  `--decode-tokens` tokens less that of a one-token reply, over the tokens between), against the time to read the
-  step's active weights once at the copy bandwidth measured here; target ≥ 60 % of that bound. No transformers
-  column: `bench_stages --model full` times its thinker on a written checkpoint;
+- `decode`: the thinker's decode step at batch 1 through `OmniModel.generate`: the median time between the tokens of
+  the second half of a reply of `--decode-tokens` tokens (the first steps of a call may also record CUDA graphs: an
+  engine's thread records its own), against the time to read the step's active weights once at the copy bandwidth
+  measured here; target ≥ 60 % of that bound. No transformers column: `bench_stages --model full` times its thinker
+  on a written checkpoint;
 - `speech`: `--replies` spoken replies at once through `OmniModel.generate` (thinker, talker with code predictor,
   Code2Wav), against the seconds of speech each reply holds; target: the speaking part (the wall time less that of
   the same replies without speech) faster than real time at 16 replies. No transformers column: transformers
@@ -23,7 +24,9 @@ are, so the engines, buckets and compiled steps are the service's.
 from __future__ import annotations
 
 import math
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -53,7 +56,7 @@ def main() -> None:
     p.add_argument("--compile", choices=["on", "off"], default="on", help="the engines' compiled steps")
     p.add_argument("--frame-batch", default="1,16", help="comma list: rows of the code-predictor frame case")
     p.add_argument("--prompt-tokens", type=int, default=128, help="about this many prompt tokens per reply")
-    p.add_argument("--decode-tokens", type=int, default=64, help="text tokens of the decode case's reply")
+    p.add_argument("--decode-tokens", type=int, default=64, help="text tokens of the decode case's reply (≥ 4)")
     p.add_argument("--replies", type=int, default=16, help="spoken replies at once in the speech case")
     p.add_argument("--reply-tokens", type=int, default=16, help="text tokens per spoken reply")
     p.add_argument("--frames", type=int, default=100, help="codec frames per spoken reply")
@@ -220,12 +223,18 @@ def _decode(model: OmniModel, processor: OmniProcessor, args, device) -> common.
     inputs = _prompt(processor, 1, args.prompt_tokens)
     n = args.decode_tokens
 
-    def reply(tokens: int):
-        return model.generate(inputs, return_audio=False, thinker_max_new_tokens=tokens,
-                              thinker_min_new_tokens=tokens, repetition_penalty=1.0)
+    def step_seconds() -> float:
+        """The median time between the tokens of the reply's second half, as its text reaches the caller."""
+        arrivals = []
+        model.generate(inputs, return_audio=False, thinker_max_new_tokens=n, thinker_min_new_tokens=n,
+                       repetition_penalty=1.0, on_text=lambda row, delta: arrivals.append(time.perf_counter()))
+        arrivals = arrivals[:n]  # one call per token, then one for the end of the text
+        return statistics.median(b - a for a, b in zip(arrivals[n // 2 :], arrivals[n // 2 + 1 :]))
 
-    long_t, short_t = common.time_pair([lambda: reply(n), lambda: reply(1)], device, args.warmup, args.repeats)
-    steps = common.Timing([(t - short_t.median) / (n - 1) for t in long_t.seconds])
+    with torch.inference_mode():
+        for _ in range(args.warmup):
+            step_seconds()
+        steps = common.Timing([step_seconds() for _ in range(args.repeats)])
     step_bytes = _active_bytes(model.thinker, inputs["input_ids"].shape[1] + n)
     bandwidth = _copy_bandwidth(device)
     bound = step_bytes / bandwidth
