@@ -77,9 +77,13 @@ def main() -> None:
                 results.append(_speech(model, processor, args, device))
             else:
                 raise SystemExit(f"unknown case {case!r}: choose from {', '.join(CASES)}")
+    from torch._dynamo.utils import counters
+
     settings = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "widths": args.widths,
                 **({"layers": args.layers} if args.widths == "full" else {}), "compile": args.compile,
-                "warmup": args.warmup, "repeats": args.repeats}
+                "warmup": args.warmup, "repeats": args.repeats,
+                # compiled steps run without their CUDA graph (0 when all were graphed; TORCH_LOGS=perf_hints says why)
+                "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
     common.report("bench_gpu", args, settings, results, ["target", "extra"])
 
 
