@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # What a session lent one GPU (H100/H200) runs, in order of value. A session has 15 minutes of device time, the
-# machine's start (a minute or more) included, and one call runs at most 10: `fast` is one call of at most 8.5
-# minutes, `full` a second one. Compiling is most of it: every engine compiles each batch bucket and attention span
-# it may meet before its first step (about 25 graphs for bench_gpu's cases), unmeasured on a GPU so far, so each
-# benchmark prints every case as it finishes and the cheapest cases run first. Each check runs under its own time
-# limit and the next runs whatever the last did; logs and result files go to $OUT (the device tool's folder that
-# comes back), else to ./gpu-out.
+# machine's start (a minute or more) included, and one call runs at most 10: `fast` is one call of at most 9
+# minutes, which leaves no time to start a second machine, so `full` and `e2e` are for the next lease. Compiling is
+# most of it: every engine compiles each batch bucket and attention span it may meet before its first step (about
+# 25 graphs for bench_gpu's cases), unmeasured on a GPU so far, so each benchmark prints every case as it finishes
+# and the cheapest cases run first. Each check runs under its own time limit and the next runs whatever the last
+# did; logs and result files go to $OUT (the device tool's folder that comes back), else to ./gpu-out.
 #
 #   bash bench/gpu_session.sh fast    # tiny-model CUDA checks, the fast-decode targets
 #   bash bench/gpu_session.sh full    # full-width bf16 stages vs fp32 and transformers, each stage's speed
@@ -50,8 +50,8 @@ check() {  # check NAME SECONDS COMMAND...: run it under a limit, its output to 
 tests() { $PY -m pytest -c /tmp/omniray-pytest.ini --rootdir . -q -s -p no:cacheprovider tests/test_gpu.py "$@"; }
 
 if [[ $step == fast ]]; then
-    check tiny 150 tests -k tiny
-    check targets 360 $PY -m bench.bench_gpu --layers 3 --cases frame,decode,speech --frame-batch 1,16 --replies 16 \
+    check tiny 200 tests -k tiny
+    check targets 330 $PY -m bench.bench_gpu --layers 3 --cases frame,decode,speech --frame-batch 1,16 --replies 16 \
         --frames 100
 elif [[ $step == full ]]; then
     # the full-width checkpoint (3 layers, bf16, 7 GB) is written once, by the first of these

@@ -151,7 +151,8 @@ class Code2WavEngine:
         for request in list(self.requests.values()):
             n = self._ready_frames(request)
             if n == 0 and request.finished:  # the reply ended on a full call: only the end to tell
-                self._end(request, WavPiece(self.model.code_embedding.weight.new_zeros(0), 0, True))  # model dtype, device
+                no_samples = self.model.code_embedding.weight.new_zeros(0)  # the model's dtype and device
+                self._end(request, WavPiece(no_samples, 0, True))
             elif n:
                 groups.setdefault((n, min(request.frames, self.window - 1)), []).append(request)
         for (n, _), rows in groups.items():
