@@ -9,7 +9,7 @@
 #
 #   bash bench/gpu_session.sh fast    # tiny-model CUDA checks, the fast-decode targets
 #   bash bench/gpu_session.sh full    # full-width bf16 stages vs fp32 and transformers, each stage's speed
-#   bash bench/gpu_session.sh e2e     # OmniModel.generate vs transformers' generate, small config, batch 1 and 8
+#   bash bench/gpu_session.sh e2e     # OmniModel.generate vs transformers' generate (small config); the MoE block
 #
 # The device image has torch but no registry, and lacks some of our imports. Carry them as wheels for its Python
 # (3.12), fetched here once (the folder .whl, ignored by git, named in the call's `carry`):
@@ -61,6 +61,8 @@ elif [[ $step == full ]]; then
 elif [[ $step == e2e ]]; then
     check generate 300 $PY -m bench.bench_generate --device cuda --model small --cases audio --batch 8 \
         --new-tokens 32 --audio-frames 100 --compile on
+    # the MoE block at the real widths, ours vs transformers' experts (the thinker step's largest part)
+    check moe 150 $PY -m bench.bench_moe --device cuda --tokens 1,16,256
 else
     echo "unknown step $step: fast, full or e2e" >&2
     exit 2
