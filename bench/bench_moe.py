@@ -89,8 +89,23 @@ def build_pair(block: str, experts: int | None, dtype: torch.dtype, device: torc
     unit_scale_(ours, seed)
     with torch.device("meta"):
         hf = hf_class(text).eval()
-    hf.load_state_dict(ours.state_dict(), strict=True, assign=True)  # the same tensors, not copies
+    hf.load_state_dict(unfused_state_dict(ours), strict=True, assign=True)  # the same tensors, not copies
     return ours, hf, text.hidden_size
+
+
+def unfused_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`module.state_dict()` with each fused projection (the shared expert's gate/up) as its parts, the hub's names
+    transformers' block has: views of the fused parameter's rows, so both blocks still read the same memory."""
+    from common.checkpoint import fused_parts
+
+    state = module.state_dict()
+    parts = fused_parts(module)
+    for name, part in parts.items():
+        start, end = part.rows
+        state[name] = state[part.param][start:end]
+    for param in {part.param for part in parts.values()}:
+        del state[param]
+    return state
 
 
 @torch.no_grad()

@@ -265,6 +265,11 @@ class SwiGLU(nn.Module):
 # grouped matmul: not measured there yet.
 GATHERED_MAX_PAIRS = 16
 GATHERED_MAX_PAIRS_COMPILED = 32
+# Eager, the pairs' weights are copied out first, so the gathered path pays only while that copy is small. One
+# layer's experts at one token, eager, ms grouped / gathered (1 thread): hidden 128 × 64, 4 pairs (384 KB copied)
+# 0.093 / 0.086; 256 × 128, 4 pairs (1.5 MB) 0.149 / 0.491; 1024 × 384, 6 pairs (27 MB) 1.4 / 24.6; the real
+# thinker's 2048 × 768, 8 pairs (147 MB) 10.9 / 164.6.
+GATHERED_MAX_BYTES_EAGER = 512 * 1024
 
 
 class Experts(nn.Module):
@@ -286,8 +291,7 @@ class Experts(nn.Module):
         summation order as the reference's expert-by-expert loop.
         """
         N, K = expert_ids.shape
-        compiling = torch.compiler.is_compiling()
-        if x.device.type == "cpu" and N * K <= (GATHERED_MAX_PAIRS_COMPILED if compiling else GATHERED_MAX_PAIRS):
+        if x.device.type == "cpu" and self._gathered_pays(N * K):
             return self._gathered(x, expert_ids, weights)
         flat_experts = expert_ids.reshape(-1)  # [N·K]
         order = torch.argsort(flat_experts, stable=True)  # [N·K]
@@ -296,10 +300,17 @@ class Experts(nn.Module):
         counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add_(
             0, flat_experts, torch.ones_like(flat_experts))  # [E] (bincount, with a static shape)
         ends = counts.cumsum(0).to(torch.int32)  # [E] where each expert's pairs end
-        grouped = _grouped_linear if compiling else _grouped_linear_eager
+        grouped = _grouped_linear if torch.compiler.is_compiling() else _grouped_linear_eager
         gate, up = grouped(x[token_of_pair], self.gate_up_proj, ends).chunk(2, dim=-1)  # [N·K, I] each
         y = grouped(F.silu(gate) * up, self.down_proj, ends)  # [N·K, H]
         return torch.zeros_like(x).index_add_(0, token_of_pair, y * pair_weights[:, None])
+
+    def _gathered_pays(self, pairs: int) -> bool:
+        """Whether `pairs` token-expert pairs take `_gathered` on a CPU: a few of them, and eager, few enough bytes."""
+        if torch.compiler.is_compiling():
+            return pairs <= GATHERED_MAX_PAIRS_COMPILED
+        pair_bytes = (self.gate_up_proj[0].numel() + self.down_proj[0].numel()) * self.gate_up_proj.element_size()
+        return pairs <= GATHERED_MAX_PAIRS and pairs * pair_bytes <= GATHERED_MAX_BYTES_EAGER
 
     def _gathered(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The same sum for a few tokens (a decode step): each token-expert pair reads its expert's weights by index

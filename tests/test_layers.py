@@ -13,10 +13,12 @@ from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (
 
 from stages.kv_cache import KVCache
 from stages.layers import (
+    GATHERED_MAX_BYTES_EAGER,
     GATHERED_MAX_PAIRS,
     MoE,
     Attention,
     DecoderLayer,
+    Experts,
     RMSNorm,
     Rotary,
     SwiGLU,
@@ -149,6 +151,29 @@ def test_moe_of_a_decode_step_takes_the_gathered_experts_and_matches_reference(t
     both = ours.experts(flat.repeat(6, 1), expert_ids.repeat(6, 1), weights.repeat(6, 1))  # 6N tokens: grouped
     assert 6 * tokens * 3 > GATHERED_MAX_PAIRS
     torch.testing.assert_close(gathered, both[:tokens], rtol=1e-6, atol=1e-6)
+
+
+def test_eager_decode_step_of_wide_experts_takes_the_grouped_matmul(monkeypatch):
+    """Eager, the gathered path copies its pairs' weights out first: a decode step whose copy would pass
+    GATHERED_MAX_BYTES_EAGER takes the grouped matmul (the real thinker's experts: 147 MB a token otherwise), one whose
+    copy is small keeps the gathered path."""
+    import stages.layers
+
+    torch.manual_seed(0)
+    narrow, wide = Experts(4, 32, 16), Experts(4, 512, 256)  # 6 KB and 1.5 MB a pair
+    for param in [*narrow.parameters(), *wide.parameters()]:
+        torch.nn.init.normal_(param, std=0.05)
+    x_narrow, x_wide = torch.randn(1, 32), torch.randn(1, 512)
+    ids, weights = torch.tensor([[0, 2]]), torch.tensor([[0.7, 0.3]])
+    assert 2 * 3 * 512 * 256 * 4 > GATHERED_MAX_BYTES_EAGER >= 2 * 3 * 32 * 16 * 4
+    with torch.inference_mode():
+        want_wide = wide._gathered(x_wide, ids, weights)
+        monkeypatch.setattr(Experts, "_gathered", lambda *args: pytest.fail("a wide expert's weights were gathered"))
+        torch.testing.assert_close(wide(x_wide, ids, weights), want_wide, rtol=1e-5, atol=1e-6)
+        monkeypatch.undo()
+        monkeypatch.setattr(stages.layers, "_grouped_linear_eager",
+                            lambda *args: pytest.fail("a narrow decode step took the grouped matmul"))
+        narrow(x_narrow, ids, weights)
 
 
 def test_moe_with_shared_expert_matches_talker_reference():
