@@ -6,7 +6,6 @@ really batch, first calls included. The models: the default tiny one, the alt on
 vector) and one of the small config's widths (matrix products whose BLAS kernel changes with the number of rows).
 """
 
-import queue
 import random
 import threading
 
