@@ -144,21 +144,26 @@ def test_compiled_steps_make_no_host_tensors(tiny_ckpt, monkeypatch):
 def test_compiled_step_outputs_are_copied_before_the_next_step(tiny_ckpt, monkeypatch):
     """On CUDA a compiled step's outputs are its CUDA graph's own memory, which the next replay of any compiled step
     on the same thread writes again (cudagraph trees are per thread). Emulated here: each call of a compiled step
-    first overwrites every output of its thread's previous call (those not aliasing its inputs) with garbage.
-    Replies, greedy and seeded, equal those of the eager engines: what the engines keep or hand over was copied out
-    in time."""
+    first overwrites every output of its thread's previous call with garbage (all but views of its inputs, which a
+    CUDA graph does not overwrite). Replies, greedy and seeded, equal those of the eager engines: what the engines
+    keep or hand over was copied out in time."""
     import threading
 
     import stages.code_predictor
     import stages.talker_engine
     import stages.thinker_engine
 
-    def tensors(x):
+    def tensors(x):  # every tensor an argument holds (modules' parameters and buffers, a KV cache's buffers)
         if isinstance(x, torch.Tensor):
             yield x
+        elif isinstance(x, torch.nn.Module):
+            yield from x.parameters()
+            yield from x.buffers()
         elif isinstance(x, (list, tuple)):
             for item in x:
                 yield from tensors(item)
+        elif hasattr(x, "__dict__"):
+            yield from tensors(list(vars(x).values()))
 
     thread = threading.local()  # .outputs: the thread's previous call's outputs
 
