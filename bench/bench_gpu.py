@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from bench import common
-from common.checkpoint import built_on_meta, materialise_buffers
+from common.checkpoint import STACKED_EXPERTS, STAGE_PREFIXES, built_on_meta, hub_names, materialise_buffers
 from common.config import load_config, load_generation_config
 from common.processor import OmniProcessor
 from common.tokenizer import OmniTokenizer
@@ -112,45 +112,37 @@ def random_model(folder: Path, config: dict, dtype: torch.dtype, device: torch.d
     write_model_files(folder, config)
     cfg = load_config(folder)
     gen = torch.Generator(device=device).manual_seed(seed)
-    thinker = random_stage(ThinkerLM, cfg.thinker_config, dtype, device, gen)
-    audio = random_stage(AudioEncoder, cfg.thinker_config.audio_config, dtype, device, gen)
-    vision = random_stage(VisionEncoder, cfg.thinker_config.vision_config, dtype, device, gen)
-    talker = random_stage(Talker, cfg.talker_config, dtype, device, gen)
+    thinker = random_stage(ThinkerLM, cfg.thinker_config, "thinker", dtype, device, gen)
+    audio = random_stage(AudioEncoder, cfg.thinker_config.audio_config, "audio_encoder", dtype, device, gen)
+    vision = random_stage(VisionEncoder, cfg.thinker_config.vision_config, "vision_encoder", dtype, device, gen)
+    talker = random_stage(Talker, cfg.talker_config, "talker", dtype, device, gen)
     ids = [cfg.tts_bos_token_id, cfg.tts_eos_token_id, cfg.tts_pad_token_id]
     talker.set_tts_embeds(thinker.model.embed_tokens.weight[ids])  # as `Talker.from_pretrained` reads them
-    code2wav = random_stage(Code2Wav, cfg.code2wav_config, dtype, device, gen)
+    code2wav = random_stage(Code2Wav, cfg.code2wav_config, "code2wav", dtype, device, gen)
     return OmniModel(folder, cfg, load_generation_config(folder), OmniTokenizer.from_pretrained(folder), thinker,
                      audio, vision, talker, code2wav, compile)
 
 
-def random_stage(module_class, stage_cfg, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
+def random_stage(module_class, stage_cfg, stage: str, dtype: torch.dtype, device: torch.device,
+                 gen: torch.Generator):
     """The stage built on meta, its parameters assigned from random tensors and its buffers computed, as
-    `load_stage_weights` does with a checkpoint's tensors."""
+    `load_stage_weights` does with a checkpoint's tensors. Each parameter is drawn as the test checkpoints draw the
+    hub tensor of its name (`common.tiny.init_tensor`); stacked experts [E, out, in] as each expert's matrix."""
+    from common.tiny import init_tensor
+
     with built_on_meta():
         module = module_class(stage_cfg)
-    tensors = {name: random_weight(name, tuple(p.shape), gen).to(dtype) for name, p in module.named_parameters()}
+    tensors = {}
+    for name, param in module.named_parameters():
+        shape = tuple(param.shape)
+        if name.rsplit(".", 1)[-1] in STACKED_EXPERTS:  # N(0, 1/fan_in) of one expert: fan_in is the last dim
+            tensor = torch.randn(shape, generator=gen, device=device) / math.sqrt(shape[-1])
+        else:
+            tensor = init_tensor(hub_names(name, STAGE_PREFIXES[stage])[0], shape, gen)
+        tensors[name] = tensor.to(dtype)
     module.load_state_dict(tensors, strict=True, assign=True)
     materialise_buffers(module, device)
     return module.eval()
-
-
-def random_weight(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """Unit-scale by role: norms near 1, biases near 0, embedding tables N(0, 1), SnakeBeta's log-scales near 0,
-    matrices and convolutions N(0, 1/fan_in) (stacked experts [E, out, in]: fan_in is the last dimension)."""
-    noise = torch.randn(shape, generator=gen, device=gen.device)
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf == "bias":
-        return 0.02 * noise
-    if "norm" in name or leaf == "ln_q":
-        return 1 + 0.1 * noise
-    if leaf in ("scale", "gamma"):
-        return 0.5 + 0.05 * noise
-    if leaf in ("alpha", "beta"):
-        return 0.1 * noise
-    if "embed" in name and "patch_embed" not in name:
-        return noise
-    fan_in = shape[-1] if leaf in ("gate_up_proj", "down_proj") else math.prod(shape[1:])
-    return noise / math.sqrt(fan_in)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -471,10 +471,11 @@ def hub_weight_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """Unit-scale init chosen by the tensor's role (see the module docstring)."""
+def init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Unit-scale init chosen by the tensor's role (see the module docstring), by its hub name, drawn on the
+    generator's device."""
     def normal(std: float, mean: float = 0.0) -> torch.Tensor:
-        return torch.randn(shape, generator=gen) * std + mean
+        return torch.randn(shape, generator=gen, device=gen.device) * std + mean
 
     leaf = name.rsplit(".", 1)[-1]
     is_norm = any(k in name for k in ("norm", "ln_q", "ln_post", "layer_norm"))
@@ -529,7 +530,7 @@ def _write_sharded(out: Path, shapes: dict[str, tuple[int, ...]], gen: torch.Gen
     weight_map = {}
     for i, names in enumerate(shards, start=1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        shard = {name: _init_tensor(name, shapes[name], gen).to(dtype).contiguous() for name in names}
+        shard = {name: init_tensor(name, shapes[name], gen).to(dtype).contiguous() for name in names}
         save_file(shard, str(out / fname), metadata={"format": "pt"})
         weight_map.update({name: fname for name in names})
     total = sum(math.prod(shape) * itemsize for shape in shapes.values())
