@@ -99,6 +99,25 @@ HOST_FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.arange
                   torch.randn, torch.rand, torch.randint, torch.linspace, torch.eye}
 
 
+def replace_compile_step(monkeypatch, stand_in) -> None:
+    """Every engine's `compile_step` (thinker, talker, code predictor) becomes `stand_in(fn, device)`."""
+    import stages.code_predictor
+    import stages.talker_engine
+    import stages.thinker_engine
+
+    for module in (stages.thinker_engine, stages.talker_engine, stages.code_predictor):
+        monkeypatch.setattr(module, "compile_step", stand_in)
+
+
+def spoken_rows(ckpt, clip_samples: list[int]) -> dict:
+    """A batch of rows, each a 220 Hz clip of that many samples and a question."""
+    proc = OmniProcessor.from_pretrained(ckpt)
+    messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "What is it?"}]}]
+    clip = np.sin(np.arange(max(clip_samples), dtype=np.float32) / 16000 * 2 * np.pi * 220)
+    text = proc.apply_chat_template(messages, add_generation_prompt=True)
+    return proc(text=[text] * len(clip_samples), audio=[clip[:n] for n in clip_samples], padding=True)
+
+
 def test_compiled_steps_make_no_host_tensors(tiny_ckpt, monkeypatch):
     """On CUDA a compiled step is replayed as a CUDA graph, which cannot hold a tensor made on the host inside the
     step (a factory call without a device makes it on the CPU, and it is then copied over at every call). The
@@ -107,10 +126,6 @@ def test_compiled_steps_make_no_host_tensors(tiny_ckpt, monkeypatch):
     import traceback
 
     from torch.overrides import TorchFunctionMode
-
-    import stages.code_predictor
-    import stages.talker_engine
-    import stages.thinker_engine
 
     made_on_host = []
 
@@ -128,15 +143,10 @@ def test_compiled_steps_make_no_host_tensors(tiny_ckpt, monkeypatch):
                 return fn(*args, **kwargs)
         return step
 
-    for module in (stages.thinker_engine, stages.talker_engine, stages.code_predictor):
-        monkeypatch.setattr(module, "compile_step", checked)
+    replace_compile_step(monkeypatch, checked)
     model = OmniModel.from_pretrained(tiny_ckpt, device="cpu", compile="on")
-    proc = OmniProcessor.from_pretrained(tiny_ckpt)
-    messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "What is it?"}]}]
-    clip = np.sin(np.arange(16000, dtype=np.float32) / 16000 * 2 * np.pi * 220)
-    inputs = proc(text=[proc.apply_chat_template(messages, add_generation_prompt=True)] * 2, audio=[clip] * 2,
-                  padding=True)
-    reply = model.generate(inputs, thinker_max_new_tokens=6, talker_max_new_tokens=8)[0]
+    reply = model.generate(spoken_rows(tiny_ckpt, [16000, 16000]), thinker_max_new_tokens=6,
+                           talker_max_new_tokens=8)[0]
     assert reply.codes.shape[-1] > 0
     assert made_on_host == []
 
@@ -148,10 +158,6 @@ def test_compiled_step_outputs_are_copied_before_the_next_step(tiny_ckpt, monkey
     CUDA graph does not overwrite). Replies, greedy and seeded, equal those of the eager engines: what the engines
     keep or hand over was copied out in time."""
     import threading
-
-    import stages.code_predictor
-    import stages.talker_engine
-    import stages.thinker_engine
 
     def tensors(x):  # every tensor an argument holds (modules' parameters and buffers, a KV cache's buffers)
         if isinstance(x, torch.Tensor):
@@ -177,17 +183,12 @@ def test_compiled_step_outputs_are_copied_before_the_next_step(tiny_ckpt, monkey
             return result
         return step
 
-    proc = OmniProcessor.from_pretrained(tiny_ckpt)
-    messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "What is it?"}]}]
-    clip = np.sin(np.arange(16000, dtype=np.float32) / 16000 * 2 * np.pi * 220)
-    inputs = proc(text=[proc.apply_chat_template(messages, add_generation_prompt=True)] * 2,
-                  audio=[clip, clip[:9000]], padding=True)
+    inputs = spoken_rows(tiny_ckpt, [16000, 9000])
     greedy = dict(thinker_max_new_tokens=8, talker_max_new_tokens=10)
     seeded = dict(greedy, do_sample=True, seed=3)
     eager = OmniModel.from_pretrained(tiny_ckpt, device="cpu", compile="off")
     want = [eager.generate(inputs, **kwargs) for kwargs in (greedy, seeded)]
-    for module in (stages.thinker_engine, stages.talker_engine, stages.code_predictor):
-        monkeypatch.setattr(module, "compile_step", graph_like)
+    replace_compile_step(monkeypatch, graph_like)
     model = OmniModel.from_pretrained(tiny_ckpt, device="cpu", compile="on")
     got = [model.generate(inputs, **kwargs) for kwargs in (greedy, seeded)]
     for replies, expected in zip(got, want):
